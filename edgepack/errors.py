@@ -1,0 +1,108 @@
+"""Every exception edgepack raises on purpose.
+
+One root, ``EdgepackError``, carrying a ``message`` (what failed, with the numbers) and a
+``hint`` (one concrete next step). Each class also inherits the built-in type it really is,
+so ``except FileNotFoundError`` keeps working for callers who never heard of edgepack.
+Library code raises these; only the CLI turns them into ``error:`` / ``hint:`` lines.
+"""
+
+from __future__ import annotations
+
+
+class EdgepackError(Exception):
+    """Root of every error edgepack raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- sources (exporter side) -------------------------------------------------------------
+
+
+class SourceNotFoundError(EdgepackError, FileNotFoundError):
+    """SOURCE is neither a local model directory, a .gguf file, an alias nor a Hub repo."""
+
+
+class UnsupportedModelError(EdgepackError, ValueError):
+    """The source is not a causal LM, or its architecture is not supported."""
+
+
+class MissingDependencyError(EdgepackError, ImportError):
+    """An optional package needed for this input is not installed."""
+
+
+class QuantizationError(EdgepackError, ValueError):
+    """Unsupported bits / quant type, or quantization failed."""
+
+
+class OutputExistsError(EdgepackError, FileExistsError):
+    """The output directory exists and --force was not given."""
+
+
+class ExportVerificationError(EdgepackError):
+    """The bundle just written does not reload to what was quantized in memory."""
+
+
+class DiskFullError(EdgepackError, OSError):
+    """Writing the bundle ran out of disk space."""
+
+
+# --- bundles (format, shared by exporter and runtime) --------------------------------------
+
+
+class BundleNotFoundError(EdgepackError, FileNotFoundError):
+    """The path is not a directory holding an edgepack.json."""
+
+
+class ManifestError(EdgepackError, ValueError):
+    """edgepack.json is unreadable, malformed, or of a version this edgepack cannot read."""
+
+
+class BundleIntegrityError(EdgepackError, ValueError):
+    """A file is missing, extra, of the wrong size or hash, or its contents disagree with
+    the manifest."""
+
+
+class SignatureError(EdgepackError, ValueError):
+    """A signature is missing, malformed, or does not match the bundle or key."""
+
+
+# --- planning and running ------------------------------------------------------------------
+
+
+class ProfileError(EdgepackError, ValueError):
+    """A device profile is unknown or malformed."""
+
+
+class PlanError(EdgepackError, ValueError):
+    """Nothing fits the target device (the message carries the numbers)."""
+
+
+class InsufficientMemoryError(EdgepackError, MemoryError):
+    """This box lacks the memory the bundle needs; refused before loading."""
+
+
+class DeviceError(EdgepackError, RuntimeError):
+    """The bundle's device_map names a device this box does not have."""
+
+
+class GenerationError(EdgepackError, ValueError):
+    """Bad sampling arguments or prompt."""
+
+
+# --- Hub --------------------------------------------------------------------------------------
+
+
+class HubError(EdgepackError, RuntimeError):
+    """A Hub operation failed (not found, unauthorized, network)."""
+
+
+class VariantError(EdgepackError, LookupError):
+    """No variant of the repo matches the request or fits this box."""

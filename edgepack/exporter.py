@@ -1,0 +1,404 @@
+"""``edgepack pack``: quantize a model once and write a bundle that proves itself.
+
+    from edgepack.exporter import pack
+    manifest = pack("smollm2-135m", "smollm2-8bit", bits=8)
+
+The bundle is written into a temporary directory beside OUT, verified by reloading it
+with the edgepack runtime (tensors bit-identical to the ones quantized in memory, logits
+on a fixed prompt matching a reference computed from bitsandbytes' own dequantization),
+and only then renamed to OUT. An interrupted pack leaves no directory that looks like a
+bundle; the next pack removes what it left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgepack import bundle as bundle_format
+from edgepack.errors import (
+    DiskFullError,
+    EdgepackError,
+    ExportVerificationError,
+    OutputExistsError,
+    QuantizationError,
+    UnsupportedModelError,
+)
+from edgepack.sources import ResolvedSource, resolve_source
+
+BITS = (16, 8, 4)
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+STORAGE_DTYPES = ("bfloat16", "float16")
+DEFAULT_SHARD_BYTES = 512 * 1000**2
+# A fixed prompt for the logits check: plain English, long enough to exercise attention.
+CHECK_PROMPT = "The capital of France is Paris. Water boils at one hundred degrees, and the quick brown fox"
+# Relative L2 error allowed between runtime logits and the bitsandbytes reference: bf16
+# rounding over a few dozen layers stays under ~2%; a corrupted absmax gives ~100%.
+LOGITS_RTOL = 0.05
+
+Progress = Callable[[str], None]
+
+
+def pack(
+    source: str,
+    out: str | os.PathLike,
+    *,
+    bits: int = 8,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    blocksize: int = 64,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    force: bool = False,
+    device_map: dict[str, Any] | None = None,
+    target_profile: dict[str, Any] | None = None,
+    plan: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Quantize ``source`` and write a verified bundle to ``out``; return its manifest."""
+    say = progress or (lambda _msg: None)
+    _check_options(bits, quant_type, blocksize, dtype, max_shard_bytes)
+    out = Path(out)
+    _check_output(out, force)
+    resolved = resolve_source(source, revision=revision, gguf_file=gguf_file)
+    started = time.perf_counter()
+    say(f"loading {source}")
+    model, tokenizer = _load_source(resolved)
+    from edgepack import quantize
+
+    blocks = quantize.module_blocks(model)
+    device_map = dict(device_map) if device_map else {name: "cpu" for name in blocks}
+    say("computing reference logits of the full-precision model")
+    check_ids = tokenizer.encode(CHECK_PROMPT)
+    source_logits = quantize.logits(model, check_ids)
+    settings = quantize.Settings(bits, quant_type, double_quant, blocksize, dtype)
+    result = quantize.quantize_model(model, settings, say)
+    reference_logits = quantize.logits(model, check_ids)  # model now holds dequantized weights
+    tmp = _temp_dir(out)
+    try:
+        say(f"writing bundle to {tmp.name}")
+        shards = _write_weights(tmp, result.tensors, max_shard_bytes)
+        _write_model_files(tmp, model, tokenizer, settings, result)
+        manifest = _manifest(resolved, model, settings, result, shards, device_map, target_profile, plan, tmp)
+        bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
+        say("verifying the written bundle with the edgepack runtime")
+        manifest["verification"] = _verify_written(tmp, result.tensors, check_ids, reference_logits, source_logits)
+        manifest["verification"]["pack_seconds"] = round(time.perf_counter() - started, 2)
+        bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
+        _fsync_tree(tmp)
+        _publish(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == 28:  # ENOSPC
+            raise DiskFullError(
+                f"the disk holding {out.parent} is full; nothing was written",
+                hint="free space there or pack to another disk with -o",
+            ) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"done: {out} ({manifest['memory']['weight_bytes'] / 1e6:.1f} MB of weights)")
+    return manifest
+
+
+# --- options and output directory ---------------------------------------------------------
+
+
+def _check_options(bits: int, quant_type: str, blocksize: int, dtype: str, max_shard_bytes: int) -> None:
+    if bits not in BITS:
+        raise QuantizationError(f"unsupported bits {bits!r}", hint="use --bits 16, 8 or 4")
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"unsupported 4-bit quant type {quant_type!r}", hint="use --quant-type nf4 or fp4")
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(
+            f"unsupported 4-bit block size {blocksize}", hint=f"use one of {', '.join(map(str, BLOCKSIZES))}"
+        )
+    if dtype not in STORAGE_DTYPES:
+        raise QuantizationError(f"unsupported 16-bit dtype {dtype!r}", hint="use bfloat16 or float16")
+    if max_shard_bytes < 1_000_000:
+        raise QuantizationError(
+            f"--max-shard-size {max_shard_bytes} bytes is too small", hint="use at least 1MB, e.g. 512MB"
+        )
+
+
+def parse_size(text: str) -> int:
+    """'512MB' -> 512_000_000, '2GiB' -> 2 * 1024**3, '1000' -> 1000 (bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise QuantizationError(f"cannot read size {text!r}", hint="write it like 512MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    if unit not in scale:
+        raise QuantizationError(f"cannot read size {text!r}", hint="write it like 512MB or 2GiB")
+    return int(number * scale[unit])
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(
+            f"output {out} already exists", hint="choose another -o, or pass --force to replace it"
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory", hint="choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+
+
+def _temp_dir(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove what a killed pack of the same OUT left behind (its process is gone)."""
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle into place; an old OUT (with --force) is removed only
+    after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- loading the source ---------------------------------------------------------------------
+
+
+def _load_source(resolved: ResolvedSource):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # edgepack reports its own progress
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(str(resolved.path), **kwargs)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(
+            f"cannot read the model config from {resolved.path}: {str(exc).splitlines()[0]}",
+            hint="is this a Hugging Face transformers model?",
+        ) from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise UnsupportedModelError(
+            f"{config.model_type!r} models are not causal language models transformers can generate with",
+            hint="edgepack packs decoder-only LMs (Llama, GPT-2, Qwen, Mistral, Phi, ...)",
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(
+            f"cannot load {resolved.path}: {str(exc).splitlines()[0]}",
+            hint="check that the model's weights and tokenizer files are complete",
+        ) from None
+    model.eval()
+    return model, tokenizer
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _write_weights(tmp: Path, tensors: dict, max_shard_bytes: int) -> dict[str, list[str]]:
+    """Shard tensors in order; one tensor larger than the limit gets a shard of its own."""
+    import json
+
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        names = {"model.safetensors": shards[0]}
+    else:
+        total = len(shards)
+        names = {f"model-{i:05d}-of-{total:05d}.safetensors": s for i, s in enumerate(shards, 1)}
+    for file_name, keys in names.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(tmp / file_name), metadata={"format": "pt"})
+    if len(names) > 1:  # transformers finds multi-shard checkpoints through this index
+        total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: f for f, keys in names.items() for k in keys}
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _write_model_files(tmp: Path, model, tokenizer, settings, result) -> None:
+    from edgepack import quantize
+
+    config = model.config
+    config.quantization_config = quantize.transformers_quantization_config(settings, result)
+    if config.quantization_config is None:
+        del config.quantization_config
+    config.dtype = settings.dtype
+    config.save_pretrained(str(tmp))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+
+
+def _manifest(resolved, model, settings, result, shards, device_map, target_profile, plan, tmp) -> dict[str, Any]:
+    from edgepack import quantize
+
+    tensors = {
+        name: {"file": file_name, "dtype": quantize.safetensors_dtype(result.tensors[name]),
+               "shape": list(result.tensors[name].shape)}
+        for file_name, names in shards.items() for name in names
+    }  # fmt: skip
+    weight_bytes = sum(t.numel() * t.element_size() for t in result.tensors.values())
+    rel_files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+    rel_files = [r for r in rel_files if r not in bundle_format.UNLISTED_FILES]
+    return {
+        "format": bundle_format.FORMAT_NAME,
+        "format_version": bundle_format.FORMAT_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": quantize.tool_versions(),
+        "source": resolved.info,
+        "architecture": quantize.architecture_summary(model),
+        "quantization": settings.manifest_section(result),
+        "device_map": device_map,
+        "target_profile": target_profile,
+        "plan": plan,
+        "memory": {
+            "weight_bytes": weight_bytes,
+            "weight_bytes_per_device": quantize.bytes_per_device(result.tensors, device_map),
+        },
+        "tensors": tensors,
+        "files": bundle_format.file_entries(tmp, rel_files),
+    }
+
+
+# --- self-verification --------------------------------------------------------------------
+
+
+def _verify_written(tmp: Path, tensors: dict, check_ids: list[int], reference, source) -> dict[str, Any]:
+    """Reload the bundle with the runtime; compare bits and logits, or refuse to publish."""
+    import torch
+
+    from edgepack import quantize, runtime
+
+    try:
+        lm = runtime.load(tmp, verify=True, device="cpu", force=True)
+    except EdgepackError as exc:
+        raise ExportVerificationError(f"the written bundle does not load: {exc.message}") from None
+    mismatched = quantize.compare_stored_tensors(tmp, tensors)
+    if mismatched:
+        raise ExportVerificationError(
+            f"{len(mismatched)} tensors differ after writing and reading back (first: {mismatched[0]})",
+            hint="the serializer is broken for this setting; report it with `edgepack --version`",
+        )
+    got = quantize.logits(lm.model, check_ids)
+    rel = float(torch.linalg.vector_norm(got - reference) / torch.linalg.vector_norm(reference))
+    if not rel <= LOGITS_RTOL:
+        raise ExportVerificationError(
+            f"logits of the reloaded bundle differ from the in-memory quantized model by {rel:.1%} "
+            f"(allowed {LOGITS_RTOL:.0%}) on a fixed prompt",
+            hint="the bundle would print garbage; nothing was published. Try another --bits or --quant-type",
+        )
+    return {
+        "tensors_bit_identical": True,
+        "tensors_checked": len(tensors),
+        "prompt_tokens": len(check_ids),
+        "logits_rel_error_vs_reference": round(rel, 5),
+        **quantize.quality_vs_source(got, source),
+    }
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def configure_parser(p) -> None:
+    p.add_argument("source", help="Hub repo id, local model directory, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("-o", "--out", required=True, help="bundle directory to write")
+    p.add_argument("--bits", type=int, default=None, help="16, 8 or 4 (default 8, or the plan's choice with --profile)")
+    p.add_argument("--quant-type", default="nf4", help="4-bit data type: nf4 (default) or fp4")
+    p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the block scales too (saves ~0.4 bit/weight)")
+    p.add_argument("--blocksize", type=int, default=64, help="4-bit block size (default 64; transformers reads only 64)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of what stays 16-bit: bfloat16 (default) or float16")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside a local folder or Hub repo")
+    p.add_argument("--max-shard-size", default="512MB", help="largest weight shard (default 512MB)")
+    p.add_argument("--profile", default=None, help="target device profile (name or file): plan bits and device_map for it")
+    p.add_argument("--context", type=int, default=None, help="with --profile: context length to plan for")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+
+
+def main(args) -> int:
+    import sys
+
+    say = None if args.quiet else (lambda msg: print(f"[edgepack] {msg}", file=sys.stderr, flush=True))
+    options: dict[str, Any] = {}
+    bits = args.bits
+    if args.profile:
+        from edgepack import plan_cli
+
+        options = plan_cli.plan_for_pack(args.source, args.profile, args.context, args.bits, args.revision,
+                                         args.gguf_file, args.quant_type, say)  # fmt: skip
+        bits = options.pop("bits")
+    manifest = pack(
+        args.source,
+        args.out,
+        bits=8 if bits is None else bits,
+        quant_type=args.quant_type,
+        double_quant=args.double_quant,
+        blocksize=args.blocksize,
+        dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        revision=args.revision,
+        gguf_file=args.gguf_file,
+        force=args.force,
+        progress=say,
+        **options,
+    )
+    q, v = manifest["quantization"], manifest["verification"]
+    print(
+        f"packed {args.out}: {q['bits']}-bit {q['scheme']}, {manifest['memory']['weight_bytes'] / 1e6:.1f} MB weights, "
+        f"{len(manifest['files'])} files; verified (tensors bit-identical, top-1 agreement with source "
+        f"{v['top1_agreement_vs_source']:.0%})"
+    )
+    return 0

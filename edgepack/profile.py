@@ -1,0 +1,660 @@
+"""Device profiles: what a target box has, and how much of it a model may use.
+
+A profile is one JSON file (schema ``edgepack-profile/1``). Built-in ones live in the
+repo's ``profiles/`` folder, one per device, named ``<name>.json``; ``probe()`` writes one
+for the machine it runs on. Every figure is in bytes. "Usable" means physical minus what
+the OS, the driver and the CUDA context keep for themselves (``*_reserved_bytes``).
+
+On a unified-memory box (Jetson) CPU and GPU share one pool: ``gpus[0].memory_bytes``
+equals ``ram_bytes`` and the GPU's reserve includes the OS's, so count the pool once.
+
+    >>> from edgepack.profile import load_profile
+    >>> p = load_profile("rpi5-8gb")           # or a path: load_profile("mybox.json")
+    >>> p.ram_usable_bytes // 2**20
+    7680
+
+Only ``probe()`` touches hardware, and it imports psutil and torch lazily, so loading a
+profile stays cheap on a small box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import ProfileError
+
+PROFILE_SCHEMA = "edgepack-profile/1"
+GIB = 1 << 30
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
+_COMPUTE_RE = re.compile(r"\d+\.\d+\Z")
+_KEYS = ("schema", "name", "description", "source", "cpu", "ram_bytes", "ram_reserved_bytes",
+         "reserved_note", "swap_bytes", "unified_memory", "gpus", "disk_free_bytes",
+         "bitsandbytes", "probed")
+_FIX_HINT = "compare with a built-in profile: `edgepack profiles --json` prints them all"
+
+
+def profiles_dir() -> Path:
+    """The built-in profiles folder; EDGEPACK_PROFILES_DIR overrides it."""
+    override = os.environ.get("EDGEPACK_PROFILES_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+# --- the profile -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CPU:
+    arch: str  # platform.machine(), normalized: x86_64, aarch64
+    cores: int  # logical CPUs the OS schedules on (vCPUs on a cloud instance)
+    model: str
+    simd: tuple[str, ...]  # avx2, avx512f, ... / neon, asimd, dotprod, sve, i8mm, bf16
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: int
+    reserved_bytes: int  # CUDA context, display, driver: never available to a model
+    compute_capability: str  # "8.6"
+    bf16: bool
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.reserved_bytes
+
+
+@dataclass(frozen=True)
+class BitsAndBytesSupport:
+    """Whether bitsandbytes kernels work there; None means unknown."""
+
+    cpu: bool | None
+    cuda: bool | None
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    at: str  # ISO 8601
+    host: str
+    available_ram_bytes: int
+    torch: str | None
+    bitsandbytes_error: str | None
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    source: str
+    cpu: CPU
+    ram_bytes: int
+    ram_reserved_bytes: int
+    reserved_note: str
+    swap_bytes: int
+    unified_memory: bool
+    gpus: tuple[GPU, ...]
+    disk_free_bytes: int | None
+    bitsandbytes: BitsAndBytesSupport
+    probed: ProbeInfo | None = None
+    origin: str = field(default="<dict>", compare=False)  # where it was loaded from, for messages
+
+    @property
+    def ram_usable_bytes(self) -> int:
+        return self.ram_bytes - self.ram_reserved_bytes
+
+    def gpu_usable_bytes(self, i: int = 0) -> int:
+        """Usable bytes on cuda:i. On a unified box this is the shared pool, not extra RAM."""
+        return self.gpus[i].usable_bytes
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        cpu = dataclasses.asdict(self.cpu)
+        cpu["simd"] = list(self.cpu.simd)
+        return {
+            "schema": PROFILE_SCHEMA,
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "cpu": cpu,
+            "ram_bytes": self.ram_bytes,
+            "ram_reserved_bytes": self.ram_reserved_bytes,
+            "reserved_note": self.reserved_note,
+            "swap_bytes": self.swap_bytes,
+            "unified_memory": self.unified_memory,
+            "gpus": [dataclasses.asdict(g) for g in self.gpus],
+            "disk_free_bytes": self.disk_free_bytes,
+            "bitsandbytes": dataclasses.asdict(self.bitsandbytes),
+            "probed": dataclasses.asdict(self.probed) if self.probed else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str = "<dict>", expected_name: str | None = None) -> DeviceProfile:
+        """Validate every field, then raise one ProfileError listing all the problems."""
+        if not isinstance(d, dict):
+            raise ProfileError(f"profile {origin}: must be a JSON object, got {type(d).__name__}", _FIX_HINT)
+        v = _Validator()
+        v.unknown_keys(d, _KEYS, "")
+        schema = d.get("schema")
+        if schema != PROFILE_SCHEMA:
+            v.problems.append("schema missing" if schema is None
+                              else f"schema must be {PROFILE_SCHEMA!r}, got {_short(schema)}")
+        name = v.get(d, "name", _is_name, "lowercase letters, digits and '-'")
+        if name is not None and expected_name is not None and name != expected_name:
+            v.problems.append(f"name is {name!r} but the file is {expected_name}.json")
+        profile = dict(
+            name=name,
+            description=v.get(d, "description", _is_text, "a non-empty string"),
+            source=v.get(d, "source", _is_text, "a non-empty string"),
+            cpu=_cpu(v, d),
+            ram_bytes=v.get(d, "ram_bytes", _is_pos_int, "a positive integer"),
+            ram_reserved_bytes=v.get(d, "ram_reserved_bytes", _is_nonneg_int, "a non-negative integer"),
+            reserved_note=v.get(d, "reserved_note", _is_str, "a string"),
+            swap_bytes=v.get(d, "swap_bytes", _is_nonneg_int, "a non-negative integer"),
+            unified_memory=v.get(d, "unified_memory", _is_bool, "true or false"),
+            gpus=_gpus(v, d),
+            disk_free_bytes=v.get(d, "disk_free_bytes", _opt(_is_nonneg_int), "a non-negative integer or null"),
+            bitsandbytes=_bitsandbytes(v, d),
+            probed=_probed(v, d),
+        )
+        _check_across(v, **profile)
+        if v.problems:
+            raise ProfileError(f"profile {origin}: " + "; ".join(v.problems), _FIX_HINT)
+        return cls(**profile, origin=origin)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a byte count
+
+
+def _is_pos_int(x: Any) -> bool:
+    return _is_int(x) and x > 0
+
+
+def _is_nonneg_int(x: Any) -> bool:
+    return _is_int(x) and x >= 0
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+def _is_str(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, str) and bool(x.strip())
+
+
+def _is_name(x: Any) -> bool:
+    return isinstance(x, str) and bool(_NAME_RE.match(x))
+
+
+def _opt(check):
+    return lambda x: x is None or check(x)
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def get(self, d: dict, key: str, check, expected: str, prefix: str = "") -> Any:
+        """d[key] if it passes check, else None with the problem recorded."""
+        if key not in d:
+            self.problems.append(f"{prefix}{key} missing")
+            return None
+        if not check(d[key]):
+            self.problems.append(f"{prefix}{key} must be {expected}, got {_short(d[key])}")
+            return None
+        return d[key]
+
+    def unknown_keys(self, d: dict, known: tuple[str, ...], prefix: str) -> None:
+        for key in d:
+            if key not in known:
+                self.problems.append(f"{prefix}{key}: unknown key")
+
+
+def _cpu(v: _Validator, d: dict) -> CPU | None:
+    cpu = v.get(d, "cpu", lambda x: isinstance(x, dict), "an object")
+    if cpu is None:
+        return None
+    before = len(v.problems)
+    v.unknown_keys(cpu, ("arch", "cores", "model", "simd"), "cpu.")
+    arch = v.get(cpu, "arch", _is_text, "a non-empty string", "cpu.")
+    cores = v.get(cpu, "cores", _is_pos_int, "a positive integer", "cpu.")
+    model = v.get(cpu, "model", _is_str, "a string", "cpu.")
+    simd = v.get(cpu, "simd", lambda x: isinstance(x, list) and all(map(_is_text, x)),
+                 "a list of strings", "cpu.")
+    return None if len(v.problems) > before else CPU(arch, cores, model, tuple(simd))
+
+
+def _gpus(v: _Validator, d: dict) -> tuple[GPU, ...] | None:
+    gpus = v.get(d, "gpus", lambda x: isinstance(x, list), "a list")
+    if gpus is None:
+        return None
+    before = len(v.problems)
+    out = []
+    for i, g in enumerate(gpus):
+        p = f"gpus[{i}]."
+        if not isinstance(g, dict):
+            v.problems.append(f"gpus[{i}] must be an object, got {_short(g)}")
+            continue
+        v.unknown_keys(g, ("name", "memory_bytes", "reserved_bytes", "compute_capability", "bf16"), p)
+        name = v.get(g, "name", _is_text, "a non-empty string", p)
+        memory = v.get(g, "memory_bytes", _is_pos_int, "a positive integer", p)
+        reserved = v.get(g, "reserved_bytes", _is_nonneg_int, "a non-negative integer", p)
+        cc = v.get(g, "compute_capability", lambda x: isinstance(x, str) and bool(_COMPUTE_RE.match(x)),
+                   "a string like '8.6'", p)
+        bf16 = v.get(g, "bf16", _is_bool, "true or false", p)
+        if memory is not None and reserved is not None and reserved >= memory:
+            v.problems.append(f"{p}reserved_bytes ({reserved}) must be less than memory_bytes ({memory})")
+        out.append(GPU(name, memory, reserved, cc, bf16))
+    return None if len(v.problems) > before else tuple(out)
+
+
+def _check_across(v: _Validator, ram_bytes, ram_reserved_bytes, unified_memory, gpus, bitsandbytes,
+                  **_) -> None:
+    """Checks that span fields; each runs only when its fields were valid on their own."""
+    ram, reserved = ram_bytes, ram_reserved_bytes
+    if ram is not None and reserved is not None and reserved >= ram:
+        v.problems.append(f"ram_reserved_bytes ({reserved}) must be less than ram_bytes ({ram})")
+    if gpus is not None and bitsandbytes is not None and bitsandbytes.cuda and not gpus:
+        v.problems.append("bitsandbytes.cuda is true but gpus is empty")
+    if not unified_memory or gpus is None:
+        return
+    # One pool: a planner that added RAM and GPU memory would count it twice.
+    if len(gpus) != 1:
+        v.problems.append(f"unified_memory needs exactly one GPU, got {len(gpus)}")
+        return
+    if ram is not None and gpus[0].memory_bytes != ram:
+        v.problems.append(f"unified_memory: gpus[0].memory_bytes ({gpus[0].memory_bytes}) must equal "
+                          f"ram_bytes ({ram})")
+    if reserved is not None and gpus[0].reserved_bytes < reserved:
+        v.problems.append(f"unified_memory: gpus[0].reserved_bytes ({gpus[0].reserved_bytes}) must be at "
+                          f"least ram_reserved_bytes ({reserved}), the OS uses the same pool")
+
+
+def _bitsandbytes(v: _Validator, d: dict) -> BitsAndBytesSupport | None:
+    bnb = v.get(d, "bitsandbytes", lambda x: isinstance(x, dict), "an object")
+    if bnb is None:
+        return None
+    before = len(v.problems)
+    v.unknown_keys(bnb, ("cpu", "cuda"), "bitsandbytes.")
+    cpu = v.get(bnb, "cpu", _opt(_is_bool), "true, false or null", "bitsandbytes.")
+    cuda = v.get(bnb, "cuda", _opt(_is_bool), "true, false or null", "bitsandbytes.")
+    return None if len(v.problems) > before else BitsAndBytesSupport(cpu, cuda)
+
+
+def _probed(v: _Validator, d: dict) -> ProbeInfo | None:
+    probed = v.get(d, "probed", _opt(lambda x: isinstance(x, dict)), "an object or null")
+    if probed is None:
+        return None
+    p = "probed."
+    v.unknown_keys(probed, ("at", "host", "available_ram_bytes", "torch", "bitsandbytes_error"), p)
+    return ProbeInfo(
+        at=v.get(probed, "at", _is_text, "an ISO time string", p),
+        host=v.get(probed, "host", _is_str, "a string", p),
+        available_ram_bytes=v.get(probed, "available_ram_bytes", _is_nonneg_int, "a non-negative integer", p),
+        torch=v.get(probed, "torch", _opt(_is_str), "a string or null", p),
+        bitsandbytes_error=v.get(probed, "bitsandbytes_error", _opt(_is_str), "a string or null", p),
+    )
+
+
+# --- loading and saving ------------------------------------------------------------------------
+
+
+def builtin_names() -> list[str]:
+    folder = profiles_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A built-in profile by name ("rpi5-8gb"), or a JSON file when the argument ends in
+    .json or contains a path separator."""
+    text = str(name_or_path)
+    if text.endswith(".json") or "/" in text or os.sep in text:
+        return _load_file(Path(text))
+    path = profiles_dir() / f"{text}.json"
+    if _NAME_RE.match(text) and path.is_file():
+        return _load_file(path, expected_name=text)
+    raise _unknown_profile(text)
+
+
+def list_profiles() -> list[DeviceProfile]:
+    """Every built-in profile, sorted by name; a malformed one raises ProfileError."""
+    folder = profiles_dir()
+    if not folder.is_dir():
+        raise ProfileError(f"no built-in profiles folder at {folder}",
+                           "set EDGEPACK_PROFILES_DIR to the folder holding the *.json profiles")
+    return [_load_file(folder / f"{n}.json", expected_name=n) for n in builtin_names()]
+
+
+def save_profile(profile: DeviceProfile, path: str | os.PathLike) -> Path:
+    """Write the profile as JSON atomically (temp file + os.replace): a reader never sees
+    half a file, even if the box loses power mid-write."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(profile.to_dict(), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ProfileError(f"cannot write profile {path}: {exc.strerror or exc}",
+                           "pick a path in an existing, writable directory") from exc
+    return path
+
+
+def _load_file(path: Path, expected_name: str | None = None) -> DeviceProfile:
+    origin = path.name if expected_name else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        hint = "`edgepack profile --out FILE` writes one for this machine"
+        if path.stem in builtin_names():
+            hint = f"for the built-in profile, pass its name without .json: {path.stem}"
+        raise ProfileError(f"profile file {path} does not exist", hint) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}", None) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"profile {origin} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno}", _FIX_HINT) from None
+    return DeviceProfile.from_dict(data, origin=origin, expected_name=expected_name)
+
+
+def _unknown_profile(name: str) -> ProfileError:
+    names = builtin_names()
+    if not names:
+        return ProfileError(f"unknown profile {name!r}: no built-in profiles found in {profiles_dir()}",
+                            "set EDGEPACK_PROFILES_DIR, or pass a path to a profile JSON file")
+    query = name.lower()
+    similar = difflib.get_close_matches(query, names, n=3, cutoff=0.5)
+    close = list(dict.fromkeys(similar + [n for n in names if query and query in n]))[:4]  # "jetson"
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return ProfileError(f"unknown profile {name!r}",
+                        hint + f"`edgepack profiles` lists all {len(names)} built-in profiles")
+
+
+# --- probing this machine ----------------------------------------------------------------------
+
+_X86_SIMD = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "f16c", "fma")
+# /proc/cpuinfo "Features" word -> our name; aarch64 says "asimd" where 32-bit ARM says "neon"
+_ARM_SIMD = (("neon", "neon"), ("asimd", "asimd"), ("asimddp", "dotprod"), ("sve", "sve"),
+             ("i8mm", "i8mm"), ("bf16", "bf16"))
+# aarch64 /proc/cpuinfo has no "model name", only the Arm "CPU part" number
+_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
+              "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1",
+              "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE", "0xd49": "Neoverse-N2",
+              "0xd4f": "Neoverse-V2"}
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+# Runs in a child process: a broken bitsandbytes install can crash the interpreter
+# (bad native library) or hang on CUDA init, and neither may take `edgepack profile` down.
+_BNB_CHECK = r"""
+import json, sys
+def line(exc):
+    return (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0][:300]
+try:
+    import torch
+    import bitsandbytes.functional as F
+except Exception as exc:
+    print("EDGEPACK_BNB " + json.dumps({d: line(exc) for d in sys.argv[1:]}))
+    raise SystemExit(0)
+result = {}
+for device in sys.argv[1:]:
+    try:
+        x = torch.randn(64, 64, device=device, dtype=torch.float16)
+        F.int8_vectorwise_quant(x)
+        F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+        if device == "cuda":
+            torch.cuda.synchronize()  # surface asynchronous kernel failures here
+        result[device] = None
+    except Exception as exc:
+        result[device] = line(exc)
+print("EDGEPACK_BNB " + json.dumps(result))
+"""
+
+
+def probe(name: str | None = None, *, check_bitsandbytes: bool = True, timeout_s: float = 120.0) -> dict:
+    """Describe this machine as a profile dict (schema edgepack-profile/1).
+
+    ram_reserved_bytes is what is in use right now (total - available), and a GPU's
+    reserved_bytes is total - free from cudaMemGetInfo, which includes this process's
+    CUDA context. bitsandbytes is tried in a subprocess, bounded by timeout_s.
+    """
+    import platform
+    import shutil
+    import socket
+    from datetime import datetime, timezone
+
+    import psutil
+
+    if name is not None and not _is_name(name):
+        raise ProfileError(f"profile name {name!r} must be lowercase letters, digits and '-'",
+                           "for example: --name my-box")
+    host = socket.gethostname() or "unknown"
+    vm = psutil.virtual_memory()
+    ram_reserved = vm.total - vm.available
+    arch = platform.machine().lower()
+    arch = _ARCH_ALIASES.get(arch, arch) or "unknown"
+    model, simd = _cpu_model_and_simd(arch)
+    torch_version, gpus, integrated = _cuda_gpus()
+    unified = bool(gpus) and (Path("/etc/nv_tegra_release").exists() or integrated)
+    if unified:
+        # One pool: describe it as RAM-sized, and let the GPU's reserve cover whatever
+        # neither the OS nor CUDA can hand out now.
+        free = gpus[0]["memory_bytes"] - gpus[0]["reserved_bytes"]
+        gpus = [dict(gpus[0], memory_bytes=vm.total, reserved_bytes=vm.total - min(free, vm.available))]
+    bnb_cpu, bnb_cuda, bnb_error = None, None, None
+    if check_bitsandbytes:
+        bnb_cpu, bnb_cuda, bnb_error = _bitsandbytes_works(bool(gpus), timeout_s)
+    if not gpus:
+        bnb_cuda = False  # no CUDA device: the CUDA kernels certainly cannot run here
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    gpu_text = "".join(f", {g['name']}" for g in gpus)
+    d = {
+        "schema": PROFILE_SCHEMA,
+        "name": name or _probed_name(host),
+        "description": f"probed {host}: {model}, {vm.total / GIB:.1f} GiB RAM{gpu_text}",
+        "source": f"probed by `edgepack profile` at {at} (psutil, /proc/cpuinfo, torch.cuda.mem_get_info)",
+        "cpu": {"arch": arch, "cores": _cpu_count(), "model": model, "simd": simd},
+        "ram_bytes": vm.total,
+        "ram_reserved_bytes": ram_reserved,
+        "reserved_note": ("in use at probe time: RAM total - available (psutil); GPU total - free "
+                          "(cudaMemGetInfo), including this process's CUDA context"
+                          + ("; unified memory: one pool shared by CPU and GPU" if unified else "")),
+        "swap_bytes": psutil.swap_memory().total,
+        "unified_memory": unified,
+        "gpus": gpus,
+        "disk_free_bytes": shutil.disk_usage(os.getcwd()).free,
+        "bitsandbytes": {"cpu": bnb_cpu, "cuda": bnb_cuda},
+        "probed": {"at": at, "host": host, "available_ram_bytes": vm.available,
+                   "torch": torch_version, "bitsandbytes_error": bnb_error},
+    }
+    return DeviceProfile.from_dict(d, origin=f"probe of {host}").to_dict()
+
+
+def _probed_name(host: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", host.lower()).strip("-")
+    return f"probed-{slug or 'unknown'}"
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):  # a container may be pinned to fewer CPUs
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _cpu_model_and_simd(arch: str) -> tuple[str, list[str]]:
+    import platform
+
+    text = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    model, simd = _parse_cpuinfo(text, arch)
+    return model or platform.processor() or "unknown", simd
+
+
+def _parse_cpuinfo(text: str, arch: str) -> tuple[str, list[str]]:
+    """(CPU model or "", SIMD features in our names) from /proc/cpuinfo text."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    if arch in ("x86_64", "i686", "i386"):
+        simd = [f for f in _X86_SIMD if f in flags]
+    else:
+        if "asimd" in flags:
+            flags.add("neon")
+        simd = [ours for word, ours in _ARM_SIMD if word in flags]
+    model = fields.get("model name") or _ARM_PARTS.get(fields.get("cpu part", "").lower(), "")
+    board = fields.get("model")  # Raspberry Pi: "Raspberry Pi 5 Model B Rev 1.0"
+    if board and not board.isdigit():  # on x86 "model" is a number
+        model = f"{model} ({board})" if model else board
+    return model, simd
+
+
+def _cuda_gpus() -> tuple[str | None, list[dict], bool]:
+    """(torch version or None, GPU dicts, whether any GPU is integrated)."""
+    try:
+        import torch
+    except ImportError:
+        return None, [], False
+    gpus, integrated = [], False
+    try:
+        if not torch.cuda.is_available():
+            return torch.__version__, [], False
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            integrated = integrated or bool(getattr(props, "is_integrated", False))
+            gpus.append({"name": props.name, "memory_bytes": int(total),
+                         "reserved_bytes": int(total - free),
+                         "compute_capability": f"{props.major}.{props.minor}",
+                         "bf16": props.major >= 8})  # native bf16 from Ampere on
+    except RuntimeError:  # driver/runtime mismatch: for edgepack this box has no usable GPU
+        return torch.__version__, [], False
+    return torch.__version__, gpus, integrated
+
+
+def _bitsandbytes_works(with_cuda: bool, timeout_s: float) -> tuple[bool, bool | None, str | None]:
+    """(cpu works, cuda works or None without a GPU, first error line or None)."""
+    import subprocess
+
+    devices = ["cpu", "cuda"] if with_cuda else ["cpu"]
+    try:
+        done = subprocess.run([sys.executable, "-c", _BNB_CHECK, *devices], capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, (False if with_cuda else None), f"bitsandbytes check timed out after {timeout_s:g} s"
+    except OSError as exc:
+        return False, (False if with_cuda else None), f"bitsandbytes check could not start: {exc}"
+    marked = [ln for ln in done.stdout.splitlines() if ln.startswith("EDGEPACK_BNB ")]
+    if not marked:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return (False, (False if with_cuda else None),
+                f"bitsandbytes check exited with code {done.returncode}: {last}")
+    result = json.loads(marked[-1].removeprefix("EDGEPACK_BNB "))
+    errors = [f"{dev}: {err}" for dev, err in result.items() if err]
+    cuda = result.get("cuda") is None if with_cuda else None
+    return result.get("cpu") is None, cuda, "; ".join(errors) or None
+
+
+# --- CLI glue (the only code here that prints) ---------------------------------------------------
+
+
+def configure_profile_parser(p) -> None:
+    p.add_argument("--out", metavar="FILE", help="write the profile JSON here (default: stdout)")
+    p.add_argument("--name", metavar="NAME", help="profile name (default: probed-<hostname>)")
+
+
+def main_profile(args) -> int:
+    out = Path(args.out) if args.out else None
+    if out is not None:  # fail before the slow probe, not after it
+        _check_writable(out)
+    profile = DeviceProfile.from_dict(probe(name=args.name), origin="probe")
+    if out is None:
+        sys.stdout.write(json.dumps(profile.to_dict(), indent=2) + "\n")
+    else:
+        save_profile(profile, out)
+    print(_summary(profile, out), file=sys.stderr)
+    return 0
+
+
+def configure_profiles_parser(p) -> None:
+    p.add_argument("--json", action="store_true", help="print the profiles as a JSON list")
+
+
+def main_profiles(args) -> int:
+    profiles = list_profiles()
+    if args.json:
+        sys.stdout.write(json.dumps([p.to_dict() for p in profiles], indent=2) + "\n")
+        return 0
+    rows = [("NAME", "RAM USABLE", "GPU USABLE", "UNIFIED", "DESCRIPTION")]
+    for p in profiles:
+        gpu = " + ".join(_gib(g.usable_bytes) for g in p.gpus) or "-"
+        rows.append((p.name, _gib(p.ram_usable_bytes), gpu, "yes" if p.unified_memory else "no", p.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    print("\nusable = physical minus what the OS, driver and CUDA context keep (each file's reserved_note);"
+          "\nunified: RAM and GPU are one pool, count it once.")
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.parent
+    if out.is_dir():
+        raise ProfileError(f"cannot write profile {out}: it is a directory", "give --out a file name")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise ProfileError(f"cannot write profile {out}: {parent} {what}",
+                           "create the directory first, or pick another --out")
+    if not os.access(parent, os.W_OK):
+        raise ProfileError(f"cannot write profile {out}: directory {parent} is not writable",
+                           "pick another --out")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _summary(p: DeviceProfile, out: Path | None) -> str:
+    gpus = ", ".join(f"{g.name} {_gib(g.usable_bytes)} free" for g in p.gpus) or "no CUDA GPU"
+    bnb = {True: "ok", False: "fails", None: "unknown"}
+    cuda = bnb[p.bitsandbytes.cuda] if p.gpus else "n/a"
+    lines = [f"{'wrote ' + str(out) if out else 'profile'} {p.name}: {p.cpu.model}, {p.cpu.cores} CPUs, "
+             f"RAM {_gib(p.ram_bytes)} ({_gib(p.ram_usable_bytes)} available), {gpus}",
+             f"bitsandbytes: cpu {bnb[p.bitsandbytes.cpu]}, cuda {cuda}"]
+    if p.probed and p.probed.bitsandbytes_error:
+        lines.append(f"bitsandbytes error: {p.probed.bitsandbytes_error}")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Quantization for the exporter: bitsandbytes' storage layouts, produced once.
+
+8-bit is bitsandbytes' int8 row-wise format (int8 weight + float32 absmax per row, keys
+``weight`` / ``SCB``); 4-bit is its packed nf4/fp4 format (``weight`` + ``weight.absmax``,
+``weight.quant_map``, nested stats with double quantization, and the packed
+``weight.quant_state.bitsandbytes__nf4``). These are the keys transformers itself writes,
+so the files stay loadable by plain transformers where it can (see FORMAT.md).
+
+Only the exporter imports this module (it imports bitsandbytes); the runtime reads the
+same tensors with plain torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+    torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.bool: "BOOL", torch.float64: "F64",
+}  # fmt: skip
+OUTPUT_LAYER_REASON = (
+    "output layer (lm_head): kept in 16-bit because its errors go straight into every "
+    "token's probabilities; bitsandbytes and llama.cpp keep it too"
+)
+TIED_REASON = "tied to the input embeddings, which are stored once in 16-bit"
+
+
+@dataclass(frozen=True)
+class Settings:
+    bits: int
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    blocksize: int = 64
+    dtype: str = "bfloat16"  # storage and compute dtype of everything not quantized
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def scheme(self) -> str:
+        return {16: "none", 8: "int8-rowwise"}.get(self.bits, self.quant_type)
+
+    def manifest_section(self, result: "Result") -> dict[str, Any]:
+        section: dict[str, Any] = {
+            "bits": self.bits,
+            "method": "bitsandbytes" if self.bits < 16 else "none",
+            "scheme": self.scheme,
+            "compute_dtype": self.dtype,
+            "storage_dtype": self.dtype,
+            "quantized_modules": result.quantized_modules,
+            "kept_modules": result.kept_modules,
+        }
+        if self.bits == 8:
+            section["weight_only"] = True  # the runtime does not quantize activations
+        if self.bits == 4:
+            section.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
+        return section
+
+
+@dataclass
+class Result:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # what the shards hold, in order
+    quantized_modules: list[str] = field(default_factory=list)
+    kept_modules: dict[str, str] = field(default_factory=dict)  # module -> why it stayed 16-bit
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def quantize_model(model: nn.Module, settings: Settings, say: Callable[[str], None]) -> Result:
+    """Quantize every linear layer but the output layer, one at a time.
+
+    Each layer's weight is replaced in the model by its dequantized value, so afterwards
+    ``model`` computes the reference the written bundle is checked against, and the
+    full-precision weight is freed as soon as its layer is done.
+    """
+    result = Result()
+    output = model.get_output_embeddings()
+    targets = {}
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        if module is output:
+            tied = output.weight is model.get_input_embeddings().weight
+            result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
+        elif settings.bits < 16:
+            targets[name] = module
+    order = list(model.state_dict(keep_vars=True).keys())
+    seen_storage: set[int] = set()
+    for i, key in enumerate(order, 1):
+        owner, _, attr = key.rpartition(".")
+        if owner in targets and attr in ("weight", "bias"):
+            if attr == "weight":
+                _quantize_layer(owner, targets[owner], settings, result)
+                if len(result.quantized_modules) % 20 == 0:
+                    say(f"quantized {len(result.quantized_modules)}/{len(targets)} layers")
+            continue
+        tensor = _get(model, key)
+        if id(tensor) in seen_storage or tensor.data_ptr() in seen_storage:
+            continue  # a tied weight, stored once
+        seen_storage.update((id(tensor), tensor.data_ptr()))
+        result.tensors[key] = _store_plain(tensor, settings)
+    say(f"quantized {len(result.quantized_modules)} layers to {settings.bits}-bit ({settings.scheme})")
+    return result
+
+
+def _get(model: nn.Module, key: str) -> torch.Tensor:
+    owner, _, attr = key.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _store_plain(tensor: torch.Tensor, settings: Settings) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor.detach().clone()
+    stored = tensor.detach().to(settings.torch_dtype).contiguous()
+    tensor.data = stored.to(tensor.dtype)  # the reference sees the rounding the bundle has
+    return stored
+
+
+def bnb_functional():
+    """bitsandbytes.functional, without its warning about an optional CPU kernel package
+    (`kernels`) that only speeds up 4-bit matmuls we never run here."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional as F
+
+    return F
+
+
+def _quantize_layer(name: str, module: nn.Module, settings: Settings, result: Result) -> None:
+    F = bnb_functional()
+
+    conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores [in, out]; bitsandbytes wants [out, in]
+    weight = module.weight.detach()
+    weight = weight.T.contiguous() if conv1d else weight
+    if settings.bits == 8:
+        cb, scb, _ = F.int8_vectorwise_quant(weight.float())
+        result.tensors[f"{name}.weight"] = cb
+        result.tensors[f"{name}.SCB"] = scb
+        dequantized = cb.float() * (scb[:, None] / 127.0)
+    else:
+        packed, state = F.quantize_4bit(
+            weight.to(settings.torch_dtype),
+            blocksize=settings.blocksize,
+            compress_statistics=settings.double_quant,
+            quant_type=settings.quant_type,
+        )
+        result.tensors[f"{name}.weight"] = packed
+        for key, value in state.as_dict(packed=True).items():
+            result.tensors[f"{name}.weight.{key}"] = value
+        dequantized = F.dequantize_4bit(packed, state).float()
+    module.weight.data = (dequantized.T if conv1d else dequantized).contiguous().to(module.weight.dtype)
+    if getattr(module, "bias", None) is not None:
+        result.tensors[f"{name}.bias"] = _store_plain(module.bias, settings)
+    result.quantized_modules.append(name)
+
+
+def transformers_quantization_config(settings: Settings, result: Result) -> dict[str, Any] | None:
+    """The config.json section that lets plain transformers load the same files."""
+    if settings.bits == 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(result.kept_modules)
+    if settings.bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings.quant_type,
+            bnb_4bit_use_double_quant=settings.double_quant,
+            bnb_4bit_compute_dtype=settings.torch_dtype,
+            llm_int8_skip_modules=skip,
+        )
+    return config.to_dict()
+
+
+# --- model description ---------------------------------------------------------------------
+
+
+def module_blocks(model: nn.Module) -> list[str]:
+    """The units a device_map places, in forward order: each decoder layer, and every other
+    top-level piece that holds tensors (embeddings, final norm, rotary tables, lm_head)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    layers_name = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))[0] if lists else None
+    blocks: list[str] = []
+
+    def holds_tensors(module: nn.Module) -> bool:
+        return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if full == layers_name:
+                blocks.extend(f"{full}.{i}" for i in range(len(child)))
+            elif layers_name and layers_name.startswith(full + "."):
+                visit(full, child)
+            elif holds_tensors(child):
+                blocks.append(full)
+
+    visit("", model)
+    return blocks
+
+
+def architecture_summary(model: nn.Module) -> dict[str, Any]:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    return {
+        "model_type": config.model_type,
+        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+    }
+
+
+def bytes_per_device(tensors: dict[str, torch.Tensor], device_map: dict[str, Any]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    prefixes = sorted(device_map, key=len, reverse=True)
+    for name, tensor in tensors.items():
+        block = next((p for p in prefixes if p == "" or name == p or name.startswith(p + ".")), None)
+        device = str(device_map[block]) if block is not None else "cpu"
+        totals[device] = totals.get(device, 0) + tensor.numel() * tensor.element_size()
+    return totals
+
+
+def safetensors_dtype(tensor: torch.Tensor) -> str:
+    return SAFETENSORS_DTYPES[tensor.dtype]
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("edgepack", "torch", "transformers", "bitsandbytes", "safetensors", "accelerate", "huggingface_hub"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def compare_stored_tensors(bundle_dir, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose bytes, dtype or shape differ between the shards and ``tensors``."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    mismatched, found = [], set()
+    for shard in sorted(Path(bundle_dir).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                found.add(key)
+                stored, expected = f.get_tensor(key), tensors.get(key)
+                if expected is None or not _same_bits(stored, expected):
+                    mismatched.append(key)
+    mismatched += sorted(set(tensors) - found)
+    return mismatched
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def quality_vs_source(got: torch.Tensor, source: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and mean KL(source || bundle) over the check prompt's positions."""
+    log_p = torch.log_softmax(source.float(), -1)
+    log_q = torch.log_softmax(got.float(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    agree = (source.argmax(-1) == got.argmax(-1)).float().mean()
+    return {"top1_agreement_vs_source": round(float(agree), 4), "mean_kl_vs_source": round(float(kl), 6)}

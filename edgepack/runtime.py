@@ -1,0 +1,427 @@
+"""The minimal runtime: load a bundle, verify it, generate.
+
+    import edgepack
+    lm = edgepack.load("smollm2-8bit")
+    print(lm.generate([{"role": "user", "content": "What is the capital of France?"}]))
+    for piece in lm.stream("Once upon a time", max_new_tokens=32):
+        print(piece, end="", flush=True)
+
+Loading follows the gpt-fast recipe: the model is built on the meta device (no weights
+allocated), quantized layers are swapped in, and the stored tensors are attached straight
+from the memory-mapped safetensors shards, so no full-precision copy of a quantized layer
+ever exists on the box. This module imports nothing from the exporter, planner or Hub code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from edgepack import bundle as bundle_format
+from edgepack.errors import BundleIntegrityError, DeviceError, GenerationError, InsufficientMemoryError
+from edgepack.qlinear import Int8Linear, Linear4bit
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# What the process needs beyond the weights before generating: interpreter + torch +
+# transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
+RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load(
+    bundle_dir: str | os.PathLike,
+    *,
+    verify: bool | str = "once",
+    device: str | None = None,
+    force: bool = False,
+) -> "EdgeModel":
+    """Load a bundle written by ``edgepack pack``.
+
+    verify: ``"once"`` (default) hashes every file on the first load and then trusts files
+    whose size/mtime/inode are unchanged; ``True`` always hashes; ``False`` checks sizes
+    only (the environment variable ``EDGEPACK_SKIP_HASH=1`` does the same).
+    device: ``None`` follows the bundle's device_map; ``"cpu"`` forces everything onto the
+    CPU. force: load even when this box looks too small.
+    """
+    if os.environ.get("EDGEPACK_SKIP_HASH", "") not in ("", "0"):
+        verify = False
+    path = Path(bundle_dir)
+    manifest = bundle_format.verify_bundle(path, check_hashes=verify)
+    device_map, notices = _resolve_device_map(manifest, device)
+    if not force:
+        _preflight_memory(manifest, device_map)
+    model = _build_model(path, manifest, device_map)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
+
+
+def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:
+    device_map = {k: str(v) if not isinstance(v, int) else f"cuda:{v}" for k, v in manifest["device_map"].items()}
+    if device is not None:
+        return {k: device for k in device_map}, []
+    wants_cuda = any(v.startswith("cuda") for v in device_map.values())
+    if wants_cuda and not torch.cuda.is_available():
+        notice = "the bundle was planned for a GPU but this box has none; running everything on the CPU"
+        return {k: "cpu" for k in device_map}, [notice]
+    return device_map, []
+
+
+def _preflight_memory(manifest: dict, device_map: dict[str, str]) -> None:
+    """Refuse, with numbers, rather than be OOM-killed half-way through loading."""
+    import psutil
+
+    need = manifest["memory"]["weight_bytes"] if all(v == "cpu" for v in device_map.values()) else manifest[
+        "memory"
+    ]["weight_bytes_per_device"].get("cpu", 0)
+    need += RUNTIME_OVERHEAD_BYTES
+    have = psutil.virtual_memory().available
+    if need > have:
+        mib = 1024 * 1024
+        raise InsufficientMemoryError(
+            f"this box has {have // mib} MiB of RAM available; the bundle needs about {need // mib} MiB "
+            f"({manifest['memory']['weight_bytes'] // mib} MiB of weights + runtime)",
+            hint="free memory, pack the model at fewer bits (--bits 4), or pass --force to try anyway",
+        )
+
+
+def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quant = manifest["quantization"]
+    compute_dtype = DTYPES[quant["compute_dtype"]]
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the runtime places its own quantized layers
+    # Parameters on meta, buffers (rotary tables) real: they are computed, never stored.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    _swap_quantized_layers(model, quant, compute_dtype)
+    _attach_tensors(model, path, manifest)
+    model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    leftover += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if leftover:
+        raise BundleIntegrityError(
+            f"{len(leftover)} model tensors are not in the bundle (first: {leftover[0]!r}); "
+            "config.json disagrees with the weights",
+            hint="the bundle is damaged or its config was edited; pack the model again",
+        )
+    model.eval()
+    if any(v != "cpu" for v in device_map.values()):
+        _place_on_devices(model, manifest, device_map)
+    return model
+
+
+def _swap_quantized_layers(model: nn.Module, quant: dict, compute_dtype: torch.dtype) -> None:
+    bits = quant["bits"]
+    for name in quant.get("quantized_modules", []):
+        old = model.get_submodule(name)
+        in_f, out_f = _linear_shape(old)
+        has_bias = getattr(old, "bias", None) is not None
+        if bits == 8:
+            new = Int8Linear(in_f, out_f, has_bias, compute_dtype)
+        else:
+            new = Linear4bit(in_f, out_f, has_bias, compute_dtype, quant["blocksize"])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of nn.Linear or GPT-2's Conv1D (weight stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.nf
+    raise BundleIntegrityError(f"module {type(module).__name__} cannot hold quantized weights")
+
+
+def _attach_tensors(model: nn.Module, path: Path, manifest: dict) -> None:
+    """Attach every stored tensor to its module, checking it against the skeleton's shape."""
+    from safetensors import safe_open
+
+    quantized = set(manifest["quantization"].get("quantized_modules", []))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for rel in sorted({info["file"] for info in manifest["tensors"].values()}):
+        with safe_open(str(path / rel), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                owner = _quantized_owner(key, quantized)
+                if owner is not None:
+                    groups.setdefault(owner, {})[key[len(owner) + 1 :]] = f.get_tensor(key)
+                else:
+                    _set_plain_tensor(model, key, f.get_tensor(key))
+    for name, tensors in groups.items():
+        model.get_submodule(name).attach(tensors)
+
+
+def _quantized_owner(key: str, quantized: set[str]) -> str | None:
+    module = key
+    while "." in module:
+        module = module.rsplit(".", 1)[0]
+        if module in quantized:
+            return module
+    return None
+
+
+def _set_plain_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+    except AttributeError:
+        raise BundleIntegrityError(
+            f"tensor {key!r} has no place in the model built from config.json",
+            hint="the bundle's config and weights disagree; pack the model again",
+        ) from None
+    if current is not None and tuple(current.shape) != tuple(tensor.shape):
+        raise BundleIntegrityError(
+            f"tensor {key!r} is {list(tensor.shape)} but config.json implies {list(current.shape)}",
+            hint="the bundle's config and weights disagree; pack the model again",
+        )
+    if isinstance(current, nn.Parameter) or attr not in module._buffers:
+        setattr(module, attr, nn.Parameter(tensor.to(current.dtype), requires_grad=False))
+    else:
+        module._buffers[attr] = tensor
+
+
+def _place_on_devices(model: nn.Module, manifest: dict, device_map: dict[str, str]) -> None:
+    """CUDA placement: quantized layers become bitsandbytes' own CUDA modules, the rest
+    moves as it is. Written against bitsandbytes' public API; exercised only on a GPU box."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise DeviceError(
+            "the bundle's device_map uses a GPU, which needs bitsandbytes' CUDA kernels",
+            hint="pip install bitsandbytes, or run on the CPU with --device cpu",
+        ) from None
+    for prefix, device in sorted(device_map.items(), key=lambda kv: len(kv[0])):
+        module = model.get_submodule(prefix) if prefix else model
+        for name, child in list(module.named_modules()):
+            full = f"{prefix}.{name}".strip(".")
+            if isinstance(child, (Int8Linear, Linear4bit)):
+                parent_name, _, leaf = full.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, leaf, _to_bnb_cuda(bnb, child, manifest["quantization"], device))
+        module.to(device)
+    first = next(iter(device_map.values()))
+    model._edgepack_input_device = torch.device(first)
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    for prefix, device in device_map.items():
+        add_hook_to_module(model.get_submodule(prefix) if prefix else model, AlignDevicesHook(torch.device(device), io_same_device=True))
+
+
+def _to_bnb_cuda(bnb: Any, layer: nn.Module, quant: dict, device: str) -> nn.Module:
+    has_bias = layer.bias is not None
+    if isinstance(layer, Int8Linear):
+        new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, has_bias, has_fp16_weights=False)
+        weight = bnb.nn.Int8Params(layer.weight, requires_grad=False, has_fp16_weights=False)
+        weight.CB, weight.SCB = layer.weight, layer.SCB
+        new.weight = weight
+    else:
+        new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, has_bias, compute_dtype=layer.compute_dtype)
+        stats = {k: v for k, v in layer._stored.items() if k.startswith("weight.")}
+        new.weight = bnb.nn.Params4bit.from_prequantized(data=layer.weight, quantized_stats=stats, device=device)
+    if has_bias:
+        new.bias = nn.Parameter(layer.bias.data, requires_grad=False)
+    return new.to(device)
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationStep:
+    """One generated token: its text piece (may be "" while a character is incomplete)."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str | None  # None while generating, then "stop" or "length"
+    prompt_seconds: float
+    decode_seconds: float
+
+
+class EdgeModel:
+    """A loaded bundle: ``.model`` (torch module, ``model(input_ids).logits``), ``.tokenizer``,
+    ``.generate()`` and ``.stream()``."""
+
+    def __init__(self, model, tokenizer, manifest, path, device_map, notices):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.path = path
+        self.device_map = device_map
+        self.notices = notices
+        self.input_device = getattr(model, "_edgepack_input_device", torch.device("cpu"))
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # prompts ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Sequence[dict], chat: bool | None = None) -> list[int]:
+        """Token ids for a plain string, or for chat messages through the chat template."""
+        if isinstance(prompt, str) and not chat:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GenerationError(
+                "this bundle's tokenizer has no chat template",
+                hint="send a plain prompt without --chat",
+            )
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # generation ------------------------------------------------------------------------
+
+    def stream_steps(
+        self,
+        prompt: str | Sequence[dict],
+        *,
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        chat: bool | None = None,
+    ) -> Iterator[GenerationStep]:
+        """Generate token by token, yielding a GenerationStep per token."""
+        temperature, top_p, top_k = self._sampling_defaults(temperature, top_p, top_k)
+        _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt_ids = self.encode_prompt(prompt, chat)
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty", hint="give a non-empty prompt")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        detok = _IncrementalDetokenizer(self.tokenizer)
+        t0 = time.perf_counter()
+        prompt_seconds = 0.0
+        text = ""  # everything emitted so far, for stop strings
+        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, generator, min_new_tokens)
+        for n, token in enumerate(tokens, 1):
+            if n == 1:
+                prompt_seconds = time.perf_counter() - t0
+            if token in self.eos_token_ids:
+                piece, finish = "", "stop"
+            else:
+                piece, finish = detok.add(token), ("length" if n >= max_new_tokens else None)
+            hit = _first_stop(text + piece, stops) if stops else None
+            if hit is not None:
+                piece, finish = piece[: max(0, hit - len(text))], "stop"
+            text += piece
+            elapsed = time.perf_counter() - t0 - prompt_seconds
+            yield GenerationStep(piece, token, len(prompt_ids), n, finish, prompt_seconds, elapsed)
+            if finish is not None:
+                return
+
+    def stream(self, prompt: str | Sequence[dict], **sampling) -> Iterator[str]:
+        """Yield one text piece per generated token."""
+        for step in self.stream_steps(prompt, **sampling):
+            yield step.text
+
+    def generate(self, prompt: str | Sequence[dict], **sampling) -> str:
+        return "".join(self.stream(prompt, **sampling))
+
+    def _sampling_defaults(self, temperature, top_p, top_k):
+        gen = getattr(self.model, "generation_config", None)
+        sample = bool(getattr(gen, "do_sample", False))
+        if temperature is None:
+            temperature = float(getattr(gen, "temperature", None) or 1.0) if sample else 0.0
+        if top_p is None:
+            top_p = float(getattr(gen, "top_p", None) or 1.0) if sample else 1.0
+        if top_k is None:
+            top_k = int(getattr(gen, "top_k", None) or 0) if sample else 0
+        return temperature, top_p, top_k
+
+    @torch.inference_mode()
+    def _tokens(self, prompt_ids, temperature, top_p, top_k, generator, min_new_tokens) -> Iterator[int]:
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.input_device)
+        past = None
+        n = 0
+        while True:
+            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            if n < min_new_tokens:
+                for eos in self.eos_token_ids:
+                    logits[eos] = float("-inf")
+            token = _sample(logits, temperature, top_p, top_k, generator)
+            n += 1
+            yield token
+            input_ids = torch.tensor([[token]], dtype=torch.long, device=self.input_device)
+
+
+def _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+        raise GenerationError(f"min_new_tokens must be between 0 and max_new_tokens, not {min_new_tokens!r}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], not {top_p}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0 (0 disables it), not {top_k}")
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.cpu() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+class _IncrementalDetokenizer:
+    """Decode token by token without splitting multi-byte characters or losing the spaces
+    a tokenizer only renders in context: decode a short window that overlaps what was
+    already emitted and return the difference (the approach of HF text-generation-inference)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        prefix = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or an incomplete UTF-8 sequence: wait for more
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return text[len(prefix) :]
