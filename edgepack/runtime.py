@@ -148,20 +148,48 @@ def _linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def _attach_tensors(model: nn.Module, path: Path, manifest: dict) -> None:
     """Attach every stored tensor to its module, checking it against the skeleton's shape."""
-    from safetensors import safe_open
-
     quantized = set(manifest["quantization"].get("quantized_modules", []))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for rel in sorted({info["file"] for info in manifest["tensors"].values()}):
-        with safe_open(str(path / rel), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                owner = _quantized_owner(key, quantized)
-                if owner is not None:
-                    groups.setdefault(owner, {})[key[len(owner) + 1 :]] = f.get_tensor(key)
-                else:
-                    _set_plain_tensor(model, key, f.get_tensor(key))
+        for key, tensor in read_shard(path / rel):
+            owner = _quantized_owner(key, quantized)
+            if owner is not None:
+                groups.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
+            else:
+                _set_plain_tensor(model, key, tensor)
     for name, tensors in groups.items():
         model.get_submodule(name).attach(tensors)
+
+
+TORCH_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read a safetensors shard tensor by tensor into fresh torch buffers.
+
+    Not mmap: a shard truncated while mapped kills the process with SIGBUS, and
+    safetensors' views of a mapping sit at any 8-byte offset, which crashes torch's
+    int8 CPU kernels (they expect 64-byte aligned weights). One read per tensor straight
+    into torch's aligned allocation costs no extra copy.
+    """
+    header = bundle_format.read_safetensors_header(path)  # offsets checked against the file
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
+            f.seek(data_start + start)
+            if f.readinto(view) != end - start:
+                raise BundleIntegrityError(
+                    f"{path.name} ended early while reading {key!r} (truncated during loading?)",
+                    hint="the bundle changed under the loader; verify it and pull or pack it again",
+                )
+            yield key, tensor
 
 
 def _quantized_owner(key: str, quantized: set[str]) -> str | None:
