@@ -57,11 +57,17 @@ def load(
     manifest = bundle_format.verify_bundle(path, check_hashes=verify)
     device_map, notices = _resolve_device_map(manifest, device)
     if not force:
-        _preflight_memory(manifest, device_map)
+        _preflight_memory(manifest, device_map, path)
     model = _build_model(path, manifest, device_map)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleIntegrityError(
+            f"cannot load the bundle's tokenizer: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="the bundle's tokenizer files are damaged or were edited; pack the model again",
+        ) from None
     return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
 
 
@@ -76,21 +82,35 @@ def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, s
     return device_map, []
 
 
-def _preflight_memory(manifest: dict, device_map: dict[str, str]) -> None:
-    """Refuse, with numbers, rather than be OOM-killed half-way through loading."""
-    import psutil
+def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | None = None) -> None:
+    """Refuse, with numbers, rather than be OOM-killed half-way through loading.
 
-    need = manifest["memory"]["weight_bytes"] if all(v == "cpu" for v in device_map.values()) else manifest[
-        "memory"
-    ]["weight_bytes_per_device"].get("cpu", 0)
-    need += RUNTIME_OVERHEAD_BYTES
-    have = psutil.virtual_memory().available
+    need: the weights this box's RAM holds plus RUNTIME_OVERHEAD_BYTES, which is the whole
+    process (interpreter, torch, transformers, a short run's activations). have: what this
+    process may still allocate (free RAM, or its cgroup's headroom when that is smaller: a
+    container's limit is invisible to psutil; see edgepack.memory) plus what it already
+    holds, which the overhead counts too.
+    """
+    from edgepack import memory
+
+    mem, mib = manifest["memory"], 1024 * 1024
+    on_cpu = all(v == "cpu" for v in device_map.values())
+    weights = mem["weight_bytes"] if on_cpu else mem["weight_bytes_per_device"].get("cpu", 0)
+    need = weights + RUNTIME_OVERHEAD_BYTES
+    budget = memory.budget()
+    if need > budget.available_bytes + memory.process_rss_bytes() and path is not None:
+        # A cgroup is charged for the page cache that verifying the bundle left; drop it, look again.
+        memory.evict_page_cache(path / e["path"] for e in manifest["files"])
+        budget = memory.budget()
+    have = budget.available_bytes + memory.process_rss_bytes()
     if need > have:
-        mib = 1024 * 1024
+        where = "of RAM" if budget.cgroup is None or budget.source == "RAM" else (
+            f"under its memory cgroup limit of {budget.cgroup.limit_bytes // mib} MiB")  # fmt: skip
         raise InsufficientMemoryError(
-            f"this box has {have // mib} MiB of RAM available; the bundle needs about {need // mib} MiB "
-            f"({manifest['memory']['weight_bytes'] // mib} MiB of weights + runtime)",
-            hint="free memory, pack the model at fewer bits (--bits 4), or pass --force to try anyway",
+            f"this process can use {have // mib} MiB {where}; the bundle needs about {need // mib} MiB "
+            f"({weights // mib} MiB of weights + {RUNTIME_OVERHEAD_BYTES // mib} MiB for the runtime)",
+            hint="free memory or raise the memory limit, pack the model at fewer bits (--bits 4), "
+            "or pass --force to try anyway",
         )
 
 
@@ -100,13 +120,22 @@ def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.M
 
     quant = manifest["quantization"]
     compute_dtype = DTYPES[quant["compute_dtype"]]
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the runtime places its own quantized layers
-    # Parameters on meta, buffers (rotary tables) real: they are computed, never stored.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    _swap_quantized_layers(model, quant, compute_dtype)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the runtime places its own quantized layers
+        # Parameters on meta, buffers (rotary tables) real: they are computed, never stored.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        _swap_quantized_layers(model, quant, compute_dtype)
+    except BundleIntegrityError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        # config.json passed its hash, so this is a crafted or mismatched bundle
+        raise BundleIntegrityError(
+            f"cannot build the model that config.json describes: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
+        ) from None
     _attach_tensors(model, path, manifest)
     model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -151,44 +180,64 @@ def _attach_tensors(model: nn.Module, path: Path, manifest: dict) -> None:
     quantized = set(manifest["quantization"].get("quantized_modules", []))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for rel in sorted({info["file"] for info in manifest["tensors"].values()}):
-        for key, tensor in read_shard(path / rel):
+        for key, tensor in read_shard(path / rel, manifest, rel):
             owner = _quantized_owner(key, quantized)
             if owner is not None:
                 groups.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
             else:
                 _set_plain_tensor(model, key, tensor)
     for name, tensors in groups.items():
-        model.get_submodule(name).attach(tensors)
+        _attach_quantized(model.get_submodule(name), name, tensors)
+
+
+def _attach_quantized(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A quantized layer's stored tensors fit the (meta) buffers its config implies."""
+    expected = {k: tuple(t.shape) for k, t in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]}
+    for key, shape in expected.items():
+        if key in tensors and tuple(tensors[key].shape) != shape:
+            raise BundleIntegrityError(
+                f"tensor {name + '.' + key!r} is {list(tensors[key].shape)} but config.json implies {list(shape)}",
+                hint="the bundle's config and weights disagree; pack the model again",
+            )
+    try:
+        module.attach(tensors)
+    except (KeyError, StopIteration, ValueError, RuntimeError) as exc:
+        raise BundleIntegrityError(
+            f"the stored tensors of quantized layer {name!r} are incomplete or malformed ({type(exc).__name__}: {exc})",
+            hint="the bundle is damaged or was crafted; pull or pack it again",
+        ) from None
 
 
 TORCH_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 
 
-def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_shard(path: Path, manifest: dict | None = None, rel: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Read a safetensors shard tensor by tensor into fresh torch buffers.
 
     Not mmap: a shard truncated while mapped kills the process with SIGBUS, and
     safetensors' views of a mapping sit at any 8-byte offset, which crashes torch's
     int8 CPU kernels (they expect 64-byte aligned weights). One read per tensor straight
-    into torch's aligned allocation costs no extra copy.
+    into torch's aligned allocation costs no extra copy. Header and data come from one
+    open file, whose size (and header, given the manifest) are checked again: the file
+    may have been replaced or truncated since it was verified.
     """
-    header = bundle_format.read_safetensors_header(path)  # offsets checked against the file
-    with open(path, "rb") as f:
-        data_start = 8 + int.from_bytes(f.read(8), "little")
+    rel = rel or path.name
+    sizes = {e["path"]: e["size"] for e in manifest["files"]} if manifest else {}
+    with bundle_format.open_regular(path) as f:
+        header, data_start = bundle_format.read_shard_header(f, rel, sizes.get(rel))
+        if manifest:
+            bundle_format.check_shard_header(rel, header, manifest)
         for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
-            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
-            f.seek(data_start + start)
-            if f.readinto(view) != end - start:
-                raise BundleIntegrityError(
-                    f"{path.name} ended early while reading {key!r} (truncated during loading?)",
-                    hint="the bundle changed under the loader; verify it and pull or pack it again",
-                )
+            if end > start:
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                bundle_format.read_exact_into(f, data_start + start, view, rel)
             yield key, tensor
 
 
@@ -352,6 +401,8 @@ class EdgeModel:
                 piece, finish = "", "stop"
             else:
                 piece, finish = detok.add(token), ("length" if n >= max_new_tokens else None)
+            if finish is not None:
+                piece += detok.flush()  # bytes held back for an incomplete character
             hit = _first_stop(text + piece, stops) if stops else None
             if hit is not None:
                 piece, finish = piece[: max(0, hit - len(text))], "stop"
@@ -452,4 +503,12 @@ class _IncrementalDetokenizer:
         if len(text) <= len(prefix) or text.endswith("\ufffd"):
             return ""  # nothing new yet, or an incomplete UTF-8 sequence: wait for more
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return text[len(prefix) :]
+
+    def flush(self) -> str:
+        """What is still held back at the end of generation, as the tokenizer renders it."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.tokens)
         return text[len(prefix) :]

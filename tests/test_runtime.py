@@ -1,0 +1,212 @@
+"""The minimal runtime: loading, its numerics against bitsandbytes, generation, imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edgepack
+from edgepack.errors import GenerationError
+from edgepack.qlinear import Int8Linear, Linear4bit
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-untied"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_pack_verify_load_generate(packed, kind, bits):
+    lm = edgepack.load(packed(kind, bits))
+    layers = [m for m in lm.model.modules() if isinstance(m, (Int8Linear, Linear4bit))]
+    assert len(layers) == {16: 0, 8: {"gpt2": 8}.get(kind, 14), 4: {"gpt2": 8}.get(kind, 14)}[bits]
+    assert not [n for n, p in lm.model.named_parameters() if p.device.type == "meta"]
+    steps = list(lm.stream_steps("The capital of France", max_new_tokens=12, min_new_tokens=12, temperature=0))
+    assert len(steps) == 12 and steps[-1].finish_reason == "length"
+    assert "".join(s.text for s in steps) == lm.tokenizer.decode([s.token for s in steps], skip_special_tokens=True)
+    out = lm.model(torch.tensor([[5, 6, 7]]))
+    assert out.logits.shape == (1, 3, 400)
+
+
+def test_no_full_precision_copy_of_quantized_layers(packed):
+    lm = edgepack.load(packed("llama", 8))
+    proj = lm.model.model.layers[0].self_attn.q_proj
+    assert isinstance(proj, Int8Linear)
+    assert proj.weight.dtype == torch.int8 and proj.SCB.dtype == torch.float32
+    lm4 = edgepack.load(packed("llama", 4))
+    proj4 = lm4.model.model.layers[0].mlp.up_proj
+    assert isinstance(proj4, Linear4bit) and proj4.weight.dtype == torch.uint8
+    assert proj4.weight.numel() == 64 * 128 // 2  # packed, two codes per byte
+    floats = {t.data_ptr(): t for t in lm4.model.state_dict().values() if t.is_floating_point() and t.numel() >= 64 * 128}
+    assert [t.shape for t in floats.values()] == [torch.Size([400, 64])]  # only the tied embedding
+
+
+def test_tied_lm_head_shares_the_embedding(packed):
+    model = edgepack.load(packed("llama", 8)).model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+def test_4bit_dequantization_matches_bitsandbytes_bit_for_bit(quant_type, double_quant):
+    import bitsandbytes.functional as F
+
+    from edgepack.qlinear import dequantize_4bit
+
+    torch.manual_seed(0)
+    for shape in [(96, 64), (33, 70)]:  # the second leaves a partial last block
+        w = torch.randn(*shape, dtype=torch.bfloat16)
+        packed_w, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+        layer = Linear4bit(shape[1], shape[0], False, torch.bfloat16, 64)
+        layer.attach({"weight": packed_w, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
+        ours = layer.dequantized_weight().to(torch.bfloat16)
+        assert torch.equal(ours, F.dequantize_4bit(packed_w, state))
+        assert dequantize_4bit(packed_w, state.code, layer._absmax, 64, shape).shape == shape
+
+
+def test_int8_linear_is_weight_only():
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), torch.randn(3, 64)
+    cb, scb, _ = F.int8_vectorwise_quant(w)
+    layer = Int8Linear(64, 48, False, torch.float32)
+    layer.attach({"weight": cb, "SCB": scb})
+    expected = x @ (cb.float() * scb[:, None] / 127).T
+    assert torch.allclose(layer(x), expected, atol=1e-4)
+
+
+def test_logits_match_the_exporters_reference(packed):
+    """The exporter checked this at pack time; the runtime agrees again on a new prompt."""
+    from transformers import AutoModelForCausalLM
+
+    bundle = packed("llama", 8)
+    lm = edgepack.load(bundle)
+    ref = AutoModelForCausalLM.from_pretrained(str(bundle))  # transformers + bitsandbytes on the same files
+    ids = torch.tensor([lm.tokenizer.encode("Small boxes run small models")])
+    with torch.no_grad():
+        a, b = lm.model(ids).logits.float(), ref(ids).logits.float()
+    assert (a - b).norm() / b.norm() < 0.05
+
+
+def test_stream_yields_one_piece_per_token_and_matches_generate(packed):
+    lm = edgepack.load(packed("llama", 8))
+    steps = list(lm.stream_steps("The capital", max_new_tokens=10, min_new_tokens=10, temperature=0))
+    assert len(steps) == 10 and steps[-1].finish_reason == "length"
+    assert [s.generated_tokens for s in steps] == list(range(1, 11))
+    pieces = list(lm.stream("The capital", max_new_tokens=10, min_new_tokens=10, temperature=0))
+    assert len(pieces) == 10
+    assert "".join(pieces) == lm.generate("The capital", max_new_tokens=10, min_new_tokens=10, temperature=0)
+    assert "".join(pieces) == lm.tokenizer.decode([s.token for s in steps], skip_special_tokens=True)
+
+
+def test_greedy_matches_transformers_generate_on_16bit(packed):
+    from transformers import AutoModelForCausalLM
+
+    bundle = packed("gpt2", 16)
+    lm = edgepack.load(bundle)
+    ref = AutoModelForCausalLM.from_pretrained(str(bundle), dtype=torch.bfloat16)
+    ids = lm.tokenizer.encode("The quick brown fox")
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    ours = [s.token for s in lm.stream_steps("The quick brown fox", max_new_tokens=8, min_new_tokens=8, temperature=0)]
+    assert ours == out[0, len(ids) :].tolist()
+
+
+def test_min_new_tokens_suppresses_eos(packed):
+    lm = edgepack.load(packed("llama", 8))
+    eos = next(iter(lm.eos_token_ids))
+    # make EOS the model's favourite token: without min_new_tokens it stops at once
+    lm.model.lm_head.weight.data[eos] = lm.model.lm_head.weight.data.abs().max() * 5
+    lm.model.model.embed_tokens.weight.data[eos] = lm.model.lm_head.weight.data[eos]
+    first = list(lm.stream_steps("The", max_new_tokens=5, temperature=0))
+    forced = list(lm.stream_steps("The", max_new_tokens=5, min_new_tokens=5, temperature=0))
+    assert len(forced) == 5 and eos not in [s.token for s in forced]
+    assert len(first) <= len(forced)
+
+
+def test_sampling_is_reproducible_with_seed(packed):
+    lm = edgepack.load(packed("llama", 8))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50)
+    assert lm.generate("The", seed=3, **kw) == lm.generate("The", seed=3, **kw)
+    assert len({lm.generate("The", seed=s, **kw) for s in range(6)}) > 1
+
+
+def test_stop_strings_cut_the_text(packed):
+    lm = edgepack.load(packed("llama", 16))
+    full = lm.generate("The", max_new_tokens=20, min_new_tokens=20, temperature=0)
+    stop = full[3:5]
+    cut = lm.generate("The", max_new_tokens=20, min_new_tokens=20, temperature=0, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_chat_prompt_uses_the_template(packed):
+    lm = edgepack.load(packed("llama", 8))
+    ids = lm.encode_prompt([{"role": "user", "content": "hi"}])
+    assert lm.tokenizer.decode(ids) == "<|user|>hi</s><|assistant|>"
+    assert lm.encode_prompt("hi", chat=True) == ids
+
+
+@pytest.mark.parametrize(
+    "kwargs,text",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"max_new_tokens": 2, "min_new_tokens": 3}, "min_new_tokens"),
+        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"top_p": 0}, "top_p must be in"),
+        ({"top_k": -2}, "top_k must be >= 0"),
+    ],
+)
+def test_bad_sampling_arguments(packed, kwargs, text):
+    lm = edgepack.load(packed("llama", 8))
+    with pytest.raises(GenerationError, match=text):
+        lm.generate("The", **kwargs)
+
+
+def test_multibyte_characters_are_never_split(packed):
+    lm = edgepack.load(packed("gpt2", 16))
+    text = "naïve café 東京 🚀"
+    ids = lm.tokenizer.encode(text)
+    from edgepack.runtime import _IncrementalDetokenizer
+
+    detok = _IncrementalDetokenizer(lm.tokenizer)
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_hashes_checked_once_then_trusted_until_a_file_changes(bundle_copy, monkeypatch):
+    from edgepack import bundle as bundle_format
+
+    bundle = bundle_copy("llama", 8)
+    calls = []
+    real = bundle_format.sha256_file
+    monkeypatch.setattr(bundle_format, "sha256_file", lambda p: calls.append(p) or real(p))
+    edgepack.load(bundle)
+    first = len(calls)
+    edgepack.load(bundle)
+    assert first == len(bundle_format.read_manifest(bundle)["files"]) and len(calls) == first
+    (bundle / "config.json").touch()  # a new mtime: hash everything again
+    edgepack.load(bundle)
+    assert len(calls) == 2 * first
+    monkeypatch.setenv("EDGEPACK_SKIP_HASH", "1")
+    (bundle / "config.json").touch()
+    edgepack.load(bundle)
+    assert len(calls) == 2 * first
+
+
+def test_runtime_imports_nothing_from_exporter_planner_or_hub(packed):
+    bundle = packed("llama", 8)
+    code = (
+        "import sys, json, edgepack.runtime as r\n"
+        f"lm = r.load({str(bundle)!r})\n"
+        "lm.generate('The', max_new_tokens=3)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('edgepack', 'bitsandbytes')))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == ["edgepack", "edgepack.bundle", "edgepack.errors", "edgepack.qlinear", "edgepack.runtime"]
+
+
+def test_import_edgepack_is_cheap():
+    code = "import sys, edgepack; print(int('torch' in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"

@@ -1,0 +1,52 @@
+"""Slow tier: the real default model, SmolLM2-135M-Instruct (installed from PyPI by
+`.ci/setup`). Select with `pytest -m slow`; CI runs it too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from edgepack.exporter import pack
+
+    root = tmp_path_factory.mktemp("smollm2")
+    return {bits: (root / f"b{bits}", pack("smollm2-135m", root / f"b{bits}", bits=bits)) for bits in (8, 4)}
+
+
+def test_default_model_packs_at_8_and_4_bits(smollm2):
+    for bits, (_bundle, manifest) in smollm2.items():
+        q, v, arch = manifest["quantization"], manifest["verification"], manifest["architecture"]
+        assert q["bits"] == bits and len(q["quantized_modules"]) == 30 * 7
+        assert arch["model_type"] == "llama" and arch["num_hidden_layers"] == 30
+        assert manifest["source"]["alias"] == "smollm2-135m" and len(manifest["source"]["sha256"]) == 64
+        assert v["tensors_bit_identical"] and v["logits_rel_error_vs_reference"] < 0.05
+        # 8-bit stays close to the source; 4-bit drifts more but must not be garbage
+        assert v["top1_agreement_vs_source"] >= (0.85 if bits == 8 else 0.6)
+    w8, w4 = smollm2[8][1]["memory"]["weight_bytes"], smollm2[4][1]["memory"]["weight_bytes"]
+    # 106M quantized weights + 28M-entry bf16 embedding: ~163 MB at 8 bits, ~116 MB at 4 bits
+    assert 150e6 < w8 < 175e6 and 100e6 < w4 < 125e6
+
+
+def test_chat_answers_paris_at_8_bits(smollm2):
+    bundle = smollm2[8][0]
+    out = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "run", str(bundle), "--chat", "What is the capital of France?",
+         "--temperature", "0", "--max-new-tokens", "24"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_4bit_answers_sensibly(smollm2):
+    import edgepack
+
+    lm = edgepack.load(smollm2[4][0])
+    answer = lm.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24, temperature=0)
+    assert "Paris" in answer
