@@ -12,6 +12,7 @@ bundle; the next pack removes what it left.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -94,16 +95,13 @@ def pack(
         bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
         _fsync_tree(tmp)
         _publish(tmp, out)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
+        if _is_disk_full(exc):
             raise DiskFullError(
                 f"the disk holding {out.parent} is full; nothing was written",
                 hint="free space there or pack to another disk with -o",
             ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"done: {out} ({manifest['memory']['weight_bytes'] / 1e6:.1f} MB of weights)")
     return manifest
@@ -188,6 +186,20 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, also when a library wrapped it: safetensors raises SafetensorError
+    ("... No space left on device (os error 28)"), transformers may re-raise its own."""
+    for _ in range(8):  # the chain of causes, bounded
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(exc) for s in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _fsync_tree(root: Path) -> None:

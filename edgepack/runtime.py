@@ -28,6 +28,8 @@ from edgepack.errors import BundleIntegrityError, DeviceError, GenerationError, 
 from edgepack.qlinear import Int8Linear, Linear4bit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Activations of the lean CPU decoder (norms, rotary, attention, residual stream).
+LEAN_ACTIVATION_DTYPE = torch.float32
 # What the process needs beyond the weights before generating: interpreter + torch +
 # transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
 RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
@@ -59,10 +61,10 @@ def load(
     if not force:
         _preflight_memory(manifest, device_map, path)
     model = _build_model(path, manifest, device_map)
-    from transformers import AutoTokenizer
+    from edgepack.tokenizer import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleIntegrityError(
             f"cannot load the bundle's tokenizer: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
@@ -85,11 +87,11 @@ def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, s
 def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | None = None) -> None:
     """Refuse, with numbers, rather than be OOM-killed half-way through loading.
 
-    need: the weights this box's RAM holds plus RUNTIME_OVERHEAD_BYTES, which is the whole
-    process (interpreter, torch, transformers, a short run's activations). have: what this
-    process may still allocate (free RAM, or its cgroup's headroom when that is smaller: a
-    container's limit is invisible to psutil; see edgepack.memory) plus what it already
-    holds, which the overhead counts too.
+    need: the weights this box's RAM holds plus RUNTIME_OVERHEAD_BYTES, the whole process
+    (interpreter, torch, transformers, a short run's activations). Part of that is already
+    held (this process's RSS), so what must still fit is need - RSS, into what this process
+    may still allocate: free RAM, or its cgroup's headroom when that is smaller (a
+    container's limit is invisible to psutil; see edgepack.memory).
     """
     from edgepack import memory
 
@@ -97,24 +99,81 @@ def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | N
     on_cpu = all(v == "cpu" for v in device_map.values())
     weights = mem["weight_bytes"] if on_cpu else mem["weight_bytes_per_device"].get("cpu", 0)
     need = weights + RUNTIME_OVERHEAD_BYTES
+    held = memory.process_rss_bytes()
     budget = memory.budget()
-    if need > budget.available_bytes + memory.process_rss_bytes() and path is not None:
+    if need - held > budget.available_bytes and path is not None:
         # A cgroup is charged for the page cache that verifying the bundle left; drop it, look again.
         memory.evict_page_cache(path / e["path"] for e in manifest["files"])
         budget = memory.budget()
-    have = budget.available_bytes + memory.process_rss_bytes()
-    if need > have:
-        where = "of RAM" if budget.cgroup is None or budget.source == "RAM" else (
+    if need - held > budget.available_bytes:
+        where = "of free RAM" if budget.source == "RAM" else (
             f"under its memory cgroup limit of {budget.cgroup.limit_bytes // mib} MiB")  # fmt: skip
         raise InsufficientMemoryError(
-            f"this process can use {have // mib} MiB {where}; the bundle needs about {need // mib} MiB "
-            f"({weights // mib} MiB of weights + {RUNTIME_OVERHEAD_BYTES // mib} MiB for the runtime)",
+            f"the bundle needs about {need // mib} MiB ({weights // mib} MiB of weights + "
+            f"{RUNTIME_OVERHEAD_BYTES // mib} MiB for the runtime); this process holds {held // mib} MiB "
+            f"and can get only {budget.available_bytes // mib} MiB more {where}",
             hint="free memory or raise the memory limit, pack the model at fewer bits (--bits 4), "
             "or pass --force to try anyway",
         )
 
 
+def _read_config(path: Path) -> dict:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleIntegrityError(
+            f"cannot read the bundle's config.json ({type(exc).__name__})",
+            hint="the bundle's config.json is damaged; pack the model again",
+        ) from None
+    if not isinstance(config, dict):
+        raise BundleIntegrityError("config.json is not a JSON object", hint="pack the model again")
+    return config
+
+
+def _lean_eligible(config: dict, device_map: dict[str, str]) -> bool:
+    from edgepack import lean
+
+    if os.environ.get("EDGEPACK_LEAN", "1") == "0" or any(v != "cpu" for v in device_map.values()):
+        return False
+    return lean.supports(config) is None
+
+
+def _build_lean(path: Path, manifest: dict, config: dict) -> nn.Module:
+    """Llama-family models on CPU: edgepack's lean decoder, no transformers import."""
+    from edgepack import lean
+
+    quant = manifest["quantization"]
+    try:
+        skeleton = lean.build_skeleton(config, quant, DTYPES[quant["compute_dtype"]])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleIntegrityError(
+            f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
+            hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
+        ) from None
+    _attach_tensors(skeleton, path, manifest)
+    if config.get("tie_word_embeddings") and skeleton.lm_head.weight.device.type == "meta":
+        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+    _check_nothing_left_on_meta(skeleton)
+    return lean.LeanLM(skeleton, config, activation_dtype=LEAN_ACTIVATION_DTYPE).eval()
+
+
+def _check_nothing_left_on_meta(model: nn.Module) -> None:
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    leftover += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if leftover:
+        raise BundleIntegrityError(
+            f"{len(leftover)} model tensors are not in the bundle (first: {leftover[0]!r}); "
+            "config.json disagrees with the weights",
+            hint="the bundle is damaged or its config was edited; pack the model again",
+        )
+
+
 def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.Module:
+    config = _read_config(path)
+    if _lean_eligible(config, device_map):
+        return _build_lean(path, manifest, config)
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -138,14 +197,7 @@ def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.M
         ) from None
     _attach_tensors(model, path, manifest)
     model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    leftover += [n for n, b in model.named_buffers() if b.device.type == "meta"]
-    if leftover:
-        raise BundleIntegrityError(
-            f"{len(leftover)} model tensors are not in the bundle (first: {leftover[0]!r}); "
-            "config.json disagrees with the weights",
-            hint="the bundle is damaged or its config was edited; pack the model again",
-        )
+    _check_nothing_left_on_meta(model)
     model.eval()
     if any(v != "cpu" for v in device_map.values()):
         _place_on_devices(model, manifest, device_map)
@@ -342,10 +394,11 @@ class EdgeModel:
         self.device_map = device_map
         self.notices = notices
         self.input_device = getattr(model, "_edgepack_input_device", torch.device("cpu"))
-        gen = getattr(model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        self.generation_config = _read_generation_config(path)
+        eos = self.generation_config.get("eos_token_id")
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.max_positions = int(manifest["architecture"].get("max_position_embeddings") or 1 << 20)
 
     @property
     def name(self) -> str:
@@ -388,12 +441,18 @@ class EdgeModel:
         prompt_ids = self.encode_prompt(prompt, chat)
         if not prompt_ids:
             raise GenerationError("the prompt is empty", hint="give a non-empty prompt")
+        if len(prompt_ids) >= self.max_positions:
+            raise GenerationError(
+                f"the prompt is {len(prompt_ids)} tokens; this model's context is {self.max_positions}",
+                hint="shorten the prompt",
+            )
+        max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt_ids))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         detok = _IncrementalDetokenizer(self.tokenizer)
         t0 = time.perf_counter()
         prompt_seconds = 0.0
         text = ""  # everything emitted so far, for stop strings
-        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, generator, min_new_tokens)
+        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, generator, min_new_tokens, max_new_tokens)
         for n, token in enumerate(tokens, 1):
             if n == 1:
                 prompt_seconds = time.perf_counter() - t0
@@ -421,25 +480,23 @@ class EdgeModel:
         return "".join(self.stream(prompt, **sampling))
 
     def _sampling_defaults(self, temperature, top_p, top_k):
-        gen = getattr(self.model, "generation_config", None)
-        sample = bool(getattr(gen, "do_sample", False))
+        gen = self.generation_config
+        sample = bool(gen.get("do_sample", False))
         if temperature is None:
-            temperature = float(getattr(gen, "temperature", None) or 1.0) if sample else 0.0
+            temperature = float(gen.get("temperature") or 1.0) if sample else 0.0
         if top_p is None:
-            top_p = float(getattr(gen, "top_p", None) or 1.0) if sample else 1.0
+            top_p = float(gen.get("top_p") or 1.0) if sample else 1.0
         if top_k is None:
-            top_k = int(getattr(gen, "top_k", None) or 0) if sample else 0
+            top_k = int(gen.get("top_k") or 0) if sample else 0
         return temperature, top_p, top_k
 
     @torch.inference_mode()
-    def _tokens(self, prompt_ids, temperature, top_p, top_k, generator, min_new_tokens) -> Iterator[int]:
+    def _tokens(self, prompt_ids, temperature, top_p, top_k, generator, min_new_tokens, max_new_tokens):
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.input_device)
-        past = None
+        step = self._lean_step(len(prompt_ids) + max_new_tokens) if hasattr(self.model, "logits_last") else self._hf_step()
         n = 0
         while True:
-            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1].float()
+            logits = step(input_ids).float()
             if n < min_new_tokens:
                 for eos in self.eos_token_ids:
                     logits[eos] = float("-inf")
@@ -447,6 +504,30 @@ class EdgeModel:
             n += 1
             yield token
             input_ids = torch.tensor([[token]], dtype=torch.long, device=self.input_device)
+
+    def _lean_step(self, max_tokens: int):
+        cache = self.model.new_cache(max_tokens)
+        return lambda input_ids: self.model.logits_last(input_ids, cache)
+
+    def _hf_step(self):
+        state = {"past": None}
+
+        def step(input_ids):
+            out = self.model(input_ids=input_ids, past_key_values=state["past"], use_cache=True)
+            state["past"] = out.past_key_values
+            return out.logits[0, -1]
+
+        return step
+
+
+def _read_generation_config(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k) -> None:

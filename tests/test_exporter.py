@@ -125,22 +125,24 @@ def test_manifest_fields(packed, tiny_models):
     assert m["target_profile"] is None and m["created_at"].endswith("Z")
 
 
-def test_config_lets_transformers_load_8bit_bundle(packed):
-    """The plain-ecosystem escape hatch: transformers reads the same files at 16 and 8 bits."""
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_plain_transformers_loads_the_bundle(packed, kind):
+    """The plain-ecosystem escape hatch: transformers reads the same files at 16, 8 and 4
+    bits (its own 4-bit *save* is what corrupts absmax on CPU; its loader is fine)."""
     from transformers import AutoModelForCausalLM
 
     import edgepack
 
-    for bits in (16, 8):
-        bundle = packed("llama", bits)
+    for bits in (16, 8, 4):
+        bundle = packed(kind, bits)
         config = json.loads((bundle / "config.json").read_text())
-        assert ("quantization_config" in config) == (bits == 8)
+        assert ("quantization_config" in config) == (bits < 16)
         ids = torch.tensor([[5, 6, 7, 8, 9]])
         hf = AutoModelForCausalLM.from_pretrained(str(bundle))
         ours = edgepack.load(bundle).model
         with torch.no_grad():
             a, b = hf(ids).logits.float(), ours(ids).logits.float()
-        assert torch.equal(a.argmax(-1), b.argmax(-1)) or (a - b).norm() / b.norm() < 0.05
+        assert (a - b).norm() / b.norm() < 0.05, bits
 
 
 def test_write_weights_shards_by_size_and_writes_index(packed, tmp_path):

@@ -19,7 +19,10 @@ from edgepack.qlinear import Int8Linear, Linear4bit
 def test_pack_verify_load_generate(packed, kind, bits):
     lm = edgepack.load(packed(kind, bits))
     layers = [m for m in lm.model.modules() if isinstance(m, (Int8Linear, Linear4bit))]
-    assert len(layers) == {16: 0, 8: {"gpt2": 8}.get(kind, 14), 4: {"gpt2": 8}.get(kind, 14)}[bits]
+    # quantized weights: GPT-2 2 x (64*192 + 64*64 + 64*256 + 256*64); Llama 2 x (4 attention
+    # projections 64*64 + 64*32 + 64*32 + 64*64, 3 MLP 64*128); the lean decoder fuses some
+    quantized_weights = sum(m.in_features * m.out_features for m in layers)
+    assert quantized_weights == (0 if bits == 16 else {"gpt2": 98304}.get(kind, 73728))
     assert not [n for n, p in lm.model.named_parameters() if p.device.type == "meta"]
     steps = list(lm.stream_steps("The capital of France", max_new_tokens=12, min_new_tokens=12, temperature=0))
     assert len(steps) == 12 and steps[-1].finish_reason == "length"
@@ -30,20 +33,54 @@ def test_pack_verify_load_generate(packed, kind, bits):
 
 def test_no_full_precision_copy_of_quantized_layers(packed):
     lm = edgepack.load(packed("llama", 8))
-    proj = lm.model.model.layers[0].self_attn.q_proj
-    assert isinstance(proj, Int8Linear)
-    assert proj.weight.dtype == torch.int8 and proj.SCB.dtype == torch.float32
+    int8 = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
+    assert int8 and all(m.weight.dtype == torch.int8 and m.SCB.dtype == torch.float32 for m in int8)
     lm4 = edgepack.load(packed("llama", 4))
-    proj4 = lm4.model.model.layers[0].mlp.up_proj
-    assert isinstance(proj4, Linear4bit) and proj4.weight.dtype == torch.uint8
-    assert proj4.weight.numel() == 64 * 128 // 2  # packed, two codes per byte
+    four = [m for m in lm4.model.modules() if isinstance(m, Linear4bit)]
+    assert four and all(m.weight.dtype == torch.uint8 for m in four)
+    assert all(m.weight.numel() == m.in_features * m.out_features // 2 for m in four)  # two codes per byte
     floats = {t.data_ptr(): t for t in lm4.model.state_dict().values() if t.is_floating_point() and t.numel() >= 64 * 128}
     assert [t.shape for t in floats.values()] == [torch.Size([400, 64])]  # only the tied embedding
 
 
 def test_tied_lm_head_shares_the_embedding(packed):
     model = edgepack.load(packed("llama", 8)).model
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight is model.embed
+    untied = edgepack.load(packed("llama-untied", 8)).model
+    assert untied.lm_head.weight is not untied.embed
+
+
+def test_lean_decoder_matches_transformers(packed, monkeypatch):
+    """The lean CPU decoder computes what transformers' Llama computes on the same tensors."""
+    from edgepack.lean import LeanLM
+
+    for bits in (16, 8, 4):
+        bundle = packed("llama-untied", bits)
+        lean = edgepack.load(bundle)
+        monkeypatch.setenv("EDGEPACK_LEAN", "0")
+        hf = edgepack.load(bundle)
+        monkeypatch.delenv("EDGEPACK_LEAN")
+        assert isinstance(lean.model, LeanLM) and not isinstance(hf.model, LeanLM)
+        ids = torch.tensor([lean.tokenizer.encode("The capital of France is Paris and")])
+        a, b = lean.model(ids).logits.float(), hf.model(ids).logits.float()
+        assert (a - b).norm() / b.norm() < 0.03, bits
+        # lean keeps activations in fp32, transformers in bf16: greedy paths of a random
+        # model may part after a near-tie, but the next-token choices agree
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+
+
+def test_lean_kv_cache_matches_full_recompute(packed):
+    lm = edgepack.load(packed("llama", 16))
+    ids = torch.tensor([lm.tokenizer.encode("Water boils at one hundred degrees")])
+    full = lm.model(ids).logits[0].float()
+    cache = lm.model.new_cache(64)
+    first = lm.model.logits_last(ids[:, :4], cache).float()
+    chunk = lm.model(ids[:, 4:-1], cache).logits[0].float()  # a chunk after a prefix: masked
+    last = lm.model.logits_last(ids[:, -1:], cache).float()
+    assert torch.allclose(first, full[3], atol=1e-2)
+    assert torch.allclose(chunk, full[4:-1], atol=1e-2)
+    assert torch.allclose(last, full[-1], atol=1e-2)
+    assert cache.length == ids.shape[1]
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
@@ -115,8 +152,7 @@ def test_min_new_tokens_suppresses_eos(packed):
     lm = edgepack.load(packed("llama", 8))
     eos = next(iter(lm.eos_token_ids))
     # make EOS the model's favourite token: without min_new_tokens it stops at once
-    lm.model.lm_head.weight.data[eos] = lm.model.lm_head.weight.data.abs().max() * 5
-    lm.model.model.embed_tokens.weight.data[eos] = lm.model.lm_head.weight.data[eos]
+    lm.model.lm_head.weight.data[eos] = lm.model.lm_head.weight.data.abs().max() * 5  # tied: the embedding too
     first = list(lm.stream_steps("The", max_new_tokens=5, temperature=0))
     forced = list(lm.stream_steps("The", max_new_tokens=5, min_new_tokens=5, temperature=0))
     assert len(forced) == 5 and eos not in [s.token for s in forced]
@@ -193,17 +229,26 @@ def test_hashes_checked_once_then_trusted_until_a_file_changes(bundle_copy, monk
     assert len(calls) == 2 * first
 
 
-def test_runtime_imports_nothing_from_exporter_planner_or_hub(packed):
-    bundle = packed("llama", 8)
+RUNTIME_MODULES = {"edgepack", "edgepack.bundle", "edgepack.errors", "edgepack.lean", "edgepack.memory",
+                   "edgepack.qlinear", "edgepack.runtime", "edgepack.tokenizer"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_runtime_imports_nothing_from_exporter_planner_or_hub(packed, kind):
+    bundle = packed(kind, 8)
     code = (
         "import sys, json, edgepack.runtime as r\n"
         f"lm = r.load({str(bundle)!r})\n"
         "lm.generate('The', max_new_tokens=3)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('edgepack', 'bitsandbytes')))))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('edgepack', 'bitsandbytes', 'transformers'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert loaded == ["edgepack", "edgepack.bundle", "edgepack.errors", "edgepack.qlinear", "edgepack.runtime"]
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    ours = {m for m in loaded if m.startswith("edgepack")}
+    assert ours <= RUNTIME_MODULES, ours - RUNTIME_MODULES  # no exporter, quantize, planner, hub, serve
+    assert not any(m.startswith("bitsandbytes") for m in loaded)
+    # Llama-family models on CPU run on the lean decoder: transformers is not even imported
+    assert any(m.startswith("transformers") for m in loaded) == (kind == "gpt2")
 
 
 def test_import_edgepack_is_cheap():
