@@ -48,7 +48,10 @@ def profiles_dir() -> Path:
     override = os.environ.get("EDGEPACK_PROFILES_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "profiles"
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "edgepack" / "profiles"  # installed from a wheel
 
 
 # --- the profile -------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ def save_fp32_checkpoint(model: str, out: Path) -> int:
         "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"kw = {{'gguf_file': {src.gguf_file!r}}} if {src.gguf_file!r} else {{}}\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(src.path)!r}, dtype=torch.float32, **kw)\n"
-        "if getattr(m.config, 'quantization_config', None) is not None: del m.config.quantization_config\n"
+        "if getattr(m.config, 'quantization_config', None) is not None:\n"
+        "    m.hf_quantizer = None; del m.config.quantization_config  # plain floats now, not GGUF\n"
         f"m.save_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(src.path)!r}, **kw).save_pretrained({str(out)!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
