@@ -451,7 +451,7 @@ class EdgeModel:
         detok = _IncrementalDetokenizer(self.tokenizer)
         t0 = time.perf_counter()
         prompt_seconds = 0.0
-        text = ""  # everything emitted so far, for stop strings
+        held = ""  # text that may be the start of a stop string: not emitted yet
         tokens = self._tokens(prompt_ids, temperature, top_p, top_k, generator, min_new_tokens, max_new_tokens)
         for n, token in enumerate(tokens, 1):
             if n == 1:
@@ -462,10 +462,16 @@ class EdgeModel:
                 piece, finish = detok.add(token), ("length" if n >= max_new_tokens else None)
             if finish is not None:
                 piece += detok.flush()  # bytes held back for an incomplete character
-            hit = _first_stop(text + piece, stops) if stops else None
-            if hit is not None:
-                piece, finish = piece[: max(0, hit - len(text))], "stop"
-            text += piece
+            if stops:
+                held += piece
+                hit = _first_stop(held, stops)
+                if hit is not None:
+                    piece, held, finish = held[:hit], "", "stop"
+                elif finish is not None:
+                    piece, held = held, ""
+                else:
+                    keep = _partial_stop_length(held, stops)
+                    piece, held = held[: len(held) - keep], held[len(held) - keep :]
             elapsed = time.perf_counter() - t0 - prompt_seconds
             yield GenerationStep(piece, token, len(prompt_ids), n, finish, prompt_seconds, elapsed)
             if finish is not None:
@@ -558,6 +564,17 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, 
         sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _partial_stop_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string (held back)."""
+    best = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-size:]):
+                best = size
+                break
+    return best
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

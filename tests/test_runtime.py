@@ -174,6 +174,24 @@ def test_stop_strings_cut_the_text(packed):
     assert cut == full[: full.index(stop)]
 
 
+def test_stop_string_text_is_held_back_until_it_cannot_be_a_stop(packed):
+    lm = edgepack.load(packed("llama", 16))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, temperature=0)
+    full = lm.generate("The", **kw)
+    stop = full[4:7] + "\x00never"  # a stop string whose start appears but which never completes
+    pieces = list(lm.stream("The", stop=[stop], **kw))
+    assert "".join(pieces) == full  # everything comes out in the end
+    assert len(pieces) == 20
+
+
+def test_partial_stop_length():
+    from edgepack.runtime import _partial_stop_length
+
+    assert _partial_stop_length("hello wor", ["world"]) == 3
+    assert _partial_stop_length("hello", ["world"]) == 0
+    assert _partial_stop_length("ab", ["b!", "ab!"]) == 2
+
+
 def test_chat_prompt_uses_the_template(packed):
     lm = edgepack.load(packed("llama", 8))
     ids = lm.encode_prompt([{"role": "user", "content": "hi"}])

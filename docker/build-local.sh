@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Build the CPU image and answer one completion from it, on a Debian/Ubuntu machine with
+# no Docker engine and no internet beyond the Debian and PyPI package registries.
+#
+#   sudo docker/build-local.sh [BUNDLE_DIR]      (as root; BUNDLE_DIR defaults to a tiny
+#                                                 random-weight bundle made on the spot)
+#
+# Steps, each skipped when its result is already there (so a second run takes seconds):
+#   1. podman, buildah, mmdebstrap and runc from apt;
+#   2. a Debian base image made offline with mmdebstrap and `podman import`ed;
+#   3. every wheel the image needs, downloaded on the host (pip inside a build has no TLS
+#      here): torch's CPU build, edgepack's dependencies and its build backend;
+#   4. `podman build --isolation=chroot` of docker/Dockerfile.cpu with pip --no-index;
+#   5. a container with the bundle mounted at /bundle, then `curl /v1/completions`.
+#
+# Environment: EDGEPACK_BUILD_DIR (work folder, default /var/tmp/edgepack-build),
+# EDGEPACK_IMAGE (default localhost/edgepack:cpu), EDGEPACK_PORT (default 8765),
+# PYTHON (default: the repository's .venv/bin/python, else python3), KEEP_RUNNING=1 to
+# leave the container up, SKIP_RUN=1 to only build.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${EDGEPACK_BUILD_DIR:-/var/tmp/edgepack-build}
+IMAGE=${EDGEPACK_IMAGE:-localhost/edgepack:cpu}
+BASE=localhost/edgepack-base:bookworm
+PORT=${EDGEPACK_PORT:-8765}
+NAME=edgepack-local-$PORT
+TORCH=torch==2.13.0+cpu
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+fi
+
+log() { printf '\n== %s\n' "$*" >&2; }
+[ "$(id -u)" = 0 ] || { echo "build-local.sh: run as root (podman build --isolation=chroot needs it)" >&2; exit 1; }
+mkdir -p "$WORK"
+
+# --- 1. tools ---------------------------------------------------------------------------
+if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v runc >/dev/null; then
+    log "installing podman, buildah, mmdebstrap, runc"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah mmdebstrap runc >/dev/null
+fi
+# Sandboxes refuse podman's default limits for root (nofile 1048576, nproc unlimited):
+# raising a limit past the hard one needs CAP_SYS_RESOURCE. Stay under this shell's hard
+# limits. runc, host networking and cgroupfs work where crun, netavark and systemd may not.
+nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
+{ [ "$nofile" = unlimited ] || [ "$nofile" -gt 4096 ]; } && nofile=4096
+{ [ "$nproc" = unlimited ] || [ "$nproc" -gt 4096 ]; } && nproc=4096
+export CONTAINERS_CONF=$WORK/containers.conf
+cat >"$CONTAINERS_CONF" <<EOF
+[containers]
+default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+pids_limit = 2048
+netns = "host"
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+EOF
+podman() { command podman --runtime runc "$@"; }
+
+# --- 2. base image ----------------------------------------------------------------------
+if ! podman image exists "$BASE"; then
+    log "making $BASE with mmdebstrap (Debian bookworm, python3)"
+    mmdebstrap --variant=minbase --format=tar --include=python3,python3-venv,passwd,ca-certificates \
+        bookworm "$WORK/base.tar.partial"
+    mv "$WORK/base.tar.partial" "$WORK/base.tar"
+    podman import --change 'CMD ["/bin/bash"]' "$WORK/base.tar" "$BASE" >/dev/null
+    rm -f "$WORK/base.tar"
+fi
+
+# --- 3. wheels --------------------------------------------------------------------------
+CONTEXT=$WORK/context
+WHEELS=$CONTEXT/docker/wheels
+stamp=$(sha256sum <"$REPO/pyproject.toml" | cut -c1-16)-$TORCH
+if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "downloading wheels into $WHEELS"
+    rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+    # The host runs the same Debian and Python (3.11, x86-64) as the image, so pip picks
+    # wheels for it. setuptools and wheel build edgepack itself inside the image.
+    "$PYTHON" -m pip download --disable-pip-version-check -q -d "$WHEELS" \
+        "$TORCH" "${REPO}[serve]" "setuptools>=68" wheel
+    echo "$stamp" >"$WHEELS/.stamp"
+fi
+# The source is staged fresh every run, so the image always holds the current code.
+rm -rf "$CONTEXT/edgepack" "$CONTEXT/docker/Dockerfile.cpu"
+cp "$REPO/pyproject.toml" "$CONTEXT/"
+cp -r "$REPO/edgepack" "$CONTEXT/edgepack"
+find "$CONTEXT/edgepack" -name __pycache__ -prune -exec rm -rf {} +
+cp "$REPO/docker/Dockerfile.cpu" "$CONTEXT/docker/"
+
+# --- 4. image ---------------------------------------------------------------------------
+log "building $IMAGE"
+podman build --isolation=chroot --format docker --network host \
+    --build-arg BASE_IMAGE="$BASE" --build-arg PIP_INSTALL_ARGS=--no-index \
+    -f "$CONTEXT/docker/Dockerfile.cpu" -t "$IMAGE" "$CONTEXT"
+[ "${SKIP_RUN:-0}" = 1 ] && exit 0
+
+# --- 5. run and ask ---------------------------------------------------------------------
+BUNDLE=${1:-}
+if [ -z "$BUNDLE" ]; then
+    BUNDLE=$WORK/tiny-bundle
+    if [ ! -f "$BUNDLE/edgepack.json" ]; then
+        log "packing a tiny random-weight bundle into $BUNDLE"
+        (cd "$REPO" && "$PYTHON" - "$BUNDLE" <<'EOF'
+import sys, tempfile
+sys.path.insert(0, "tests")
+from conftest import make_model, make_tokenizer  # the test suite's tiny Llama, no network
+from edgepack.exporter import pack
+
+tokenizer = make_tokenizer()
+with tempfile.TemporaryDirectory() as src:
+    make_model("llama", len(tokenizer)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    pack(src, sys.argv[1], bits=8)
+EOF
+        )
+    fi
+fi
+BUNDLE=$(cd "$BUNDLE" && pwd)
+chmod -R a+rX "$BUNDLE"  # the container runs as uid 10001
+
+podman rm -f "$NAME" >/dev/null 2>&1 || true
+log "running $IMAGE on $BUNDLE, port $PORT"
+cleanup() { [ "${KEEP_RUNNING:-0}" = 1 ] || podman rm -f "$NAME" >/dev/null 2>&1 || true; }
+trap cleanup EXIT  # also when `podman run` fails after creating the container
+podman run -d --name "$NAME" --network host -v "$BUNDLE:/bundle:ro" -e EDGEPACK_PORT="$PORT" \
+    -e EDGEPACK_MODEL=/bundle "$IMAGE" >/dev/null
+for _ in $(seq 1 120); do
+    curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+    if [ "$(podman inspect -f '{{.State.Running}}' "$NAME" 2>/dev/null)" != true ]; then
+        podman logs "$NAME" >&2 || true
+        echo "build-local.sh: the container stopped" >&2
+        exit 1
+    fi
+    sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null || { podman logs "$NAME" >&2; exit 1; }
+# Without systemd podman cannot schedule HEALTHCHECK (it logs an error and runs on); run it once.
+log "HEALTHCHECK: $(podman healthcheck run "$NAME" && echo healthy)"
+log "POST /v1/completions"
+curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' \
+    -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
+echo
