@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,24 +71,28 @@ def pack(
     _check_output(out, force)
     resolved = resolve_source(source, revision=revision, gguf_file=gguf_file)
     started = time.perf_counter()
-    say(f"loading {source}")
-    model, tokenizer = _load_source(resolved)
-    from edgepack import quantize
+    from edgepack import quantize, reference
 
-    blocks = quantize.module_blocks(model)
+    say(f"loading {source}")
+    src = _open_source(resolved)
+    say("streaming the checkpoint tensor by tensor" if src.read else "loaded the full-precision model")
+    structure = src.model
+    blocks = quantize.module_blocks(structure)
     device_map = dict(device_map) if device_map else {name: "cpu" for name in blocks}
+    architecture = quantize.architecture_summary(structure)
+    check_ids = src.tokenizer.encode(CHECK_PROMPT)
     say("computing reference logits of the full-precision model")
-    check_ids = tokenizer.encode(CHECK_PROMPT)
-    source_logits = quantize.logits(model, check_ids)
+    source_logits = quantize.logits(src.source_model(), check_ids)
     settings = quantize.Settings(bits, quant_type, double_quant, blocksize, dtype)
-    result = quantize.quantize_model(model, settings, say)
-    reference_logits = quantize.logits(model, check_ids)  # model now holds dequantized weights
+    result = quantize.quantize_model(structure, settings, say, read=src.read)
+    src.model = structure = None  # the full-precision weights are no longer needed
+    reference_logits = quantize.logits(reference.dequantized_model(src.config, result, settings), check_ids)
     tmp = _temp_dir(out)
     try:
         say(f"writing bundle to {tmp.name}")
         shards = _write_weights(tmp, result.tensors, max_shard_bytes)
-        _write_model_files(tmp, model, tokenizer, settings, result)
-        manifest = _manifest(resolved, model, settings, result, shards, device_map, target_profile, plan, tmp)
+        _write_model_files(tmp, src, settings, result)
+        manifest = _manifest(resolved, architecture, settings, result, shards, device_map, target_profile, plan, tmp)
         bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
         say("verifying the written bundle with the edgepack runtime")
         manifest["verification"] = _verify_written(tmp, result.tensors, check_ids, reference_logits, source_logits)
@@ -214,7 +219,29 @@ def _fsync_tree(root: Path) -> None:
 # --- loading the source ---------------------------------------------------------------------
 
 
-def _load_source(resolved: ResolvedSource):
+@dataclass
+class _Source:
+    """A source model: its config, tokenizer and generation config, and either the loaded
+    full-precision model or, for safetensors checkpoints, a meta-device skeleton plus a
+    reader that streams each tensor from its shard."""
+
+    config: Any
+    tokenizer: Any
+    generation_config: Any
+    model: Any  # full-precision model, or the skeleton on meta when streaming
+    read: Callable | None = None  # key -> tensor, when streaming
+    keys: list[str] = field(default_factory=list)
+
+    def source_model(self):
+        if self.read is None:
+            return self.model
+        from edgepack import quantize, reference
+
+        linears = {n for n, m in self.model.named_modules() if quantize.is_linear(m) and f"{n}.weight" in self.keys}
+        return reference.lazy_source_model(self.config, self.read, linears, self.keys)
+
+
+def _open_source(resolved: ResolvedSource) -> _Source:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -234,15 +261,49 @@ def _load_source(resolved: ResolvedSource):
             hint="edgepack packs decoder-only LMs (Llama, GPT-2, Qwen, Mistral, Phi, ...)",
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
+        streamed = None if resolved.gguf_file else _streaming_source(resolved.path, config)
+        if streamed is not None:
+            skeleton, read, keys = streamed
+            generation = _generation_config(resolved.path, skeleton)
+            return _Source(config, tokenizer, generation, skeleton, read, keys)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32, **kwargs)
     except (ValueError, KeyError, OSError) as exc:
         raise UnsupportedModelError(
             f"cannot load {resolved.path}: {str(exc).splitlines()[0]}",
             hint="check that the model's weights and tokenizer files are complete",
         ) from None
-    model.eval()
-    return model, tokenizer
+    if getattr(model.config, "quantization_config", None) is not None:
+        model.hf_quantizer = None  # a GGUF source is plain floats once loaded
+        del model.config.quantization_config
+    return _Source(model.config, tokenizer, getattr(model, "generation_config", None), model.eval())
+
+
+def _streaming_source(folder: Path, config):
+    """(skeleton, reader, keys) when every tensor the model needs is in the folder's
+    safetensors under the model's own names; None otherwise (then the model is loaded whole)."""
+    from edgepack import reference
+
+    if not any(folder.glob("*.safetensors")):
+        return None
+    reader = reference.ShardReader(folder)
+    skeleton = reference.skeleton(config)
+    seen, keys = set(), []
+    for key, tensor in skeleton.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            keys.append(key)
+    if not all(k in reader.files for k in keys):
+        return None
+    return skeleton, reader, keys
+
+
+def _generation_config(folder: Path, model):
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(folder))
+    return getattr(model, "generation_config", None)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -278,22 +339,21 @@ def _write_weights(tmp: Path, tensors: dict, max_shard_bytes: int) -> dict[str, 
     return names
 
 
-def _write_model_files(tmp: Path, model, tokenizer, settings, result) -> None:
+def _write_model_files(tmp: Path, src: "_Source", settings, result) -> None:
     from edgepack import quantize
 
-    config = model.config
+    config = src.config
     config.quantization_config = quantize.transformers_quantization_config(settings, result)
     if config.quantization_config is None:
         del config.quantization_config
     config.dtype = settings.dtype
     config.save_pretrained(str(tmp))
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    if src.generation_config is not None:
+        src.generation_config.save_pretrained(str(tmp))
+    src.tokenizer.save_pretrained(str(tmp))
 
 
-def _manifest(resolved, model, settings, result, shards, device_map, target_profile, plan, tmp) -> dict[str, Any]:
+def _manifest(resolved, architecture, settings, result, shards, device_map, target_profile, plan, tmp) -> dict[str, Any]:
     from edgepack import quantize
 
     tensors = {
@@ -310,7 +370,7 @@ def _manifest(resolved, model, settings, result, shards, device_map, target_prof
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": quantize.tool_versions(),
         "source": resolved.info,
-        "architecture": quantize.architecture_summary(model),
+        "architecture": architecture,
         "quantization": settings.manifest_section(result),
         "device_map": device_map,
         "target_profile": target_profile,

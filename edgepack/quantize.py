@@ -75,13 +75,19 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def quantize_model(model: nn.Module, settings: Settings, say: Callable[[str], None]) -> Result:
-    """Quantize every linear layer but the output layer, one at a time.
+def quantize_model(
+    model: nn.Module,
+    settings: Settings,
+    say: Callable[[str], None],
+    read: Callable[[str], torch.Tensor] | None = None,
+) -> Result:
+    """Quantize every linear layer but the output layer, one tensor at a time.
 
-    Each layer's weight is replaced in the model by its dequantized value, so afterwards
-    ``model`` computes the reference the written bundle is checked against, and the
-    full-precision weight is freed as soon as its layer is done.
+    ``model`` gives the structure (it may sit on the meta device); ``read(key)`` gives each
+    source tensor (default: the model's own), so a checkpoint can be streamed from its
+    shards: only one full-precision tensor is alive at a time, plus the quantized output.
     """
+    read = read or (lambda key: _get(model, key).detach())
     result = Result()
     output = model.get_output_embeddings()
     targets = {}
@@ -93,21 +99,24 @@ def quantize_model(model: nn.Module, settings: Settings, say: Callable[[str], No
             result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
         elif settings.bits < 16:
             targets[name] = module
-    order = list(model.state_dict(keep_vars=True).keys())
-    seen_storage: set[int] = set()
-    for i, key in enumerate(order, 1):
-        owner, _, attr = key.rpartition(".")
-        if owner in targets and attr in ("weight", "bias"):
-            if attr == "weight":
-                _quantize_layer(owner, targets[owner], settings, result)
-                if len(result.quantized_modules) % 20 == 0:
-                    say(f"quantized {len(result.quantized_modules)}/{len(targets)} layers")
-            continue
-        tensor = _get(model, key)
-        if id(tensor) in seen_storage or tensor.data_ptr() in seen_storage:
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
             continue  # a tied weight, stored once
-        seen_storage.update((id(tensor), tensor.data_ptr()))
-        result.tensors[key] = _store_plain(tensor, settings)
+        seen.add(id(tensor))
+        owner, _, attr = key.rpartition(".")
+        if owner in targets and attr == "weight":
+            conv1d = type(targets[owner]).__name__ == "Conv1D"  # GPT-2 stores [in, out]
+            weight = read(key)
+            weight = weight.T.contiguous() if conv1d else weight
+            for suffix, value in quantize_weight(weight, settings).items():
+                result.tensors[f"{owner}.{suffix}"] = value
+            del weight
+            result.quantized_modules.append(owner)
+            if len(result.quantized_modules) % 20 == 0:
+                say(f"quantized {len(result.quantized_modules)}/{len(targets)} layers")
+        else:
+            result.tensors[key] = _store_plain(read(key), settings)
     say(f"quantized {len(result.quantized_modules)} layers to {settings.bits}-bit ({settings.scheme})")
     return result
 
@@ -120,9 +129,7 @@ def _get(model: nn.Module, key: str) -> torch.Tensor:
 def _store_plain(tensor: torch.Tensor, settings: Settings) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor.detach().clone()
-    stored = tensor.detach().to(settings.torch_dtype).contiguous()
-    tensor.data = stored.to(tensor.dtype)  # the reference sees the rounding the bundle has
-    return stored
+    return tensor.detach().to(settings.torch_dtype).contiguous()
 
 
 def bnb_functional():
@@ -136,32 +143,19 @@ def bnb_functional():
     return F
 
 
-def _quantize_layer(name: str, module: nn.Module, settings: Settings, result: Result) -> None:
+def quantize_weight(weight: torch.Tensor, settings: Settings) -> dict[str, torch.Tensor]:
+    """bitsandbytes' storage for one [out, in] weight, keyed by suffix (weight, SCB, weight.absmax...)."""
     F = bnb_functional()
-
-    conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores [in, out]; bitsandbytes wants [out, in]
-    weight = module.weight.detach()
-    weight = weight.T.contiguous() if conv1d else weight
     if settings.bits == 8:
         cb, scb, _ = F.int8_vectorwise_quant(weight.float())
-        result.tensors[f"{name}.weight"] = cb
-        result.tensors[f"{name}.SCB"] = scb
-        dequantized = cb.float() * (scb[:, None] / 127.0)
-    else:
-        packed, state = F.quantize_4bit(
-            weight.to(settings.torch_dtype),
-            blocksize=settings.blocksize,
-            compress_statistics=settings.double_quant,
-            quant_type=settings.quant_type,
-        )
-        result.tensors[f"{name}.weight"] = packed
-        for key, value in state.as_dict(packed=True).items():
-            result.tensors[f"{name}.weight.{key}"] = value
-        dequantized = F.dequantize_4bit(packed, state).float()
-    module.weight.data = (dequantized.T if conv1d else dequantized).contiguous().to(module.weight.dtype)
-    if getattr(module, "bias", None) is not None:
-        result.tensors[f"{name}.bias"] = _store_plain(module.bias, settings)
-    result.quantized_modules.append(name)
+        return {"weight": cb, "SCB": scb}
+    packed, state = F.quantize_4bit(
+        weight.to(settings.torch_dtype),
+        blocksize=settings.blocksize,
+        compress_statistics=settings.double_quant,
+        quant_type=settings.quant_type,
+    )
+    return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
 
 
 def transformers_quantization_config(settings: Settings, result: Result) -> dict[str, Any] | None:

@@ -268,7 +268,9 @@ TORCH_DTYPES = {
 }  # fmt: skip
 
 
-def read_shard(path: Path, manifest: dict | None = None, rel: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def read_shard(
+    path: Path, manifest: dict | None = None, rel: str | None = None, only: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Read a safetensors shard tensor by tensor into fresh torch buffers.
 
     Not mmap: a shard truncated while mapped kills the process with SIGBUS, and
@@ -276,7 +278,7 @@ def read_shard(path: Path, manifest: dict | None = None, rel: str | None = None)
     int8 CPU kernels (they expect 64-byte aligned weights). One read per tensor straight
     into torch's aligned allocation costs no extra copy. Header and data come from one
     open file, whose size (and header, given the manifest) are checked again: the file
-    may have been replaced or truncated since it was verified.
+    may have been replaced or truncated since it was verified. ``only``: read just these.
     """
     rel = rel or path.name
     sizes = {e["path"]: e["size"] for e in manifest["files"]} if manifest else {}
@@ -285,6 +287,8 @@ def read_shard(path: Path, manifest: dict | None = None, rel: str | None = None)
         if manifest:
             bundle_format.check_shard_header(rel, header, manifest)
         for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if only is not None and key not in only:
+                continue
             start, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
             if end > start:

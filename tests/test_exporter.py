@@ -266,3 +266,21 @@ def test_pack_leaves_no_world_writable_or_temp_files(packed):
     assert not [p for p in bundle.parent.iterdir() if ".tmp-" in p.name]
     for path in bundle.iterdir():
         assert not os.stat(path).st_mode & 0o002
+
+
+@pytest.mark.parametrize("kind,bits", [("gpt2", 8), ("llama-untied", 4)])
+def test_streaming_pack_equals_in_memory_pack(tiny_models, tmp_path, monkeypatch, kind, bits):
+    """A safetensors checkpoint is quantized tensor by tensor from its shards; the bundle is
+    byte for byte the one packing the loaded model gives, with the same quality figures."""
+    from edgepack import exporter
+
+    messages = []
+    streamed = pack(str(tiny_models[kind]), tmp_path / "s", bits=bits, progress=messages.append)
+    assert "streaming the checkpoint tensor by tensor" in messages
+    monkeypatch.setattr(exporter, "_streaming_source", lambda folder, config: None)
+    loaded = pack(str(tiny_models[kind]), tmp_path / "l", bits=bits, progress=messages.append)
+    assert "loaded the full-precision model" in messages
+    digests = lambda m: {e["path"]: e["sha256"] for e in m["files"] if e["path"].endswith(".safetensors")}  # noqa: E731
+    assert digests(streamed) == digests(loaded)
+    for key in ("top1_agreement_vs_source", "mean_kl_vs_source", "logits_rel_error_vs_reference"):
+        assert streamed["verification"][key] == pytest.approx(loaded["verification"][key], abs=1e-4)

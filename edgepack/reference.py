@@ -1,0 +1,143 @@
+"""Reference models the exporter checks a written bundle against, built without holding a
+full-precision copy of the model.
+
+* ``dequantized_model``: transformers' own modeling code over the quantized tensors held in
+  memory, each quantized layer dequantized by **bitsandbytes** on every call. It shares no
+  code with the runtime's kernels, so runtime logits matching it proves the kernels, the
+  serialization and the skeleton together.
+* ``lazy_source_model``: the source checkpoint with every linear weight read from its
+  safetensors shard just before the layer runs and dropped after it, so the quality of a
+  7B bundle against its source is measured in the memory of one layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgepack.quantize import Result, Settings, bnb_functional
+
+
+def skeleton(config) -> nn.Module:
+    """The source architecture on the meta device; buffers (rotary tables) stay real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # so a tied output layer is the embedding's very parameter
+    return model.eval()
+
+
+class DequantizedLinear(nn.Module):
+    """y = x W^T + b with W dequantized by bitsandbytes from the stored tensors."""
+
+    def __init__(self, stored: dict[str, torch.Tensor], settings: Settings):
+        super().__init__()
+        self.stored, self.settings = stored, settings
+
+    def weight_float(self) -> torch.Tensor:
+        if self.settings.bits == 8:
+            return self.stored["weight"].float() * (self.stored["SCB"][:, None] / 127.0)
+        F = bnb_functional()
+        stats = {k: v for k, v in self.stored.items() if k.startswith("weight.")}
+        state = F.QuantState.from_dict(stats, device=torch.device("cpu"))
+        return F.dequantize_4bit(self.stored["weight"], state).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.stored.get("bias")
+        return nn.functional.linear(x.float(), self.weight_float(), None if bias is None else bias.float())
+
+
+def dequantized_model(config, result: Result, settings: Settings) -> nn.Module:
+    model = skeleton(config)
+    for name in result.quantized_modules:
+        prefix = name + "."
+        stored = {k[len(prefix) :]: v for k, v in result.tensors.items() if k.startswith(prefix)}
+        _replace(model, name, DequantizedLinear(stored, settings))
+    quantized = set(result.quantized_modules)
+    for key, tensor in result.tensors.items():
+        if not _owned_by(key, quantized):
+            _assign(model, key, tensor.float() if tensor.is_floating_point() else tensor)
+    model.tie_weights()
+    return model
+
+
+def lazy_source_model(config, read: Callable[[str], torch.Tensor], linear_names: set[str], keys: list[str]) -> nn.Module:
+    """The source model with linear weights read on demand; everything else read once."""
+    model = skeleton(config)
+    for key in keys:
+        owner, _, attr = key.rpartition(".")
+        if owner in linear_names and attr == "weight":
+            continue
+        _assign(model, key, read(key).float())
+    for name in linear_names:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(_load_weight(read, f"{name}.weight"))
+        module.register_forward_hook(_drop_weight)
+    model.tie_weights()
+    return model
+
+
+def _load_weight(read: Callable[[str], torch.Tensor], key: str):
+    def hook(module, _args):
+        module.weight = nn.Parameter(read(key).float(), requires_grad=False)
+
+    return hook
+
+
+def _drop_weight(module, _args, _output):
+    module.weight = nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
+
+
+def _owned_by(key: str, modules: set[str]) -> bool:
+    return any(key.startswith(m + ".") for m in modules)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, attr = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+class ShardReader:
+    """Random access to tensors of a safetensors checkpoint (one file or an index)."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        from edgepack.bundle import read_safetensors_header
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: folder / f for k, f in weight_map.items()}
+        else:
+            self.files = {}
+            for shard in sorted(folder.glob("*.safetensors")):
+                self.files.update({k: shard for k in read_safetensors_header(shard, max_header_bytes=100_000_000)})
+
+    def __call__(self, key: str) -> torch.Tensor:
+        from edgepack.runtime import read_shard
+
+        path = self.files[key]
+        for _name, tensor in read_shard(path, rel=path.name, only={key}):
+            return tensor
+        raise KeyError(key)
+
+    def by_file(self) -> dict[Path, list[str]]:
+        groups: dict[Path, list[str]] = {}
+        for key, path in self.files.items():
+            groups.setdefault(path, []).append(key)
+        return groups
