@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def configure_parser(p) -> None:
-    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("bundle", help="bundle directory, or a Hub repo: owner/name[@revision] or hf://owner/name")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -28,7 +29,12 @@ def main(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise GenerationError("the prompt is empty", hint="pass a PROMPT argument or pipe text to stdin")
-    lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force)
+    bundle = args.bundle
+    if not os.path.isdir(bundle) and ("/" in bundle and not bundle.startswith((".", "/", "~")) or bundle.startswith("hf://")):
+        from edgepack.hub import resolve_bundle_ref  # pull the variant that fits, verified
+
+        bundle = resolve_bundle_ref(bundle, progress=lambda msg: print(f"[edgepack] {msg}", file=sys.stderr))
+    lm = load(bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force)
     for notice in lm.notices:
         print(f"note: {notice}", file=sys.stderr)
     step = None
