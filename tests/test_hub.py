@@ -466,7 +466,7 @@ def test_model_card_metadata_parses_and_describes_every_variant(hub, packed, bun
     top1 = bundle_format.read_manifest(t4)["verification"]["top1_agreement_vs_source"]
     assert f"{top1:.1%}" in body
     snippets = ("pip install edgepack", f"edgepack pull {REPO} --auto", f"edgepack run hf://{REPO}",
-                "edgepack.load(pulled.path)", 'subfolder="t4"', "4-bit variants (pi5-8gb) need edgepack")
+                "edgepack.load(pulled.path)", 'subfolder="pi5-8gb"', "Every variant is also an ordinary transformers checkpoint")
     for snippet in snippets:
         assert snippet in body, snippet
 
