@@ -119,15 +119,15 @@ def pack_measured(model: str, out: Path, bits: int) -> dict:
     return json.loads(out_p.stdout.strip().splitlines()[-1])
 
 
-def save_fp32_checkpoint(model: str, out: Path) -> int:
-    """The full-precision checkpoint the seed recipe starts from."""
+def save_checkpoint(model: str, out: Path, dtype: str = "float32") -> int:
+    """A plain safetensors checkpoint of the model (the seed recipe starts from fp32)."""
     from edgepack.sources import resolve_source
 
     src = resolve_source(model)
     code = (
         "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"kw = {{'gguf_file': {src.gguf_file!r}}} if {src.gguf_file!r} else {{}}\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(src.path)!r}, dtype=torch.float32, **kw)\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(src.path)!r}, dtype=torch.{dtype}, **kw)\n"
         "if getattr(m.config, 'quantization_config', None) is not None:\n"
         "    m.hf_quantizer = None; del m.config.quantization_config  # plain floats now, not GGUF\n"
         f"m.save_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(src.path)!r}, **kw).save_pretrained({str(out)!r})\n"
@@ -154,8 +154,15 @@ def main() -> None:
         packed = pack_measured(args.model, work / f"b{bits}", bits)
         run = medians([run_worker("edgepack", str(work / f"b{bits}"), str(args.tokens)) for _ in range(args.repeats)])
         rows.append({"engine": f"edgepack {bits}-bit", **packed, **run})
+    pack_rows = []
+    for dtype in ("float32", "bfloat16"):
+        size = save_checkpoint(args.model, work / dtype, dtype)
+        for bits in (8, 4):
+            measured = pack_measured(str(work / dtype), work / f"from-{dtype}-{bits}", bits)
+            pack_rows.append((dtype, size, bits, measured))
     if not args.no_seed:
-        ckpt_bytes = save_fp32_checkpoint(args.model, work / "fp32")
+        ckpt_bytes = (work / "float32" / "model.safetensors").stat().st_size
+        (work / "fp32").symlink_to(work / "float32")
         for bits in (8, 4):
             run = medians([run_worker("seed", str(work / "fp32"), str(bits), str(args.tokens)) for _ in range(args.repeats)])
             rows.append({"engine": f"seed bnb {bits}-bit", "bundle_bytes": ckpt_bytes, **run})
@@ -180,6 +187,11 @@ def main() -> None:
     if not args.no_seed:
         print(f"seed recipe fp32 checkpoint: {ckpt_bytes / MIB:.0f} MiB; seed 8-bit peak RSS = "
               f"{by['seed bnb 8-bit']['peak_rss'] / ckpt_bytes:.2f} x checkpoint")
+    print("\npacking a safetensors checkpoint (streamed tensor by tensor; peak RSS of the whole pack process):")
+    for dtype, size, bits, m in pack_rows:
+        print(f"  {dtype} checkpoint {size / MIB:.0f} MiB -> {bits}-bit: pack peak RSS {m['pack_peak_rss'] / MIB:.0f} MiB = "
+              f"{m['pack_peak_rss'] / size:.2f} x checkpoint; above bare torch: {(m['pack_peak_rss'] - torch_rss) / size:.2f} x, "
+              f"{m['pack_s']:.1f} s")  # fmt: skip
     print(f"\nwork dir: {work}")
 
 
