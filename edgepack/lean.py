@@ -28,6 +28,9 @@ from torch import nn
 from edgepack.qlinear import Int8Linear, Linear4bit
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
+# the planner counts (2 bytes per value).
+KV_DTYPE = torch.bfloat16
 
 
 def supports(config: dict[str, Any]) -> str | None:
@@ -127,9 +130,10 @@ class Block(nn.Module):
             cache.k[index, :, :, start : start + n] = k
             cache.v[index, :, :, start : start + n] = v
             k, v = cache.k[index, :, :, : start + n], cache.v[index, :, :, : start + n]
+        # attention in the cache's 16-bit dtype: no per-step upcast copy of the whole cache
         attn = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=True
-        )
+            q.to(k.dtype), k, v.to(k.dtype), attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=True
+        ).to(x.dtype)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(1, n, cfg.heads * cfg.head_dim))
         h = F.rms_norm(x, (cfg.hidden,), self.post_norm.to(x.dtype), cfg.eps)
         gate, up = self.gate_up(h)
@@ -171,17 +175,39 @@ class LeanLM(nn.Module):
     """Runs a skeleton (see ``build_skeleton``) whose tensors are attached: it takes over its
     modules (no copies, except the fused int8 rows) and drops the rest."""
 
-    def __init__(self, skeleton: nn.Module, config: dict[str, Any], activation_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        skeleton: nn.Module,
+        config: dict[str, Any],
+        activation_dtype: torch.dtype = torch.float32,
+        int8_head: bool = False,
+    ):
         super().__init__()
         self.cfg = LeanConfig.from_dict(config)
         self.config = config
         self.dtype = activation_dtype
         base = skeleton.model
         self.embed = base.embed_tokens.weight
+        self.int8_head = None
+        if int8_head and isinstance(skeleton.lm_head, CastLinear):
+            # A 16-bit output layer is the largest single matrix read per token (vocab x
+            # hidden); row-wise int8 halves that read. Tied to the embeddings, the int8 copy
+            # serves the lookups too and the 16-bit one is dropped: less memory, not more.
+            tied = skeleton.lm_head.weight is self.embed
+            self.int8_head = quantize_rows_int8(skeleton.lm_head.weight.data, torch.bfloat16)
+            skeleton.lm_head = self.int8_head
+            if tied:
+                self.embed = None
         for layer in base.layers:  # norms in the activation dtype once, not per call
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight = nn.Parameter(norm.weight.data.to(activation_dtype), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(layer, self.cfg) for layer in base.layers)
+        self.blocks = nn.ModuleList()
+        for i in range(len(base.layers)):
+            self.blocks.append(Block(base.layers[i], self.cfg))
+            # fusing copies q/k/v and gate/up rows: drop this layer's originals at once, so
+            # the copies never add up to more than one layer over the weights
+            base.layers[i] = nn.Module()
+            release_freed_memory()
         self.norm = base.norm.weight.data.to(activation_dtype)
         self.lm_head = skeleton.lm_head
         self._inv_freq = 1.0 / (
@@ -191,7 +217,7 @@ class LeanLM(nn.Module):
 
     def new_cache(self, max_tokens: int) -> KVCache:
         max_tokens = min(max_tokens, self.cfg.max_positions)
-        return KVCache(len(self.blocks), self.cfg.kv_heads, self.cfg.head_dim, max_tokens, self.dtype)
+        return KVCache(len(self.blocks), self.cfg.kv_heads, self.cfg.head_dim, max_tokens, KV_DTYPE)
 
     def _rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos.shape[0] < start + n:  # grow the tables in powers of two, once per size
@@ -209,15 +235,23 @@ class LeanLM(nn.Module):
         cos, sin = self._rope(start, n)
         # a chunk after a prefix needs an explicit causal mask; a lone prompt uses is_causal
         mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start) if start > 0 and n > 1 else None
-        x = F.embedding(input_ids.reshape(1, n), self.embed).to(self.dtype)
+        x = self._embed(input_ids.reshape(1, n))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, start, mask)
         if cache is not None:
             cache.length = start + n
         return x
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            return F.embedding(ids, self.embed).to(self.dtype)
+        head = self.int8_head  # tied and int8: dequantize just the looked-up rows
+        return F.embedding(ids, head.weight).to(self.dtype) * F.embedding(ids, head._scales[:, None])
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.eps)
+        if self.int8_head is not None:
+            return self.int8_head(x)
         return self.lm_head(x.to(self.lm_head.weight.dtype))
 
     @torch.inference_mode()
@@ -230,15 +264,41 @@ class LeanLM(nn.Module):
         return self._head(self._hidden(input_ids, cache)[:, -1:])[0, -1]
 
 
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS with it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def quantize_rows_int8(weight: torch.Tensor, compute_dtype: torch.dtype, chunk: int = 4096) -> Int8Linear:
+    """bitsandbytes' row-wise int8 (int8 + absmax per row), computed in row chunks so no
+    full float32 copy of a large matrix is ever made."""
+    out_f, in_f = weight.shape
+    cb = torch.empty(out_f, in_f, dtype=torch.int8)
+    scb = torch.empty(out_f, dtype=torch.float32)
+    for start in range(0, out_f, chunk):
+        rows = weight[start : start + chunk].float()
+        absmax = rows.abs().amax(dim=1).clamp_min(1e-12)
+        scb[start : start + chunk] = absmax
+        cb[start : start + chunk] = torch.round(rows * (127.0 / absmax)[:, None]).to(torch.int8)
+    layer = Int8Linear(in_f, out_f, False, compute_dtype)
+    layer.attach({"weight": cb, "SCB": scb})
+    return layer
+
+
 # --- a transformers-free skeleton with transformers' tensor names ----------------------------
 
 
 class _Holder(nn.Module):
-    """A module that only holds tensors (norm weights)."""
+    """A module that only holds a weight (norms, the embedding table)."""
 
-    def __init__(self, size: int, dtype: torch.dtype):
+    def __init__(self, *shape: int, dtype: torch.dtype):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device="meta"), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype, device="meta"), requires_grad=False)
 
 
 def _linear(name: str, in_f: int, out_f: int, bias: bool, quant: dict, dtype: torch.dtype) -> nn.Module:
@@ -251,6 +311,9 @@ def _linear(name: str, in_f: int, out_f: int, bias: bool, quant: dict, dtype: to
 
 class CastLinear(nn.Linear):
     """A 16-bit linear layer that takes activations of any dtype."""
+
+    def reset_parameters(self) -> None:
+        pass  # weights come from the bundle; random init on meta would import torch._refs (~1.5 s, ~90 MiB)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
@@ -280,13 +343,13 @@ def build_skeleton(config: dict[str, Any], quantization: dict[str, Any], dtype: 
         mlp.up_proj = _linear(f"{p}.mlp.up_proj", hidden, inter, False, quant, dtype)
         mlp.down_proj = _linear(f"{p}.mlp.down_proj", inter, hidden, False, quant, dtype)
         block.self_attn, block.mlp = attn, mlp
-        block.input_layernorm, block.post_attention_layernorm = _Holder(hidden, dtype), _Holder(hidden, dtype)
+        block.input_layernorm, block.post_attention_layernorm = _Holder(hidden, dtype=dtype), _Holder(hidden, dtype=dtype)
         return block
 
     root, base = nn.Module(), nn.Module()
-    base.embed_tokens = nn.Embedding(config["vocab_size"], hidden, device="meta", dtype=dtype)
+    base.embed_tokens = _Holder(config["vocab_size"], hidden, dtype=dtype)
     base.layers = nn.ModuleList(layer(i) for i in range(config["num_hidden_layers"]))
-    base.norm = _Holder(hidden, dtype)
+    base.norm = _Holder(hidden, dtype=dtype)
     root.model = base
     root.lm_head = _linear("lm_head", hidden, config["vocab_size"], False, quant, dtype)
     return root

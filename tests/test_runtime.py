@@ -77,9 +77,10 @@ def test_lean_kv_cache_matches_full_recompute(packed):
     first = lm.model.logits_last(ids[:, :4], cache).float()
     chunk = lm.model(ids[:, 4:-1], cache).logits[0].float()  # a chunk after a prefix: masked
     last = lm.model.logits_last(ids[:, -1:], cache).float()
-    assert torch.allclose(first, full[3], atol=1e-2)
-    assert torch.allclose(chunk, full[4:-1], atol=1e-2)
-    assert torch.allclose(last, full[-1], atol=1e-2)
+    # bf16 attention: equal up to bf16 rounding; a wrong mask or offset is off by far more
+    assert torch.allclose(first, full[3], atol=5e-2)
+    assert torch.allclose(chunk, full[4:-1], atol=5e-2)
+    assert torch.allclose(last, full[-1], atol=5e-2)
     assert cache.length == ids.shape[1]
 
 
