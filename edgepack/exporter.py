@@ -450,7 +450,7 @@ def main(args) -> int:
         from edgepack import plan_cli
 
         options = plan_cli.plan_for_pack(args.source, args.profile, args.context, args.bits, args.revision,
-                                         args.gguf_file, args.quant_type, say)  # fmt: skip
+                                         args.gguf_file, args.quant_type, say, double_quant=args.double_quant)  # fmt: skip
         bits = options.pop("bits")
     manifest = pack(
         args.source,

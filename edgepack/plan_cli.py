@@ -1,0 +1,302 @@
+"""``edgepack plan``: pick bits and a device_map for a target device, from the config alone.
+
+    edgepack plan smollm2-135m --profile rpi4-4gb
+    edgepack plan ./my-model --profile mybox.json --context 4096 --json
+
+No weights are read or downloaded: the model is built on the meta device from its config
+(config.json, a GGUF file's header, or a Hub repo's config.json) and measured there; the
+decision itself is edgepack.planner's, which is pure. ``plan_for_pack`` is what
+``edgepack pack --profile`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from edgepack import planner
+from edgepack.errors import SourceNotFoundError, UnsupportedModelError
+
+
+# --- the model's sizes, from its config -------------------------------------------------------
+
+
+def load_config(source: str, revision: str | None = None, gguf_file: str | None = None):
+    """The transformers config of SOURCE (local dir, .gguf, alias or Hub id), weights untouched."""
+    from transformers import AutoConfig
+
+    from edgepack import sources
+
+    path = Path(source).expanduser()
+    local = source in sources.ALIASES or path.exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf")
+    try:
+        if local:
+            resolved = sources.resolve_source(source, revision=revision, gguf_file=gguf_file)
+            kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+            return AutoConfig.from_pretrained(str(resolved.path), **kwargs)
+        return AutoConfig.from_pretrained(_hub_config(source, revision, gguf_file))
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"cannot read the model config of {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="is this a Hugging Face transformers model?",
+        ) from None
+
+
+def _hub_config(repo_id: str, revision: str | None, gguf_file: str | None) -> str:
+    """The folder holding just config.json from the Hub (a GGUF repo needs one too)."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
+
+    from edgepack.errors import HubError
+
+    try:
+        return str(Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent)
+    except hub_errors.EntryNotFoundError:
+        raise SourceNotFoundError(
+            f"{repo_id} has no config.json" + (f" beside {gguf_file}" if gguf_file else ""),
+            hint="planning reads only the config, never weights: pass the base model's repo id, "
+            "or download the GGUF file and plan from its local path",
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise SourceNotFoundError(f"model not found: {repo_id}",
+                                  hint="check the spelling; for a private repo set HF_TOKEN") from None
+    except (hub_errors.LocalEntryNotFoundError, OSError) as exc:
+        raise HubError(f"could not fetch {repo_id}'s config.json ({type(exc).__name__})",
+                       hint="check the network, or plan from a local model folder") from None
+
+
+def describe_model(config, name: str | None = None) -> planner.ModelDescription:
+    """Per-block tensor sizes of the model ``config`` describes, built on the meta device,
+    split the way the exporter stores them (edgepack.quantize: every linear layer but the
+    output layer is quantized; everything else stays 16-bit; tied tensors stored once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgepack import quantize
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise UnsupportedModelError(
+            f"{config.model_type!r} models are not causal language models transformers can generate with",
+            hint="edgepack packs decoder-only LMs (Llama, GPT-2, Qwen, Mistral, Phi, ...)",
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = quantize.module_blocks(model)
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = output is not None and output.weight is embeddings.weight
+    module_names = {m: n for n, m in model.named_modules()}
+    output_name, embeddings_name = module_names.get(output), module_names.get(embeddings)
+    linears = {n: m for n, m in model.named_modules() if quantize.is_linear(m) and m is not output}
+    sizes: dict[str, dict[str, Any]] = {n: _empty_sizes() for n in names}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue  # a tied weight, stored once
+        seen.add(id(tensor))
+        owner, _, attr = key.rpartition(".")
+        block = _block_of(key, names)
+        entry = sizes.setdefault(block, _empty_sizes())
+        if owner in linears and attr == "weight":
+            out_f, in_f = _out_in(linears[owner])
+            entry["linears"].append((owner[len(block) + 1 :], out_f, in_f))
+        elif owner in linears and attr == "bias":
+            entry["bias_params"] += tensor.numel()
+        elif tensor.is_floating_point():
+            entry["kept_params"] += tensor.numel()
+        else:
+            entry["other_bytes"] += tensor.numel() * tensor.element_size()
+    blocks = []
+    for block_name, entry in sizes.items():
+        kind = _kind(block_name, model, output_name, embeddings_name)
+        tied_to = embeddings_name if tied and block_name == output_name else None
+        blocks.append(planner.Block(block_name, kind, tuple(entry["linears"]), entry["kept_params"],
+                                    entry["bias_params"], entry["other_bytes"], tied_to))  # fmt: skip
+    summary = quantize.architecture_summary(model)
+    return planner.ModelDescription(
+        name=name or getattr(config, "name_or_path", "") or config.model_type,
+        model_type=config.model_type,
+        blocks=tuple(blocks),
+        num_hidden_layers=summary["num_hidden_layers"],
+        num_attention_heads=summary["num_attention_heads"],
+        num_key_value_heads=summary["num_key_value_heads"],
+        head_dim=summary["head_dim"],
+        hidden_size=summary["hidden_size"],
+        intermediate_size=summary["intermediate_size"] or getattr(config, "n_inner", None) or 4 * summary["hidden_size"],
+        vocab_size=summary["vocab_size"],
+        max_position_embeddings=summary["max_position_embeddings"],
+        tie_word_embeddings=tied,
+        lean=_lean_supported(config),
+    )
+
+
+def _empty_sizes() -> dict[str, Any]:
+    return {"linears": [], "kept_params": 0, "bias_params": 0, "other_bytes": 0}
+
+
+def _block_of(key: str, names: list[str]) -> str:
+    match = [n for n in names if key.startswith(n + ".")]
+    return max(match, key=len) if match else key.split(".")[0]
+
+
+def _out_in(module) -> tuple[int, int]:
+    """(out, in) as bitsandbytes stores it; GPT-2's Conv1D keeps its weight as [in, out]."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+
+
+def _kind(block: str, model, output_name: str | None, embeddings_name: str | None) -> str:
+    if block == output_name:
+        return "output"
+    if block == embeddings_name:
+        return "embedding"
+    if block.rpartition(".")[2].isdigit():
+        return "layer"
+    if "rotary" in block:
+        return "rotary"
+    module = model.get_submodule(block)
+    return "norm" if "norm" in type(module).__name__.lower() else "other"
+
+
+def _lean_supported(config) -> bool:
+    """Whether edgepack's lean CPU decoder runs it (else the runtime uses transformers)."""
+    try:
+        from edgepack import lean
+    except ImportError:
+        return False
+    return lean.supports(config.to_dict()) is None
+
+
+# --- for `edgepack pack --profile` -----------------------------------------------------------------
+
+
+def plan_for_pack(source: str, profile: str, context: int | None, bits: int | None, revision: str | None,
+                  gguf_file: str | None, quant_type: str, say: Callable[[str], None] | None,
+                  double_quant: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Plan for PROFILE; return pack()'s bits, device_map, target_profile and plan."""
+    from edgepack.errors import PlanError
+    from edgepack.profile import list_profiles, load_profile
+
+    target = load_profile(profile)
+    desc = describe_model(load_config(source, revision, gguf_file), name=source)
+    p = planner.plan(desc, target, context=context, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                     alternatives=_builtin_profiles(list_profiles))  # fmt: skip
+    if not p.fits:
+        raise PlanError(f"--bits {bits} does not fit {target.name}: {p.reasons[0]}",
+                        hint=" ".join(p.instead) or "leave out --bits to let the planner choose")
+    if say:
+        say(f"plan for {target.name}: {p.reasons[0]}")
+    return {"bits": p.bits, "device_map": p.device_map, "target_profile": target.to_dict(), "plan": p.to_dict()}
+
+
+def _builtin_profiles(list_profiles) -> list:
+    from edgepack.errors import ProfileError
+
+    try:
+        return list_profiles()
+    except ProfileError:
+        return []  # suggestions are a nicety; a broken profiles folder must not stop planning
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def configure_parser(p) -> None:
+    p.add_argument("source", help="Hub repo id, local model directory, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--profile", required=True, help="target device: a built-in profile name or a profile JSON file")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of context to plan for (default: min(2048, the model's maximum))")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="longest prompt prefilled at once (default: the context)")
+    p.add_argument("--batch", type=int, default=1, help="sequences generated at once (default 1)")
+    p.add_argument("--bits", type=int, default=None, help="force 16, 8 or 4 and report whether it fits")
+    p.add_argument("--quant-type", default="nf4", help="4-bit data type: nf4 (default) or fp4")
+    p.add_argument("--double-quant", action="store_true", help="4-bit: plan for quantized block scales")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside a local folder or Hub repo")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main(args) -> int:
+    from edgepack.profile import list_profiles, load_profile
+
+    target = load_profile(args.profile)
+    desc = describe_model(load_config(args.source, args.revision, args.gguf_file), name=args.source)
+    p = planner.plan(desc, target, context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch,
+                     bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant,
+                     alternatives=_builtin_profiles(list_profiles))  # fmt: skip
+    if args.json:
+        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render(p, desc) + "\n")
+    return 0 if p.fits else 1
+
+
+def render(p: planner.Plan, desc: planner.ModelDescription) -> str:
+    """The decision, a per-device table and the reasons, for a terminal."""
+    head = "fits" if p.fits else "DOES NOT FIT"
+    setting = f"{p.bits}-bit" + (f" {p.quant_type}" if p.quant_type else "") + (" + double quant" if p.double_quant else "")
+    lines = [
+        f"{desc.name} ({desc.model_type}, {desc.num_hidden_layers} layers, {desc.num_parameters / 1e6:.1f}M params) "
+        f"on {p.profile}, context {p.context}, batch {p.batch}",
+        f"decision: {setting}, {_placement(p)}: {head}",
+        "",
+    ]
+    cols = [("device", None), ("capacity", "capacity"), ("weights", "weights"), ("KV cache", "kv_cache"),
+            ("activations", "activations"), ("loading", "loading"), ("allocator", "allocator"), ("baseline", "baseline"),
+            ("CUDA ctx", "cuda_context"), ("headroom", "headroom"), ("total", "total"), ("", None)]
+    rows = [[c for c, _ in cols]]
+    for device, budget in p.devices.items():
+        d = budget.to_dict()
+        rows.append([device] + [_short(d[k]) for _, k in cols[1:-1]] + ["ok" if budget.fits else "OVER"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    lines.append("total = baseline + weights + CUDA ctx + max(loading, allocator + KV cache + activations) + headroom")
+    lines.append(f"device_map: {_device_map_text(p.device_map)}")
+    lines += ["", "why:"] + [f"  - {r}" for r in p.reasons]
+    if p.instead:
+        lines += ["", "instead:"] + [f"  - {r}" for r in p.instead]
+    return "\n".join(lines)
+
+
+def _placement(p: planner.Plan) -> str:
+    devices = list(dict.fromkeys(p.device_map.values()))
+    return "all on " + devices[0] if len(devices) == 1 else "split over " + ", ".join(devices)
+
+
+def _short(n: int) -> str:
+    if n == 0:
+        return "-"
+    return f"{n / planner.GIB:.2f} GiB" if n >= planner.GIB else f"{n / planner.MIB:.1f} MiB"
+
+
+def _device_map_text(device_map: dict[str, str]) -> str:
+    """model.layers.0-29 -> cuda:0 instead of thirty lines."""
+    groups: list[tuple[str, list[str]]] = []
+    for name, device in device_map.items():
+        if groups and groups[-1][0] == device:
+            groups[-1][1].append(name)
+        else:
+            groups.append((device, [name]))
+    return "; ".join(f"{_compress(names)} -> {device}" for device, names in groups)
+
+
+def _compress(names: list[str]) -> str:
+    out: list[str] = []
+    run: list[str] = []
+    for name in names + [""]:
+        prefix, _, idx = name.rpartition(".")
+        last = run[-1].rpartition(".") if run else ("", "", "")
+        if run and idx.isdigit() and prefix == last[0] and int(idx) == int(last[2]) + 1:
+            run.append(name)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else f"{run[0]}-{run[-1].rpartition('.')[2]}")
+            run = []
+        if idx.isdigit():
+            run = [name]
+        elif name:
+            out.append(name)
+    return ", ".join(out)

@@ -1,0 +1,257 @@
+"""The planner's memory model against reality, on this machine's CPU.
+
+    .venv/bin/python tests/bench/plan_accuracy.py [--bundles DIR] [--tiny-only]
+
+For the default model (alias smollm2-135m) and the tiny test models, packed at 16/8/4 bits,
+at two context lengths, a fresh ``edgepack run BUNDLE PROMPT --max-new-tokens N
+--min-new-tokens N`` process runs with a prompt of ``context - N`` tokens, so prompt plus
+generation fill the context. Its peak RSS (VmHWM, reported by the process at exit) is
+printed beside the planner's predicted peak for the same setting (baseline + weights +
+max(loading copies, allocator heap + KV cache + activations); headroom is a margin, not
+use). Llama-family models run both runtime
+paths: edgepack's lean decoder and transformers (EDGEPACK_LEAN=0). Exit status 1 if any
+prediction is off by more than 10%.
+
+It first measures what planner.BASELINE_BYTES and TOKENIZER_BYTES_PER_TOKEN hold: the
+process of `edgepack run` on a tiny bundle (weights, KV cache and activations under 1 MiB:
+what remains is interpreter + torch + the runtime's imports + a 400-token tokenizer), and
+the RSS a fresh process gains loading SmolLM2's 49,152-token tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from edgepack import planner  # noqa: E402
+
+MIB = 1 << 20
+TOLERANCE = 0.10
+DEFAULT_MODEL = "smollm2-135m"
+TEXT = (
+    "The capital of France is Paris. The capital of Italy is Rome. Water boils at one hundred "
+    "degrees, and the quick brown fox jumps over the lazy dog. Small boxes run small models: a "
+    "Raspberry Pi, a Jetson, a laptop without a GPU. Quantization stores weights in eight or four "
+    "bits instead of sixteen. "
+) * 300
+# `edgepack run` as its console script runs it, plus an exit hook printing the process's
+# own high-water RSS (VmHWM). Not ru_maxrss from wait4: Python starts children with vfork,
+# and Linux carries the parent's high-water mark into the child's ru_maxrss at exec.
+EDGEPACK = [sys.executable, "-c", (
+    "import atexit, sys\n"
+    "def report():\n"
+    "    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+    "    sys.stderr.write(f'\\nBENCH_VMHWM_KIB {hwm}\\n')\n"
+    "atexit.register(report)\n"
+    "from edgepack.cli import main\n"
+    "sys.exit(main())\n"
+)]
+
+
+def peak_rss(cmd: list[str], env: dict[str, str] | None = None, timeout_s: float = 600) -> int:
+    """Peak RSS in bytes of a fresh `edgepack` process, as the kernel counted it."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT,
+                          timeout=timeout_s)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:6])} exited {done.returncode}: {done.stderr[-2000:]}")
+    line = next(ln for ln in reversed(done.stderr.splitlines()) if ln.startswith("BENCH_VMHWM_KIB "))
+    return int(line.split()[1]) * 1024
+
+
+def prompt_of(bundle: Path, tokens: int) -> str:
+    """Text that the bundle's tokenizer encodes (special tokens included) to ``tokens`` ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    ids = tok.encode(TEXT, add_special_tokens=False).ids
+    take = tokens
+    for _ in range(20):
+        text = tok.decode(ids[:take])
+        got = len(tok.encode(text, add_special_tokens=True).ids)
+        if got == tokens:
+            return text
+        take += tokens - got
+    raise RuntimeError(f"no prompt of exactly {tokens} tokens for {bundle}")
+
+
+# --- bundles ------------------------------------------------------------------------------------
+
+
+def tiny_sources(root: Path) -> dict[str, Path]:
+    from conftest import make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    paths = {}
+    for kind in ("gpt2", "llama"):
+        path = root / f"tiny-{kind}"
+        if not (path / "config.json").is_file():
+            make_model(kind, len(tokenizer)).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        paths[f"tiny-{kind}"] = path
+    return paths
+
+
+def bundles_for(name: str, source: str, root: Path) -> dict[int, Path]:
+    from edgepack.exporter import pack
+
+    out = {}
+    for bits in (16, 8, 4):
+        path = root / f"{name}-{bits}bit"
+        if not (path / "edgepack.json").is_file():
+            print(f"packing {name} at {bits}-bit", file=sys.stderr, flush=True)
+            pack(source, path, bits=bits, force=True)
+        out[bits] = path
+    return out
+
+
+# --- baseline -----------------------------------------------------------------------------------
+
+TOKENIZER_PROBE = """
+import sys
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024
+def trim():  # the runtime gives freed heap back after loading the tokenizer (glibc)
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+from tokenizers import Tokenizer
+trim()
+before = rss()
+tok = Tokenizer.from_file(sys.argv[1])
+trim()
+print(rss() - before, tok.get_vocab_size(with_added_tokens=True))
+"""
+
+
+def measure_baselines(tiny_llama: dict[int, Path]) -> dict[str, int]:
+    """The process of `edgepack run` on the tiny 16-bit llama bundle, by runtime path,
+    minus the (< 1 MiB) weights, KV cache, activations and tokenizer the planner predicts."""
+    from edgepack.plan_cli import describe_model, load_config
+
+    bundle = tiny_llama[16]
+    desc = describe_model(load_config(str(bundle)))
+    out = {}
+    for path, env in (("lean", {"EDGEPACK_LEAN": "1"}), ("transformers", {"EDGEPACK_LEAN": "0"})):
+        runs = [peak_rss([*EDGEPACK, "run", str(bundle), "Hello", "--max-new-tokens", "2", "--no-verify"], env)
+                for _ in range(3)]  # fmt: skip
+        p = planner.plan(desc, _profile(), context=16, prompt_tokens=8, bits=16, runtime=path)
+        rest = p.devices["cpu"].peak_bytes - p.devices["cpu"].baseline_bytes
+        tokenizer = planner.TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
+        out[path] = min(runs) - rest - tokenizer
+    return out
+
+
+def measure_tokenizer(bundle: Path) -> float:
+    done = subprocess.run([sys.executable, "-c", TOKENIZER_PROBE, str(bundle / "tokenizer.json")],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    grown, vocab = map(int, done.stdout.split())
+    return grown / vocab
+
+
+# --- the comparison -----------------------------------------------------------------------------
+
+
+def _profile() -> dict:
+    """This machine as a CPU-only profile with room to spare: only the prediction matters."""
+    from edgepack.profile import load_profile
+
+    d = load_profile("cpu-laptop-16gb").to_dict()
+    arch = platform.machine()
+    d.update(name="bench-cpu", ram_bytes=1 << 40, ram_reserved_bytes=0)
+    d["cpu"] = {**d["cpu"], "arch": arch}
+    return d
+
+
+def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[int, ...], new_tokens: int,
+            paths: tuple[str, ...]) -> list[dict]:  # fmt: skip
+    from edgepack.plan_cli import describe_model, load_config
+
+    desc = describe_model(load_config(source), name=name)
+    rows = []
+    for bits, bundle in bundles.items():
+        for context in contexts:
+            prompt_tokens = context - new_tokens
+            prompt = prompt_of(bundle, prompt_tokens)
+            for path in paths:
+                env = {"EDGEPACK_LEAN": "1" if path == "lean" else "0"}
+                cmd = [*EDGEPACK, "run", str(bundle), prompt, "--max-new-tokens", str(new_tokens),
+                       "--min-new-tokens", str(new_tokens), "--temperature", "0", "--no-verify"]  # fmt: skip
+                measured = peak_rss(cmd, env)
+                p = planner.plan(desc, _profile(), context=context, prompt_tokens=prompt_tokens, bits=bits,
+                                 runtime=path)  # fmt: skip
+                cpu = p.devices["cpu"]
+                rows.append(dict(model=name, bits=bits, path=path, context=context, prompt=prompt_tokens,
+                                 predicted=cpu.peak_bytes, measured=measured, weights=cpu.weights_bytes,
+                                 kv=cpu.kv_cache_bytes, act=cpu.activations_bytes, loading=cpu.loading_bytes,
+                                 heap=cpu.allocator_bytes,
+                                 baseline=cpu.baseline_bytes))  # fmt: skip
+                print(_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (f"{'model':<14}{'bits':>4} {'runtime':<13}{'ctx':>5}{'prompt':>7}{'baseline':>9}{'weights':>9}"
+          f"{'KV':>7}{'act':>7}{'load':>7}{'heap':>7}{'predicted':>10}{'measured':>10}{'error':>8}")  # fmt: skip
+
+
+def _row(r: dict) -> str:
+    err = r["predicted"] / r["measured"] - 1
+    mib = lambda k: f"{r[k] / MIB:.1f}"  # noqa: E731
+    flag = "" if abs(err) <= TOLERANCE else "  <-- off"
+    return (f"{r['model']:<14}{r['bits']:>4} {r['path']:<13}{r['context']:>5}{r['prompt']:>7}{mib('baseline'):>9}"
+            f"{mib('weights'):>9}{mib('kv'):>7}{mib('act'):>7}{mib('loading'):>7}{mib('heap'):>7}{mib('predicted'):>10}"
+            f"{mib('measured'):>10}{err:>+8.1%}{flag}")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundles", type=Path, default=None, help="keep bundles here and reuse them (default: a temp dir)")
+    parser.add_argument("--tiny-only", action="store_true", help=f"skip {DEFAULT_MODEL}")
+    args = parser.parse_args()
+    root = args.bundles or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tiny = {name: (str(path), bundles_for(name, str(path), root)) for name, path in tiny_sources(root).items()}
+
+    print(f"platform: {platform.machine()} {platform.system()}, python {platform.python_version()}")
+    baselines = measure_baselines(tiny["tiny-llama"][1])
+    for path, measured in baselines.items():
+        held = planner.BASELINE_BYTES[(platform.machine(), path)]
+        print(f"baseline ({path} runtime, no tokenizer): measured {measured / MIB:.1f} MiB, "
+              f"planner.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")  # fmt: skip
+    models = [("tiny-gpt2", *tiny["tiny-gpt2"], (64, 128), 8, ("transformers",)),
+              ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("lean", "transformers"))]  # fmt: skip
+    if not args.tiny_only:
+        smol = bundles_for(DEFAULT_MODEL, DEFAULT_MODEL, root)
+        per_token = measure_tokenizer(smol[16])
+        print(f"tokenizer: {per_token:.0f} bytes per vocabulary entry measured, "
+              f"planner.TOKENIZER_BYTES_PER_TOKEN has {planner.TOKENIZER_BYTES_PER_TOKEN}")
+        models.append((DEFAULT_MODEL, DEFAULT_MODEL, smol, (256, 1024), 16, ("lean", "transformers")))
+    print()
+    print(HEADER)
+    rows = []
+    for name, source, bundles, contexts, new_tokens, paths in models:
+        rows += compare(name, source, bundles, contexts, new_tokens, paths)
+    off = [r for r in rows if abs(r["predicted"] / r["measured"] - 1) > TOLERANCE]
+    worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
+    print(f"\n{len(rows)} runs, worst error {worst:.1%}; {len(off)} outside ±{TOLERANCE:.0%}"
+          f" (MiB; predicted = baseline + weights + max(load, heap + KV + act), no headroom)")  # fmt: skip
+    if not args.bundles:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if off else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
