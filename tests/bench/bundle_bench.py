@@ -28,7 +28,13 @@ MIB = 1024 * 1024
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries a parent's
+    high-water mark into a child it starts."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --- workers: each runs in a fresh process and prints one JSON line ------------------------
@@ -111,8 +117,9 @@ def pack_measured(model: str, out: Path, bits: int) -> dict:
         "t = time.perf_counter()\n"
         "from edgepack.exporter import pack\n"
         f"m = pack({model!r}, {str(out)!r}, bits={bits}, force=True)\n"
-        "print(json.dumps({'pack_s': time.perf_counter() - t, 'pack_peak_rss': "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'weight_bytes': m['memory']['weight_bytes'], "
+        "hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+        "print(json.dumps({'pack_s': time.perf_counter() - t, 'pack_peak_rss': hwm, "
+        "'weight_bytes': m['memory']['weight_bytes'], "
         "'bundle_bytes': sum(f['size'] for f in m['files']), 'top1': m['verification']['top1_agreement_vs_source']}))\n"
     )
     out_p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
