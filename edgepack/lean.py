@@ -180,7 +180,6 @@ class LeanLM(nn.Module):
         skeleton: nn.Module,
         config: dict[str, Any],
         activation_dtype: torch.dtype = torch.float32,
-        int8_head: bool = False,
     ):
         super().__init__()
         self.cfg = LeanConfig.from_dict(config)
@@ -188,16 +187,6 @@ class LeanLM(nn.Module):
         self.dtype = activation_dtype
         base = skeleton.model
         self.embed = base.embed_tokens.weight
-        self.int8_head = None
-        if int8_head and isinstance(skeleton.lm_head, CastLinear):
-            # A 16-bit output layer is the largest single matrix read per token (vocab x
-            # hidden); row-wise int8 halves that read. Tied to the embeddings, the int8 copy
-            # serves the lookups too and the 16-bit one is dropped: less memory, not more.
-            tied = skeleton.lm_head.weight is self.embed
-            self.int8_head = quantize_rows_int8(skeleton.lm_head.weight.data, torch.bfloat16)
-            skeleton.lm_head = self.int8_head
-            if tied:
-                self.embed = None
         for layer in base.layers:  # norms in the activation dtype once, not per call
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight = nn.Parameter(norm.weight.data.to(activation_dtype), requires_grad=False)
@@ -243,15 +232,10 @@ class LeanLM(nn.Module):
         return x
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            return F.embedding(ids, self.embed).to(self.dtype)
-        head = self.int8_head  # tied and int8: dequantize just the looked-up rows
-        return F.embedding(ids, head.weight).to(self.dtype) * F.embedding(ids, head._scales[:, None])
+        return F.embedding(ids, self.embed).to(self.dtype)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.eps)
-        if self.int8_head is not None:
-            return self.int8_head(x)
         return self.lm_head(x.to(self.lm_head.weight.dtype))
 
     @torch.inference_mode()
@@ -272,22 +256,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
-
-
-def quantize_rows_int8(weight: torch.Tensor, compute_dtype: torch.dtype, chunk: int = 4096) -> Int8Linear:
-    """bitsandbytes' row-wise int8 (int8 + absmax per row), computed in row chunks so no
-    full float32 copy of a large matrix is ever made."""
-    out_f, in_f = weight.shape
-    cb = torch.empty(out_f, in_f, dtype=torch.int8)
-    scb = torch.empty(out_f, dtype=torch.float32)
-    for start in range(0, out_f, chunk):
-        rows = weight[start : start + chunk].float()
-        absmax = rows.abs().amax(dim=1).clamp_min(1e-12)
-        scb[start : start + chunk] = absmax
-        cb[start : start + chunk] = torch.round(rows * (127.0 / absmax)[:, None]).to(torch.int8)
-    layer = Int8Linear(in_f, out_f, False, compute_dtype)
-    layer.attach({"weight": cb, "SCB": scb})
-    return layer
 
 
 # --- a transformers-free skeleton with transformers' tensor names ----------------------------
