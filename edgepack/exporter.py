@@ -287,12 +287,10 @@ def _streaming_source(folder: Path, config):
     if not any(folder.glob("*.safetensors")):
         return None
     reader = reference.ShardReader(folder)
+    from edgepack.quantize import unique_tensors
+
     skeleton = reference.skeleton(config)
-    seen, keys = set(), []
-    for key, tensor in skeleton.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            keys.append(key)
+    keys = [key for key, _tensor in unique_tensors(skeleton)]
     if not all(k in reader.files for k in keys):
         return None
     return skeleton, reader, keys

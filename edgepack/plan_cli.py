@@ -90,11 +90,7 @@ def describe_model(config, name: str | None = None) -> planner.ModelDescription:
     output_name, embeddings_name = module_names.get(output), module_names.get(embeddings)
     linears = {n: m for n, m in model.named_modules() if quantize.is_linear(m) and m is not output}
     sizes: dict[str, dict[str, Any]] = {n: _empty_sizes() for n in names}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue  # a tied weight, stored once
-        seen.add(id(tensor))
+    for key, tensor in quantize.unique_tensors(model):
         owner, _, attr = key.rpartition(".")
         block = _block_of(key, names)
         entry = sizes.setdefault(block, _empty_sizes())

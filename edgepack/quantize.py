@@ -99,11 +99,7 @@ def quantize_model(
             result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
         elif settings.bits < 16:
             targets[name] = module
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue  # a tied weight, stored once
-        seen.add(id(tensor))
+    for key, tensor in unique_tensors(model):
         owner, _, attr = key.rpartition(".")
         if owner in targets and attr == "weight":
             conv1d = type(targets[owner]).__name__ == "Conv1D"  # GPT-2 stores [in, out]
@@ -119,6 +115,16 @@ def quantize_model(
             result.tensors[key] = _store_plain(read(key), settings)
     say(f"quantized {len(result.quantized_modules)} layers to {settings.bits}-bit ({settings.scheme})")
     return result
+
+
+def unique_tensors(model: nn.Module):
+    """(key, tensor) of the model's state dict, each tensor once: a tied weight (the same
+    parameter under two names, e.g. lm_head.weight) is stored under its first name only."""
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield key, tensor
 
 
 def _get(model: nn.Module, key: str) -> torch.Tensor:
