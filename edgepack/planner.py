@@ -232,6 +232,8 @@ LEAN = RuntimeMemory("lean", 2, True, 4, False, True, False)
 TRANSFORMERS = RuntimeMemory("transformers", 2, False, 2, True, False, True, heap_growth_per_4bit_weight=24)
 COMPUTE_BYTES = 2  # bf16/fp16 matmul inputs and outputs
 RESIDUAL_COPIES = 4  # hidden state, normed copy, attention output, residual sum
+# edgepack.qlinear dequantizes 4-bit layers on the CPU at most this many weights at a time
+DEQUANT_CHUNK_WEIGHTS = 1 << 18
 DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
@@ -501,10 +503,11 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     parts = activation_bytes(s.desc, rt, o.prompt_tokens, o.batch, holds_layers=held.layers > 0,
                              holds_output=held.output)  # fmt: skip
     if q.bits == 4:  # the largest layer dequantized per call
-        workspace = DEQUANT_BYTES_PER_WEIGHT["cpu" if on_cpu else "cuda"] * held.largest_linear
+        chunk = min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if on_cpu else held.largest_linear
+        workspace = DEQUANT_BYTES_PER_WEIGHT["cpu" if on_cpu else "cuda"] * chunk
     else:  # int8 on the CPU: each layer's row scales kept in the compute dtype
         workspace = COMPUTE_BYTES * held.int8_rows if q.bits == 8 and on_cpu else 0
-    heap = rt.heap_growth_per_4bit_weight * held.largest_linear if q.bits == 4 and on_cpu else 0
+    heap = rt.heap_growth_per_4bit_weight * min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if q.bits == 4 and on_cpu else 0
     budget = replace(
         empty,
         weights_bytes=held.weights,

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"  # + "nf4" / "fp4"
+# 4-bit layers are dequantized at most this many weights at a time (the planner counts it).
+DEQUANT_CHUNK_WEIGHTS = 1 << 18
 
 
 class Int8Linear(nn.Module):
@@ -124,8 +126,20 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.weight, self._code, self._absmax, self.blocksize, shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(self.compute_dtype)
-        return nn.functional.linear(x.to(self.compute_dtype), w, self.bias)
+        x = x.to(self.compute_dtype)
+        rows = max(1, DEQUANT_CHUNK_WEIGHTS // self.in_features)
+        if (rows * self.in_features) % self.blocksize or rows >= self.out_features:
+            return nn.functional.linear(x, self.dequantized_weight().to(self.compute_dtype), self.bias)
+        # Row chunks: the transient (int64 codes + float32 values, ~12 bytes a weight) stays
+        # a few MiB instead of scaling with the layer, and so does what the heap keeps of it.
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=self.compute_dtype)
+        for start in range(0, self.out_features, rows):
+            end = min(start + rows, self.out_features)
+            packed = self.weight.view(-1)[start * self.in_features // 2 : end * self.in_features // 2]
+            absmax = self._absmax[start * self.in_features // self.blocksize : end * self.in_features // self.blocksize]
+            w = dequantize_4bit(packed, self._code, absmax, self.blocksize, (end - start, self.in_features))
+            out[..., start:end] = nn.functional.linear(x, w.to(self.compute_dtype))
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocksize={self.blocksize}"

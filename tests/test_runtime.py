@@ -274,3 +274,20 @@ def test_import_edgepack_is_cheap():
     code = "import sys, edgepack; print(int('torch' in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_4bit_forward_in_row_chunks_matches_whole_matrix(monkeypatch):
+    import bitsandbytes.functional as F
+
+    from edgepack import qlinear
+
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128, dtype=torch.bfloat16), torch.randn(3, 128)
+    packed_w, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    layer = Linear4bit(128, 96, False, torch.float32, 64)
+    layer.attach({"weight": packed_w, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
+    whole = layer(x)
+    monkeypatch.setattr(qlinear, "DEQUANT_CHUNK_WEIGHTS", 128 * 5)  # 5 rows a chunk, last one partial
+    assert torch.allclose(layer(x), whole, rtol=1e-5, atol=1e-4)  # same weights, per-chunk matmuls
+    ref = x @ F.dequantize_4bit(packed_w, state).float().T  # bnb rounds the weights to bf16; we keep fp32
+    assert (whole - ref).norm() / ref.norm() < 5e-3
