@@ -268,16 +268,15 @@ def compare_stored_tensors(bundle_dir, tensors: dict[str, torch.Tensor]) -> list
     """Names whose bytes, dtype or shape differ between the shards and ``tensors``."""
     from pathlib import Path
 
-    from safetensors import safe_open
+    from edgepack.runtime import read_shard  # the reader the runtime itself loads with
 
     mismatched, found = [], set()
     for shard in sorted(Path(bundle_dir).glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                found.add(key)
-                stored, expected = f.get_tensor(key), tensors.get(key)
-                if expected is None or not _same_bits(stored, expected):
-                    mismatched.append(key)
+        for key, stored in read_shard(shard):
+            found.add(key)
+            expected = tensors.get(key)
+            if expected is None or not _same_bits(stored, expected):
+                mismatched.append(key)
     mismatched += sorted(set(tensors) - found)
     return mismatched
 

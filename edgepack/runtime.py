@@ -7,9 +7,9 @@
         print(piece, end="", flush=True)
 
 Loading follows the gpt-fast recipe: the model is built on the meta device (no weights
-allocated), quantized layers are swapped in, and the stored tensors are attached straight
-from the memory-mapped safetensors shards, so no full-precision copy of a quantized layer
-ever exists on the box. This module imports nothing from the exporter, planner or Hub code.
+allocated), quantized layers are swapped in, and the stored tensors are read from the
+safetensors shards straight into their final buffers (plain reads, not mmap: see
+read_shard), so no full-precision copy of a quantized layer ever exists on the box. This module imports nothing from the exporter, planner or Hub code.
 """
 
 from __future__ import annotations
