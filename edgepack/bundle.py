@@ -68,6 +68,7 @@ _TOP_LEVEL: dict[str, tuple[tuple[type, ...], bool]] = {
     "plan": ((dict, type(None)), False),
     "verification": ((dict, type(None)), False),
 }
+QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")  # int4: edgepack's CPU format (FORMAT.md)
 _QUANT_KEYS = {"bits": int, "scheme": str, "compute_dtype": str, "storage_dtype": str}
 # config.json spellings of the sizes checked against the embedding (Llama, GPT-2, T5-style)
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
@@ -300,6 +301,8 @@ def _quantization_problems(quant: dict[str, Any]) -> list[str]:
         problems.append("quantization.kept_modules must be an object")
     if quant.get("bits") == 4 and not (_is_int(quant.get("blocksize")) and quant["blocksize"] > 0):
         problems.append("quantization.blocksize must be a positive integer for 4-bit")
+    if quant.get("bits") == 4 and quant.get("quant_type") not in QUANT_TYPES_4BIT:
+        problems.append(f"quantization.quant_type must be one of {', '.join(QUANT_TYPES_4BIT)} for 4-bit")
     return problems
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepack.qlinear import Int8Linear, Linear4bit
+from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
@@ -86,6 +86,15 @@ def fuse(parts: list[nn.Module]) -> nn.Module:
         fused.attach({"weight": torch.cat([p.weight for p in parts]), "SCB": torch.cat([p.SCB for p in parts])})
         if all(b is not None for b in bias):
             fused.bias = nn.Parameter(torch.cat([b.data for b in bias]), requires_grad=False)
+        return fused
+    if all(isinstance(p, Int4Linear) and p.group == parts[0].group for p in parts) and all(p.bias is None for p in parts):
+        first = parts[0]
+        fused = Int4Linear(first.in_features, sum(p.out_features for p in parts), False, first.compute_dtype, first.group)
+        fused.attach({
+            "weight": torch.cat([p.weight for p in parts]),
+            "weight.scales_and_zeros": torch.cat([p.scales_and_zeros for p in parts], dim=1),
+        })
+        fused.prepare_cpu()
         return fused
     if all(isinstance(p, nn.Linear) for p in parts):
         fused = CastLinear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
@@ -193,6 +202,9 @@ class LeanLM(nn.Module):
         self.blocks = nn.ModuleList()
         for i in range(len(base.layers)):
             self.blocks.append(Block(base.layers[i], self.cfg))
+            for module in self.blocks[-1].modules():  # int4 codes into the kernel's order, a layer at a time
+                if isinstance(module, Int4Linear):
+                    module.prepare_cpu()
             # fusing copies q/k/v and gate/up rows: drop this layer's originals at once, so
             # the copies never add up to more than one layer over the weights
             base.layers[i] = nn.Module()
@@ -273,6 +285,8 @@ def _linear(name: str, in_f: int, out_f: int, bias: bool, quant: dict, dtype: to
     if name in quant["quantized"]:
         if quant["bits"] == 8:
             return Int8Linear(in_f, out_f, bias, dtype)
+        if quant["quant_type"] == "int4":
+            return Int4Linear(in_f, out_f, bias, dtype, quant["blocksize"])
         return Linear4bit(in_f, out_f, bias, dtype, quant["blocksize"])
     return CastLinear(in_f, out_f, bias=bias, device="meta", dtype=dtype)
 
@@ -295,6 +309,7 @@ def build_skeleton(config: dict[str, Any], quantization: dict[str, Any], dtype: 
         "quantized": set(quantization.get("quantized_modules", [])),
         "bits": quantization["bits"],
         "blocksize": quantization.get("blocksize", 64),
+        "quant_type": quantization.get("quant_type"),
     }
     qkv_bias = bool(config.get("attention_bias", config.get("model_type") == "qwen2"))
     o_bias = bool(config.get("attention_bias", False))

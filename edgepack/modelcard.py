@@ -34,7 +34,7 @@ def card_metadata(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """The Hub's YAML metadata for these variants (keys as the Hub spells them)."""
     bits = sorted({e["bits"] for e in entries}, reverse=True)
     tags = ["edgepack"]
-    if any(b < 16 for b in bits):
+    if any(e["bits"] < 16 and e.get("method") != "edgepack" for e in entries):
         tags.append("bitsandbytes")
     tags += [f"{b}-bit" for b in bits if b < 16]
     for entry in entries:
@@ -161,11 +161,18 @@ def _run_with_edgepack(repo_id: str, entries: list[dict[str, Any]]) -> str:
 
 
 def _run_with_transformers(repo_id: str, entries: list[dict[str, Any]]) -> str:
-    e = entries[-1]  # the smallest variant
+    own = [entry_label(e) for e in entries if e.get("method") == "edgepack"]
+    note = (f"\n\n{', '.join(own)}: edgepack's own int4 CPU format, which plain transformers cannot load."
+            if own else "")  # fmt: skip
+    loadable = [e for e in entries if e.get("method") != "edgepack"]
+    if not loadable:
+        return "## With plain transformers" + note
+    e = loadable[-1]  # the smallest variant transformers reads
     sub = f', subfolder="{e["path"]}"' if e["path"] else ""
+    every = "Every variant" if not own else "Every other variant"
     return (
         "## With plain transformers\n\n"
-        "Every variant is also an ordinary transformers checkpoint (bitsandbytes' own 8-bit and "
+        f"{every} is also an ordinary transformers checkpoint (bitsandbytes' own 8-bit and "
         "4-bit layouts; those need `bitsandbytes` installed, and 4-bit ones the default block size 64):\n\n"
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -174,6 +181,7 @@ def _run_with_transformers(repo_id: str, entries: list[dict[str, Any]]) -> str:
         "```\n\n"
         "transformers does not check the files against `edgepack.json`, and its 8-bit path also "
         "quantizes activations (LLM.int8); edgepack's runtime verifies the files and runs weight-only."
+        + note
     )
 
 

@@ -168,13 +168,17 @@ def _lean_supported(config) -> bool:
 
 
 def plan_for_pack(source: str, profile: str, context: int | None, bits: int | None, revision: str | None,
-                  gguf_file: str | None, quant_type: str, say: Callable[[str], None] | None,
+                  gguf_file: str | None, quant_type: str | None, say: Callable[[str], None] | None,
                   double_quant: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Plan for PROFILE; return pack()'s bits, device_map, target_profile and plan."""
+    """Plan for PROFILE; return pack()'s bits, quant_type, device_map, target_profile and plan.
+    quant_type None: nf4 where there is a GPU, edgepack's int4 on a CPU-only box (its fast
+    CPU kernel; nf4 is dequantized in torch on every call there)."""
     from edgepack.errors import PlanError
     from edgepack.profile import list_profiles, load_profile
 
     target = load_profile(profile)
+    if quant_type is None:
+        quant_type = "int4" if not target.has_gpu and not double_quant else "nf4"
     desc = describe_model(load_config(source, revision, gguf_file), name=source)
     p = planner.plan(desc, target, context=context, bits=bits, quant_type=quant_type, double_quant=double_quant,
                      alternatives=_builtin_profiles(list_profiles))  # fmt: skip
@@ -183,7 +187,8 @@ def plan_for_pack(source: str, profile: str, context: int | None, bits: int | No
                         hint=" ".join(p.instead) or "leave out --bits to let the planner choose")
     if say:
         say(f"plan for {target.name}: {p.reasons[0]}")
-    return {"bits": p.bits, "device_map": p.device_map, "target_profile": target.to_dict(), "plan": p.to_dict()}
+    return {"bits": p.bits, "quant_type": quant_type, "device_map": p.device_map, "target_profile": target.to_dict(),
+            "plan": p.to_dict()}  # fmt: skip
 
 
 def _builtin_profiles(list_profiles) -> list:
@@ -207,7 +212,9 @@ def configure_parser(p) -> None:
                    help="longest prompt prefilled at once (default: the context)")
     p.add_argument("--batch", type=int, default=1, help="sequences generated at once (default 1)")
     p.add_argument("--bits", type=int, default=None, help="force 16, 8 or 4 and report whether it fits")
-    p.add_argument("--quant-type", default="nf4", help="4-bit data type: nf4 (default) or fp4")
+    p.add_argument("--quant-type", default=None,
+                   help="4-bit data type: nf4 or fp4 (bitsandbytes), or int4 (edgepack's CPU format); "
+                        "default int4 on a CPU-only profile, else nf4")  # fmt: skip
     p.add_argument("--double-quant", action="store_true", help="4-bit: plan for quantized block scales")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside a local folder or Hub repo")
@@ -219,8 +226,9 @@ def main(args) -> int:
 
     target = load_profile(args.profile)
     desc = describe_model(load_config(args.source, args.revision, args.gguf_file), name=args.source)
+    quant_type = args.quant_type or ("int4" if not target.has_gpu and not args.double_quant else "nf4")
     p = planner.plan(desc, target, context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch,
-                     bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant,
+                     bits=args.bits, quant_type=quant_type, double_quant=args.double_quant,
                      alternatives=_builtin_profiles(list_profiles))  # fmt: skip
     if args.json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")

@@ -35,6 +35,11 @@ GIB = 1 << 30
 BITS = (16, 8, 4)  # best quality first
 DEFAULT_CONTEXT = 2048  # tokens, capped by the model's max_position_embeddings
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block; transformers reads only 64
+# edgepack's CPU int4 (qlinear.Int4Linear): groups of 32 inputs share a 16-bit scale and
+# zero; torch's kernel needs out_features % 16 == 0 and in_features % group == 0
+INT4_GROUP = 32
+INT4_ROW_MULTIPLE = 16
+QUANT_TYPES = ("nf4", "fp4", "int4")
 NESTED_BLOCKSIZE = 256  # double quant: one float32 absmax per 256 uint8 block scales
 # double quant's nested_offset is a float32 mean printed by json.dumps: ~19 characters
 # ("0.04861259460449219"); the only storage byte count the planner cannot know exactly.
@@ -155,6 +160,8 @@ class Quant:
 
     @property
     def label(self) -> str:
+        if self.bits == 4 and self.quant_type == "int4":
+            return "4-bit int4 (CPU)"
         if self.bits == 4:
             return f"4-bit {self.quant_type}" + (" + double quant" if self.double_quant else "")
         return {16: "16-bit", 8: "8-bit int8"}[self.bits]
@@ -179,6 +186,10 @@ def linear_weight_bytes(out_features: int, in_features: int, q: Quant) -> int:
         return 2 * n
     if q.bits == 8:
         return n + 4 * out_features  # int8 codes + float32 SCB, the absmax of each row
+    if q.quant_type == "int4":
+        if out_features % INT4_ROW_MULTIPLE or in_features % INT4_GROUP:
+            return 2 * n  # kept in 16-bit
+        return n // 2 + 2 * 2 * (in_features // INT4_GROUP) * out_features  # codes + scale and zero per group
     blocks = math.ceil(n / BLOCKSIZE)
     if q.double_quant:  # uint8 block scales + float32 per 256 of them + their 256-entry map
         absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256
@@ -232,6 +243,9 @@ LEAN = RuntimeMemory("lean", 2, True, 4, False, True, False)
 TRANSFORMERS = RuntimeMemory("transformers", 2, False, 2, True, False, True, heap_growth_per_4bit_weight=24)
 COMPUTE_BYTES = 2  # bf16/fp16 matmul inputs and outputs
 RESIDUAL_COPIES = 4  # hidden state, normed copy, attention output, residual sum
+# int4 at load: a fused layer's codes unpacked to int32 and repacked for the kernel, one
+# layer at a time (uint8 pairs + int32 + the repacked copy, per weight of the fused layer)
+INT4_REPACK_BYTES_PER_WEIGHT = 6
 # edgepack.qlinear dequantizes 4-bit layers on the CPU at most this many weights at a time
 DEQUANT_CHUNK_WEIGHTS = 1 << 18
 DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16
@@ -388,14 +402,14 @@ class _Setting:
     rt: RuntimeMemory
 
 
-def _candidates(t: _Target, bits: int | None) -> list[tuple[int, str]]:
+def _candidates(t: _Target, bits: int | None, quant_type: str = "nf4") -> list[tuple[int, str]]:
     """(bits, strategy), best first: everything on the accelerator at fewer bits before
-    offloading at more bits, offloading before leaving the GPU idle."""
+    offloading at more bits, offloading before leaving the GPU idle. int4 is a CPU format."""
     wanted = [bits] if bits else list(BITS)
     if not t.gpus:
         return [(b, "cpu") for b in wanted]
     quantized_on_gpu = t.bnb_cuda is not False  # None: unknown, allowed and said so
-    gpu = [(b, "gpu") for b in wanted if b == 16 or quantized_on_gpu]
+    gpu = [(b, "gpu") for b in wanted if b == 16 or (quantized_on_gpu and not (b == 4 and quant_type == "int4"))]
     if t.unified:  # one pool: offloading to the CPU frees nothing
         return gpu + [(b, "cpu") for b in wanted if (b, "gpu") not in gpu]
     # bitsandbytes cannot offload 4-bit layers to the CPU beside a GPU
@@ -502,18 +516,25 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     on_cpu = empty.device == "cpu"
     parts = activation_bytes(s.desc, rt, o.prompt_tokens, o.batch, holds_layers=held.layers > 0,
                              holds_output=held.output)  # fmt: skip
-    if q.bits == 4:  # the largest layer dequantized per call
+    int4 = q.bits == 4 and q.quant_type == "int4"
+    if int4:  # torch's fused kernel: no dequantized copy at all
+        workspace = 0
+    elif q.bits == 4:  # the largest layer dequantized per call
         chunk = min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if on_cpu else held.largest_linear
         workspace = DEQUANT_BYTES_PER_WEIGHT["cpu" if on_cpu else "cuda"] * chunk
     else:  # int8 on the CPU: each layer's row scales kept in the compute dtype
         workspace = COMPUTE_BYTES * held.int8_rows if q.bits == 8 and on_cpu else 0
-    heap = rt.heap_growth_per_4bit_weight * min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if q.bits == 4 and on_cpu else 0
+    heap = rt.heap_growth_per_4bit_weight * min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if q.bits == 4 and on_cpu and not int4 else 0
+    if int4:  # fused gate/up (2 x the largest layer) repacked at load
+        loading = held.fused + INT4_REPACK_BYTES_PER_WEIGHT * 2 * held.largest_linear
+    else:
+        loading = held.fused if rt.fused_copies_at_load and q.bits in (8, 16) else 0
     budget = replace(
         empty,
         weights_bytes=held.weights,
         kv_cache_bytes=kv_cache_bytes(s.desc, rt, held.layers, o.context, o.batch),
         activations_bytes=max(parts.get("layer", 0) + workspace, parts.get("logits", 0)),
-        loading_bytes=held.fused if rt.fused_copies_at_load and q.bits in (8, 16) else 0,
+        loading_bytes=loading,
         allocator_bytes=heap,
     )
     return _with_headroom(budget)
@@ -574,8 +595,10 @@ def place(desc: ModelDescription, profile: Any, bits: int, strategy: str, **opti
     """One setting, fitting or not: ``bits`` placed by ``strategy`` ("gpu": all on the
     GPUs, "offload": GPUs then the CPU, "cpu"); options as for ``plan``."""
     t = _Target.of(profile)
-    if (bits, strategy) not in _candidates(t, bits):
+    if (bits, strategy) not in _candidates(t, bits, options.get("quant_type", "nf4")):
         why = f"{bits}-bit by {strategy!r} is not possible on {t.name}"
+        if bits == 4 and options.get("quant_type") == "int4":
+            why = "int4 is edgepack's CPU format; it does not run on a GPU"
         if bits == 4 and strategy == "offload":
             why = "4-bit layers cannot be offloaded to the CPU beside a GPU (bitsandbytes)"
         raise PlanError(why, hint="'gpu' and 'offload' need a GPU (and bitsandbytes' CUDA kernels below 16-bit)")
@@ -615,8 +638,8 @@ def _options(desc: ModelDescription, *, context: int | None = None, prompt_token
         problems.append(f"prompt_tokens must be between 1 and the context, not {prompt_tokens!r}")
     if not isinstance(batch, int) or batch < 1:
         problems.append(f"batch must be a positive integer, not {batch!r}")
-    if quant_type not in ("nf4", "fp4"):
-        problems.append(f"4-bit quant type must be nf4 or fp4, not {quant_type!r}")
+    if quant_type not in QUANT_TYPES:
+        problems.append(f"4-bit quant type must be nf4, fp4 or int4, not {quant_type!r}")
     if runtime not in ("auto", "lean", "transformers"):
         problems.append(f"runtime must be auto, lean or transformers, not {runtime!r}")
     if problems:
@@ -626,7 +649,7 @@ def _options(desc: ModelDescription, *, context: int | None = None, prompt_token
 
 def _tried(desc: ModelDescription, t: _Target, o: Options, bits: int | None) -> list[Plan]:
     plans: list[Plan] = []
-    for b, strategy in _candidates(t, bits):
+    for b, strategy in _candidates(t, bits, o.quant_type):
         p = _place(_setting(desc, t, b, strategy, o))
         if strategy == "offload" and "cpu" not in p.device_map.values():
             continue  # everything fit on the GPU: the same as the "gpu" plan
@@ -767,7 +790,7 @@ def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> 
     rows = f"{o.prompt_tokens} x {desc.vocab_size}" if rt.logits_all_rows else f"1 x {desc.vocab_size}"
     r.append(f"Activations: the prefill of a {o.prompt_tokens}-token prompt is the peak: residual stream, "
              f"attention projections, the MLP's {desc.intermediate_size}-wide intermediates, logits of {rows}"
-             + (" and 4-bit layers dequantized one at a time" if p.bits == 4 else "") + ".")
+             + (" and 4-bit layers dequantized one at a time" if p.bits == 4 and p.quant_type != "int4" else "") + ".")
     base = p.devices.get("cuda:0" if t.unified and p.strategy != "cpu" else "cpu")
     if base is not None:
         tokenizer = TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size

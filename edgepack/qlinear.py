@@ -12,6 +12,12 @@ ever exists. They read the exact tensors bitsandbytes writes:
   ``absmax`` per block of ``blocksize`` values (itself 8-bit quantized when double-quant is
   on: ``nested_absmax``, ``nested_quant_map`` and an ``offset``); ``quant_map`` the 16
   levels of nf4 or fp4. Dequantization below reproduces bitsandbytes' bit for bit (tested).
+* 4-bit int4 (edgepack's CPU format, not bitsandbytes'): ``weight`` uint8 [out, in/2],
+  column 2j in the low nibble and 2j+1 in the high one; ``weight.scales_and_zeros``
+  [in/group, out, 2] in the compute dtype; ``W[n, k] = (q[n, k] - 8) * s[k // group, n, 0]
+  + s[k // group, n, 1]``. That is the affine group-wise layout of torch's fused CPU kernel
+  (``torch._weight_int4pack_mm_for_cpu``); the codes are repacked into the kernel's
+  (ISA-specific) order once at load.
 
 No bitsandbytes import here: on CPU a small box never pays for it (~120 MiB, ~1.5 s).
 """
@@ -97,6 +103,80 @@ def dequantize_4bit(
     # the last block is partial; the packed codes are padded to a whole byte
     values = code[idx[:numel]] * absmax.repeat_interleave(blocksize)[:numel]
     return values.view(shape)
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4pack CPU kernel accepts
+INT4_ROW_MULTIPLE = 16  # ... and it wants out_features in multiples of 16
+
+
+def int4_fits(out_features: int, in_features: int, group: int) -> bool:
+    """Whether torch's int4pack kernel can run a layer of this shape."""
+    return out_features % INT4_ROW_MULTIPLE == 0 and in_features % group == 0
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int32 codes [out, in] from uint8 [out, in/2] (low nibble first)."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """float32 [out, in] weights of an int4 layer."""
+    codes = unpack_int4(packed).to(torch.float32)
+    sz = scales_and_zeros.to(torch.float32).repeat_interleave(group, dim=0)  # [in, out, 2]
+    return (codes - 8) * sz[..., 0].T + sz[..., 1].T
+
+
+class Int4Linear(nn.Module):
+    """edgepack's CPU 4-bit: affine codes in groups along the input, run by torch's fused
+    int4 kernel (weight-only; activations in the compute dtype)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, group: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.group = compute_dtype, group
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device="meta"))
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(in_features // group, out_features, 2, dtype=compute_dtype, device="meta")
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), False) if bias else None
+        self._kernel_weight: torch.Tensor | None = None  # the codes in the CPU kernel's order
+
+    def attach(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not int4_fits(self.out_features, self.in_features, self.group) or self.group not in INT4_GROUP_SIZES:
+            raise ValueError(f"a {self.out_features}x{self.in_features} layer in groups of {self.group} cannot run int4")
+        self.weight = tensors["weight"]
+        self.scales_and_zeros = tensors["weight.scales_and_zeros"].to(self.compute_dtype)
+        if self.bias is not None:
+            self.bias = nn.Parameter(tensors["bias"].to(self.compute_dtype), requires_grad=False)
+        self._kernel_weight = None
+
+    def prepare_cpu(self) -> None:
+        """Repack the codes into the kernel's order and drop the stored ones (same size):
+        done once at load, layer by layer, so the int32 transient stays one layer's."""
+        if self._kernel_weight is None:
+            self._kernel_weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight), 1)
+            self.weight = torch.empty(self.weight.shape, dtype=torch.uint8, device="meta")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self._kernel_weight is None:
+            return dequantize_int4(self.weight, self.scales_and_zeros, self.group)
+        eye = torch.eye(self.in_features, dtype=torch.float32)  # read the weights back through the kernel
+        return torch._weight_int4pack_mm_for_cpu(eye, self._kernel_weight, self.group, self.scales_and_zeros.float()).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if x2.device.type == "cpu":
+            self.prepare_cpu()
+            y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group, self.scales_and_zeros)
+        else:  # plain torch elsewhere (the codes stay in the stored order off the CPU)
+            y = x2 @ self.dequantized_weight().to(x2.dtype).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
 
 
 class Linear4bit(nn.Module):

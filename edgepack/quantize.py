@@ -6,6 +6,10 @@
 ``weight.quant_state.bitsandbytes__nf4``). These are the keys transformers itself writes,
 so the files stay loadable by plain transformers where it can (see FORMAT.md).
 
+4-bit ``int4`` is edgepack's own CPU format (bitsandbytes has no fast CPU 4-bit matmul):
+affine codes in groups along the input, the layout torch's fused int4 CPU kernel runs
+(see qlinear.py). transformers cannot load it.
+
 Only the exporter imports this module (it imports bitsandbytes); the runtime reads the
 same tensors with plain torch.
 """
@@ -19,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgepack.qlinear import int4_fits
+
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
     torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -29,6 +35,10 @@ OUTPUT_LAYER_REASON = (
     "token's probabilities; bitsandbytes and llama.cpp keep it too"
 )
 TIED_REASON = "tied to the input embeddings, which are stored once in 16-bit"
+INT4_SHAPE_REASON = (
+    "int4: torch's CPU kernel needs out_features divisible by 16 and in_features by the "
+    "group size; kept in 16-bit"
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,16 @@ class Settings:
     def scheme(self) -> str:
         return {16: "none", 8: "int8-rowwise"}.get(self.bits, self.quant_type)
 
+    @property
+    def method(self) -> str:
+        if self.bits == 16:
+            return "none"
+        return "edgepack" if self.quant_type == "int4" and self.bits == 4 else "bitsandbytes"
+
     def manifest_section(self, result: "Result") -> dict[str, Any]:
         section: dict[str, Any] = {
             "bits": self.bits,
-            "method": "bitsandbytes" if self.bits < 16 else "none",
+            "method": self.method,
             "scheme": self.scheme,
             "compute_dtype": self.dtype,
             "storage_dtype": self.dtype,
@@ -98,7 +114,11 @@ def quantize_model(
             tied = output.weight is model.get_input_embeddings().weight
             result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
         elif settings.bits < 16:
-            targets[name] = module
+            out_f, in_f = _out_in(module)
+            if settings.method == "edgepack" and not int4_fits(out_f, in_f, settings.blocksize):
+                result.kept_modules[name] = INT4_SHAPE_REASON
+            else:
+                targets[name] = module
     for key, tensor in unique_tensors(model):
         owner, _, attr = key.rpartition(".")
         if owner in targets and attr == "weight":
@@ -127,6 +147,12 @@ def unique_tensors(model: nn.Module):
             yield key, tensor
 
 
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
 def _get(model: nn.Module, key: str) -> torch.Tensor:
     owner, _, attr = key.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, attr)
@@ -151,6 +177,8 @@ def bnb_functional():
 
 def quantize_weight(weight: torch.Tensor, settings: Settings) -> dict[str, torch.Tensor]:
     """bitsandbytes' storage for one [out, in] weight, keyed by suffix (weight, SCB, weight.absmax...)."""
+    if settings.method == "edgepack":
+        return quantize_int4(weight, settings.blocksize, settings.torch_dtype)
     F = bnb_functional()
     if settings.bits == 8:
         cb, scb, _ = F.int8_vectorwise_quant(weight.float())
@@ -164,10 +192,31 @@ def quantize_weight(weight: torch.Tensor, settings: Settings) -> dict[str, torch
     return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
 
 
+def quantize_int4(weight: torch.Tensor, group: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """edgepack's int4 storage for one [out, in] weight: each group of ``group`` inputs spans
+    its own [min, max] in 16 steps (like llama.cpp's Q4_1), W = (q - 8) * scale + zero.
+    Codes are rounded against the scale and zero as stored (16-bit), so what the kernel
+    computes is the nearest point of the grid it actually has."""
+    w = weight.detach().to(torch.float32)
+    out_f, in_f = w.shape
+    groups = w.view(out_f, in_f // group, group)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    flat = hi <= lo  # a constant group: scale 0, the zero is the value itself
+    scale = torch.where(flat, torch.zeros_like(lo), (hi - lo) / 15)
+    zero = torch.where(flat, lo, lo + 8 * scale)
+    scale, zero = scale.to(dtype), zero.to(dtype)
+    s32, z32 = scale.float()[..., None], zero.float()[..., None]
+    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+    codes = torch.where(s32 > 0, torch.round((groups - z32) / safe) + 8, torch.full_like(groups, 8))
+    codes = codes.clamp_(0, 15).to(torch.uint8).view(out_f, in_f)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return {"weight": packed.contiguous(), "weight.scales_and_zeros": torch.stack((scale, zero), -1).transpose(0, 1).contiguous()}
+
+
 def transformers_quantization_config(settings: Settings, result: Result) -> dict[str, Any] | None:
     """The config.json section that lets plain transformers load the same files."""
-    if settings.bits == 16:
-        return None
+    if settings.bits == 16 or settings.method == "edgepack":
+        return None  # int4 is edgepack's own format: transformers cannot load it
     from transformers import BitsAndBytesConfig
 
     skip = list(result.kept_modules)

@@ -2,7 +2,8 @@
 full-precision copy of the model.
 
 * ``dequantized_model``: transformers' own modeling code over the quantized tensors held in
-  memory, each quantized layer dequantized by **bitsandbytes** on every call. It shares no
+  memory, each quantized layer dequantized by **bitsandbytes** on every call (int4, which
+  is not bitsandbytes', by its formula written out in float32). It shares no
   code with the runtime's kernels, so runtime logits matching it proves the kernels, the
   serialization and the skeleton together.
 * ``lazy_source_model``: the source checkpoint with every linear weight read from its
@@ -42,6 +43,14 @@ class DequantizedLinear(nn.Module):
     def weight_float(self) -> torch.Tensor:
         if self.settings.bits == 8:
             return self.stored["weight"].float() * (self.stored["SCB"][:, None] / 127.0)
+        if self.settings.method == "edgepack":  # int4, written out here apart from the runtime's kernel path
+            packed, sz = self.stored["weight"], self.stored["weight.scales_and_zeros"].float()
+            codes = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+            codes[:, 0::2], codes[:, 1::2] = (packed & 15).float(), (packed >> 4).float()
+            group = self.settings.blocksize
+            scale = sz[:, :, 0].T.repeat_interleave(group, dim=1)
+            zero = sz[:, :, 1].T.repeat_interleave(group, dim=1)
+            return (codes - 8) * scale + zero
         F = bnb_functional()
         stats = {k: v for k, v in self.stored.items() if k.startswith("weight.")}
         state = F.QuantState.from_dict(stats, device=torch.device("cpu"))

@@ -25,7 +25,7 @@ from torch import nn
 
 from edgepack import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError, DeviceError, GenerationError, InsufficientMemoryError
-from edgepack.qlinear import Int8Linear, Linear4bit
+from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Activations of the lean CPU decoder (norms, rotary, attention, residual stream).
@@ -205,7 +205,16 @@ def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.M
     model.eval()
     if any(v != "cpu" for v in device_map.values()):
         _place_on_devices(model, manifest, device_map)
+    else:
+        prepare_int4(model)
     return model
+
+
+def prepare_int4(model: nn.Module) -> None:
+    """Repack int4 codes into the CPU kernel's order now, not on the first token."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.prepare_cpu()
 
 
 def _swap_quantized_layers(model: nn.Module, quant: dict, compute_dtype: torch.dtype) -> None:
@@ -216,6 +225,8 @@ def _swap_quantized_layers(model: nn.Module, quant: dict, compute_dtype: torch.d
         has_bias = getattr(old, "bias", None) is not None
         if bits == 8:
             new = Int8Linear(in_f, out_f, has_bias, compute_dtype)
+        elif quant.get("quant_type") == "int4":
+            new = Int4Linear(in_f, out_f, has_bias, compute_dtype, quant["blocksize"])
         else:
             new = Linear4bit(in_f, out_f, has_bias, compute_dtype, quant["blocksize"])
         parent_name, _, child = name.rpartition(".")
@@ -345,7 +356,7 @@ def _place_on_devices(model: nn.Module, manifest: dict, device_map: dict[str, st
         module = model.get_submodule(prefix) if prefix else model
         for name, child in list(module.named_modules()):
             full = f"{prefix}.{name}".strip(".")
-            if isinstance(child, (Int8Linear, Linear4bit)):
+            if isinstance(child, (Int8Linear, Linear4bit)):  # int4 layers move as they are
                 parent_name, _, leaf = full.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, leaf, _to_bnb_cuda(bnb, child, manifest["quantization"], device))

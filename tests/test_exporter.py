@@ -209,6 +209,8 @@ def test_failed_verification_publishes_nothing(tiny_models, tmp_path, monkeypatc
         ({"bits": 3}, QuantizationError, "unsupported bits 3"),
         ({"bits": 4, "quant_type": "int3"}, QuantizationError, "quant type 'int3'"),
         ({"bits": 4, "blocksize": 100}, QuantizationError, "block size 100"),
+        ({"bits": 4, "quant_type": "int4", "blocksize": 16}, QuantizationError, "int4 group size 16"),
+        ({"bits": 4, "quant_type": "int4", "double_quant": True}, QuantizationError, "double-quant is a bitsandbytes nf4/fp4 option"),
         ({"dtype": "float64"}, QuantizationError, "16-bit dtype"),
     ],
 )
@@ -284,3 +286,46 @@ def test_streaming_pack_equals_in_memory_pack(tiny_models, tmp_path, monkeypatch
     assert digests(streamed) == digests(loaded)
     for key in ("top1_agreement_vs_source", "mean_kl_vs_source", "logits_rel_error_vs_reference"):
         assert streamed["verification"][key] == pytest.approx(loaded["verification"][key], abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int4_tensors_are_affine_groups_of_the_source(packed, tiny_models, kind):
+    """edgepack's CPU int4: codes within half a step of the source in every group of 32,
+    scale and zero 16-bit, manifest and config say what it is, transformers refuses it."""
+    from transformers import AutoModelForCausalLM
+
+    bundle = packed(kind, 4, quant_type="int4")
+    manifest = bundle_format.read_manifest(bundle)
+    quant = manifest["quantization"]
+    assert (quant["method"], quant["scheme"], quant["quant_type"], quant["blocksize"]) == ("edgepack", "int4", "int4", 32)
+    tensors, source = stored(bundle), source_weights(tiny_models[kind])
+    assert len(quant["quantized_modules"]) == {"gpt2": 8, "llama": 14, "llama-untied": 14}[kind]
+    for name in quant["quantized_modules"]:
+        w = out_in(name, source[f"{name}.weight"], kind).float()
+        packed_w, sz = tensors[f"{name}.weight"], tensors[f"{name}.weight.scales_and_zeros"]
+        assert packed_w.dtype == torch.uint8 and tuple(packed_w.shape) == (w.shape[0], w.shape[1] // 2)
+        assert sz.dtype == torch.bfloat16 and tuple(sz.shape) == (w.shape[1] // 32, w.shape[0], 2)
+        codes = torch.stack((packed_w & 15, packed_w >> 4), -1).reshape(w.shape).float()
+        scale = sz[..., 0].float().T.repeat_interleave(32, dim=1)
+        zero = sz[..., 1].float().T.repeat_interleave(32, dim=1)
+        err = ((codes - 8) * scale + zero - w).abs()
+        # half a step, plus the bf16 rounding of scale and zero (relative 2^-8 of a group's span)
+        assert bool((err <= scale * 0.5 + (w.abs() + 8 * scale) * 2**-7).all()), name
+    assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
+    with pytest.raises(Exception, match="mismatched"):
+        AutoModelForCausalLM.from_pretrained(str(bundle))
+
+
+def test_int4_keeps_layers_the_kernel_cannot_run_in_16bit():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgepack.quantize import INT4_SHAPE_REASON, Settings, quantize_model
+
+    # hidden 48 (not a multiple of the group 32): only down_proj ([48, 64]) can run int4
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=3, num_key_value_heads=3)  # fmt: skip
+    result = quantize_model(LlamaForCausalLM(config).eval(), Settings(4, "int4", blocksize=32), lambda _m: None)
+    assert result.quantized_modules == ["model.layers.0.mlp.down_proj"]
+    kept = {k: v for k, v in result.kept_modules.items() if k != "lm_head"}
+    assert len(kept) == 6 and set(kept.values()) == {INT4_SHAPE_REASON}
+    assert result.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16

@@ -476,3 +476,16 @@ def test_model_card_without_known_source(hub, packed):
     meta = _front_matter(Path(hf_hub_download(REPO, "README.md")).read_text())
     assert "base_model" not in meta and "license" not in meta  # a local path is no base_model
     assert meta["tags"] == ["edgepack"] and meta["library_name"] == "edgepack"
+
+
+def test_model_card_of_an_int4_variant_does_not_promise_transformers(hub, packed):
+    push(packed("llama", 4, quant_type="int4"), REPO, variant="rpi5-4gb")
+    text = Path(hf_hub_download(REPO, "README.md")).read_text()
+    meta = _front_matter(text)
+    assert "bitsandbytes" not in meta["tags"] and "4-bit" in meta["tags"]
+    body = text.split("---\n", 2)[2]
+    assert "edgepack's own int4 CPU format, which plain transformers cannot load" in body
+    assert "from_pretrained" not in body
+    push(packed("llama", 8), REPO, variant="t4")
+    body = Path(hf_hub_download(REPO, "README.md")).read_text().split("---\n", 2)[2]
+    assert "Every other variant is also an ordinary transformers checkpoint" in body and 'subfolder="t4"' in body

@@ -110,6 +110,34 @@ def test_double_quant_within_the_offset_digits(describe, packed, kind):
     assert abs(got - manifest["memory"]["weight_bytes"]) <= 6 * layers
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-untied"])
+def test_int4_weight_bytes_equal_the_bundles(describe, packed, kind):
+    from edgepack import bundle as bundle_format
+
+    manifest = bundle_format.read_manifest(packed(kind, 4, quant_type="int4"))
+    assert planner.weight_bytes(describe(kind), Quant(4, "int4")) == manifest["memory"]["weight_bytes"]
+
+
+def test_int4_is_a_cpu_format(describe, tiny_models):
+    from edgepack.plan_cli import plan_for_pack
+
+    llama = describe("llama")
+    # 4096x4096 int4: 8,388,608 codes + 128 groups x 4096 rows x (scale + zero) x 2 bytes
+    assert planner.linear_weight_bytes(4096, 4096, Quant(4, "int4")) == 8_388_608 + 2_097_152
+    assert planner.linear_weight_bytes(40, 4096, Quant(4, "int4")) == 2 * 40 * 4096  # 40 rows: kept 16-bit
+    p = planner.plan(llama, load_profile("t4"), context=128, bits=4, quant_type="int4")
+    assert (p.strategy, set(p.device_map.values())) == ("cpu", {"cpu"})  # never on the GPU
+    with pytest.raises(PlanError, match="int4 is edgepack's CPU format"):
+        planner.place(llama, load_profile("t4"), 4, "gpu", context=128, quant_type="int4")
+    cpu = planner.plan(llama, load_profile("rpi4-4gb"), context=128, bits=4, quant_type="int4")
+    assert cpu.quant_type == "int4" and cpu.devices["cpu"].allocator_bytes == 0
+    assert "dequantized one at a time" not in " ".join(cpu.reasons)
+    # pack --profile without --quant-type: int4 on a CPU-only box, nf4 where there is a GPU
+    got = plan_for_pack(str(tiny_models["llama"]), "rpi4-4gb", 128, 4, None, None, None, None)
+    assert got["quant_type"] == "int4"
+    assert plan_for_pack(str(tiny_models["llama"]), "t4", 128, 4, None, None, None, None)["quant_type"] == "nf4"
+
+
 def test_linear_weight_bytes_layouts():
     # 8-bit 4096x4096: 16,777,216 int8 + 4*4,096 SCB = 16,793,600
     assert planner.linear_weight_bytes(4096, 4096, Quant(8)) == 16_793_600
@@ -414,7 +442,7 @@ def test_plan_for_pack(tiny_models):
 
     said = []
     got = plan_for_pack(str(tiny_models["llama"]), "t4", 128, None, None, None, "nf4", said.append)
-    assert set(got) == {"bits", "device_map", "target_profile", "plan"}
+    assert set(got) == {"bits", "quant_type", "device_map", "target_profile", "plan"}
     assert got["bits"] == 16 and got["target_profile"]["name"] == "t4"
     assert got["plan"]["device_map"] == got["device_map"] and said
     with pytest.raises(PlanError, match="does not fit"):

@@ -11,14 +11,16 @@ import torch
 
 import edgepack
 from edgepack.errors import GenerationError
-from edgepack.qlinear import Int8Linear, Linear4bit
+from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
+
+SETTINGS = [(16, {}), (8, {}), (4, {}), (4, {"quant_type": "int4"})]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-untied"])
-@pytest.mark.parametrize("bits", [16, 8, 4])
-def test_pack_verify_load_generate(packed, kind, bits):
-    lm = edgepack.load(packed(kind, bits))
-    layers = [m for m in lm.model.modules() if isinstance(m, (Int8Linear, Linear4bit))]
+@pytest.mark.parametrize("bits,opts", SETTINGS, ids=["16", "8", "4-nf4", "4-int4"])
+def test_pack_verify_load_generate(packed, kind, bits, opts):
+    lm = edgepack.load(packed(kind, bits, **opts))
+    layers = [m for m in lm.model.modules() if isinstance(m, (Int8Linear, Linear4bit, Int4Linear))]
     # quantized weights: GPT-2 2 x (64*192 + 64*64 + 64*256 + 256*64); Llama 2 x (4 attention
     # projections 64*64 + 64*32 + 64*32 + 64*64, 3 MLP 64*128); the lean decoder fuses some
     quantized_weights = sum(m.in_features * m.out_features for m in layers)
@@ -54,8 +56,8 @@ def test_lean_decoder_matches_transformers(packed, monkeypatch):
     """The lean CPU decoder computes what transformers' Llama computes on the same tensors."""
     from edgepack.lean import LeanLM
 
-    for bits in (16, 8, 4):
-        bundle = packed("llama-untied", bits)
+    for bits, opts in SETTINGS:
+        bundle = packed("llama-untied", bits, **opts)
         lean = edgepack.load(bundle)
         monkeypatch.setenv("EDGEPACK_LEAN", "0")
         hf = edgepack.load(bundle)
@@ -99,6 +101,44 @@ def test_4bit_dequantization_matches_bitsandbytes_bit_for_bit(quant_type, double
         ours = layer.dequantized_weight().to(torch.bfloat16)
         assert torch.equal(ours, F.dequantize_4bit(packed_w, state))
         assert dequantize_4bit(packed_w, state.code, layer._absmax, 64, shape).shape == shape
+
+
+def test_int4_linear_runs_the_stored_formula():
+    """torch's int4 kernel (after the load-time repack) computes x @ W.T for W written out
+    from the stored codes, scales and zeros; fused projections equal the separate ones."""
+    from edgepack.lean import fuse
+    from edgepack.quantize import quantize_int4
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 128)
+    parts, weights = [], []
+    for out_f in (64, 32, 96):
+        w = torch.randn(out_f, 128) * 0.1
+        stored = quantize_int4(w, 32, torch.float32)
+        codes = torch.stack((stored["weight"] & 15, stored["weight"] >> 4), -1).reshape(out_f, 128).float()
+        sz = stored["weight.scales_and_zeros"].repeat_interleave(32, dim=0)  # [in, out, 2]
+        written = (codes - 8) * sz[..., 0].T + sz[..., 1].T
+        assert (written - w).abs().max() <= sz[..., 0].max() / 2 + 1e-6  # within half a step of the source
+        layer = Int4Linear(128, out_f, False, torch.float32, 32)
+        layer.attach(stored)
+        assert torch.equal(layer.dequantized_weight(), written)  # before the repack: the stored formula
+        assert torch.allclose(layer(x), x @ written.T, rtol=1e-5, atol=1e-5)
+        assert layer.weight.device.type == "meta"  # the stored codes were dropped after the repack
+        assert torch.allclose(layer.dequantized_weight(), written, atol=1e-6)
+        fresh = Int4Linear(128, out_f, False, torch.float32, 32)
+        fresh.attach(stored)
+        parts.append(fresh)
+        weights.append(written)
+    fused = fuse(parts)
+    assert isinstance(fused, Int4Linear) and fused.out_features == 192
+    assert torch.allclose(fused(x), x @ torch.cat(weights).T, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_refuses_shapes_the_kernel_cannot_run():
+    layer = Int4Linear(128, 40, False, torch.float32, 32)  # 40 rows: not a multiple of 16
+    with pytest.raises(ValueError, match="cannot run int4"):
+        layer.attach({"weight": torch.zeros(40, 64, dtype=torch.uint8),
+                      "weight.scales_and_zeros": torch.zeros(4, 40, 2)})  # fmt: skip
 
 
 def test_int8_linear_is_weight_only():
