@@ -111,12 +111,15 @@ def medians(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def pack_measured(model: str, out: Path, bits: int) -> dict:
+SETTINGS = {"16": (16, "nf4"), "8": (8, "nf4"), "4": (4, "nf4"), "int4": (4, "int4")}  # --bits names
+
+
+def pack_measured(model: str, out: Path, bits: int, quant_type: str = "nf4") -> dict:
     code = (
         "import json, resource, time, sys\n"
         "t = time.perf_counter()\n"
         "from edgepack.exporter import pack\n"
-        f"m = pack({model!r}, {str(out)!r}, bits={bits}, force=True)\n"
+        f"m = pack({model!r}, {str(out)!r}, bits={bits}, quant_type={quant_type!r}, force=True)\n"
         "hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
         "print(json.dumps({'pack_s': time.perf_counter() - t, 'pack_peak_rss': hwm, "
         "'weight_bytes': m['memory']['weight_bytes'], "
@@ -143,24 +146,31 @@ def save_checkpoint(model: str, out: Path, dtype: str = "float32") -> int:
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
+def label(bits: str) -> str:
+    return "4-bit int4" if bits == "int4" else f"{bits}-bit"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--bits", default="16,8,4")
+    parser.add_argument("--bits", default="16,8,4,int4", help="comma list of 16, 8, 4 (nf4), int4")
     parser.add_argument("--no-seed", action="store_true", help="skip the seed recipe")
     args = parser.parse_args()
-    bits_list = [int(b) for b in args.bits.split(",")]
+    bits_list = args.bits.split(",")
+    unknown = [b for b in bits_list if b not in SETTINGS]
+    if unknown:
+        parser.error(f"--bits: unknown {unknown}; use {', '.join(SETTINGS)}")
     work = Path(tempfile.mkdtemp(prefix="edgepack-bench-"))
     torch_rss = statistics.median(run_worker("torch")["peak_rss"] for _ in range(args.repeats))
     print(f"bare `import torch` peak RSS: {torch_rss / MIB:.0f} MiB   (model {args.model}, {args.tokens} tokens, "
           f"{args.repeats} fresh processes each, torch threads {os.cpu_count()})\n")  # fmt: skip
     rows = []
     for bits in bits_list:
-        packed = pack_measured(args.model, work / f"b{bits}", bits)
+        packed = pack_measured(args.model, work / f"b{bits}", *SETTINGS[bits])
         run = medians([run_worker("edgepack", str(work / f"b{bits}"), str(args.tokens)) for _ in range(args.repeats)])
-        rows.append({"engine": f"edgepack {bits}-bit", **packed, **run})
+        rows.append({"engine": f"edgepack {label(bits)}", **packed, **run})
     pack_rows = []
     for dtype in ("float32", "bfloat16"):
         size = save_checkpoint(args.model, work / dtype, dtype)
@@ -182,14 +192,14 @@ def main() -> None:
     print("\n(RSS in MiB; load s = process import + load; 1st tok s = prompt processing)")
     by = {r["engine"]: r for r in rows}
     for bits in bits_list:
-        r = by[f"edgepack {bits}-bit"]
+        r = by[f"edgepack {label(bits)}"]
         budget = torch_rss + 1.2 * r["weight_bytes"]
-        print(f"edgepack {bits}-bit peak RSS {r['peak_rss'] / MIB:.0f} MiB vs target import torch + 1.2 x weights = "
+        print(f"edgepack {label(bits)} peak RSS {r['peak_rss'] / MIB:.0f} MiB vs target import torch + 1.2 x weights = "
               f"{budget / MIB:.0f} MiB: {'OK' if r['peak_rss'] <= budget else 'OVER'}"
               f" (weights-only overhead above torch: {(r['peak_rss'] - torch_rss) / r['weight_bytes']:.2f} x weights)")  # fmt: skip
-        seed = by.get(f"seed bnb {bits}-bit")
+        seed = by.get(f"seed bnb {SETTINGS[bits][0]}-bit")
         if seed:
-            print(f"  vs seed {bits}-bit: peak RSS {r['peak_rss'] / seed['peak_rss']:.2f}x, load time "
+            print(f"  vs seed {SETTINGS[bits][0]}-bit: peak RSS {r['peak_rss'] / seed['peak_rss']:.2f}x, load time "
                   f"{r['load_s'] / seed['load_s']:.2f}x, decode {r['decode_tps'] / seed['decode_tps']:.2f}x")  # fmt: skip
     if not args.no_seed:
         print(f"seed recipe fp32 checkpoint: {ckpt_bytes / MIB:.0f} MiB; seed 8-bit peak RSS = "

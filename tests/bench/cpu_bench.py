@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/bench/cpu_bench.py [--repeats 3] [--threads 2] [--no-peers] [--profile]
 
-On the default model (SmolLM2-135M-Instruct), per engine and format, as medians of fresh
+On the default model (SmolLM2-135M-Instruct), per engine and format (edgepack: 16, 8, 4-bit
+int4 (its CPU format), nf4 and fp4), as medians of fresh
 processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt tokens/s on a
 ~256-token prompt, time from process start to the first token, peak RSS (VmHWM), file bytes,
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
@@ -152,7 +153,9 @@ def pack_bundles(work: Path) -> dict[str, Path]:
     from edgepack.exporter import pack
 
     bundles = {}
-    for name, opts in {"16": {"bits": 16}, "8": {"bits": 8}, "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}.items():
+    settings = {"16": {"bits": 16}, "8": {"bits": 8}, "4 int4": {"bits": 4, "quant_type": "int4"},
+                "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}  # fmt: skip
+    for name, opts in settings.items():
         out = work / f"bundle-{name.replace(' ', '-')}"
         pack("smollm2-135m", out, force=True, **opts)
         bundles[name] = out
@@ -252,7 +255,8 @@ def print_table(rows, quality, ref_ppl, args) -> None:
               f"{q.get('top1_agree', float('nan')):>7.3f}")  # fmt: skip
     by = {(r["engine"], r["format"]): r for r in rows}
     print()
-    for ours, peer_fmt, seed in (("8", "Q8_0", "seed8"), ("4 nf4", "Q4_1", "seed4"), ("16", "F16", "bf16")):
+    pairs = (("8", "Q8_0", "seed8"), ("4 int4", "Q4_1", "seed4"), ("4 nf4", "Q4_1", "seed4"), ("16", "F16", "bf16"))
+    for ours, peer_fmt, seed in pairs:
         e = by.get(("edgepack", ours))
         for other in (("llama.cpp", peer_fmt), ("transformers", seed)):
             o = by.get(other)
@@ -260,9 +264,9 @@ def print_table(rows, quality, ref_ppl, args) -> None:
                 print(f"edgepack {ours:<6} / {other[0]} {other[1]:<6}: decode {e['decode_tok_s'] / o['decode_tok_s']:.2f}x, "
                       f"prompt {e['prompt_tok_s'] / o['prompt_tok_s']:.2f}x, first token {e['first_token_s'] / o['first_token_s']:.2f}x, "
                       f"peak RSS {e['peak_rss_kib'] / o['peak_rss_kib']:.2f}x")  # fmt: skip
-    if ("edgepack", "8") in by:
-        q = quality["8"]
-        print(f"\nedgepack 8-bit perplexity vs source: {100 * (q['perplexity'] / ref_ppl - 1):+.2f}%")
+    print()
+    for name in quality:
+        print(f"edgepack {name:<6} perplexity vs source: {100 * (quality[name]['perplexity'] / ref_ppl - 1):+.2f}%")
 
 
 if __name__ == "__main__":
