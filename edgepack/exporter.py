@@ -76,6 +76,7 @@ def pack(
     started = time.perf_counter()
     from edgepack import quantize, reference
 
+    _return_big_frees_to_the_os()
     say(f"loading {source}")
     src = _open_source(resolved)
     say("streaming the checkpoint tensor by tensor" if src.read else "loaded the full-precision model")
@@ -97,8 +98,10 @@ def pack(
         _write_model_files(tmp, src, settings, result)
         manifest = _manifest(resolved, architecture, settings, result, shards, device_map, target_profile, plan, tmp)
         bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
+        digests = quantize.tensor_digests(result.tensors)
+        result.tensors.clear()  # the shards are the only copy now: verification reloads them
         say("verifying the written bundle with the edgepack runtime")
-        manifest["verification"] = _verify_written(tmp, result.tensors, check_ids, reference_logits, source_logits)
+        manifest["verification"] = _verify_written(tmp, digests, check_ids, reference_logits, source_logits)
         manifest["verification"]["pack_seconds"] = round(time.perf_counter() - started, 2)
         bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
         _fsync_tree(tmp)
@@ -113,6 +116,20 @@ def pack(
         raise
     say(f"done: {out} ({manifest['memory']['weight_bytes'] / 1e6:.1f} MB of weights)")
     return manifest
+
+
+def _return_big_frees_to_the_os() -> None:
+    """Packing allocates and frees tensors of tens of MiB (a layer read, quantized,
+    dequantized for the reference). glibc's dynamic mmap threshold climbs to 32 MiB, after
+    which such blocks come from the heap and stay in RSS when freed, fragmenting it by up
+    to ~0.9 GiB on a 1B model (measured). A fixed 1 MiB threshold maps them and unmaps
+    them on free."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 # --- options and output directory ---------------------------------------------------------
@@ -399,22 +416,23 @@ def _manifest(resolved, architecture, settings, result, shards, device_map, targ
 # --- self-verification --------------------------------------------------------------------
 
 
-def _verify_written(tmp: Path, tensors: dict, check_ids: list[int], reference, source) -> dict[str, Any]:
-    """Reload the bundle with the runtime; compare bits and logits, or refuse to publish."""
+def _verify_written(tmp: Path, digests: dict, check_ids: list[int], reference, source) -> dict[str, Any]:
+    """Compare the written tensors bit for bit with the quantized ones (by digest), reload
+    the bundle with the runtime and compare logits, or refuse to publish."""
     import torch
 
     from edgepack import quantize, runtime
 
-    try:
-        lm = runtime.load(tmp, verify=True, device="cpu", force=True)
-    except EdgepackError as exc:
-        raise ExportVerificationError(f"the written bundle does not load: {exc.message}") from None
-    mismatched = quantize.compare_stored_tensors(tmp, tensors)
+    mismatched = quantize.compare_stored_tensors(tmp, digests)
     if mismatched:
         raise ExportVerificationError(
             f"{len(mismatched)} tensors differ after writing and reading back (first: {mismatched[0]})",
             hint="the serializer is broken for this setting; report it with `edgepack --version`",
         )
+    try:
+        lm = runtime.load(tmp, verify=True, device="cpu", force=True)
+    except EdgepackError as exc:
+        raise ExportVerificationError(f"the written bundle does not load: {exc.message}") from None
     got = quantize.logits(lm.model, check_ids)
     rel = float(torch.linalg.vector_norm(got - reference) / torch.linalg.vector_norm(reference))
     if not rel <= LOGITS_RTOL:
@@ -425,7 +443,7 @@ def _verify_written(tmp: Path, tensors: dict, check_ids: list[int], reference, s
         )
     return {
         "tensors_bit_identical": True,
-        "tensors_checked": len(tensors),
+        "tensors_checked": len(digests),
         "prompt_tokens": len(check_ids),
         "logits_rel_error_vs_reference": round(rel, 5),
         **quantize.quality_vs_source(got, source),

@@ -313,8 +313,23 @@ def logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
-def compare_stored_tensors(bundle_dir, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names whose bytes, dtype or shape differ between the shards and ``tensors``."""
+def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """(dtype, shape, BLAKE2b of the bytes) of each tensor: what the bit-for-bit check of the
+    written shards compares against, so the in-memory tensors can go before the reload."""
+    return {name: _fingerprint(t) for name, t in tensors.items()}
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], str]:
+    import hashlib
+
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    digest = hashlib.blake2b(memoryview(raw.numpy()), digest_size=20).hexdigest()
+    return str(tensor.dtype), tuple(tensor.shape), digest
+
+
+def compare_stored_tensors(bundle_dir, digests: dict[str, tuple[str, tuple[int, ...], str]]) -> list[str]:
+    """Names whose bytes, dtype or shape differ between the shards and ``digests`` (see
+    ``tensor_digests``). Reads one tensor at a time, with the runtime's own reader."""
     from pathlib import Path
 
     from edgepack.runtime import read_shard  # the reader the runtime itself loads with
@@ -323,17 +338,11 @@ def compare_stored_tensors(bundle_dir, tensors: dict[str, torch.Tensor]) -> list
     for shard in sorted(Path(bundle_dir).glob("*.safetensors")):
         for key, stored in read_shard(shard):
             found.add(key)
-            expected = tensors.get(key)
-            if expected is None or not _same_bits(stored, expected):
+            if digests.get(key) != _fingerprint(stored):
                 mismatched.append(key)
-    mismatched += sorted(set(tensors) - found)
+            del stored
+    mismatched += sorted(set(digests) - found)
     return mismatched
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def quality_vs_source(got: torch.Tensor, source: torch.Tensor) -> dict[str, float]:

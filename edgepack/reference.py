@@ -61,6 +61,62 @@ class DequantizedLinear(nn.Module):
         return nn.functional.linear(x.float(), self.weight_float(), None if bias is None else bias.float())
 
 
+class UpcastEmbedding(nn.Module):
+    """An embedding table kept as stored (16-bit); looked-up rows come out in float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+
+class UpcastLinear(nn.Module):
+    """A 16-bit output layer computed in float32, a block of rows at a time: the float32
+    copy of a whole vocabulary (768 MiB on a 1B model, GiBs at 128k tokens) never exists."""
+
+    ROWS = 8192
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        parts = [x @ self.weight[i : i + self.ROWS].float().T for i in range(0, self.weight.shape[0], self.ROWS)]
+        out = torch.cat(parts, dim=-1)
+        return out if self.bias is None else out + self.bias.float()
+
+
+def _keep_tables_16bit(
+    model: nn.Module, tensor_of: Callable[[str], torch.Tensor | None], untied_output: bool = True
+) -> set[str]:
+    """Swap the input embedding and a 16-bit output layer (a tied one always, an untied one
+    if ``untied_output``) for modules that upcast per call; return the keys they took.
+    ``tensor_of(key)``: the stored tensor, or None."""
+    taken: set[str] = set()
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(model.get_input_embeddings())]
+    embed = tensor_of(f"{embed_name}.weight")
+    if embed is not None and embed.is_floating_point():
+        _replace(model, embed_name, UpcastEmbedding(embed))
+        taken.add(f"{embed_name}.weight")
+    output = model.get_output_embeddings()
+    if output is not None and isinstance(output, nn.Linear):
+        out_name = names[id(output)]
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        weight = tensor_of(f"{out_name}.weight") if untied_output and not tied else None
+        if tied and embed is not None:
+            weight = embed  # the same stored table
+        if weight is not None and weight.is_floating_point():
+            bias = tensor_of(f"{out_name}.bias") if output.bias is not None else None
+            _replace(model, out_name, UpcastLinear(weight, bias))
+            taken |= {f"{out_name}.weight", f"{out_name}.bias"}
+    return taken
+
+
 def dequantized_model(config, result: Result, settings: Settings) -> nn.Module:
     model = skeleton(config)
     for name in result.quantized_modules:
@@ -68,26 +124,30 @@ def dequantized_model(config, result: Result, settings: Settings) -> nn.Module:
         stored = {k[len(prefix) :]: v for k, v in result.tensors.items() if k.startswith(prefix)}
         _replace(model, name, DequantizedLinear(stored, settings))
     quantized = set(result.quantized_modules)
+    taken = _keep_tables_16bit(model, result.tensors.get)
     for key, tensor in result.tensors.items():
-        if not _owned_by(key, quantized):
+        if not _owned_by(key, quantized) and key not in taken:
             _assign(model, key, tensor.float() if tensor.is_floating_point() else tensor)
-    model.tie_weights()
     return model
 
 
 def lazy_source_model(config, read: Callable[[str], torch.Tensor], linear_names: set[str], keys: list[str]) -> nn.Module:
-    """The source model with linear weights read on demand; everything else read once."""
+    """The source model with linear weights read on demand; everything else read once
+    (the embedding table as stored, upcast per lookup)."""
     model = skeleton(config)
+    known = set(keys)
+    # an untied output layer stays lazy (read per call, like the other linears)
+    taken = _keep_tables_16bit(model, lambda key: read(key) if key in known else None, untied_output=False)
+    linear_names = linear_names - {k.rsplit(".", 1)[0] for k in taken}
     for key in keys:
         owner, _, attr = key.rpartition(".")
-        if owner in linear_names and attr == "weight":
+        if (owner in linear_names and attr == "weight") or key in taken:
             continue
         _assign(model, key, read(key).float())
     for name in linear_names:
         module = model.get_submodule(name)
         module.register_forward_pre_hook(_load_weight(read, f"{name}.weight"))
         module.register_forward_hook(_drop_weight)
-    model.tie_weights()
     return model
 
 
