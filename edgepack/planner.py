@@ -243,9 +243,9 @@ LEAN = RuntimeMemory("lean", 2, True, 4, False, True, False)
 TRANSFORMERS = RuntimeMemory("transformers", 2, False, 2, True, False, True, heap_growth_per_4bit_weight=24)
 COMPUTE_BYTES = 2  # bf16/fp16 matmul inputs and outputs
 RESIDUAL_COPIES = 4  # hidden state, normed copy, attention output, residual sum
-# int4 at load: a fused layer's codes unpacked to int32 and repacked for the kernel, one
-# layer at a time (uint8 pairs + int32 + the repacked copy, per weight of the fused layer)
-INT4_REPACK_BYTES_PER_WEIGHT = 6
+# int4 at load: a fused layer's codes concatenated and repacked for the kernel (256 rows
+# of int32 at a time), one layer at a time: the concatenated codes + the repacked copy
+INT4_REPACK_BYTES_PER_WEIGHT = 1
 # edgepack.qlinear dequantizes 4-bit layers on the CPU at most this many weights at a time
 DEQUANT_CHUNK_WEIGHTS = 1 << 18
 DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16

@@ -119,6 +119,27 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
+REPACK_ROWS = 256  # rows repacked at a time: the int32 codes the kernel's converter takes stay small
+_chunked_repack_ok: bool | None = None
+
+
+def repack_int4_for_cpu(packed: torch.Tensor) -> torch.Tensor:
+    """The stored codes in the order of torch's CPU int4 kernel. Its converter wants int32
+    codes (4 bytes a weight); converting a layer whole would leave that transient in the
+    heap, so rows go REPACK_ROWS at a time where that gives the same bytes (checked once
+    per process: the kernel's layout depends on the CPU)."""
+    global _chunked_repack_ok
+    convert = torch._convert_weight_to_int4pack_for_cpu
+    if _chunked_repack_ok is None:
+        probe = torch.randint(0, 256, (2 * REPACK_ROWS, 64), dtype=torch.uint8)
+        whole = convert(unpack_int4(probe), 1)
+        parts = [convert(unpack_int4(probe[i : i + REPACK_ROWS]), 1) for i in (0, REPACK_ROWS)]
+        _chunked_repack_ok = torch.equal(torch.cat(parts), whole)
+    if packed.shape[0] <= REPACK_ROWS or not _chunked_repack_ok:
+        return convert(unpack_int4(packed), 1)
+    return torch.cat([convert(unpack_int4(packed[i : i + REPACK_ROWS]), 1) for i in range(0, packed.shape[0], REPACK_ROWS)])
+
+
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """float32 [out, in] weights of an int4 layer."""
     codes = unpack_int4(packed).to(torch.float32)
@@ -151,10 +172,10 @@ class Int4Linear(nn.Module):
         self._kernel_weight = None
 
     def prepare_cpu(self) -> None:
-        """Repack the codes into the kernel's order and drop the stored ones (same size):
-        done once at load, layer by layer, so the int32 transient stays one layer's."""
+        """Repack the codes into the kernel's order and drop the stored ones (same size),
+        once at load."""
         if self._kernel_weight is None:
-            self._kernel_weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight), 1)
+            self._kernel_weight = repack_int4_for_cpu(self.weight)
             self.weight = torch.empty(self.weight.shape, dtype=torch.uint8, device="meta")
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -212,9 +212,13 @@ def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.M
 
 def prepare_int4(model: nn.Module) -> None:
     """Repack int4 codes into the CPU kernel's order now, not on the first token."""
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.prepare_cpu()
+    from edgepack.lean import release_freed_memory
+
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    for module in layers:
+        module.prepare_cpu()
+    if layers:
+        release_freed_memory()  # the stored codes, freed between the repacked ones
 
 
 def _swap_quantized_layers(model: nn.Module, quant: dict, compute_dtype: torch.dtype) -> None:

@@ -100,16 +100,19 @@ def tiny_sources(root: Path) -> dict[str, Path]:
     return paths
 
 
-def bundles_for(name: str, source: str, root: Path) -> dict[int, Path]:
+SETTINGS = {16: (16, "nf4"), 8: (8, "nf4"), 4: (4, "nf4"), "int4": (4, "int4")}  # label -> (bits, quant_type)
+
+
+def bundles_for(name: str, source: str, root: Path) -> dict[int | str, Path]:
     from edgepack.exporter import pack
 
     out = {}
-    for bits in (16, 8, 4):
-        path = root / f"{name}-{bits}bit"
+    for label, (bits, quant_type) in SETTINGS.items():
+        path = root / f"{name}-{label}bit"
         if not (path / "edgepack.json").is_file():
-            print(f"packing {name} at {bits}-bit", file=sys.stderr, flush=True)
-            pack(source, path, bits=bits, force=True)
-        out[bits] = path
+            print(f"packing {name} at {label}", file=sys.stderr, flush=True)
+            pack(source, path, bits=bits, quant_type=quant_type, force=True)
+        out[label] = path
     return out
 
 
@@ -179,7 +182,8 @@ def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[in
 
     desc = describe_model(load_config(source), name=name)
     rows = []
-    for bits, bundle in bundles.items():
+    for label, bundle in bundles.items():
+        bits, quant_type = SETTINGS[label]
         for context in contexts:
             prompt_tokens = context - new_tokens
             prompt = prompt_of(bundle, prompt_tokens)
@@ -189,9 +193,9 @@ def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[in
                        "--min-new-tokens", str(new_tokens), "--temperature", "0", "--no-verify"]  # fmt: skip
                 measured = peak_rss(cmd, env)
                 p = planner.plan(desc, _profile(), context=context, prompt_tokens=prompt_tokens, bits=bits,
-                                 runtime=path)  # fmt: skip
+                                 quant_type=quant_type, runtime=path)  # fmt: skip
                 cpu = p.devices["cpu"]
-                rows.append(dict(model=name, bits=bits, path=path, context=context, prompt=prompt_tokens,
+                rows.append(dict(model=name, bits=label, path=path, context=context, prompt=prompt_tokens,
                                  predicted=cpu.peak_bytes, measured=measured, weights=cpu.weights_bytes,
                                  kv=cpu.kv_cache_bytes, act=cpu.activations_bytes, loading=cpu.loading_bytes,
                                  heap=cpu.allocator_bytes,
