@@ -32,7 +32,7 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 OUTPUT_LAYER_REASON = (
     "output layer (lm_head): kept in 16-bit because its errors go straight into every "
-    "token's probabilities; bitsandbytes and llama.cpp keep it too"
+    "token's probabilities; bitsandbytes keeps it too (llama.cpp's k-quants keep it at 6 bits or more)"
 )
 TIED_REASON = "tied to the input embeddings, which are stored once in 16-bit"
 INT4_SHAPE_REASON = (

@@ -50,3 +50,19 @@ def test_4bit_answers_sensibly(smollm2):
     lm = edgepack.load(smollm2[4][0])
     answer = lm.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24, temperature=0)
     assert "Paris" in answer
+
+
+def test_int4_on_the_default_model(tmp_path):
+    """edgepack's CPU int4 on the real model: close to the source (which is itself a Q4_1
+    GGUF, so 32-wide affine groups land near its grid), and it answers."""
+    import edgepack
+    from edgepack.exporter import pack
+
+    manifest = pack("smollm2-135m", tmp_path / "int4", bits=4, quant_type="int4")
+    q, v = manifest["quantization"], manifest["verification"]
+    assert (q["method"], q["quant_type"], len(q["quantized_modules"])) == ("edgepack", "int4", 30 * 7)
+    assert v["tensors_bit_identical"] and v["logits_rel_error_vs_reference"] < 0.05
+    assert v["top1_agreement_vs_source"] >= 0.9
+    lm = edgepack.load(tmp_path / "int4")
+    answer = lm.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24, temperature=0)
+    assert "Paris" in answer
