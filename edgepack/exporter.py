@@ -144,7 +144,7 @@ def _check_options(
         raise QuantizationError(
             f"unsupported 4-bit quant type {quant_type!r}", hint="use --quant-type nf4, fp4 or int4 (CPU)"
         )
-    if quant_type == "int4" and bits == 4:
+    if quant_type == "int4":  # at 16/8 bits the quant type (and its default group) is unused
         if blocksize not in INT4_GROUP_SIZES:
             raise QuantizationError(
                 f"unsupported int4 group size {blocksize}", hint=f"use one of {', '.join(map(str, INT4_GROUP_SIZES))}"

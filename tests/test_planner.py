@@ -457,6 +457,19 @@ def _tiny_box_file(tiny_models):
     return path
 
 
+def test_pack_for_a_cpu_only_profile_at_more_than_4_bits(tiny_models, tmp_path):
+    """The CPU-only default quant type (int4) must not get in the way when the plan picks
+    16 or 8 bits (it once failed with "unsupported 4-bit block size 32")."""
+    from edgepack import bundle as bundle_format
+
+    out = tmp_path / "cpu"
+    args = ["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "rpi4-4gb", "--context", "128", "-q"]
+    assert cli_main(args) == 0
+    assert bundle_format.read_manifest(out)["quantization"]["bits"] == 16
+    assert cli_main([*args[:3], str(tmp_path / "cpu8"), *args[4:], "--bits", "8"]) == 0
+    assert bundle_format.read_manifest(tmp_path / "cpu8")["quantization"]["scheme"] == "int8-rowwise"
+
+
 def test_pack_with_a_profile_records_the_plan(tiny_models, tmp_path):
     from edgepack import bundle as bundle_format
 
