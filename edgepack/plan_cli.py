@@ -170,15 +170,13 @@ def _lean_supported(config) -> bool:
 def plan_for_pack(source: str, profile: str, context: int | None, bits: int | None, revision: str | None,
                   gguf_file: str | None, quant_type: str | None, say: Callable[[str], None] | None,
                   double_quant: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Plan for PROFILE; return pack()'s bits, quant_type, device_map, target_profile and plan.
-    quant_type None: nf4 where there is a GPU, edgepack's int4 on a CPU-only box (its fast
-    CPU kernel; nf4 is dequantized in torch on every call there)."""
+    """Plan for PROFILE; return pack()'s bits, quant_type (None: ``default_quant_type``),
+    device_map, target_profile and plan."""
     from edgepack.errors import PlanError
     from edgepack.profile import list_profiles, load_profile
 
     target = load_profile(profile)
-    if quant_type is None:
-        quant_type = "int4" if not target.has_gpu and not double_quant else "nf4"
+    quant_type = quant_type or default_quant_type(target, double_quant)
     desc = describe_model(load_config(source, revision, gguf_file), name=source)
     p = planner.plan(desc, target, context=context, bits=bits, quant_type=quant_type, double_quant=double_quant,
                      alternatives=_builtin_profiles(list_profiles))  # fmt: skip
@@ -189,6 +187,12 @@ def plan_for_pack(source: str, profile: str, context: int | None, bits: int | No
         say(f"plan for {target.name}: {p.reasons[0]}")
     return {"bits": p.bits, "quant_type": quant_type, "device_map": p.device_map, "target_profile": target.to_dict(),
             "plan": p.to_dict()}  # fmt: skip
+
+
+def default_quant_type(target, double_quant: bool = False) -> str:
+    """4-bit type when none is given: edgepack's int4 on a CPU-only box (its fast CPU
+    kernel; nf4 is dequantized in torch on every call there), nf4 where there is a GPU."""
+    return "int4" if not target.has_gpu and not double_quant else "nf4"
 
 
 def _builtin_profiles(list_profiles) -> list:
@@ -226,7 +230,7 @@ def main(args) -> int:
 
     target = load_profile(args.profile)
     desc = describe_model(load_config(args.source, args.revision, args.gguf_file), name=args.source)
-    quant_type = args.quant_type or ("int4" if not target.has_gpu and not args.double_quant else "nf4")
+    quant_type = args.quant_type or default_quant_type(target, args.double_quant)
     p = planner.plan(desc, target, context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch,
                      bits=args.bits, quant_type=quant_type, double_quant=args.double_quant,
                      alternatives=_builtin_profiles(list_profiles))  # fmt: skip
