@@ -65,18 +65,6 @@ class KVCache:
         self.length = 0
 
 
-class FusedLinear(nn.Module):
-    """Several projections of the same input as one matmul, split afterwards."""
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.sizes = [p.out_features for p in parts]
-        self.inner = fuse(parts)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.inner(x).split(self.sizes, dim=-1))
-
-
 def fuse(parts: list[nn.Module]) -> nn.Module:
     """One layer computing all ``parts``: int8 rows and scales concatenate exactly; other
     kinds (4-bit blocks, 16-bit) are kept as a list and run one by one."""
@@ -114,42 +102,81 @@ class _Concat(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+def kernel(module: nn.Module):
+    """The fastest call computing ``module`` on a 2-D input already in its compute dtype:
+    int8/int4 layers without bias go straight to torch's fused CPU kernel (no module call,
+    reshape or cast per token); anything else is called as a module."""
+    if isinstance(module, Int8Linear) and module.bias is None and module.weight.device.type == "cpu":
+        weight, scales, mm = module.weight, module._scales, torch._weight_int8pack_mm
+        return lambda x: mm(x, weight, scales)
+    if isinstance(module, Int4Linear) and module.bias is None and module.weight.device.type in ("cpu", "meta"):
+        module.prepare_cpu()
+        weight, group, sz, mm4 = module._kernel_weight, module.group, module.scales_and_zeros, torch._weight_int4pack_mm_for_cpu
+        return lambda x: mm4(x, weight, group, sz)
+    return module
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a projection's input is cast to once, before its kernel."""
+    if isinstance(module, _Concat):
+        return compute_dtype(module.parts[0])
+    return getattr(module, "compute_dtype", None) or module.weight.dtype
+
+
 class Block(nn.Module):
+    """One decoder layer on 2-D activations [tokens, hidden]: the per-token hot path, so it
+    runs as few ops as it can (q and k rotated together, no per-call module dispatch for
+    the quantized projections, no dtype round trips)."""
+
     def __init__(self, layer: nn.Module, cfg: "LeanConfig"):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_proj = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
-        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+        self.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
         self.cfg = cfg
+        self.inter = mlp.gate_proj.out_features
+        self.q_size, self.qk_size = cfg.heads * cfg.head_dim, (cfg.heads + cfg.kv_heads) * cfg.head_dim
+        self.relink()
+
+    def relink(self) -> None:
+        """Bind the projections' kernels (again, after their tensors changed)."""
+        self._qkv, self._o = kernel(self.qkv_proj), kernel(self.o_proj)
+        self._gate_up, self._down = kernel(self.gate_up_proj), kernel(self.down_proj)
+        self._dtypes = [compute_dtype(m) for m in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)]
 
     def forward(self, x, cos, sin, cache: KVCache | None, index: int, start: int, mask):
         cfg = self.cfg
-        n = x.shape[1]
-        h = F.rms_norm(x, (cfg.hidden,), self.input_norm.to(x.dtype), cfg.eps)
-        q, k, v = self.qkv(h)
-        q = q.view(1, n, cfg.heads, cfg.head_dim).transpose(1, 2)
-        k = k.view(1, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(1, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        n, heads, kv_heads, dim = x.shape[0], cfg.heads, cfg.kv_heads, cfg.head_dim
+        qkv_dtype, o_dtype, gate_up_dtype, down_dtype = self._dtypes
+        h = F.rms_norm(x, (cfg.hidden,), self.input_norm, cfg.eps)
+        qkv = self._qkv(h.to(qkv_dtype))
+        # q and k rotated as one [tokens, heads + kv_heads, dim] tensor, then kept 16-bit
+        qk = qkv[:, : self.qk_size].view(n, heads + kv_heads, dim)
+        qk = rotate(qk, cos, sin).to(KV_DTYPE)
+        q, k = qk[:, :heads].transpose(0, 1), qk[:, heads:].transpose(0, 1)
+        v = qkv[:, self.qk_size :].view(n, kv_heads, dim).transpose(0, 1)
         if cache is not None:
-            cache.k[index, :, :, start : start + n] = k
-            cache.v[index, :, :, start : start + n] = v
+            cache.k[index, 0, :, start : start + n] = k
+            cache.v[index, 0, :, start : start + n] = v
             k, v = cache.k[index, :, :, : start + n], cache.v[index, :, :, : start + n]
+        else:
+            k, v = k[None], v.to(KV_DTYPE)[None]
         # attention in the cache's 16-bit dtype: no per-step upcast copy of the whole cache
         attn = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v.to(k.dtype), attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=True
-        ).to(x.dtype)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(1, n, cfg.heads * cfg.head_dim))
-        h = F.rms_norm(x, (cfg.hidden,), self.post_norm.to(x.dtype), cfg.eps)
-        gate, up = self.gate_up(h)
-        return x + self.down_proj(F.silu(gate) * up)
+            q[None], k, v, attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=True
+        )
+        x = x + self._o(attn[0].transpose(0, 1).reshape(n, self.q_size).to(o_dtype))
+        h = F.rms_norm(x, (cfg.hidden,), self.post_norm, cfg.eps)
+        gate_up = self._gate_up(h.to(gate_up_dtype))
+        return x + self._down((F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]).to(down_dtype))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [tokens, heads, dim] with cos/sin [tokens, 1, dim]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -226,7 +253,7 @@ class LeanLM(nn.Module):
             freqs = torch.outer(torch.arange(size, dtype=torch.float32), self._inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        return self._cos[start : start + n], self._sin[start : start + n]
+        return self._cos[start : start + n, None], self._sin[start : start + n, None]
 
     def _hidden(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         n = input_ids.shape[-1]
@@ -236,9 +263,9 @@ class LeanLM(nn.Module):
         cos, sin = self._rope(start, n)
         # a chunk after a prefix needs an explicit causal mask; a lone prompt uses is_causal
         mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start) if start > 0 and n > 1 else None
-        x = self._embed(input_ids.reshape(1, n))
+        x = self._embed(input_ids.reshape(n))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, start, mask)
+            x = block.forward(x, cos, sin, cache, i, start, mask)  # no module-call overhead per layer
         if cache is not None:
             cache.length = start + n
         return x
@@ -252,12 +279,12 @@ class LeanLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> Output:
-        return Output(logits=self._head(self._hidden(input_ids, cache)))
+        return Output(logits=self._head(self._hidden(input_ids, cache))[None])
 
     @torch.inference_mode()
     def logits_last(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position only: the lm_head runs on one row, not the prompt."""
-        return self._head(self._hidden(input_ids, cache)[:, -1:])[0, -1]
+        return self._head(self._hidden(input_ids, cache)[-1:])[0]
 
 
 def release_freed_memory() -> None:
