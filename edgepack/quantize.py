@@ -75,6 +75,8 @@ class Settings:
         }
         if self.bits == 8:
             section["weight_only"] = True  # the runtime does not quantize activations
+        if result.smoothing is not None:
+            section["smoothing"] = result.smoothing
         if self.bits == 4:
             section.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
         return section
@@ -85,6 +87,7 @@ class Result:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # what the shards hold, in order
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: dict[str, str] = field(default_factory=dict)  # module -> why it stayed 16-bit
+    smoothing: dict[str, Any] | None = None  # how the float model was rewritten first (smoothing.py)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -96,6 +99,7 @@ def quantize_model(
     settings: Settings,
     say: Callable[[str], None],
     read: Callable[[str], torch.Tensor] | None = None,
+    smoothing: Any = None,
 ) -> Result:
     """Quantize every linear layer but the output layer, one tensor at a time.
 
@@ -105,6 +109,9 @@ def quantize_model(
     """
     read = read or (lambda key: _get(model, key).detach())
     result = Result()
+    if smoothing is not None:  # a smoothing.Plan: quantize the rewritten model instead
+        read = smoothing.wrap(read)
+        result.smoothing = smoothing.describe()
     output = model.get_output_embeddings()
     targets = {}
     for name, module in model.named_modules():
