@@ -7,7 +7,9 @@ int4 (its CPU format), nf4 and fp4), as medians of fresh
 processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt tokens/s on a
 ~256-token prompt, time from process start to the first token, peak RSS (VmHWM), file bytes,
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
-agreement on tests/bench/gguf_heldout.txt, the same token ids for every engine). Then the
+agreement on tests/bench/gguf_heldout.txt plus the start of Python's pydoc topics, ~4k
+tokens, the same token ids for every edgepack format; "8 raw" is the 8-bit bundle packed
+with --no-smoothing, scored for quality only). Then the
 ratios edgepack / llama.cpp and edgepack / seed, and (--profile) where one decode step of
 the 8-bit bundle spends its time. Each speed run waits for the machine to be quiet and
 records how much CPU other processes used meanwhile (`foreign`): these machines are noisy,
@@ -33,9 +35,15 @@ sys.path.insert(0, str(BENCH))
 import peer_llamacpp as peer  # noqa: E402  (same folder; llama.cpp side and shared helpers)
 
 PROMPT_TOKENS, NEW_TOKENS = 256, 128
+# formats scored for quality only: "8 raw" (8-bit without smoothing) runs the same kernels as "8"
+QUALITY_ONLY = {"8 raw"}
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
+
+
+def quality_ids(tokenizer) -> list[int]:
+    return tokenizer.encode(peer.quality_text(), add_special_tokens=False)
 
 
 def heldout_ids(tokenizer, n: int | None = None) -> list[int]:
@@ -153,8 +161,8 @@ def pack_bundles(work: Path) -> dict[str, Path]:
     from edgepack.exporter import pack
 
     bundles = {}
-    settings = {"16": {"bits": 16}, "8": {"bits": 8}, "4 int4": {"bits": 4, "quant_type": "int4"},
-                "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}  # fmt: skip
+    settings = {"16": {"bits": 16}, "8": {"bits": 8}, "8 raw": {"bits": 8, "smoothing": False},
+                "4 int4": {"bits": 4, "quant_type": "int4"}, "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}  # fmt: skip
     for name, opts in settings.items():
         out = work / f"bundle-{name.replace(' ', '-')}"
         pack("smollm2-135m", out, force=True, **opts)
@@ -184,8 +192,17 @@ def quality_rows(bundles: dict[str, Path], tokens: np.ndarray, ref: np.ndarray, 
     for name, path in bundles.items():
         out = spawn("quality", str(path), str(work / "tokens.npy"), str(work / f"lp-{name.replace(' ', '-')}.npy"))
         lp = np.load(out["logprobs"])
-        rows[name] = {"perplexity": peer.perplexity(lp, tokens), **peer.compare_logprobs(ref, lp)}
+        rows[name] = {"perplexity": peer.perplexity(lp, tokens), **peer.compare_logprobs(ref, lp),
+                      "ppl_delta_se_pct": ppl_delta_se_pct(ref, lp, tokens), "n_tokens": len(tokens)}  # fmt: skip
     return rows
+
+
+def ppl_delta_se_pct(ref: np.ndarray, lp: np.ndarray, tokens: np.ndarray) -> float:
+    """Standard error (in %) of the perplexity ratio to the reference, from the per-token
+    log-likelihood differences (paired: the same tokens)."""
+    pos = np.arange(len(tokens) - 1)
+    diff = ref[pos, tokens[1:]].astype(np.float64) - lp[pos, tokens[1:]]
+    return float(100 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def profile_decode_step(bundle: Path, threads: int) -> str:
@@ -219,6 +236,8 @@ def main() -> None:
     fp32 = save_fp32(work)
     rows: list[dict] = []
     for name, path in bundles.items():
+        if name in QUALITY_ONLY:
+            continue
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         rows.append({"engine": "edgepack", "format": name, "bytes": size, **speed(args.repeats, "edgepack", str(path), str(args.threads))})
     ckpt = (fp32 / "model.safetensors").stat().st_size
@@ -232,7 +251,7 @@ def main() -> None:
     # quality: edgepack bundles on the same token ids llama.cpp was scored on
     from transformers import AutoTokenizer
 
-    tokens = np.array(heldout_ids(AutoTokenizer.from_pretrained(fp32)))
+    tokens = np.array(quality_ids(AutoTokenizer.from_pretrained(fp32)))
     src = __import__("gguf_variants").default_src_gguf()
     ref = peer.reference_logprobs(src, tokens)
     quality = quality_rows(bundles, tokens, ref, work)
@@ -265,8 +284,9 @@ def print_table(rows, quality, ref_ppl, args) -> None:
                       f"prompt {e['prompt_tok_s'] / o['prompt_tok_s']:.2f}x, first token {e['first_token_s'] / o['first_token_s']:.2f}x, "
                       f"peak RSS {e['peak_rss_kib'] / o['peak_rss_kib']:.2f}x")  # fmt: skip
     print()
-    for name in quality:
-        print(f"edgepack {name:<6} perplexity vs source: {100 * (quality[name]['perplexity'] / ref_ppl - 1):+.2f}%")
+    for name, q in quality.items():
+        print(f"edgepack {name:<6} perplexity vs source: {100 * (q['perplexity'] / ref_ppl - 1):+.2f}% "
+              f"(standard error {q['ppl_delta_se_pct']:.2f}%, {q['n_tokens']} tokens)")
 
 
 if __name__ == "__main__":
