@@ -104,16 +104,10 @@ class _Concat(nn.Module):
 
 def kernel(module: nn.Module):
     """The fastest call computing ``module`` on a 2-D input already in its compute dtype:
-    int8/int4 layers without bias go straight to torch's fused CPU kernel (no module call,
-    reshape or cast per token); anything else is called as a module."""
-    if isinstance(module, Int8Linear) and module.bias is None and module.weight.device.type == "cpu":
-        weight, scales, mm = module.weight, module._scales, torch._weight_int8pack_mm
-        return lambda x: mm(x, weight, scales)
-    if isinstance(module, Int4Linear) and module.bias is None and module.weight.device.type in ("cpu", "meta"):
-        module.prepare_cpu()
-        weight, group, sz, mm4 = module._kernel_weight, module.group, module.scales_and_zeros, torch._weight_int4pack_mm_for_cpu
-        return lambda x: mm4(x, weight, group, sz)
-    return module
+    int8/int4 layers go straight to torch's fused CPU kernel (no module call, reshape or
+    cast per token); anything else is called as a module."""
+    direct = getattr(module, "cpu_kernel", None)
+    return (direct() if direct else None) or module
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:

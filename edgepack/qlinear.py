@@ -67,6 +67,14 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.to(torch.float32) * (self.SCB[:, None] / 127.0)
 
+    def cpu_kernel(self):
+        """``x -> y`` for 2-D ``x`` already in the compute dtype, straight to torch's fused
+        kernel (no reshape or cast per call); None where forward() must run instead."""
+        if self.bias is not None or self.weight.device.type != "cpu":
+            return None
+        weight, scales, mm = self.weight, self._scales, torch._weight_int8pack_mm
+        return lambda x: mm(x, weight, scales)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
@@ -177,6 +185,14 @@ class Int4Linear(nn.Module):
         if self._kernel_weight is None:
             self._kernel_weight = repack_int4_for_cpu(self.weight)
             self.weight = torch.empty(self.weight.shape, dtype=torch.uint8, device="meta")
+
+    def cpu_kernel(self):
+        """As Int8Linear.cpu_kernel (repacks the codes first if not done yet)."""
+        if self.bias is not None or self.weight.device.type not in ("cpu", "meta"):
+            return None
+        self.prepare_cpu()
+        weight, group, sz, mm = self._kernel_weight, self.group, self.scales_and_zeros, torch._weight_int4pack_mm_for_cpu
+        return lambda x: mm(x, weight, group, sz)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self._kernel_weight is None:
