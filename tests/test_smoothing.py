@@ -91,3 +91,15 @@ def test_no_smoothing_where_it_does_not_apply(packed):
     assert "smoothing" not in bundle_format.read_manifest(packed("llama", 8, smoothing=False))["quantization"]
     assert "smoothing" not in bundle_format.read_manifest(packed("gpt2", 8))["quantization"]
     assert "smoothing" not in bundle_format.read_manifest(packed("llama", 4, quant_type="int4"))["quantization"]
+
+
+def test_calibration_looks_like_what_the_model_sees():
+    """Every sequence starts at position 0; with a chat template half are conversations in
+    it (its special tokens carry outliers plain text never shows); the budget holds."""
+    tokenizer = make_tokenizer()
+    sequences, digest = smoothing.calibration_sequences(tokenizer, max_tokens=600, max_length=100)
+    assert sum(map(len, sequences)) <= 600 and all(0 < len(s) <= 100 for s in sequences)
+    user, assistant = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    assert sequences[0][0] == user and assistant in sequences[0]
+    assert user not in sequences[1]
+    assert len(digest) == 64
