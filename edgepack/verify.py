@@ -59,6 +59,10 @@ def describe(manifest: dict) -> str:
         + (f", block {quant['blocksize']}, double quant {quant['double_quant']}" if quant["bits"] == 4 else "")
         + f", compute {quant['compute_dtype']}; {len(quant.get('quantized_modules', []))} layers quantized",
     ]
+    smoothing = quant.get("smoothing")
+    if isinstance(smoothing, dict):
+        cal = smoothing.get("calibration") or {}
+        lines.append(f"  smoothed:     alpha {smoothing.get('alpha')}, calibrated on {cal.get('tokens', '?')} tokens of {cal.get('text', '?')}")
     for module, reason in quant.get("kept_modules", {}).items():
         lines.append(f"  kept 16-bit:  {module}: {reason}")
     lines.append(f"weights:       {mem['weight_bytes'] / 1e6:.1f} MB  "

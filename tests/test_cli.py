@@ -163,3 +163,15 @@ def test_empty_prompt(capsys, packed):
     code, _, err = run_cli(capsys, "run", str(packed("llama", 8)), "   ")
     assert code == 1
     assert_one_line_error(err, "the prompt is empty")
+
+
+def test_pack_8bit_smoothing_flag_and_inspect(capsys, tiny_models, tmp_path):
+    """8-bit Llama packs smoothed by default (inspect says so); --no-smoothing packs as is."""
+    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "s"), "--bits", "8")
+    assert code == 0 and "smoothing (alpha 0.25)" in err
+    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "s"))
+    assert "smoothed:     alpha 0.25, calibrated on" in stdout
+    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "r"), "--bits", "8", "--no-smoothing")
+    assert code == 0 and "for smoothing" not in err
+    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "r"))
+    assert "smoothed" not in stdout
