@@ -134,10 +134,6 @@ class Block(nn.Module):
         self.cfg = cfg
         self.inter = mlp.gate_proj.out_features
         self.q_size, self.qk_size = cfg.heads * cfg.head_dim, (cfg.heads + cfg.kv_heads) * cfg.head_dim
-        self.relink()
-
-    def relink(self) -> None:
-        """Bind the projections' kernels (again, after their tensors changed)."""
         self._qkv, self._o = kernel(self.qkv_proj), kernel(self.o_proj)
         self._gate_up, self._down = kernel(self.gate_up_proj), kernel(self.down_proj)
         self._dtypes = [compute_dtype(m) for m in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)]
@@ -224,7 +220,7 @@ class LeanLM(nn.Module):
         for i in range(len(base.layers)):
             self.blocks.append(Block(base.layers[i], self.cfg))
             for module in self.blocks[-1].modules():  # int4 codes into the kernel's order, a layer at a time
-                if isinstance(module, Int4Linear):
+                if isinstance(module, Int4Linear):  # (also those a bias keeps out of a fused kernel)
                     module.prepare_cpu()
             # fusing copies q/k/v and gate/up rows: drop this layer's originals at once, so
             # the copies never add up to more than one layer over the weights
