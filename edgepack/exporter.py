@@ -90,9 +90,11 @@ def pack(
     architecture = quantize.architecture_summary(structure)
     check_ids = src.tokenizer.encode(CHECK_PROMPT)
     say("computing reference logits of the full-precision model")
-    source_logits = quantize.logits(src.source_model(), check_ids)
+    source_model = src.source_model()  # built once (streamed sources: a lazy reader) for the logits and smoothing
+    source_logits = quantize.logits(source_model, check_ids)
     settings = quantize.Settings(bits, quant_type, double_quant, blocksize, dtype)
-    smooth = _smoothing_plan(src, settings, smoothing, say)
+    smooth = _smoothing_plan(src, source_model, settings, smoothing, say)
+    source_model = None
     result = quantize.quantize_model(structure, settings, say, read=src.read, smoothing=smooth)
     src.model = structure = None  # the full-precision weights are no longer needed
     reference_logits = quantize.logits(reference.dequantized_model(src.config, result, settings), check_ids)
@@ -123,7 +125,7 @@ def pack(
     return manifest
 
 
-def _smoothing_plan(src: "_Source", settings, enabled: bool, say: Progress):
+def _smoothing_plan(src: "_Source", source_model, settings, enabled: bool, say: Progress):
     """A smoothing.Plan for 8-bit Llama-family models, else None. Smoothing only pays
     where one scale covers a whole row: measured for per-row int8, not for 4-bit blocks."""
     if not enabled or settings.bits != 8:
@@ -135,7 +137,7 @@ def _smoothing_plan(src: "_Source", settings, enabled: bool, say: Progress):
         say(f"no smoothing for this model: {reason}")
         return None
     say(f"measuring activations on {smoothing.CALIBRATION_TEXT.name} for smoothing (alpha {smoothing.ALPHA})")
-    return smoothing.plan(src.source_model(), src.config, src.tokenizer, settings.torch_dtype)
+    return smoothing.plan(source_model, src.config, src.tokenizer, settings.torch_dtype)
 
 
 def _return_big_frees_to_the_os() -> None:
