@@ -18,9 +18,10 @@ def qwen2_with_biases(vocab_size: int):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if p.dim() == 1 else 0.0))  # biases and norms off their init
-            if p.dim() >= 2:
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.5)  # biases and norms off their init
+            else:
                 p.mul_(4.0)
     return model
 
