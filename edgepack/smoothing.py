@@ -132,7 +132,7 @@ class Plan:
 
 
 def calibration_sequences(
-    tokenizer, path: Path = CALIBRATION_TEXT, max_tokens: int = CALIBRATION_TOKENS, max_length: int = CHUNK_TOKENS
+    tokenizer, path: Path | None = None, max_tokens: int = CALIBRATION_TOKENS, max_length: int = CHUNK_TOKENS
 ) -> tuple[list[list[int]], str]:
     """Token sequences shaped like what the model will see: each starts at position 0 with
     the tokenizer's special tokens and, when the model has a chat template, half of them are
@@ -140,7 +140,7 @@ def calibration_sequences(
     plain text never shows. (Measured on the default model: factors from one plain-text
     stream flipped the first answer token of the demo chat prompt, a near-tie in the source
     itself, 'The' 0.15 vs 'L' 0.14; KL was the same either way.)"""
-    text = path.read_text(encoding="utf-8")
+    text = (path or CALIBRATION_TEXT).read_text(encoding="utf-8")
     digest = hashlib.sha256(text.encode()).hexdigest()
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     chat = bool(getattr(tokenizer, "chat_template", None))
@@ -198,7 +198,12 @@ def plan(model: nn.Module, config, tokenizer, storage_dtype: torch.dtype, alpha:
     sequences, digest = calibration_sequences(tokenizer, max_length=max_length)
     tokens = sum(len(ids) for ids in sequences)
     if tokens < 16:
-        raise ValueError("the calibration text is too short")
+        from edgepack.errors import QuantizationError
+
+        raise QuantizationError(
+            f"smoothing's calibration text {CALIBRATION_TEXT} gives only {tokens} tokens",
+            hint="reinstall edgepack (the file is damaged) or pack with --no-smoothing",
+        )
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

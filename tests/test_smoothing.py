@@ -104,3 +104,16 @@ def test_calibration_looks_like_what_the_model_sees():
     assert sequences[0][0] == user and assistant in sequences[0]
     assert user not in sequences[1]
     assert len(digest) == 64
+
+
+def test_damaged_calibration_text_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
+    from edgepack.errors import QuantizationError
+    from edgepack.exporter import pack
+
+    short = tmp_path / "calibration.txt"
+    short.write_text("too short")
+    monkeypatch.setattr(smoothing, "CALIBRATION_TEXT", short)
+    with pytest.raises(QuantizationError, match="gives only .* tokens") as err:
+        pack(str(tiny_models["llama"]), tmp_path / "out", bits=8)
+    assert "--no-smoothing" in err.value.hint
+    assert not (tmp_path / "out").exists()
