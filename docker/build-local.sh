@@ -90,10 +90,29 @@ find "$CONTEXT/edgepack" -name __pycache__ -prune -exec rm -rf {} +
 cp "$REPO/docker/Dockerfile.cpu" "$CONTEXT/docker/"
 
 # --- 4. image ---------------------------------------------------------------------------
+# A build needs about 4 GB under podman's storage (the build stage with torch installed,
+# then the final image). Say so before starting rather than fail half-way with ENOSPC.
+store=$(podman info --format '{{.Store.GraphRoot}}')
+mkdir -p "$store"
+free_mb=$(df -Pm "$store" | awk 'NR==2 {print $4}')
+if [ "$free_mb" -lt 4096 ]; then
+    echo "build-local.sh: only ${free_mb} MB free under $store; the build needs about 4096 MB: free some (podman image prune; podman system df) and run again" >&2
+    exit 1
+fi
+old_id=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 log "building $IMAGE"
-podman build --isolation=chroot --format docker --network host \
+# --layers=false: no intermediate images are kept as cache. Every run stages fresh source,
+# so cached layers past the base image could never be reused and only filled the disk
+# (one run left ~3.3 GB of untagged images behind, and CI ran out of space).
+podman build --isolation=chroot --format docker --network host --layers=false \
     --build-arg BASE_IMAGE="$BASE" --build-arg PIP_INSTALL_ARGS=--no-index \
     -f "$CONTEXT/docker/Dockerfile.cpu" -t "$IMAGE" "$CONTEXT"
+new_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+# The previous build of this tag is now untagged: remove it (and only it), unless a
+# container still uses it.
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    podman rmi "$old_id" >/dev/null 2>&1 || true
+fi
 [ "${SKIP_RUN:-0}" = 1 ] && exit 0
 
 # --- 5. run and ask ---------------------------------------------------------------------
