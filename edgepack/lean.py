@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
+from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
@@ -315,6 +315,9 @@ class CastLinear(nn.Linear):
         pass  # weights come from the bundle; random init on meta would import torch._refs (~1.5 s, ~90 MiB)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] >= WIDE_ROWS and x.device.type == "cpu" and self.weight.dtype != torch.float32:
+            y = wide_matmul(x.to(self.weight.dtype), self.weight)  # a prompt: float32 GEMM is faster
+            return y if self.bias is None else y + self.bias
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 

@@ -249,6 +249,11 @@ INT4_REPACK_BYTES_PER_WEIGHT = 1
 # edgepack.qlinear dequantizes 4-bit layers on the CPU at most this many weights at a time
 DEQUANT_CHUNK_WEIGHTS = 1 << 18
 DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16
+# ... and multiplies a prompt of WIDE_ROWS tokens or more in float32 (int8 and 16-bit layers
+# on the CPU): a buffer of WIDE_CHUNK_WEIGHTS float32 weights kept for the process, the
+# float32 input and one chunk's float32 output
+WIDE_ROWS = 32
+WIDE_CHUNK_WEIGHTS = 1 << 20
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
@@ -522,8 +527,12 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     elif q.bits == 4:  # the largest layer dequantized per call
         chunk = min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if on_cpu else held.largest_linear
         workspace = DEQUANT_BYTES_PER_WEIGHT["cpu" if on_cpu else "cuda"] * chunk
-    else:  # int8 on the CPU: each layer's row scales kept in the compute dtype
-        workspace = COMPUTE_BYTES * held.int8_rows if q.bits == 8 and on_cpu else 0
+    else:  # int8 on the CPU: each layer's row scales kept in the compute dtype (and float32, lean)
+        workspace = (COMPUTE_BYTES + (4 if rt is LEAN else 0)) * held.int8_rows if q.bits == 8 and on_cpu else 0
+    if rt is LEAN and on_cpu and q.bits != 4 and held.layers and o.batch * o.prompt_tokens >= WIDE_ROWS:
+        chunk = min(held.largest_linear, WIDE_CHUNK_WEIGHTS)
+        bt, d = o.batch * o.prompt_tokens, s.desc
+        workspace += 4 * (chunk + bt * max(d.hidden_size, d.intermediate_size) + bt * max(1, chunk // d.hidden_size))
     heap = rt.heap_growth_per_4bit_weight * min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if q.bits == 4 and on_cpu and not int4 else 0
     if int4:  # fused gate/up (2 x the largest layer) repacked at load
         loading = held.fused + INT4_REPACK_BYTES_PER_WEIGHT * 2 * held.largest_linear

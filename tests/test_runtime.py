@@ -153,6 +153,44 @@ def test_int8_linear_is_weight_only():
     assert torch.allclose(layer(x), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 31, 32, 300])
+def test_int8_kernel_prompt_path_computes_the_stored_formula(rows, monkeypatch):
+    """From WIDE_ROWS rows the int8 kernel multiplies in float32 in row chunks (including a
+    ragged last chunk); below it, torch's int8pack kernel. Both compute W = weight * SCB/127."""
+    import edgepack.qlinear as qlinear
+
+    monkeypatch.setattr(qlinear, "WIDE_CHUNK_WEIGHTS", 64 * 20)  # 20-row chunks of a 48-row layer
+    torch.manual_seed(0)
+    cb = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    scb = torch.rand(48) * 3
+    layer = Int8Linear(64, 48, False, torch.bfloat16)
+    layer.attach({"weight": cb, "SCB": scb})
+    x = torch.randn(rows, 64).bfloat16()
+    expected = x.double() @ (cb.double() * scb.double()[:, None] / 127).T
+    y = layer.cpu_kernel()(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
+    err = ((y.double() - expected).norm() / expected.norm()).item()
+    if rows >= qlinear.WIDE_ROWS:  # float32 math with float32 scales: only the output's bf16 rounding
+        assert err < 3e-3
+    else:
+        assert err < 1e-2
+
+
+def test_16bit_linear_prompt_path_matches_bf16_linear():
+    from edgepack.lean import CastLinear
+
+    torch.manual_seed(0)
+    layer = CastLinear(64, 40, bias=True, dtype=torch.bfloat16)
+    layer.weight = torch.nn.Parameter(torch.randn(40, 64).bfloat16(), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(40).bfloat16(), requires_grad=False)
+    x = torch.randn(100, 64)
+    expected = x.bfloat16().double() @ layer.weight.double().T + layer.bias.double()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 5e-3
+    assert torch.allclose(layer(x[:4]).double(), y[:4].double(), rtol=2e-2, atol=2e-2)  # the 4-row (bf16) path agrees
+
+
 def test_logits_match_the_exporters_reference(packed):
     """The exporter checked this at pack time; the runtime agrees again on a new prompt."""
     from transformers import AutoModelForCausalLM
