@@ -65,13 +65,55 @@ class KVCache:
         self.length = 0
 
 
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def fused_destinations(skeleton: nn.Module) -> dict[str, torch.Tensor]:
+    """Where the loader should read the tensors that ``Block`` fuses (q/k/v and gate/up rows
+    of int8 and 16-bit layers): views into one buffer per group, by stored tensor name. Read
+    straight into them, the parts are already joined and ``fuse`` copies nothing (before, a
+    layer's fused rows were copied at load: time, and one layer's bytes on the load peak)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(skeleton.model.layers):
+        for owner, names in FUSED_GROUPS:
+            parts = [getattr(getattr(layer, owner), n) for n in names]
+            if all(isinstance(m, Int8Linear) for m in parts):
+                attrs = ("weight", "SCB")
+            elif all(type(m) is CastLinear for m in parts):
+                attrs = ("weight",)
+            else:
+                continue
+            for attr in attrs:
+                metas = [getattr(m, attr) for m in parts]
+                buffer = torch.empty(sum(t.shape[0] for t in metas), *metas[0].shape[1:], dtype=metas[0].dtype)
+                row = 0
+                for name, meta in zip(names, metas):
+                    out[f"model.layers.{i}.{owner}.{name}.{attr}"] = buffer[row : row + meta.shape[0]]
+                    row += meta.shape[0]
+    return out
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)``, without a copy when they are consecutive rows of one buffer
+    (as ``fused_destinations`` lays them out)."""
+    first = tensors[0]
+    storage, ptr = first.untyped_storage(), first.data_ptr()
+    for t in tensors:
+        same = t.dtype == first.dtype and t.shape[1:] == first.shape[1:] and t.is_contiguous()
+        if not same or t.untyped_storage().data_ptr() != storage.data_ptr() or t.data_ptr() != ptr:
+            return torch.cat(tensors)
+        ptr += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return torch.empty(0, dtype=first.dtype).set_(storage, first.storage_offset(), (rows, *first.shape[1:]))
+
+
 def fuse(parts: list[nn.Module]) -> nn.Module:
     """One layer computing all ``parts``: int8 rows and scales concatenate exactly; other
     kinds (4-bit blocks, 16-bit) are kept as a list and run one by one."""
     if all(isinstance(p, Int8Linear) for p in parts):
         fused = Int8Linear(parts[0].in_features, sum(p.out_features for p in parts), False, parts[0].compute_dtype)
         bias = [p.bias for p in parts]
-        fused.attach({"weight": torch.cat([p.weight for p in parts]), "SCB": torch.cat([p.SCB for p in parts])})
+        fused.attach({"weight": joined([p.weight for p in parts]), "SCB": joined([p.SCB for p in parts])})
         if all(b is not None for b in bias):
             fused.bias = nn.Parameter(torch.cat([b.data for b in bias]), requires_grad=False)
         return fused
@@ -86,7 +128,7 @@ def fuse(parts: list[nn.Module]) -> nn.Module:
         return fused
     if all(isinstance(p, nn.Linear) for p in parts):
         fused = CastLinear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
-        fused.weight = nn.Parameter(torch.cat([p.weight.data for p in parts]), requires_grad=False)
+        fused.weight = nn.Parameter(joined([p.weight.data for p in parts]), requires_grad=False)
         if parts[0].bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias.data for p in parts]), requires_grad=False)
         return fused

@@ -46,7 +46,8 @@ _wide_buffer = torch.empty(0)
 def _wide_scratch(numel: int) -> torch.Tensor:
     global _wide_buffer
     if _wide_buffer.numel() < numel:
-        _wide_buffer = torch.empty(max(numel, WIDE_CHUNK_WEIGHTS), dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            _wide_buffer = torch.empty(max(numel, WIDE_CHUNK_WEIGHTS), dtype=torch.float32)
     return _wide_buffer[:numel]
 
 

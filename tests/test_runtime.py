@@ -165,7 +165,10 @@ def test_int8_kernel_prompt_path_computes_the_stored_formula(rows, monkeypatch):
     scb = torch.rand(48) * 3
     layer = Int8Linear(64, 48, False, torch.bfloat16)
     layer.attach({"weight": cb, "SCB": scb})
-    x = torch.randn(rows, 64).bfloat16()
+    qlinear._wide_buffer = torch.empty(0)
+    with torch.inference_mode():  # the buffer made in inference mode (a model's forward) ...
+        layer.cpu_kernel()(torch.randn(300, 64).bfloat16())
+    x = torch.randn(rows, 64).bfloat16()  # ... is still writable outside it
     expected = x.double() @ (cb.double() * scb.double()[:, None] / 127).T
     y = layer.cpu_kernel()(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
@@ -189,6 +192,49 @@ def test_16bit_linear_prompt_path_matches_bf16_linear():
     assert y.dtype == torch.bfloat16
     assert ((y.double() - expected).norm() / expected.norm()).item() < 5e-3
     assert torch.allclose(layer(x[:4]).double(), y[:4].double(), rtol=2e-2, atol=2e-2)  # the 4-row (bf16) path agrees
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_lean_load_reads_fused_rows_in_place(packed, bits, monkeypatch):
+    """q/k/v and gate/up are read straight into the fused buffers Block runs: no copy at load
+    (and garbage collection is back on afterwards)."""
+    import gc
+
+    from edgepack import lean
+
+    made = {}
+    real = lean.fused_destinations
+    monkeypatch.setattr(lean, "fused_destinations", lambda skeleton: made.setdefault("d", real(skeleton)))
+    lm = edgepack.load(packed("llama", bits))
+    assert gc.isenabled()
+    dest = made["d"]
+    assert len(dest) == (2 if bits == 8 else 1) * 5 * len(lm.model.blocks)
+    for i, block in enumerate(lm.model.blocks):
+        qkv, gate_up = block.qkv_proj.weight, block.gate_up_proj.weight
+        assert qkv.data_ptr() == dest[f"model.layers.{i}.self_attn.q_proj.weight"].data_ptr()
+        assert gate_up.data_ptr() == dest[f"model.layers.{i}.mlp.gate_proj.weight"].data_ptr()
+        assert qkv.untyped_storage().nbytes() == qkv.nbytes  # the buffer is exactly the fused rows
+    # ... and it computes what the stored (unfused) tensors compute
+    from safetensors.torch import load_file
+
+    stored = {}
+    for f in sorted(packed("llama", bits).glob("*.safetensors")):
+        stored.update(load_file(f))
+    q = "model.layers.1.self_attn."
+    rows = [stored[q + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")]
+    assert torch.equal(lm.model.blocks[1].qkv_proj.weight, torch.cat(rows))
+
+
+def test_joined_copies_only_when_it_must():
+    from edgepack.lean import joined
+
+    buffer = torch.arange(12.0).view(6, 2)
+    whole = joined([buffer[:1], buffer[1:4], buffer[4:]])
+    assert whole.data_ptr() == buffer.data_ptr() and torch.equal(whole, buffer)
+    apart = joined([buffer[:1], buffer[2:4]])  # a gap: concatenated into a new tensor
+    assert apart.data_ptr() != buffer.data_ptr() and torch.equal(apart, buffer[[0, 2, 3]])
+    swapped = joined([buffer[3:], buffer[:3]])
+    assert torch.equal(swapped, torch.cat([buffer[3:], buffer[:3]]))
 
 
 def test_logits_match_the_exporters_reference(packed):
