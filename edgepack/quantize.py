@@ -77,6 +77,8 @@ class Settings:
             section["weight_only"] = True  # the runtime does not quantize activations
         if result.smoothing is not None:
             section["smoothing"] = result.smoothing
+        if result.gptq is not None:
+            section["rounding"] = result.gptq
         if self.bits == 4:
             section.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
         return section
@@ -88,6 +90,7 @@ class Result:
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: dict[str, str] = field(default_factory=dict)  # module -> why it stayed 16-bit
     smoothing: dict[str, Any] | None = None  # how the float model was rewritten first (smoothing.py)
+    gptq: dict[str, Any] | None = None  # how 8-bit rows were rounded, when not to nearest (gptq.py)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -100,6 +103,7 @@ def quantize_model(
     say: Callable[[str], None],
     read: Callable[[str], torch.Tensor] | None = None,
     smoothing: Any = None,
+    calibration: Any = None,
 ) -> Result:
     """Quantize every linear layer but the output layer, one tensor at a time.
 
@@ -108,6 +112,7 @@ def quantize_model(
     shards: only one full-precision tensor is alive at a time, plus the quantized output.
     """
     read = read or (lambda key: _get(model, key).detach())
+    source_read = read
     result = Result()
     if smoothing is not None:  # a smoothing.Plan: quantize the rewritten model instead
         read = smoothing.wrap(read)
@@ -132,7 +137,8 @@ def quantize_model(
             conv1d = type(targets[owner]).__name__ == "Conv1D"  # GPT-2 stores [in, out]
             weight = read(key)
             weight = weight.T.contiguous() if conv1d else weight
-            for suffix, value in quantize_weight(weight, settings).items():
+            hessian = _hessian(owner, calibration, smoothing, source_read) if settings.bits == 8 else None
+            for suffix, value in quantize_weight(weight, settings, hessian).items():
                 result.tensors[f"{owner}.{suffix}"] = value
             del weight
             result.quantized_modules.append(owner)
@@ -140,8 +146,25 @@ def quantize_model(
                 say(f"quantized {len(result.quantized_modules)}/{len(targets)} layers")
         else:
             result.tensors[key] = _store_plain(read(key), settings)
+    if calibration is not None:
+        result.gptq = calibration.describe()
     say(f"quantized {len(result.quantized_modules)} layers to {settings.bits}-bit ({settings.scheme})")
     return result
+
+
+def _hessian(owner: str, calibration: Any, smoothing: Any, read: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+    """The input Hessian of decoder projection ``owner`` (model.layers.N.<module>) for GPTQ,
+    in the smoothed model's coordinates when smoothing rewrote it (its input columns are
+    divided by what the weight's are multiplied by); None elsewhere."""
+    parts = owner.split(".")
+    if calibration is None or len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return None
+    layer, module = int(parts[2]), ".".join(parts[3:])
+    h = calibration.hessian(layer, module)
+    if h is None or smoothing is None:
+        return h
+    d = smoothing.column_scale(layer, module, read)
+    return h if d is None else h / (d[:, None] * d[None, :])
 
 
 def unique_tensors(model: nn.Module):
@@ -182,8 +205,17 @@ def bnb_functional():
     return F
 
 
-def quantize_weight(weight: torch.Tensor, settings: Settings) -> dict[str, torch.Tensor]:
-    """bitsandbytes' storage for one [out, in] weight, keyed by suffix (weight, SCB, weight.absmax...)."""
+def quantize_weight(weight: torch.Tensor, settings: Settings, hessian: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """bitsandbytes' storage for one [out, in] weight, keyed by suffix (weight, SCB, weight.absmax...).
+    hessian: at 8 bits, the input Hessian for GPTQ's error-compensated rounding (gptq.py)."""
+    if settings.bits == 8 and hessian is not None:
+        from edgepack import gptq
+
+        try:
+            cb, scb = gptq.quantize_rows(weight, hessian)
+        except (ValueError, torch.linalg.LinAlgError):  # overflowed or singular even damped
+            cb, scb = gptq.quantize_rows(weight, None)  # nearest, on the same bf16-exact scales
+        return {"weight": cb, "SCB": scb}
     if settings.method == "edgepack":
         return quantize_int4(weight, settings.blocksize, settings.torch_dtype)
     F = bnb_functional()

@@ -100,6 +100,26 @@ class Plan:
 
         return rewritten
 
+    def column_scale(self, layer: int, module: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+        """What the rewrite multiplies ``module``'s input columns by (its input is divided
+        by the same), float64; None where it leaves them. ``read``: the source's tensors."""
+        f = self.factors.get(layer)
+        if f is None:
+            return None
+
+        def norm(name: str) -> torch.Tensor:
+            return read(f"model.layers.{layer}.{name}").to(torch.float64)
+
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            return self._column_factor(norm("input_layernorm.weight"), f["qkv"])
+        if module in ("mlp.gate_proj", "mlp.up_proj"):
+            return self._column_factor(norm("post_attention_layernorm.weight"), f["gate_up"])
+        if module == "self_attn.o_proj":
+            return f["vo"].view(self.kv_heads, 1, self.head_dim).expand(-1, self.heads // self.kv_heads, -1).reshape(-1)
+        if module == "mlp.down_proj":
+            return f["ud"]
+        return None
+
     def _stored(self, values: torch.Tensor) -> torch.Tensor:
         return values.to(self.storage_dtype).to(torch.float64)
 

@@ -63,6 +63,9 @@ def describe(manifest: dict) -> str:
     if isinstance(smoothing, dict):
         cal = smoothing.get("calibration") or {}
         lines.append(f"  smoothed:     alpha {smoothing.get('alpha')}, calibrated on {cal.get('tokens', '?')} tokens of {cal.get('text', '?')}")
+    rounding = quant.get("rounding")
+    if isinstance(rounding, dict):
+        lines.append(f"  rounding:     GPTQ on {rounding.get('calibration_tokens', '?')} calibration tokens (damp {rounding.get('damp', '?')})")
     for module, reason in quant.get("kept_modules", {}).items():
         lines.append(f"  kept 16-bit:  {module}: {reason}")
     lines.append(f"weights:       {mem['weight_bytes'] / 1e6:.1f} MB  "

@@ -175,3 +175,15 @@ def test_pack_8bit_smoothing_flag_and_inspect(capsys, tiny_models, tmp_path):
     assert code == 0 and "for smoothing" not in err
     code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "r"))
     assert "smoothed" not in stdout
+
+
+def test_pack_8bit_gptq_flag_and_inspect(capsys, tiny_models, tmp_path):
+    """8-bit Llama is GPTQ-rounded by default (inspect says so); --no-gptq rounds to nearest."""
+    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "g"), "--bits", "8")
+    assert code == 0 and "GPTQ rounding on" in err
+    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "g"))
+    assert "rounding:     GPTQ on" in stdout
+    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "n"), "--bits", "8", "--no-gptq")
+    assert code == 0 and "GPTQ" not in err
+    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "n"))
+    assert "rounding" not in stdout

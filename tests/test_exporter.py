@@ -41,7 +41,7 @@ def out_in(name: str, weight: torch.Tensor, kind: str) -> torch.Tensor:
 def test_8bit_tensors_are_bitsandbytes_int8_rowwise(packed, tiny_models, kind):
     import bitsandbytes.functional as F
 
-    bundle = packed(kind, 8, smoothing=False)  # smoothed bundles: test_smoothing.py
+    bundle = packed(kind, 8, smoothing=False, gptq=False)  # smoothed: test_smoothing.py, GPTQ: test_gptq.py
     manifest = bundle_format.read_manifest(bundle)
     tensors, source = stored(bundle), source_weights(tiny_models[kind])
     quantized = manifest["quantization"]["quantized_modules"]
