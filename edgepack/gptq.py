@@ -53,19 +53,24 @@ def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor | None) -> tuple[t
     if hessian is None:
         codes = (w / scale[:, None]).round_().clamp_(-127, 127)
         return codes.to(torch.int8), scale * 127
-    h = hessian.to(torch.float64).clone()
-    if not torch.isfinite(h).all():
+    if not torch.isfinite(hessian).all():
         raise ValueError("the calibration Hessian is not finite (activations overflowed)")
-    dead = h.diagonal() == 0  # inputs that were always zero: their weights do not matter
-    h[dead, dead] = 1
+    # float32 (as the GPTQ reference does) and at most two [in, in] matrices alive at once:
+    # on an 11008-wide down_proj each is 0.5 GB
+    diag = hessian.diagonal().to(torch.float32)
+    dead = diag == 0  # inputs that were always zero: their weights do not matter
     w[:, dead] = 0
-    h.diagonal().add_(DAMP * h.diagonal().mean())
     # columns with the largest inputs first ("act order"): their errors have the most
     # columns left to be compensated on
-    order = torch.argsort(h.diagonal(), descending=True)
-    w, h = w[:, order], h[order][:, order]
+    order = torch.argsort(diag, descending=True)
+    w = w[:, order]
+    h = hessian[order][:, order].to(torch.float32)
+    h.diagonal().add_(torch.where(dead[order], 1.0, 0.0) + DAMP * diag.mean())
     # rows of the inverse's upper Cholesky factor drive the error propagation
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    hinv = torch.linalg.cholesky(h, upper=True)
+    del h
     codes = torch.empty_like(w)
     inv_scale = 1 / scale
     columns = w.shape[1]
@@ -108,7 +113,7 @@ class LayerwiseCalibration:
         }
 
     def hessian(self, layer: int, module: str) -> torch.Tensor | None:
-        """float64 X^T X / tokens of ``module``'s input (``module`` as in SITE_OF), or None
+        """float32 X^T X / tokens of ``module``'s input (``module`` as in SITE_OF), or None
         for a module GPTQ does not cover or a layer already passed."""
         if module not in SITE_OF or layer < self.layer:
             return None
@@ -118,29 +123,36 @@ class LayerwiseCalibration:
 
     @torch.inference_mode()
     def _advance(self) -> None:
+        from edgepack.reference import pinned
+
         i = self.next_layer
         block = self.decoder.layers[i]
+        self.hessians = {}  # the previous layer's go first
         sums: dict[str, torch.Tensor] = {}
 
         def hook(site: str) -> Callable:
             def record(_module, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                sums[site] = sums.get(site, 0) + x.T @ x
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+                if site in sums:
+                    sums[site].addmm_(x.T, x)
+                else:
+                    sums[site] = x.T @ x
 
             return record
 
         sites = sorted(set(SITE_OF.values()))
         handles = [block.get_submodule(s).register_forward_pre_hook(hook(s)) for s in sites]
         try:
-            dtype = next(block.parameters()).dtype
-            for n, (h, pos) in enumerate(zip(self.hidden, self.positions)):
-                x = h.to(dtype)
-                rotary = self.decoder.rotary_emb(x, position_ids=pos)
-                out = block(x, attention_mask=None, position_ids=pos, position_embeddings=rotary)
-                out = out[0] if isinstance(out, tuple) else out
-                self.hidden[n] = out.to(torch.float32)
+            with pinned(block):  # a streamed source's weights read once for all sequences
+                dtype = next(block.parameters()).dtype
+                for n, (h, pos) in enumerate(zip(self.hidden, self.positions)):
+                    x = h.to(dtype)
+                    rotary = self.decoder.rotary_emb(x, position_ids=pos)
+                    out = block(x, attention_mask=None, position_ids=pos, position_embeddings=rotary)
+                    out = out[0] if isinstance(out, tuple) else out
+                    self.hidden[n] = out.to(torch.float32)
         finally:
             for handle in handles:
                 handle.remove()
-        self.hessians = {s: v / self.tokens for s, v in sums.items()}
+        self.hessians = {s: v.div_(self.tokens) for s, v in sums.items()}
         self.layer, self.next_layer = i, i + 1

@@ -164,7 +164,7 @@ def _hessian(owner: str, calibration: Any, smoothing: Any, read: Callable[[str],
     if h is None or smoothing is None:
         return h
     d = smoothing.column_scale(layer, module, read)
-    return h if d is None else h / (d[:, None] * d[None, :])
+    return h if d is None else h / (d[:, None] * d[None, :]).to(h.dtype)
 
 
 def unique_tensors(model: nn.Module):

@@ -13,6 +13,8 @@ full-precision copy of the model.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pathlib import Path
 from typing import Callable
 
@@ -148,18 +150,36 @@ def lazy_source_model(config, read: Callable[[str], torch.Tensor], linear_names:
         module = model.get_submodule(name)
         module.register_forward_pre_hook(_load_weight(read, f"{name}.weight"))
         module.register_forward_hook(_drop_weight)
+        module.edgepack_lazy = True
     return model
 
 
 def _load_weight(read: Callable[[str], torch.Tensor], key: str):
     def hook(module, _args):
-        module.weight = nn.Parameter(read(key).float(), requires_grad=False)
+        if module.weight.device.type == "meta":  # else pinned and already read
+            module.weight = nn.Parameter(read(key).float(), requires_grad=False)
 
     return hook
 
 
-def _drop_weight(module, _args, _output):
-    module.weight = nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
+def _drop_weight(module, _args=None, _output=None):
+    if not getattr(module, "edgepack_pinned", False):
+        module.weight = nn.Parameter(torch.empty(module.weight.shape, device="meta"), requires_grad=False)
+
+
+@contextmanager
+def pinned(module: nn.Module):
+    """Inside, the lazy linear weights under ``module`` are read once and kept, not read
+    again on every call (for many forward passes through one decoder layer)."""
+    lazy = [m for m in module.modules() if getattr(m, "edgepack_lazy", False)]
+    for m in lazy:
+        m.edgepack_pinned = True
+    try:
+        yield
+    finally:
+        for m in lazy:
+            m.edgepack_pinned = False
+            _drop_weight(m)
 
 
 def _owned_by(key: str, modules: set[str]) -> bool:

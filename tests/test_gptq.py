@@ -87,7 +87,7 @@ def test_layerwise_calibration_matches_a_full_forward():
                              ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj", "mlp.down_proj")):  # fmt: skip
             x = torch.cat(inputs[f"model.layers.{i}.{site}"]).double()
             expected = x.T @ x / x.shape[0]
-            got = calibration.hessian(i, module)
+            got = calibration.hessian(i, module).double()
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item()), (i, module)
     assert calibration.hessian(0, "self_attn.q_proj") is None  # a layer already passed
     assert calibration.hessian(1, "lm_head") is None
@@ -121,8 +121,8 @@ def test_smoothed_hessian_is_the_rewritten_models():
     rewritten.load_state_dict({k: read(k).to(v.dtype) for k, v in source.items()})
     expected = gptq.LayerwiseCalibration(rewritten, sequences)
     for module, h in got.items():
-        e = expected.hessian(0, module)
-        assert torch.allclose(h, e, rtol=2e-3, atol=1e-5 * e.abs().max().item()), module
+        e = expected.hessian(0, module).double()
+        assert torch.allclose(h.double(), e, rtol=2e-3, atol=1e-5 * e.abs().max().item()), module
 
 
 @pytest.mark.parametrize("bad", ["nan"])

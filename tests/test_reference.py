@@ -38,3 +38,36 @@ def test_upcast_linear_in_row_blocks_equals_one_matmul(monkeypatch):
     monkeypatch.setattr(UpcastLinear, "ROWS", 7)
     w, x = torch.randn(30, 8).bfloat16(), torch.randn(2, 3, 8)
     assert torch.allclose(UpcastLinear(w)(x), x @ w.float().T, atol=1e-6)
+
+
+def test_lazy_source_reads_linear_weights_per_call_unless_pinned():
+    """A streamed source's linears are read on every call (one weight alive at a time);
+    inside pinned(block) each is read once for any number of calls, then dropped again."""
+    from edgepack import reference
+
+    model = make_model("llama", 300)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    reads: list[str] = []
+
+    def read(key):
+        reads.append(key)
+        return state[key]
+
+    lazy = reference.lazy_source_model(model.config, read, linears, list(state))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        reads.clear()
+        lazy(ids)
+        lazy(ids)
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert reads.count(q) == 2
+        reads.clear()
+        block = lazy.model.layers[0]
+        with reference.pinned(block):
+            for _ in range(3):
+                got = lazy(ids).logits
+        assert reads.count(q) == 1 and reads.count("model.layers.1.self_attn.q_proj.weight") == 3
+        assert block.self_attn.q_proj.weight.device.type == "meta"  # dropped after
+        assert torch.allclose(got, expected, atol=1e-5)
