@@ -55,8 +55,8 @@ def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor | None) -> tuple[t
         return codes.to(torch.int8), scale * 127
     if not torch.isfinite(hessian).all():
         raise ValueError("the calibration Hessian is not finite (activations overflowed)")
-    # float32 (as the GPTQ reference does) and at most two [in, in] matrices alive at once:
-    # on an 11008-wide down_proj each is 0.5 GB
+    # float32 (as the GPTQ reference does), and besides ``hessian`` at most two [in, in]
+    # matrices alive at once: on an 11008-wide down_proj each is 0.5 GB
     diag = hessian.diagonal().to(torch.float32)
     dead = diag == 0  # inputs that were always zero: their weights do not matter
     w[:, dead] = 0

@@ -164,7 +164,10 @@ def _hessian(owner: str, calibration: Any, smoothing: Any, read: Callable[[str],
     if h is None or smoothing is None:
         return h
     d = smoothing.column_scale(layer, module, read)
-    return h if d is None else h / (d[:, None] * d[None, :]).to(h.dtype)
+    if d is None:
+        return h
+    d = d.to(h.dtype)
+    return (h / d[:, None]).div_(d[None, :])  # one new [in, in] matrix, no outer product
 
 
 def unique_tensors(model: nn.Module):

@@ -8,8 +8,10 @@ processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt 
 ~256-token prompt, time from process start to the first token, peak RSS (VmHWM), file bytes,
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
 agreement on tests/bench/gguf_heldout.txt plus the start of Python's pydoc topics, ~4k
-tokens, the same token ids for every edgepack format; "8 raw" is the 8-bit bundle packed
-with --no-smoothing, scored for quality only). Then the
+tokens, the same token ids for every edgepack format, fed through the KV cache 16 tokens at
+a time so they take the decode path's numerics, those of generated tokens; "8 rtn" is the
+8-bit bundle packed with --no-smoothing --no-gptq, bitsandbytes' round-to-nearest, scored
+for quality only). Then the
 ratios edgepack / llama.cpp and edgepack / seed, and (--profile) where one decode step of
 the 8-bit bundle spends its time. Each speed run waits for the machine to be quiet and
 records how much CPU other processes used meanwhile (`foreign`): these machines are noisy,
@@ -35,8 +37,12 @@ sys.path.insert(0, str(BENCH))
 import peer_llamacpp as peer  # noqa: E402  (same folder; llama.cpp side and shared helpers)
 
 PROMPT_TOKENS, NEW_TOKENS = 256, 128
-# formats scored for quality only: "8 raw" (8-bit without smoothing) runs the same kernels as "8"
-QUALITY_ONLY = {"8 raw"}
+# formats scored for quality only: "8 rtn" (8-bit rounded to nearest, without smoothing or
+# GPTQ) runs the same kernels as "8"
+QUALITY_ONLY = {"8 rtn"}
+# quality is scored this many tokens per forward through the KV cache: fewer rows than the
+# runtime's float32 prompt path (qlinear.WIDE_ROWS), so these are the numerics of decoding
+QUALITY_CHUNK = 16
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -131,7 +137,12 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
     lm = edgepack.load(path, verify=False)
     tokens = torch.as_tensor(np.load(tokens_npy))[None]
     with torch.no_grad():
-        logits = lm.model(tokens).logits[0].double()
+        if hasattr(lm.model, "new_cache"):  # the lean decoder: the decode path, chunk by chunk
+            cache = lm.model.new_cache(tokens.shape[1])
+            chunks = range(0, tokens.shape[1], QUALITY_CHUNK)
+            logits = torch.cat([lm.model(tokens[:, i : i + QUALITY_CHUNK], cache).logits[0] for i in chunks]).double()
+        else:
+            logits = lm.model(tokens).logits[0].double()
     np.save(out_npy, torch.log_softmax(logits, -1).float().numpy())
     return {"logprobs": out_npy}
 
@@ -161,7 +172,7 @@ def pack_bundles(work: Path) -> dict[str, Path]:
     from edgepack.exporter import pack
 
     bundles = {}
-    settings = {"16": {"bits": 16}, "8": {"bits": 8}, "8 raw": {"bits": 8, "smoothing": False},
+    settings = {"16": {"bits": 16}, "8": {"bits": 8}, "8 rtn": {"bits": 8, "smoothing": False, "gptq": False},
                 "4 int4": {"bits": 4, "quant_type": "int4"}, "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}  # fmt: skip
     for name, opts in settings.items():
         out = work / f"bundle-{name.replace(' ', '-')}"
