@@ -94,11 +94,13 @@ class LayerwiseCalibration:
     on the calibration sequences (their hidden states are kept, nothing else)."""
 
     def __init__(self, model: nn.Module, sequences: list[list[int]]):
-        self.model = model
-        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        # only the layers and the rotary tables are kept, not the model: a streamed source's
+        # embedding table (as stored: 113 MiB on the default model from float32) goes with it
+        self.layers, self.rotary = decoder.layers, decoder.rotary_emb
         self.positions = [torch.arange(len(ids))[None] for ids in sequences]
         with torch.inference_mode():
-            embed = self.decoder.embed_tokens
+            embed = decoder.embed_tokens
             self.hidden = [embed(torch.tensor([ids])).to(torch.float32) for ids in sequences]
         self.next_layer = 0
         self.layer = -1
@@ -126,7 +128,7 @@ class LayerwiseCalibration:
         from edgepack.reference import pinned
 
         i = self.next_layer
-        block = self.decoder.layers[i]
+        block = self.layers[i]
         self.hessians = {}  # the previous layer's go first
         sums: dict[str, torch.Tensor] = {}
 
@@ -147,7 +149,7 @@ class LayerwiseCalibration:
                 dtype = next(block.parameters()).dtype
                 for n, (h, pos) in enumerate(zip(self.hidden, self.positions)):
                     x = h.to(dtype)
-                    rotary = self.decoder.rotary_emb(x, position_ids=pos)
+                    rotary = self.rotary(x, position_ids=pos)
                     out = block(x, attention_mask=None, position_ids=pos, position_embeddings=rotary)
                     out = out[0] if isinstance(out, tuple) else out
                     self.hidden[n] = out.to(torch.float32)
