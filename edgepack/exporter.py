@@ -516,7 +516,7 @@ def configure_parser(p) -> None:
                         "Llama-family models; exact in float, lower quantization error)")  # fmt: skip
     p.add_argument("--no-gptq", action="store_true",
                    help="8-bit: round each weight to nearest, as bitsandbytes does (default: GPTQ's error-compensated "
-                        "rounding on Llama-family models; same format, lower error, ~30 s more on the default model)")  # fmt: skip
+                        "rounding on Llama-family models; same format, lower error, ~25 s more on the default model)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 

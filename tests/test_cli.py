@@ -165,25 +165,20 @@ def test_empty_prompt(capsys, packed):
     assert_one_line_error(err, "the prompt is empty")
 
 
-def test_pack_8bit_smoothing_flag_and_inspect(capsys, tiny_models, tmp_path):
-    """8-bit Llama packs smoothed by default (inspect says so); --no-smoothing packs as is."""
-    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "s"), "--bits", "8")
-    assert code == 0 and "smoothing (alpha 0.25)" in err
-    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "s"))
-    assert "smoothed:     alpha 0.25, calibrated on" in stdout
-    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "r"), "--bits", "8", "--no-smoothing")
-    assert code == 0 and "for smoothing" not in err
-    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "r"))
-    assert "smoothed" not in stdout
-
-
-def test_pack_8bit_gptq_flag_and_inspect(capsys, tiny_models, tmp_path):
-    """8-bit Llama is GPTQ-rounded by default (inspect says so); --no-gptq rounds to nearest."""
-    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "g"), "--bits", "8")
-    assert code == 0 and "GPTQ rounding on" in err
-    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "g"))
-    assert "rounding:     GPTQ on" in stdout
-    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "n"), "--bits", "8", "--no-gptq")
-    assert code == 0 and "GPTQ" not in err
-    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "n"))
-    assert "rounding" not in stdout
+@pytest.mark.parametrize("flag,progress,inspected", [
+    ("--no-smoothing", "smoothing (alpha 0.25)", "smoothed:     alpha 0.25, calibrated on"),
+    ("--no-gptq", "GPTQ rounding on", "rounding:     GPTQ on"),
+])  # fmt: skip
+def test_pack_8bit_calibration_flags_and_inspect(capsys, tiny_models, tmp_path, flag, progress, inspected):
+    """8-bit Llama packs smoothed and GPTQ-rounded by default (pack's progress and inspect
+    say so); each --no-... flag turns its step off, and only that one."""
+    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "on"), "--bits", "8")
+    assert code == 0 and progress in err
+    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "on"))
+    assert inspected in stdout
+    code, stdout, err = run_cli(capsys, "pack", str(tiny_models["llama"]), "-o", str(tmp_path / "off"), "--bits", "8", flag)
+    assert code == 0 and progress not in err
+    code, stdout, _ = run_cli(capsys, "inspect", str(tmp_path / "off"))
+    assert inspected.split(":")[0] not in stdout
+    other = "rounding:" if flag == "--no-smoothing" else "smoothed:"
+    assert other in stdout
