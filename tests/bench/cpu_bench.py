@@ -152,6 +152,9 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
 
 def spawn(*args: str) -> dict:
     env = dict(os.environ, **{peer.T0_ENV: repr(time.time())})  # first-token time includes interpreter start
+    # As installed: bytecode cached. With PYTHONDONTWRITEBYTECODE (set in some sandboxes) an
+    # editable checkout recompiles edgepack's modules in every process, ~25 ms of first token.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     out = subprocess.run([sys.executable, __file__, "worker", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
