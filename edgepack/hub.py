@@ -139,6 +139,8 @@ def variant_entry(manifest: dict[str, Any], name: str | None) -> dict[str, Any]:
         "bits": quant["bits"],
         "scheme": quant["scheme"],
         "method": quant.get("method"),
+        # what the exporter did before rounding, as the model card names it
+        "calibrated": [step for key, step in (("smoothing", "smoothed"), ("rounding", "GPTQ")) if isinstance(quant.get(key), dict)],
         "compute_dtype": quant.get("compute_dtype"),
         "target_profile": (manifest.get("target_profile") or {}).get("name"),
         "weight_bytes": weight_bytes,

@@ -190,6 +190,8 @@ def _details(entries: list[dict[str, Any]]) -> str:
     for e in entries:
         scheme = (f"{e.get('compute_dtype') or '16-bit'}, not quantized" if e["bits"] == 16
                   else f"{e.get('method') or 'bitsandbytes'} {e['scheme']}")  # fmt: skip
+        if e.get("calibrated"):
+            scheme += f" ({', '.join(e['calibrated'])})"
         rows.append(
             f"| {entry_label(e)} | {scheme} | {e.get('files', '-')} "
             f"| {e.get('file_bytes', 0) / 1e6:.1f} MB | {e.get('created_at', '-')} "

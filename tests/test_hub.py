@@ -463,6 +463,8 @@ def test_model_card_metadata_parses_and_describes_every_variant(hub, packed, bun
     for name in VARIANTS:
         assert f"| {name} | `{name}/` |" in body
     assert "| t4 | `t4/` | t4 | 8-bit int8-rowwise |" in body
+    assert "| t4 | bitsandbytes int8-rowwise (smoothed, GPTQ) |" in body  # the details say how it was rounded
+    assert "| pi5-8gb | bitsandbytes nf4 |" in body
     top1 = bundle_format.read_manifest(t4)["verification"]["top1_agreement_vs_source"]
     assert f"{top1:.1%}" in body
     snippets = ("pip install edgepack", f"edgepack pull {REPO} --auto", f"edgepack run hf://{REPO}",
