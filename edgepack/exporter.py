@@ -96,8 +96,9 @@ def pack(
     source_model = src.source_model()  # built once (streamed sources: a lazy reader) for the logits and smoothing
     source_logits = quantize.logits(source_model, check_ids)
     settings = quantize.Settings(bits, quant_type, double_quant, blocksize, dtype)
-    smooth = _smoothing_plan(src, source_model, settings, smoothing, say)
-    calibration = _gptq_calibration(src, source_model, settings, gptq, say)
+    text = _calibration_text(src, settings, smoothing or gptq, say)
+    smooth = _smoothing_plan(src, source_model, settings, smoothing, text, say)
+    calibration = _gptq_calibration(source_model, gptq, text, say)
     source_model = None
     result = quantize.quantize_model(structure, settings, say, read=src.read, smoothing=smooth, calibration=calibration)
     calibration = None
@@ -130,32 +131,39 @@ def pack(
     return manifest
 
 
-def _smoothing_plan(src: "_Source", source_model, settings, enabled: bool, say: Progress):
-    """A smoothing.Plan for 8-bit Llama-family models, else None. Smoothing only pays
-    where one scale covers a whole row: measured for per-row int8, not for 4-bit blocks."""
-    if not enabled or settings.bits != 8:
+def _calibration_text(src: "_Source", settings, wanted: bool, say: Progress):
+    """The calibration sequences smoothing and GPTQ measure on (tokenized once, for both),
+    or None where neither applies: only 8-bit Llama-family models (smoothing only pays where
+    one scale covers a whole row, measured for per-row int8 and not for 4-bit blocks; GPTQ
+    runs those models' decoder layers on its own)."""
+    if not wanted or settings.bits != 8:
         return None
     from edgepack import smoothing
 
     reason = smoothing.unsupported(src.config)
     if reason is not None:
-        say(f"no smoothing for this model: {reason}")
+        say(f"no smoothing or GPTQ for this model: {reason}")
         return None
+    return smoothing.model_calibration(src.config, src.tokenizer)
+
+
+def _smoothing_plan(src: "_Source", source_model, settings, enabled: bool, text, say: Progress):
+    """A smoothing.Plan measured on ``text`` (see _calibration_text), else None."""
+    if not enabled or text is None:
+        return None
+    from edgepack import smoothing
+
     say(f"measuring activations on {smoothing.CALIBRATION_TEXT.name} for smoothing (alpha {smoothing.ALPHA})")
-    return smoothing.plan(source_model, src.config, src.tokenizer, settings.torch_dtype)
+    return smoothing.plan(source_model, src.config, src.tokenizer, settings.torch_dtype, calibration=text)
 
 
-def _gptq_calibration(src: "_Source", source_model, settings, enabled: bool, say: Progress):
-    """Layer-by-layer input Hessians for GPTQ at 8 bits on Llama-family models, else None
-    (it runs their decoder layers on its own, so only architectures smoothing knows)."""
-    if not enabled or settings.bits != 8:
+def _gptq_calibration(source_model, enabled: bool, text, say: Progress):
+    """Layer-by-layer input Hessians for GPTQ on ``text`` (see _calibration_text), else None."""
+    if not enabled or text is None:
         return None
-    from edgepack import gptq, smoothing
+    from edgepack import gptq
 
-    if smoothing.unsupported(src.config) is not None:
-        return None
-    max_length = min(smoothing.CHUNK_TOKENS, getattr(src.config, "max_position_embeddings", None) or smoothing.CHUNK_TOKENS)
-    sequences, _digest = smoothing.calibration_sequences(src.tokenizer, max_length=max_length)
+    sequences, _digest = text
     say(f"GPTQ rounding on {sum(len(s) for s in sequences)} calibration tokens, a layer at a time")
     return gptq.LayerwiseCalibration(source_model, sequences)
 

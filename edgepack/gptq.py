@@ -102,8 +102,7 @@ class LayerwiseCalibration:
         with torch.inference_mode():
             embed = decoder.embed_tokens
             self.hidden = [embed(torch.tensor([ids])).to(torch.float32) for ids in sequences]
-        self.next_layer = 0
-        self.layer = -1
+        self.layer = -1  # the layer whose Hessians are held; the hidden states are its outputs
         self.hessians: dict[str, torch.Tensor] = {}
         self.tokens = sum(len(ids) for ids in sequences)
 
@@ -127,7 +126,7 @@ class LayerwiseCalibration:
     def _advance(self) -> None:
         from edgepack.reference import pinned
 
-        i = self.next_layer
+        i = self.layer + 1
         block = self.layers[i]
         self.hessians = {}  # the previous layer's go first
         sums: dict[str, torch.Tensor] = {}
@@ -157,4 +156,4 @@ class LayerwiseCalibration:
             for handle in handles:
                 handle.remove()
         self.hessians = {s: v.div_(self.tokens) for s, v in sums.items()}
-        self.layer, self.next_layer = i, i + 1
+        self.layer = i

@@ -264,8 +264,9 @@ class LeanLM(nn.Module):
             for module in self.blocks[-1].modules():  # int4 codes into the kernel's order, a layer at a time
                 if isinstance(module, Int4Linear):  # (also those a bias keeps out of a fused kernel)
                     module.prepare_cpu()
-            # fusing copies q/k/v and gate/up rows: drop this layer's originals at once, so
-            # the copies never add up to more than one layer over the weights
+            # int8/16-bit rows were read in place (fused_destinations); int4 codes were just
+            # repacked and biases concatenated: drop this layer's originals at once, so those
+            # copies never add up to more than one layer over the weights
             base.layers[i] = nn.Module()
             release_freed_memory()
         self.norm = base.norm.weight.data.to(activation_dtype)

@@ -137,7 +137,7 @@ def quantize_model(
             conv1d = type(targets[owner]).__name__ == "Conv1D"  # GPT-2 stores [in, out]
             weight = read(key)
             weight = weight.T.contiguous() if conv1d else weight
-            hessian = _hessian(owner, calibration, smoothing, source_read) if settings.bits == 8 else None
+            hessian = _hessian(owner, calibration, smoothing, source_read)
             for suffix, value in quantize_weight(weight, settings, hessian).items():
                 result.tensors[f"{owner}.{suffix}"] = value
             del weight

@@ -212,8 +212,9 @@ def factors(rms: torch.Tensor, alpha: float) -> torch.Tensor:
     return c / c.log().mean().exp()
 
 
-def plan(model: nn.Module, config, tokenizer, storage_dtype: torch.dtype, alpha: float = ALPHA) -> Plan:
-    """Measure the calibration text through the float ``model`` and derive every factor."""
+def model_calibration(config, tokenizer) -> tuple[list[list[int]], str]:
+    """The calibration sequences (and the text's sha256) for this model, no longer than its
+    context: what smoothing and GPTQ both measure on."""
     max_length = min(CHUNK_TOKENS, getattr(config, "max_position_embeddings", None) or CHUNK_TOKENS)
     sequences, digest = calibration_sequences(tokenizer, max_length=max_length)
     tokens = sum(len(ids) for ids in sequences)
@@ -221,9 +222,24 @@ def plan(model: nn.Module, config, tokenizer, storage_dtype: torch.dtype, alpha:
         from edgepack.errors import QuantizationError
 
         raise QuantizationError(
-            f"smoothing's calibration text {CALIBRATION_TEXT} gives only {tokens} tokens",
-            hint="reinstall edgepack (the file is damaged) or pack with --no-smoothing",
+            f"the calibration text {CALIBRATION_TEXT} gives only {tokens} tokens",
+            hint="reinstall edgepack (the file is damaged) or pack with --no-smoothing --no-gptq",
         )
+    return sequences, digest
+
+
+def plan(
+    model: nn.Module,
+    config,
+    tokenizer,
+    storage_dtype: torch.dtype,
+    alpha: float = ALPHA,
+    calibration: tuple[list[list[int]], str] | None = None,
+) -> Plan:
+    """Measure the calibration text through the float ``model`` and derive every factor.
+    calibration: ``model_calibration(config, tokenizer)`` when the caller already has it."""
+    sequences, digest = calibration or model_calibration(config, tokenizer)
+    tokens = sum(len(ids) for ids in sequences)
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
