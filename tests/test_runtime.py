@@ -52,6 +52,44 @@ def test_tied_lm_head_shares_the_embedding(packed):
     assert untied.lm_head.weight is not untied.embed
 
 
+@pytest.mark.parametrize("kind", ["llama", "llama-untied"])
+def test_head_runs_in_float16_with_the_stored_values(packed, kind):
+    from safetensors.torch import load_file
+
+    bundle = packed(kind, 8)
+    model = edgepack.load(bundle).model
+    stored = {}
+    for f in sorted(bundle.glob("*.safetensors")):
+        stored.update(load_file(f))
+    head = stored.get("lm_head.weight", stored["model.embed_tokens.weight"])
+    assert head.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float16
+    # bfloat16 -> float16 is exact down to float16's normal range; below it (|w| < 2**-14)
+    # float16 keeps steps of 2**-24
+    for ours, theirs in ((model.lm_head.weight, head), (model.embed, stored["model.embed_tokens.weight"])):
+        normal = theirs.float().abs() >= 2**-14
+        assert torch.equal(ours.float()[normal], theirs.float()[normal])
+        assert (ours.float() - theirs.float()).abs().max() <= 2**-25
+    # tied: one buffer, converted in place; untied: the embedding table is left as stored
+    assert (model.embed.data_ptr() == model.lm_head.weight.data_ptr()) == (kind == "llama")
+    assert model.embed.dtype == (torch.float16 if kind == "llama" else torch.bfloat16)
+    logits = model(torch.tensor([[5, 6, 7]])).logits
+    x = model._hidden(torch.tensor([5, 6, 7]), None)
+    normed = torch.nn.functional.rms_norm(x, (x.shape[-1],), model.norm, model.cfg.eps)
+    expected = normed.double() @ head.double().T
+    assert ((logits[0].double() - expected).abs().max() / expected.abs().max()) < 2e-3
+
+
+def test_head_out_of_float16_range_stays_bfloat16(packed):
+    from edgepack.lean import FLOAT16_MAX
+
+    model = edgepack.load(packed("llama-untied", 8)).model
+    big = torch.zeros(8, model.cfg.hidden, dtype=torch.bfloat16)
+    big[3, 1] = 2 * FLOAT16_MAX
+    model.lm_head.weight = torch.nn.Parameter(big, requires_grad=False)
+    model._half_head()
+    assert model.lm_head.weight.dtype == torch.bfloat16 and torch.equal(model.lm_head.weight, big)
+
+
 def test_lean_decoder_matches_transformers(packed, monkeypatch):
     """The lean CPU decoder computes what transformers' Llama computes on the same tensors."""
     from edgepack.lean import LeanLM
