@@ -43,7 +43,7 @@ WIDE_CHUNK_WEIGHTS = 1 << 20
 _wide_buffer = torch.empty(0)
 
 
-def _wide_scratch(numel: int) -> torch.Tensor:
+def float32_scratch(numel: int) -> torch.Tensor:
     global _wide_buffer
     if _wide_buffer.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
@@ -60,7 +60,7 @@ def wide_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     for r in range(0, weight.shape[0], rows):
         w = weight[r : r + rows]
-        y = torch.mm(x32, _wide_scratch(w.numel()).view(w.shape).copy_(w).t())
+        y = torch.mm(x32, float32_scratch(w.numel()).view(w.shape).copy_(w).t())
         out[:, r : r + rows] = y if scales is None else y.mul_(scales[r : r + rows])
     return out
 
