@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, float32_scratch, wide_matmul
+from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
@@ -300,14 +300,13 @@ class LeanLM(nn.Module):
         tied = self.embed.data_ptr() == weight.data_ptr() and self.embed.shape == weight.shape
         half = torch.empty(0, dtype=HEAD_DTYPE).set_(weight.untyped_storage(), weight.storage_offset(), weight.shape)
         rows = max(1, HALF_CHUNK // weight.shape[1])
+        scratch = torch.empty(rows, weight.shape[1])
         for r in range(0, weight.shape[0], rows):
-            chunk = float32_scratch(weight[r : r + rows].numel()).view(-1, weight.shape[1]).copy_(weight[r : r + rows])
+            chunk = scratch[: weight[r : r + rows].shape[0]].copy_(weight[r : r + rows])
             low, high = torch.aminmax(chunk)
             if max(-float(low), float(high)) >= FLOAT16_MAX:
                 for back in range(0, r, rows):  # undo: float16 -> bfloat16 of what came from bfloat16
-                    weight[back : back + rows] = float32_scratch(half[back : back + rows].numel()).view(
-                        -1, weight.shape[1]
-                    ).copy_(half[back : back + rows])
+                    weight[back : back + rows] = scratch.copy_(half[back : back + rows])
                 return
             half[r : r + rows] = chunk  # this chunk's bfloat16 was read before it is overwritten
         head.weight = nn.Parameter(half, requires_grad=False)

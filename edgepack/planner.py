@@ -249,11 +249,17 @@ INT4_REPACK_BYTES_PER_WEIGHT = 1
 # edgepack.qlinear dequantizes 4-bit layers on the CPU at most this many weights at a time
 DEQUANT_CHUNK_WEIGHTS = 1 << 18
 DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16
-# ... and multiplies a prompt of WIDE_ROWS tokens or more in float32 (int8 and 16-bit layers
-# on the CPU): a buffer of WIDE_CHUNK_WEIGHTS float32 weights kept for the process, the
-# float32 input and one chunk's float32 output
+# ... and multiplies a prompt of WIDE_ROWS tokens or more in float32 (16-bit layers on the
+# CPU): a buffer of WIDE_CHUNK_WEIGHTS float32 weights kept for the process, the float32
+# input and one chunk's float32 output (edgepack.qlinear.wide_matmul)
 WIDE_ROWS = 32
 WIDE_CHUNK_WEIGHTS = 1 << 20
+# ... and int8 layers from INT8_WIDE_ROWS tokens through int8 GEMMs on two-digit activations
+# (edgepack.qlinear.int8_wide_matmul): the int8 digits, float32 work on INT8_DIGIT_ROWS rows,
+# one chunk's int32 products and float32 result
+INT8_WIDE_ROWS = 8
+INT8_WIDE_CHUNK = 1 << 19
+INT8_DIGIT_ROWS = 64
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
@@ -529,10 +535,16 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
         workspace = DEQUANT_BYTES_PER_WEIGHT["cpu" if on_cpu else "cuda"] * chunk
     else:  # int8 on the CPU: each layer's row scales kept in the compute dtype (and float32, lean)
         workspace = (COMPUTE_BYTES + (4 if rt is LEAN else 0)) * held.int8_rows if q.bits == 8 and on_cpu else 0
-    if rt is LEAN and on_cpu and q.bits != 4 and held.layers and o.batch * o.prompt_tokens >= WIDE_ROWS:
+    bt, d = o.batch * o.prompt_tokens, s.desc
+    if rt is LEAN and on_cpu and q.bits == 16 and held.layers and bt >= WIDE_ROWS:
         chunk = min(held.largest_linear, WIDE_CHUNK_WEIGHTS)
-        bt, d = o.batch * o.prompt_tokens, s.desc
         workspace += 4 * (chunk + bt * max(d.hidden_size, d.intermediate_size) + bt * max(1, chunk // d.hidden_size))
+    elif rt is LEAN and on_cpu and q.bits == 8 and held.layers and bt >= INT8_WIDE_ROWS:
+        widest_input = max(d.hidden_size, d.intermediate_size)
+        widest_output = max(2 * d.intermediate_size, d.hidden_size + 2 * d.num_key_value_heads * d.head_dim)
+        rows = min(widest_output, max(16, INT8_WIDE_CHUNK // (2 * bt)))
+        digits = 2 * bt * widest_input + 3 * 4 * min(bt, INT8_DIGIT_ROWS) * widest_input
+        workspace += digits + (8 + 4) * bt * rows
     heap = rt.heap_growth_per_4bit_weight * min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if q.bits == 4 and on_cpu and not int4 else 0
     if int4:  # fused gate/up (2 x the largest layer) repacked at load
         loading = held.fused + INT4_REPACK_BYTES_PER_WEIGHT * 2 * held.largest_linear

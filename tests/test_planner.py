@@ -326,14 +326,17 @@ def test_refusal_names_the_smallest_builtin_profile(describe):
 
 def test_cpu_only(describe):
     llama = describe("llama")
-    p = planner.plan(llama, load_profile("rpi4-4gb"), context=128)
+    # a 4-token prompt: the tiny model's weights (200 KB) are smaller than the prompt paths'
+    # workspace for a long prompt, so only a short one makes 8-bit the smaller setting
+    short = {"context": 128, "prompt_tokens": 4}
+    p = planner.plan(llama, load_profile("rpi4-4gb"), **short)
     assert (p.bits, p.strategy, p.runtime) == (16, "cpu", "lean")
     assert set(p.device_map.values()) == {"cpu"} and set(p.devices) == {"cpu"}
     assert p.devices["cpu"].capacity_bytes == load_profile("rpi4-4gb").ram_usable_bytes
     need16 = p.devices["cpu"].total_bytes
-    need8 = planner.place(llama, load_profile("rpi4-4gb"), 8, "cpu", context=128).devices["cpu"].total_bytes
+    need8 = planner.place(llama, load_profile("rpi4-4gb"), 8, "cpu", **short).devices["cpu"].total_bytes
     assert need8 < need16
-    assert planner.plan(llama, profile("rpi4-4gb", ram_usable_bytes=need8), context=128).bits == 8
+    assert planner.plan(llama, profile("rpi4-4gb", ram_usable_bytes=need8), **short).bits == 8
     assert planner.plan(describe("gpt2"), load_profile("rpi4-4gb"), context=128).runtime == "transformers"
 
 
@@ -355,13 +358,14 @@ def test_unified_memory_counts_the_pool_once(describe):
 
 def test_bits_override_is_honoured_and_reported(describe):
     llama = describe("llama")
-    need8 = planner.place(llama, load_profile("rpi4-4gb"), 8, "cpu", context=128).devices["cpu"].total_bytes
+    short = {"context": 128, "prompt_tokens": 4}  # see test_cpu_only
+    need8 = planner.place(llama, load_profile("rpi4-4gb"), 8, "cpu", **short).devices["cpu"].total_bytes
     box = profile("rpi4-4gb", ram_usable_bytes=need8)
-    p = planner.plan(llama, box, context=128, bits=16)
+    p = planner.plan(llama, box, bits=16, **short)
     assert p.bits == 16 and not p.fits and not p.devices["cpu"].fits
     assert "does NOT fit" in p.reasons[0] and "bits forced to 16" in p.reasons[0]
     assert p.instead[0].startswith("8-bit int8 all on cpu would fit")
-    assert planner.plan(llama, box, context=128, bits=4).bits == 4
+    assert planner.plan(llama, box, bits=4, **short).bits == 4
 
 
 def test_options_are_checked(describe):

@@ -195,30 +195,59 @@ def test_int8_linear_is_weight_only():
     assert torch.allclose(layer(x), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 31, 32, 300])
+@pytest.mark.parametrize("rows", [1, 7, 8, 300])
 def test_int8_kernel_prompt_path_computes_the_stored_formula(rows, monkeypatch):
-    """From WIDE_ROWS rows the int8 kernel multiplies in float32 in row chunks (including a
-    ragged last chunk); below it, torch's int8pack kernel. Both compute W = weight * SCB/127."""
+    """From INT8_WIDE_ROWS rows the int8 kernel runs int8 x int8 GEMMs on two-digit
+    activations in chunks of weight rows (a ragged last one included); below it, torch's
+    int8pack kernel. Both compute W = weight * SCB/127."""
     import edgepack.qlinear as qlinear
 
-    monkeypatch.setattr(qlinear, "WIDE_CHUNK_WEIGHTS", 64 * 20)  # 20-row chunks of a 48-row layer
+    monkeypatch.setattr(qlinear, "INT8_WIDE_CHUNK", 2 * 300 * 20)  # 300 rows: chunks of 20, 20, 8 weight rows
     torch.manual_seed(0)
     cb = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
     scb = torch.rand(48) * 3
     layer = Int8Linear(64, 48, False, torch.bfloat16)
     layer.attach({"weight": cb, "SCB": scb})
-    qlinear._wide_buffer = torch.empty(0)
-    with torch.inference_mode():  # the buffer made in inference mode (a model's forward) ...
-        layer.cpu_kernel()(torch.randn(300, 64).bfloat16())
-    x = torch.randn(rows, 64).bfloat16()  # ... is still writable outside it
+    x = torch.randn(rows, 64).bfloat16()
     expected = x.double() @ (cb.double() * scb.double()[:, None] / 127).T
     y = layer.cpu_kernel()(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
     err = ((y.double() - expected).norm() / expected.norm()).item()
-    if rows >= qlinear.WIDE_ROWS:  # float32 math with float32 scales: only the output's bf16 rounding
+    if rows >= qlinear.INT8_WIDE_ROWS:  # ~15-bit inputs, float32 scales: the output's bf16 rounding
         assert err < 3e-3
     else:
         assert err < 1e-2
+
+
+@pytest.mark.parametrize("inputs,digits", [(256, 2), (128 * 128, 3)])
+def test_int8_digit_activations_are_as_precise_as_bf16_inputs(inputs, digits, monkeypatch):
+    """Rows with a massive outlier channel, as LLMs have: one int8 digit per activation (W8A8)
+    loses the small values; the digits keep the result as close as bf16 inputs would (the
+    decode kernel's), with a third digit for very wide layers."""
+    import edgepack.qlinear as qlinear
+
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    torch.manual_seed(1)
+    x = torch.randn(16, inputs)
+    x[:, 7] = 40.0 * inputs**0.5 * (1 + torch.rand(16))  # one channel holding most of the row's norm
+    keep = x.clone()
+    weight = torch.randint(-127, 128, (32, inputs), dtype=torch.int8)
+    scales = torch.rand(32) * 0.01
+    w = weight.double() * scales.double()[:, None]
+    expected = x.double() @ w.T
+    y = qlinear.int8_wide_matmul(x, weight, scales)
+    assert y.dtype == torch.float32 and calls == [digits * 16]
+    assert torch.equal(x, keep)  # the input is not modified
+
+    def err(out):
+        return ((out.double() - expected).norm() / expected.norm()).item()
+
+    s = x.abs().amax(1, keepdim=True) / 127
+    one_digit = ((x / s).round() * s).double() @ w.T
+    assert err(y) <= 1.05 * err(x.bfloat16().double() @ w.T)
+    assert err(one_digit) > 20 * err(y)
 
 
 def test_16bit_linear_prompt_path_matches_bf16_linear():
@@ -230,7 +259,12 @@ def test_16bit_linear_prompt_path_matches_bf16_linear():
     layer.bias = torch.nn.Parameter(torch.randn(40).bfloat16(), requires_grad=False)
     x = torch.randn(100, 64)
     expected = x.bfloat16().double() @ layer.weight.double().T + layer.bias.double()
-    y = layer(x)
+    import edgepack.qlinear as qlinear
+
+    qlinear._wide_buffer = torch.empty(0)
+    with torch.inference_mode():  # the buffer made in inference mode (a model's forward) ...
+        layer(torch.randn(300, 64))
+    y = layer(x)  # ... is still writable outside it
     assert y.dtype == torch.bfloat16
     assert ((y.double() - expected).norm() / expected.norm()).item() < 5e-3
     assert torch.allclose(layer(x[:4]).double(), y[:4].double(), rtol=2e-2, atol=2e-2)  # the 4-row (bf16) path agrees

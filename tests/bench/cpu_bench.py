@@ -8,7 +8,7 @@ processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt 
 ~256-token prompt, time from process start to the first token, peak RSS (VmHWM), file bytes,
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
 agreement on tests/bench/gguf_heldout.txt plus the start of Python's pydoc topics, ~4k
-tokens, the same token ids for every edgepack format, fed through the KV cache 16 tokens at
+tokens, the same token ids for every edgepack format, fed through the KV cache 4 tokens at
 a time so they take the decode path's numerics, those of generated tokens; "8 rtn" is the
 8-bit bundle packed with --no-smoothing --no-gptq, bitsandbytes' round-to-nearest, scored
 for quality only). Then the
@@ -41,8 +41,9 @@ PROMPT_TOKENS, NEW_TOKENS = 256, 128
 # GPTQ) runs the same kernels as "8"
 QUALITY_ONLY = {"8 rtn"}
 # quality is scored this many tokens per forward through the KV cache: fewer rows than the
-# runtime's float32 prompt path (qlinear.WIDE_ROWS), so these are the numerics of decoding
-QUALITY_CHUNK = 16
+# runtime's prompt paths (qlinear.INT8_WIDE_ROWS, WIDE_ROWS), so these are the numerics of
+# decoding (one row or several, the decode kernels compute each row alike)
+QUALITY_CHUNK = 4
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
