@@ -484,3 +484,13 @@ def test_pack_with_a_profile_records_the_plan(tiny_models, tmp_path):
     assert set(manifest["device_map"].values()) == {"cuda:0"}
     assert manifest["target_profile"]["name"] == "t4" and manifest["plan"]["fits"]
     assert manifest["plan"]["weight_bytes"] == manifest["memory"]["weight_bytes"]
+
+
+def test_runtime_constants_the_planner_mirrors_agree():
+    """The planner keeps its own copies (it must not import the runtime's torch code paths);
+    they must say what the runtime does."""
+    from edgepack import qlinear
+
+    for name in ("WIDE_ROWS", "WIDE_CHUNK_WEIGHTS", "INT8_WIDE_ROWS", "INT8_WIDE_CHUNK", "INT8_DIGIT_ROWS",
+                 "DEQUANT_CHUNK_WEIGHTS"):  # fmt: skip
+        assert getattr(planner, name) == getattr(qlinear, name), name
