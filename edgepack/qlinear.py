@@ -43,7 +43,7 @@ WIDE_CHUNK_WEIGHTS = 1 << 20
 _wide_buffer = torch.empty(0)
 
 
-def float32_scratch(numel: int) -> torch.Tensor:
+def _wide_scratch(numel: int) -> torch.Tensor:
     global _wide_buffer
     if _wide_buffer.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
@@ -60,20 +60,20 @@ def wide_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     for r in range(0, weight.shape[0], rows):
         w = weight[r : r + rows]
-        out[:, r : r + rows] = torch.mm(x32, float32_scratch(w.numel()).view(w.shape).copy_(w).t())
+        out[:, r : r + rows] = torch.mm(x32, _wide_scratch(w.numel()).view(w.shape).copy_(w).t())
     return out
 
 
 # From this many rows an int8 layer multiplies int8 x int8 -> int32 (torch._int_mm: oneDNN's
 # VNNI GEMM, ~4x the float32 GEMM's rate here) with each activation row written as int8
 # digits: x ~= s * (q1 + q2 / 254 [+ q3 / 254**2]), s = the row's absmax / 127. This is
-# weight-only int8 math, not activation quantization: one digit (W8A8 style) measured mean KL
-# 0.0083 against 0.0016 on SmolLM2). Two digits round each value to a step of max/32258;
-# as a row's max is at most sqrt(in) times its rms, the rounding error over the row is then
-# no larger than bf16 rounding's (what the decode kernel's inputs get) up to
-# INT8_TWO_DIGITS_MAX_IN inputs; wider layers get a third digit. 2-core AVX-512 box, one SmolLM2 layer's int8
-# matmuls: 256 rows 11.6 -> 7.0 ms against float32 GEMM on converted weights, 8 rows
-# 0.77 -> 0.63 ms against int8pack; under 8 rows int8pack is faster.
+# weight-only int8 math, not activation quantization (one digit, W8A8 style, measured mean
+# KL 0.0083 against 0.0016 on SmolLM2). Two digits round each value to a step of max/32258;
+# a row's max being at most sqrt(in) times its rms, the rounding error over a row is then no
+# larger than bf16 rounding's (what the decode kernel's inputs get) up to
+# INT8_TWO_DIGITS_MAX_IN inputs; wider layers get a third digit. 2-core AVX-512 box, one
+# SmolLM2 layer's int8 matmuls: 256 rows 11.6 -> 7.0 ms against float32 GEMM on converted
+# weights, 8 rows 0.77 -> 0.63 ms against int8pack; under 8 rows int8pack is faster.
 INT8_WIDE_ROWS = 8
 # ... a chunk of weight rows at a time, so the int32 products stay this many values.
 INT8_WIDE_CHUNK = 1 << 19

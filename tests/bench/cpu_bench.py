@@ -8,8 +8,8 @@ processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt 
 ~256-token prompt, time from process start to the first token, peak RSS (VmHWM), file bytes,
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
 agreement on tests/bench/gguf_heldout.txt plus the start of Python's pydoc topics, ~4k
-tokens, the same token ids for every edgepack format, fed through the KV cache 4 tokens at
-a time so they take the decode path's numerics, those of generated tokens; "8 rtn" is the
+tokens, the same token ids for every edgepack format, fed through the KV cache 16 tokens at
+a time (8-bit: 4) so they take the decode path's numerics, those of generated tokens; "8 rtn" is the
 8-bit bundle packed with --no-smoothing --no-gptq, bitsandbytes' round-to-nearest, scored
 for quality only). Then the
 ratios edgepack / llama.cpp and edgepack / seed, and (--profile) where one decode step of
@@ -41,9 +41,11 @@ PROMPT_TOKENS, NEW_TOKENS = 256, 128
 # GPTQ) runs the same kernels as "8"
 QUALITY_ONLY = {"8 rtn"}
 # quality is scored this many tokens per forward through the KV cache: fewer rows than the
-# runtime's prompt paths (qlinear.INT8_WIDE_ROWS, WIDE_ROWS), so these are the numerics of
-# decoding (one row or several, the decode kernels compute each row alike)
-QUALITY_CHUNK = 4
+# runtime's prompt paths (qlinear.WIDE_ROWS for 16-bit layers, INT8_WIDE_ROWS for int8
+# ones), so these are the numerics of decoding (the decode kernels compute each row alike:
+# on the default 8-bit bundle 1 and 4 rows a step score KL 0.00158 / 0.00156)
+QUALITY_CHUNK = 16
+QUALITY_CHUNK_INT8 = 4
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -140,8 +142,9 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
     with torch.no_grad():
         if hasattr(lm.model, "new_cache"):  # the lean decoder: the decode path, chunk by chunk
             cache = lm.model.new_cache(tokens.shape[1])
-            chunks = range(0, tokens.shape[1], QUALITY_CHUNK)
-            logits = torch.cat([lm.model(tokens[:, i : i + QUALITY_CHUNK], cache).logits[0] for i in chunks]).double()
+            step = QUALITY_CHUNK_INT8 if lm.manifest["quantization"]["bits"] == 8 else QUALITY_CHUNK
+            chunks = range(0, tokens.shape[1], step)
+            logits = torch.cat([lm.model(tokens[:, i : i + step], cache).logits[0] for i in chunks]).double()
         else:
             logits = lm.model(tokens).logits[0].double()
     np.save(out_npy, torch.log_softmax(logits, -1).float().numpy())
