@@ -130,6 +130,11 @@ class ModelDescription:
         return sum(b.kept_params + b.bias_params + b.linear_params for b in self.blocks)
 
     @property
+    def qkv_width(self) -> int:
+        """Outputs of the attention's q, k and v projections together."""
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @property
     def gated_mlp(self) -> bool:
         """Llama-style gate/up/down (two intermediate-wide outputs) vs GPT-2's fc/proj."""
         layer = next((b for b in self.blocks if b.kind == "layer"), None)
@@ -260,6 +265,7 @@ WIDE_CHUNK_WEIGHTS = 1 << 20
 INT8_WIDE_ROWS = 8
 INT8_WIDE_CHUNK = 1 << 19
 INT8_DIGIT_ROWS = 64
+INT8_TWO_DIGITS_MAX_IN = 126**2  # wider inputs get a third digit
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
@@ -279,11 +285,10 @@ def activation_bytes(desc: ModelDescription, rt: RuntimeMemory, tokens: int, bat
     parts: dict[str, int] = {}
     if holds_layers:
         residual = RESIDUAL_COPIES * bt * desc.hidden_size * rt.activation_bytes
-        qkv_width = (desc.num_attention_heads + 2 * desc.num_key_value_heads) * desc.head_dim
         # projections in the compute dtype + rotated q, k and the attention output in the
         # activation dtype; scaled_dot_product_attention (CPU flash / CUDA mem-efficient
         # kernels) never materialises [heads, prompt, context] scores
-        attention = bt * qkv_width * (COMPUTE_BYTES + 2 * rt.activation_bytes)
+        attention = bt * desc.qkv_width * (COMPUTE_BYTES + 2 * rt.activation_bytes)
         # gated: gate and up outputs, act(gate), their product; else fc output and act
         mlp = bt * desc.intermediate_size * COMPUTE_BYTES * (4 if desc.gated_mlp else 3)
         parts["layer"] = residual + max(attention, mlp)
@@ -541,10 +546,10 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
         workspace += 4 * (chunk + bt * max(d.hidden_size, d.intermediate_size) + bt * max(1, chunk // d.hidden_size))
     elif rt is LEAN and on_cpu and q.bits == 8 and held.layers and bt >= INT8_WIDE_ROWS:
         widest_input = max(d.hidden_size, d.intermediate_size)
-        widest_output = max(2 * d.intermediate_size, d.hidden_size + 2 * d.num_key_value_heads * d.head_dim)
-        rows = min(widest_output, max(16, INT8_WIDE_CHUNK // (2 * bt)))
-        digits = 2 * bt * widest_input + 3 * 4 * min(bt, INT8_DIGIT_ROWS) * widest_input
-        workspace += digits + (8 + 4) * bt * rows
+        count = 2 if widest_input <= INT8_TWO_DIGITS_MAX_IN else 3  # int8 digits per activation
+        rows = min(max(2 * d.intermediate_size, d.qkv_width), max(16, INT8_WIDE_CHUNK // (count * bt)))
+        digits = count * bt * widest_input + 3 * 4 * min(bt, INT8_DIGIT_ROWS) * widest_input
+        workspace += digits + 4 * (count + 1) * bt * rows  # int32 products of every digit + float32 result
     heap = rt.heap_growth_per_4bit_weight * min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if q.bits == 4 and on_cpu and not int4 else 0
     if int4:  # fused gate/up (2 x the largest layer) repacked at load
         loading = held.fused + INT4_REPACK_BYTES_PER_WEIGHT * 2 * held.largest_linear

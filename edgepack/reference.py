@@ -14,7 +14,6 @@ full-precision copy of the model.
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from pathlib import Path
 from typing import Callable
 

@@ -492,5 +492,5 @@ def test_runtime_constants_the_planner_mirrors_agree():
     from edgepack import qlinear
 
     for name in ("WIDE_ROWS", "WIDE_CHUNK_WEIGHTS", "INT8_WIDE_ROWS", "INT8_WIDE_CHUNK", "INT8_DIGIT_ROWS",
-                 "DEQUANT_CHUNK_WEIGHTS"):  # fmt: skip
+                 "INT8_TWO_DIGITS_MAX_IN", "DEQUANT_CHUNK_WEIGHTS"):  # fmt: skip
         assert getattr(planner, name) == getattr(qlinear, name), name

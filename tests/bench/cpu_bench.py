@@ -40,12 +40,6 @@ PROMPT_TOKENS, NEW_TOKENS = 256, 128
 # formats scored for quality only: "8 rtn" (8-bit rounded to nearest, without smoothing or
 # GPTQ) runs the same kernels as "8"
 QUALITY_ONLY = {"8 rtn"}
-# quality is scored this many tokens per forward through the KV cache: fewer rows than the
-# runtime's prompt paths (qlinear.WIDE_ROWS for 16-bit layers, INT8_WIDE_ROWS for int8
-# ones), so these are the numerics of decoding (the decode kernels compute each row alike:
-# on the default 8-bit bundle 1 and 4 rows a step score KL 0.00158 / 0.00156)
-QUALITY_CHUNK = 16
-QUALITY_CHUNK_INT8 = 4
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -142,7 +136,14 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
     with torch.no_grad():
         if hasattr(lm.model, "new_cache"):  # the lean decoder: the decode path, chunk by chunk
             cache = lm.model.new_cache(tokens.shape[1])
-            step = QUALITY_CHUNK_INT8 if lm.manifest["quantization"]["bits"] == 8 else QUALITY_CHUNK
+            # quality is scored half as many tokens per forward through the KV cache as the
+            # runtime's prompt paths start at (qlinear.INT8_WIDE_ROWS for int8 layers: 4;
+            # WIDE_ROWS for 16-bit ones: 16), so these are the numerics of decoding (the decode
+            # kernels compute each row alike: on the default 8-bit bundle 1 and 4 rows a step
+            # score KL 0.00158 / 0.00156)
+            from edgepack.qlinear import INT8_WIDE_ROWS, WIDE_ROWS
+
+            step = (INT8_WIDE_ROWS if lm.manifest["quantization"]["bits"] == 8 else WIDE_ROWS) // 2
             chunks = range(0, tokens.shape[1], step)
             logits = torch.cat([lm.model(tokens[:, i : i + step], cache).logits[0] for i in chunks]).double()
         else:
