@@ -18,6 +18,7 @@ transformers; ``supports(config)`` says which.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
+
+try:  # the C decode step (setup.py); absent where edgepack was installed without a compiler
+    from edgepack import _native
+except ImportError:
+    _native = None
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
@@ -38,6 +44,10 @@ KV_DTYPE = torch.bfloat16
 HEAD_DTYPE = torch.float16
 FLOAT16_MAX = 65504.0
 HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
+# Decode steps (one token) run in edgepack._native when it is built and the model's layers
+# are int8 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
+# EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts).
+NATIVE_ENV = "EDGEPACK_NATIVE"
 
 
 def supports(config: dict[str, Any]) -> str | None:
@@ -283,6 +293,9 @@ class LeanLM(nn.Module):
             self.cfg.rope_theta ** (torch.arange(0, self.cfg.head_dim, 2).float() / self.cfg.head_dim)
         )
         self._cos = self._sin = torch.empty(0)
+        self._native: Any = None
+        self._native_keep: list[torch.Tensor] = []  # tensors the C step reads (scales, biases)
+        self.native_off = native_unavailable(self)  # None, or why decode steps use torch ops
 
     def _half_head(self) -> None:
         """A bfloat16 head (and the embedding table sharing its storage) converted to
@@ -351,8 +364,100 @@ class LeanLM(nn.Module):
 
     @torch.inference_mode()
     def logits_last(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits of the last position only: the lm_head runs on one row, not the prompt."""
+        """Logits of the last position only: the lm_head runs on one row, not the prompt.
+        One token (a decode step) runs in the C step where it can (float32 logits)."""
+        if input_ids.numel() == 1 and self.native_off is None:
+            return self.native_step(int(input_ids.reshape(-1)[0]), cache)
         return self._head(self._hidden(input_ids, cache)[-1:])[0]
+
+    def native_step(self, token: int, cache: KVCache) -> torch.Tensor:
+        """One decode step in edgepack._native: the token's key and value written into
+        ``cache`` at its length, float32 logits returned."""
+        start = cache.length
+        if start + 1 > cache.max_tokens:
+            raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {start + 1} were asked for")
+        if self._native is None:
+            self._native = _native.new(*native_description(self, self._native_keep))
+        cos, sin = self._rope(start, 1)
+        logits = torch.empty(self.config["vocab_size"], dtype=torch.float32)
+        _native.step(
+            self._native, token, start, cache.k.data_ptr(), cache.v.data_ptr(), cache.max_tokens,
+            cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
+        )
+        cache.length = start + 1
+        return logits
+
+
+NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def native_unavailable(model: "LeanLM") -> str | None:
+    """None when ``model``'s decode steps can run in edgepack._native, else why not."""
+    if _native is None:
+        return "edgepack._native is not built (no C compiler at install time)"
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return f"{NATIVE_ENV}=0"
+    if model.dtype != torch.float32 or KV_DTYPE != torch.bfloat16:
+        return "activations other than float32"
+    tensors = [model.embed, model.norm] + [b.input_norm for b in model.blocks] + [b.post_norm for b in model.blocks]
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors) or model.embed.dtype not in NATIVE_DTYPES:
+        return "tensors off the CPU or not contiguous"
+    for block in model.blocks:
+        for module in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj):
+            if _native_kind(module) is None:
+                return f"a {type(module).__name__} layer (int8 and 16-bit layers only)"
+    if _native_kind(model.lm_head) is None:
+        return f"a {type(model.lm_head).__name__} head"
+    return None
+
+
+def _native_kind(module: nn.Module) -> str | None:
+    if isinstance(module, Int8Linear):
+        weight = module.weight
+        kind = "INT8"
+    elif isinstance(module, nn.Linear) and module.weight.dtype in NATIVE_DTYPES:
+        weight = module.weight
+        kind = NATIVE_DTYPES[weight.dtype]
+    else:
+        return None
+    return kind if weight.device.type == "cpu" and weight.is_contiguous() else None
+
+
+def _native_matrix(module: nn.Module, keep: list[torch.Tensor]) -> tuple:
+    """(type, rows, cols, weight, scale, bias) for _native.new; float32 per-row scales and
+    biases made here are appended to ``keep`` (the C side holds only their addresses)."""
+    kind = _native_kind(module)
+    weight = module.weight
+    scale = None
+    if kind == "INT8":
+        scale = (module.SCB.float() / 127.0).contiguous()
+        keep.append(scale)
+    bias = None
+    if module.bias is not None:
+        bias = module.bias.detach().float().contiguous()
+        keep.append(bias)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return (getattr(_native, kind), weight.shape[0], weight.shape[1], weight.data_ptr(), ptr(scale), ptr(bias))
+
+
+def native_description(model: "LeanLM", keep: list[torch.Tensor]) -> tuple:
+    """The arguments of _native.new for ``model`` (see native_unavailable first)."""
+    cfg = model.cfg
+    inter = model.blocks[0].inter
+    layers = [
+        (
+            b.input_norm.data_ptr(),
+            b.post_norm.data_ptr(),
+            _native_matrix(b.qkv_proj, keep),
+            _native_matrix(b.o_proj, keep),
+            _native_matrix(b.gate_up_proj, keep),
+            _native_matrix(b.down_proj, keep),
+        )
+        for b in model.blocks
+    ]
+    dims = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, inter, model.config["vocab_size"])
+    embed = (getattr(_native, NATIVE_DTYPES[model.embed.dtype]), model.embed.data_ptr())
+    return dims, cfg.eps, embed, model.norm.data_ptr(), _native_matrix(model.lm_head, keep), layers
 
 
 def release_freed_memory() -> None:

@@ -444,7 +444,7 @@ def test_hashes_checked_once_then_trusted_until_a_file_changes(bundle_copy, monk
     assert len(calls) == 2 * first
 
 
-RUNTIME_MODULES = {"edgepack", "edgepack.bundle", "edgepack.errors", "edgepack.lean", "edgepack.memory",
+RUNTIME_MODULES = {"edgepack", "edgepack._native", "edgepack.bundle", "edgepack.errors", "edgepack.lean", "edgepack.memory",
                    "edgepack.qlinear", "edgepack.runtime", "edgepack.tokenizer"}  # fmt: skip
 
 

@@ -1,0 +1,759 @@
+/* edgepack._native: one decode step of a Llama-family model on the CPU, in one call.
+ *
+ * The lean decoder (lean.py) runs a decode step as ~40 torch ops a layer; on a small model
+ * their per-op overhead is a third of the step, and torch's int8 kernel wants bfloat16
+ * activations. This module runs the whole step (embedding row, 30 x [norm, q/k/v, rotary,
+ * KV cache write, attention, o, norm, gate/up, SiLU, down], final norm, head) over the
+ * tensors the lean decoder already holds (no copy of any weight), with float32 activations,
+ * on a small pool of its own threads (rows of each matmul split between them).
+ *
+ * Weights: int8 rows with one float32 scale per row (bitsandbytes' int8 storage, SCB/127),
+ * or bfloat16 / float16 / float32. The KV cache is lean.KVCache's bfloat16 buffers, so a
+ * prompt run by torch and decode steps run here share it.
+ *
+ * Kernels: AVX-512 and AVX2 (+FMA/F16C) on x86-64, chosen at import from what the CPU has,
+ * and portable C that compilers vectorize elsewhere (ARM NEON). No Python object is touched
+ * while the step runs: the GIL is released.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define EP_X86 1
+#include <immintrin.h>
+#else
+#define EP_X86 0
+#endif
+
+enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3 };
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const char *ISA_NAMES[] = {"generic", "avx2", "avx512"};
+static int isa_best = ISA_GENERIC, isa = ISA_GENERIC;
+
+typedef struct {
+    int type, rows, cols;
+    const void *w;
+    const float *scale; /* int8 only: one per row */
+    const float *bias;  /* optional, float32 */
+} Mat;
+
+typedef struct {
+    const float *in_norm, *post_norm;
+    Mat qkv, o, gate_up, down;
+} Layer;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter, n_layers, vocab;
+    float eps;
+    int embed_type;
+    const void *embed;
+    const float *norm;
+    Mat head;
+    Layer *layers;
+    /* scratch */
+    float *x, *h, *qkv, *att, *gu, *tmp;
+    float *scores; /* heads x scores_len: attention weights, grown with the cache */
+    int scores_len;
+} Model;
+
+/* ------------------------------------------------------------------ scalar helpers */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) { /* exact, subnormals included, branch-free */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu, u = em << 13;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p112f;
+    memcpy(&u, &f, 4);
+    if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u; /* inf / nan */
+    u |= sign;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float load_value(int type, const void *w, size_t i) {
+    switch (type) {
+    case W_INT8: return (float)((const int8_t *)w)[i];
+    case W_BF16: return bf16_to_f32(((const uint16_t *)w)[i]);
+    case W_F16: return f16_to_f32(((const uint16_t *)w)[i]);
+    default: return ((const float *)w)[i];
+    }
+}
+
+/* ------------------------------------------------------------------ matrix-vector kernels
+ * y[r] = sum_k W[r, k] x[k] for r in [r0, r1): the raw dot products (scales and biases are
+ * applied by the caller). Four rows at a time share each load of x. */
+
+#define EP_GENERIC_ROWS(T, CONV)                                                          \
+    static void gemv_generic_##T(const void *W, const float *x, int K, int r0, int r1,   \
+                                 float *y) {                                             \
+        for (int r = r0; r < r1; r++) {                                                  \
+            const T *w = (const T *)W + (size_t)r * K;                                    \
+            float acc = 0.f;                                                              \
+            _Pragma("omp simd reduction(+ : acc)") for (int k = 0; k < K; k++) acc +=    \
+                CONV(w[k]) * x[k];                                                        \
+            y[r] = acc;                                                                   \
+        }                                                                                 \
+    }
+#define EP_CAST(v) ((float)(v))
+EP_GENERIC_ROWS(int8_t, EP_CAST)
+EP_GENERIC_ROWS(float, EP_CAST)
+static void gemv_generic_bf16(const void *W, const float *x, int K, int r0, int r1, float *y) {
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *w = (const uint16_t *)W + (size_t)r * K;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * x[k];
+        y[r] = acc;
+    }
+}
+static void gemv_generic_f16(const void *W, const float *x, int K, int r0, int r1, float *y) {
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *w = (const uint16_t *)W + (size_t)r * K;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int k = 0; k < K; k++) acc += f16_to_f32(w[k]) * x[k];
+        y[r] = acc;
+    }
+}
+
+#if EP_X86
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+
+T512 static inline __m512 ld512_int8(const void *p, size_t i) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)p + i))));
+}
+T512 static inline __m512 ld512m_int8(const void *p, size_t i, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)p + i)));
+}
+T512 static inline __m512 ld512_f16(const void *p, size_t i) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+}
+T512 static inline __m512 ld512m_f16(const void *p, size_t i, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+}
+T512 static inline __m512 ld512_bf16(const void *p, size_t i) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+T512 static inline __m512 ld512m_bf16(const void *p, size_t i, __mmask16 m) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+T512 static inline __m512 ld512_f32(const void *p, size_t i) { return _mm512_loadu_ps((const float *)p + i); }
+T512 static inline __m512 ld512m_f32(const void *p, size_t i, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+#define EP_AVX512_ROWS(T)                                                                     \
+    T512 static void gemv512_##T(const void *W, const float *x, int K, int r0, int r1, float *y) { \
+        const int kv = K & ~15;                                                               \
+        const __mmask16 tail = (__mmask16)((1u << (K & 15)) - 1u);                            \
+        int r = r0;                                                                           \
+        for (; r + 4 <= r1; r += 4) {                                                         \
+            const size_t o0 = (size_t)r * K, o1 = o0 + K, o2 = o1 + K, o3 = o2 + K;           \
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+            for (int k = 0; k < kv; k += 16) {                                                \
+                const __m512 xv = _mm512_loadu_ps(x + k);                                     \
+                a0 = _mm512_fmadd_ps(ld512_##T(W, o0 + k), xv, a0);                           \
+                a1 = _mm512_fmadd_ps(ld512_##T(W, o1 + k), xv, a1);                           \
+                a2 = _mm512_fmadd_ps(ld512_##T(W, o2 + k), xv, a2);                           \
+                a3 = _mm512_fmadd_ps(ld512_##T(W, o3 + k), xv, a3);                           \
+            }                                                                                 \
+            if (tail) {                                                                       \
+                const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);                        \
+                a0 = _mm512_fmadd_ps(ld512m_##T(W, o0 + kv, tail), xv, a0);                   \
+                a1 = _mm512_fmadd_ps(ld512m_##T(W, o1 + kv, tail), xv, a1);                   \
+                a2 = _mm512_fmadd_ps(ld512m_##T(W, o2 + kv, tail), xv, a2);                   \
+                a3 = _mm512_fmadd_ps(ld512m_##T(W, o3 + kv, tail), xv, a3);                   \
+            }                                                                                 \
+            y[r] = _mm512_reduce_add_ps(a0);                                                  \
+            y[r + 1] = _mm512_reduce_add_ps(a1);                                              \
+            y[r + 2] = _mm512_reduce_add_ps(a2);                                              \
+            y[r + 3] = _mm512_reduce_add_ps(a3);                                              \
+        }                                                                                     \
+        for (; r < r1; r++) {                                                                 \
+            const size_t o = (size_t)r * K;                                                   \
+            __m512 a = _mm512_setzero_ps();                                                   \
+            for (int k = 0; k < kv; k += 16) a = _mm512_fmadd_ps(ld512_##T(W, o + k), _mm512_loadu_ps(x + k), a); \
+            if (tail) a = _mm512_fmadd_ps(ld512m_##T(W, o + kv, tail), _mm512_maskz_loadu_ps(tail, x + kv), a); \
+            y[r] = _mm512_reduce_add_ps(a);                                                   \
+        }                                                                                     \
+    }
+EP_AVX512_ROWS(int8)
+EP_AVX512_ROWS(f16)
+EP_AVX512_ROWS(bf16)
+EP_AVX512_ROWS(f32)
+
+T256 static inline __m256 ld256_int8(const void *p, size_t i) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
+}
+T256 static inline __m256 ld256_f16(const void *p, size_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+}
+T256 static inline __m256 ld256_bf16(const void *p, size_t i) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+T256 static inline __m256 ld256_f32(const void *p, size_t i) { return _mm256_loadu_ps((const float *)p + i); }
+T256 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define EP_AVX2_ROWS(T)                                                                       \
+    T256 static void gemv256_##T(const void *W, const float *x, int K, int r0, int r1, float *y) { \
+        const int kv = K & ~7;                                                                \
+        int r = r0;                                                                           \
+        for (; r + 4 <= r1; r += 4) {                                                         \
+            const size_t o0 = (size_t)r * K, o1 = o0 + K, o2 = o1 + K, o3 = o2 + K;           \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+            for (int k = 0; k < kv; k += 8) {                                                 \
+                const __m256 xv = _mm256_loadu_ps(x + k);                                     \
+                a0 = _mm256_fmadd_ps(ld256_##T(W, o0 + k), xv, a0);                           \
+                a1 = _mm256_fmadd_ps(ld256_##T(W, o1 + k), xv, a1);                           \
+                a2 = _mm256_fmadd_ps(ld256_##T(W, o2 + k), xv, a2);                           \
+                a3 = _mm256_fmadd_ps(ld256_##T(W, o3 + k), xv, a3);                           \
+            }                                                                                 \
+            float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);     \
+            for (int k = kv; k < K; k++) {                                                    \
+                s0 += load_value(TYPE_##T, W, o0 + k) * x[k];                                 \
+                s1 += load_value(TYPE_##T, W, o1 + k) * x[k];                                 \
+                s2 += load_value(TYPE_##T, W, o2 + k) * x[k];                                 \
+                s3 += load_value(TYPE_##T, W, o3 + k) * x[k];                                 \
+            }                                                                                 \
+            y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;                           \
+        }                                                                                     \
+        for (; r < r1; r++) {                                                                 \
+            const size_t o = (size_t)r * K;                                                   \
+            __m256 a = _mm256_setzero_ps();                                                   \
+            for (int k = 0; k < kv; k += 8) a = _mm256_fmadd_ps(ld256_##T(W, o + k), _mm256_loadu_ps(x + k), a); \
+            float s = hsum256(a);                                                             \
+            for (int k = kv; k < K; k++) s += load_value(TYPE_##T, W, o + k) * x[k];          \
+            y[r] = s;                                                                         \
+        }                                                                                     \
+    }
+#define TYPE_int8 W_INT8
+#define TYPE_f16 W_F16
+#define TYPE_bf16 W_BF16
+#define TYPE_f32 W_F32
+EP_AVX2_ROWS(int8)
+EP_AVX2_ROWS(f16)
+EP_AVX2_ROWS(bf16)
+EP_AVX2_ROWS(f32)
+#endif /* EP_X86 */
+
+typedef void (*gemv_fn)(const void *, const float *, int, int, int, float *);
+
+static gemv_fn pick_gemv(int type) {
+#if EP_X86
+    if (isa == ISA_AVX512) {
+        gemv_fn f[] = {gemv512_int8, gemv512_bf16, gemv512_f16, gemv512_f32};
+        return f[type];
+    }
+    if (isa == ISA_AVX2) {
+        gemv_fn f[] = {gemv256_int8, gemv256_bf16, gemv256_f16, gemv256_f32};
+        return f[type];
+    }
+#endif
+    gemv_fn f[] = {gemv_generic_int8_t, gemv_generic_bf16, gemv_generic_f16, gemv_generic_float};
+    return f[type];
+}
+
+/* y[r] for r in [r0, r1): the dot products, then the row's scale and bias */
+static void mat_rows(const Mat *m, const float *x, float *y, int r0, int r1) {
+    if (r1 <= r0) return;
+    pick_gemv(m->type)(m->w, x, m->cols, r0, r1, y);
+    if (m->scale)
+        for (int r = r0; r < r1; r++) y[r] *= m->scale[r];
+    if (m->bias)
+        for (int r = r0; r < r1; r++) y[r] += m->bias[r];
+}
+
+/* ------------------------------------------------------------------ attention
+ * One query head over positions [0, n) of its key/value head (bfloat16, [n, dim]).
+ * Written once; compiled for each instruction set so the compiler vectorizes the
+ * dim-long loops with the widest registers the CPU has. */
+
+static inline __attribute__((always_inline)) void attn_head_body(const float *q, const uint16_t *K, const uint16_t *V,
+                                                                  int n, int D, float scale, float *s, float *out) {
+    float top = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        const uint16_t *k = K + (size_t)t * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int d = 0; d < D; d++) acc += q[d] * bf16_to_f32(k[d]);
+        s[t] = acc * scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) {
+        s[t] = expf(s[t] - top);
+        sum += s[t];
+    }
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (int t = 0; t < n; t++) {
+        const uint16_t *v = V + (size_t)t * D;
+        const float p = s[t];
+#pragma omp simd
+        for (int d = 0; d < D; d++) out[d] += p * bf16_to_f32(v[d]);
+    }
+    const float inv = 1.f / sum;
+    for (int d = 0; d < D; d++) out[d] *= inv;
+}
+
+typedef void (*attn_fn)(const float *, const uint16_t *, const uint16_t *, int, int, float, float *, float *);
+static void attn_generic(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
+    attn_head_body(q, K, V, n, D, sc, s, o);
+}
+#if EP_X86
+T512 static void attn_512(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
+    attn_head_body(q, K, V, n, D, sc, s, o);
+}
+T256 static void attn_256(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
+    attn_head_body(q, K, V, n, D, sc, s, o);
+}
+#endif
+
+static attn_fn pick_attn(void) {
+#if EP_X86
+    if (isa == ISA_AVX512) return attn_512;
+    if (isa == ISA_AVX2) return attn_256;
+#endif
+    return attn_generic;
+}
+
+/* ------------------------------------------------------------------ thread pool
+ * Workers spin briefly between the parallel parts of a step (microseconds apart) and
+ * sleep on a condition variable between steps, so they hold no core while Python or torch
+ * runs. Dekker-style handshake: the caller bumps the generation, then wakes sleepers; a
+ * worker announces it sleeps, then re-checks the generation under the mutex. */
+
+#define MAX_THREADS 64
+#define SPIN_LIMIT 20000
+
+typedef void (*task_fn)(void *ctx, int tid, int nth);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int gen, pending, sleeping;
+    int workers, active;
+    task_fn fn;
+    void *ctx;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t step_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static inline void cpu_relax(void) {
+#if EP_X86
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int start_gen[MAX_THREADS]; /* the generation a worker was created at */
+
+static void *worker_main(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    int seen = start_gen[tid]; /* not pool.gen now: a job may have been posted since */
+    for (;;) {
+        int g, spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            if (++spins < SPIN_LIMIT) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleeping, 1);
+            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.mu);
+            break;
+        }
+        seen = g;
+        if (tid < pool.active) pool.fn(pool.ctx, tid, pool.active);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) { /* threads do not survive fork(): start afresh */
+    pool.workers = 0;
+    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.sleeping, 0);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&step_lock, NULL);
+}
+
+static int ensure_workers(int n) {
+    if (n > MAX_THREADS - 1) n = MAX_THREADS - 1;
+    while (pool.workers < n) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        start_gen[pool.workers + 1] = atomic_load(&pool.gen);
+        int rc = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool.workers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool.workers++;
+    }
+    return pool.workers + 1;
+}
+
+static void parallel(task_fn fn, void *ctx, int nth) {
+    if (nth > pool.workers + 1) nth = pool.workers + 1;
+    if (nth <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.active = nth;
+    atomic_store(&pool.pending, pool.workers);
+    atomic_fetch_add(&pool.gen, 1); /* seq_cst: publishes fn/ctx/active */
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    fn(ctx, 0, nth);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+}
+
+/* rows [lo, hi) of `rows` for thread tid of nth, in multiples of 4 (the kernels' unit) */
+static inline void split(int rows, int tid, int nth, int *lo, int *hi) {
+    *lo = tid == 0 ? 0 : (int)(((long long)rows * tid / nth) & ~3LL);
+    *hi = tid == nth - 1 ? rows : (int)(((long long)rows * (tid + 1) / nth) & ~3LL);
+}
+
+/* ------------------------------------------------------------------ the step */
+
+typedef struct {
+    Model *m;
+    const Mat *mat;
+    const float *in;
+    float *out;
+    int add; /* out += result (the residual stream) instead of out = result */
+    /* attention */
+    const uint16_t *kc, *vc;
+    int n, max_tokens, layer;
+} Job;
+
+static void task_mat(void *ctx, int tid, int nth) {
+    Job *j = (Job *)ctx;
+    int lo, hi;
+    split(j->mat->rows, tid, nth, &lo, &hi);
+    if (!j->add) {
+        mat_rows(j->mat, j->in, j->out, lo, hi);
+        return;
+    }
+    mat_rows(j->mat, j->in, j->m->tmp, lo, hi);
+    for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
+}
+
+static void task_gate_up(void *ctx, int tid, int nth) { /* gu[r] = silu(gate[r]) * up[r] */
+    Job *j = (Job *)ctx;
+    const int inter = j->m->inter;
+    int lo, hi;
+    split(inter, tid, nth, &lo, &hi);
+    if (hi <= lo) return;
+    float *g = j->m->gu;
+    mat_rows(j->mat, j->in, g, lo, hi);
+    mat_rows(j->mat, j->in, g, inter + lo, inter + hi);
+    for (int r = lo; r < hi; r++) {
+        const float a = g[r];
+        j->out[r] = a / (1.f + expf(-a)) * g[inter + r];
+    }
+}
+
+static void task_attn(void *ctx, int tid, int nth) {
+    Job *j = (Job *)ctx;
+    Model *m = j->m;
+    const int D = m->head_dim, group = m->heads / m->kv_heads;
+    const int lo = m->heads * tid / nth, hi = m->heads * (tid + 1) / nth;
+    const float scale = 1.f / sqrtf((float)D);
+    attn_fn attn = pick_attn();
+    for (int h = lo; h < hi; h++) {
+        const size_t base = ((size_t)j->layer * m->kv_heads + h / group) * j->max_tokens * D;
+        attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, m->scores + (size_t)h * m->scores_len,
+             m->att + (size_t)h * D);
+    }
+}
+
+static void rms_norm(const float *x, const float *w, float *y, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float inv = 1.f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+static void rotate(float *v, const float *cos, const float *sin, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
+                     const float *sin, float *logits, int nth) {
+    const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
+    for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
+    Job j = {.m = m, .kc = kc, .vc = vc, .n = pos + 1, .max_tokens = max_tokens};
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        rms_norm(m->x, L->in_norm, m->h, H, m->eps);
+        j.mat = &L->qkv, j.in = m->h, j.out = m->qkv, j.add = 0;
+        parallel(task_mat, &j, nth);
+        for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, cos, sin, D);
+        for (int g = 0; g < m->kv_heads; g++) {
+            const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + pos) * D;
+            for (int d = 0; d < D; d++) {
+                kc[at + d] = f32_to_bf16(m->qkv[qn + g * D + d]);
+                vc[at + d] = f32_to_bf16(m->qkv[qn + kn + g * D + d]);
+            }
+        }
+        j.layer = l;
+        parallel(task_attn, &j, nth);
+        j.mat = &L->o, j.in = m->att, j.out = m->x, j.add = 1;
+        parallel(task_mat, &j, nth);
+        rms_norm(m->x, L->post_norm, m->h, H, m->eps);
+        j.mat = &L->gate_up, j.in = m->h, j.out = m->tmp + H, j.add = 0; /* tmp: [H | inter] */
+        parallel(task_gate_up, &j, nth);
+        j.mat = &L->down, j.in = m->tmp + H, j.out = m->x, j.add = 1;
+        parallel(task_mat, &j, nth);
+    }
+    rms_norm(m->x, m->norm, m->h, H, m->eps);
+    j.mat = &m->head, j.in = m->h, j.out = logits, j.add = 0;
+    parallel(task_mat, &j, nth);
+}
+
+/* ------------------------------------------------------------------ Python interface */
+
+#define CAPSULE "edgepack._native.Model"
+
+static void *as_ptr(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr(o); }
+
+static int check_mat(const Mat *m) {
+    if (PyErr_Occurred()) return -1;
+    if (m->type < W_INT8 || m->type > W_F32 || !m->w || m->rows <= 0 || m->cols <= 0 || (m->type == W_INT8 && !m->scale)) {
+        PyErr_SetString(PyExc_ValueError, "bad matrix description");
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_mat(PyObject *t, Mat *m) {
+    PyObject *w, *s, *b;
+    if (!PyArg_ParseTuple(t, "iiiOOO", &m->type, &m->rows, &m->cols, &w, &s, &b)) return -1;
+    m->w = as_ptr(w), m->scale = as_ptr(s), m->bias = as_ptr(b);
+    return check_mat(m);
+}
+
+static void free_model(Model *m) {
+    if (!m) return;
+    free(m->layers);
+    free(m->x);
+    free(m->scores);
+    free(m);
+}
+
+static void capsule_free(PyObject *cap) { free_model((Model *)PyCapsule_GetPointer(cap, CAPSULE)); }
+
+/* new(dims, eps, (embed_type, embed), norm, head, layers)
+ *   dims = (hidden, heads, kv_heads, head_dim, inter, vocab)
+ *   head / a layer's matrices = (type, rows, cols, weight, scale or None, bias or None)
+ *   layers = [(in_norm, post_norm, qkv, o, gate_up, down), ...] */
+static PyObject *py_new(PyObject *self, PyObject *args) {
+    int hidden, heads, kv_heads, head_dim, inter, vocab, embed_type;
+    float eps;
+    PyObject *embed, *norm, *head, *layers;
+    if (!PyArg_ParseTuple(args, "(iiiiii)f(iO)OOO", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
+                          &embed_type, &embed, &norm, &head, &layers))
+        return NULL;
+    if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim % 2 || inter <= 0 ||
+        vocab <= 0 || embed_type < W_INT8 + 1 || embed_type > W_F32) {
+        PyErr_SetString(PyExc_ValueError, "bad model dimensions");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(layers, "layers must be a sequence");
+    if (!seq) return NULL;
+    Model *m = calloc(1, sizeof(Model));
+    if (!m) goto nomem;
+    m->hidden = hidden, m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->inter = inter;
+    m->vocab = vocab, m->eps = eps, m->embed_type = embed_type;
+    m->n_layers = (int)PySequence_Fast_GET_SIZE(seq);
+    m->embed = as_ptr(embed), m->norm = as_ptr(norm);
+    if (PyErr_Occurred() || parse_mat(head, &m->head)) goto fail;
+    m->layers = calloc(m->n_layers ? m->n_layers : 1, sizeof(Layer));
+    const int qkv = (heads + 2 * kv_heads) * head_dim;
+    const size_t floats = (size_t)hidden * 2 + qkv + (size_t)heads * head_dim + 2 * (size_t)inter +
+                          ((size_t)hidden + inter);
+    m->x = malloc(floats * sizeof(float));
+    if (!m->layers || !m->x) goto nomem;
+    m->h = m->x + hidden, m->qkv = m->h + hidden, m->att = m->qkv + qkv, m->gu = m->att + (size_t)heads * head_dim;
+    m->tmp = m->gu + 2 * (size_t)inter;
+    for (int i = 0; i < m->n_layers; i++) {
+        Layer *L = &m->layers[i];
+        PyObject *in_norm, *post_norm, *a, *b, *c, *d;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOOO", &in_norm, &post_norm, &a, &b, &c, &d)) goto fail;
+        L->in_norm = as_ptr(in_norm), L->post_norm = as_ptr(post_norm);
+        if (PyErr_Occurred() || parse_mat(a, &L->qkv) || parse_mat(b, &L->o) || parse_mat(c, &L->gate_up) ||
+            parse_mat(d, &L->down))
+            goto fail;
+        if (L->qkv.rows != qkv || L->qkv.cols != hidden || L->o.rows != hidden || L->o.cols != heads * head_dim ||
+            L->gate_up.rows != 2 * inter || L->gate_up.cols != hidden || L->down.rows != hidden || L->down.cols != inter) {
+            PyErr_Format(PyExc_ValueError, "layer %d: matrix shapes do not match the model's dimensions", i);
+            goto fail;
+        }
+    }
+    if (m->head.rows != vocab || m->head.cols != hidden || !m->embed || !m->norm) {
+        PyErr_SetString(PyExc_ValueError, "head, embedding or norm do not match the model's dimensions");
+        goto fail;
+    }
+    Py_DECREF(seq);
+    PyObject *cap = PyCapsule_New(m, CAPSULE, capsule_free);
+    if (!cap) free_model(m);
+    return cap;
+nomem:
+    PyErr_NoMemory();
+fail:
+    Py_DECREF(seq);
+    free_model(m);
+    return NULL;
+}
+
+/* step(model, token, pos, k_cache, v_cache, max_tokens, cos, sin, logits, threads) */
+static PyObject *py_step(PyObject *self, PyObject *args) {
+    PyObject *cap, *kc, *vc, *cos, *sin, *logits;
+    int token, pos, max_tokens, threads;
+    if (!PyArg_ParseTuple(args, "OiiOOiOOOi", &cap, &token, &pos, &kc, &vc, &max_tokens, &cos, &sin, &logits, &threads))
+        return NULL;
+    Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
+    if (!m) return NULL;
+    void *k = as_ptr(kc), *v = as_ptr(vc), *c = as_ptr(cos), *s = as_ptr(sin), *out = as_ptr(logits);
+    if (PyErr_Occurred()) return NULL;
+    if (token < 0 || token >= m->vocab || pos < 0 || pos >= max_tokens || !k || !v || !c || !s || !out) {
+        PyErr_Format(PyExc_ValueError, "token %d at position %d is outside the model (vocab %d) or cache (%d)", token, pos,
+                     m->vocab, max_tokens);
+        return NULL;
+    }
+    threads = threads < 1 ? 1 : threads;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock); /* one step at a time: the pool and a model's scratch are shared */
+    if (m->scores_len < max_tokens) {
+        float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
+        if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
+    }
+    ensure_workers(threads - 1);
+    if (m->scores_len >= max_tokens)
+        run_step(m, token, pos, (uint16_t *)k, (uint16_t *)v, max_tokens, (const float *)c, (const float *)s, (float *)out,
+             threads);
+    ok = m->scores_len >= max_tokens;
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* gemv(type, rows, cols, weight, scale, bias, x, y, threads): y = W x (tests, benchmarks) */
+static PyObject *py_gemv(PyObject *self, PyObject *args) {
+    Mat mat;
+    PyObject *w, *s, *b, *x, *y;
+    int threads;
+    if (!PyArg_ParseTuple(args, "iiiOOOOOi", &mat.type, &mat.rows, &mat.cols, &w, &s, &b, &x, &y, &threads)) return NULL;
+    mat.w = as_ptr(w), mat.scale = as_ptr(s), mat.bias = as_ptr(b);
+    float *xp = as_ptr(x), *yp = as_ptr(y);
+    if (check_mat(&mat)) return NULL;
+    if (!xp || !yp) {
+        PyErr_SetString(PyExc_ValueError, "bad matrix description");
+        return NULL;
+    }
+    threads = threads < 1 ? 1 : threads;
+    Job j = {.mat = &mat, .in = xp, .out = yp, .add = 0};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock);
+    ensure_workers(threads - 1);
+    parallel(task_mat, &j, threads);
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    const char *previous = ISA_NAMES[isa];
+    if (name) {
+        int want = -1;
+        for (int i = 0; i < 3; i++)
+            if (!strcmp(name, ISA_NAMES[i])) want = i;
+        if (want < 0 || want > isa_best) {
+            PyErr_Format(PyExc_ValueError, "instruction set %s is not available here (best: %s)", name, ISA_NAMES[isa_best]);
+            return NULL;
+        }
+        isa = want;
+    }
+    return PyUnicode_FromString(previous);
+}
+
+static PyMethodDef methods[] = {
+    {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
+    {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
+    {"gemv", py_gemv, METH_VARARGS, "y = W x with the step's kernels."},
+    {"set_isa", py_set_isa, METH_VARARGS, "Kernels to use ('generic', 'avx2', 'avx512'); returns the previous."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+#if EP_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+        isa_best = ISA_AVX512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        isa_best = ISA_AVX2;
+#endif
+    isa = isa_best;
+    pthread_atfork(NULL, NULL, after_fork_child);
+    PyObject *mod = PyModule_Create(&module);
+    if (mod) {
+        PyModule_AddIntConstant(mod, "INT8", W_INT8);
+        PyModule_AddIntConstant(mod, "BF16", W_BF16);
+        PyModule_AddIntConstant(mod, "F16", W_F16);
+        PyModule_AddIntConstant(mod, "F32", W_F32);
+        PyModule_AddIntConstant(mod, "MAX_THREADS", MAX_THREADS);
+    }
+    return mod;
+}
