@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define EP_X86 1
@@ -105,11 +106,29 @@ static float load_value(int type, const void *w, size_t i) {
  * y[r] = sum_k W[r, k] x[k] for r in [r0, r1): the raw dot products (scales and biases are
  * applied by the caller). Four rows at a time share each load of x. */
 
+/* Software prefetch EP_PF bytes ahead in each weight row being read. The hardware prefetcher
+ * alone leaves the step waiting on memory: SmolLM2-135M 8-bit, 2 threads, step 10.7 ms
+ * without, 8.2 ms at 1 KiB ahead, 5.3 ms at 4 KiB, 4.4-4.6 ms at 9 KiB, 4.8 ms at 16 KiB
+ * (2-core AVX-512 box; ~35 GB/s of weights read against ~15). */
+#ifndef EP_PF
+#define EP_PF 9216
+#endif
+#define ESIZE_int8 1
+#define ESIZE_f16 2
+#define ESIZE_bf16 2
+#define ESIZE_f32 4
+#define EP_PREFETCH(T, W, i) \
+    if (EP_PF) __builtin_prefetch((const char *)W + (i) * ESIZE_##T + EP_PF)
+static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_PF bytes on */
+    for (size_t b = 0; EP_PF && b < bytes; b += 64) __builtin_prefetch((const char *)row + b + EP_PF);
+}
+
 #define EP_GENERIC_ROWS(T, CONV)                                                          \
     static void gemv_generic_##T(const void *W, const float *x, int K, int r0, int r1,   \
                                  float *y) {                                             \
         for (int r = r0; r < r1; r++) {                                                  \
             const T *w = (const T *)W + (size_t)r * K;                                    \
+            prefetch_row(w, K * sizeof(T));                                               \
             float acc = 0.f;                                                              \
             _Pragma("omp simd reduction(+ : acc)") for (int k = 0; k < K; k++) acc +=    \
                 CONV(w[k]) * x[k];                                                        \
@@ -122,6 +141,7 @@ EP_GENERIC_ROWS(float, EP_CAST)
 static void gemv_generic_bf16(const void *W, const float *x, int K, int r0, int r1, float *y) {
     for (int r = r0; r < r1; r++) {
         const uint16_t *w = (const uint16_t *)W + (size_t)r * K;
+        prefetch_row(w, K * 2);
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
         for (int k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * x[k];
@@ -131,6 +151,7 @@ static void gemv_generic_bf16(const void *W, const float *x, int K, int r0, int 
 static void gemv_generic_f16(const void *W, const float *x, int K, int r0, int r1, float *y) {
     for (int r = r0; r < r1; r++) {
         const uint16_t *w = (const uint16_t *)W + (size_t)r * K;
+        prefetch_row(w, K * 2);
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
         for (int k = 0; k < K; k++) acc += f16_to_f32(w[k]) * x[k];
@@ -177,6 +198,8 @@ T512 static inline __m512 ld512m_f32(const void *p, size_t i, __mmask16 m) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
             for (int k = 0; k < kv; k += 16) {                                                \
                 const __m512 xv = _mm512_loadu_ps(x + k);                                     \
+                EP_PREFETCH(T, W, o0 + k); EP_PREFETCH(T, W, o1 + k);                           \
+                EP_PREFETCH(T, W, o2 + k); EP_PREFETCH(T, W, o3 + k);                           \
                 a0 = _mm512_fmadd_ps(ld512_##T(W, o0 + k), xv, a0);                           \
                 a1 = _mm512_fmadd_ps(ld512_##T(W, o1 + k), xv, a1);                           \
                 a2 = _mm512_fmadd_ps(ld512_##T(W, o2 + k), xv, a2);                           \
@@ -234,6 +257,8 @@ T256 static inline float hsum256(__m256 v) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
             for (int k = 0; k < kv; k += 8) {                                                 \
                 const __m256 xv = _mm256_loadu_ps(x + k);                                     \
+                EP_PREFETCH(T, W, o0 + k); EP_PREFETCH(T, W, o1 + k);                           \
+                EP_PREFETCH(T, W, o2 + k); EP_PREFETCH(T, W, o3 + k);                           \
                 a0 = _mm256_fmadd_ps(ld256_##T(W, o0 + k), xv, a0);                           \
                 a1 = _mm256_fmadd_ps(ld256_##T(W, o1 + k), xv, a1);                           \
                 a2 = _mm256_fmadd_ps(ld256_##T(W, o2 + k), xv, a2);                           \
@@ -523,16 +548,41 @@ static void rotate(float *v, const float *cos, const float *sin, int D) {
     }
 }
 
+/* where a step's time goes (profile(True) turns the clock on): wall time of each part on
+ * the calling thread, summed over steps */
+enum { P_SERIAL, P_QKV, P_ATTN, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_PARTS };
+static const char *PART_NAMES[P_PARTS] = {"norms, rotary, cache writes", "q/k/v", "attention", "o", "gate/up + SiLU",
+                                          "down", "head"};
+static int profiling;
+static double part_seconds[P_PARTS];
+static long profiled_steps;
+
+static inline double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline void lap(int part, double *t) {
+    if (!profiling) return;
+    const double n = now();
+    part_seconds[part] += n - *t;
+    *t = n;
+}
+
 static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
                      const float *sin, float *logits, int nth) {
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
+    double t = profiling ? now() : 0.0;
     for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
     Job j = {.m = m, .kc = kc, .vc = vc, .n = pos + 1, .max_tokens = max_tokens};
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *L = &m->layers[l];
         rms_norm(m->x, L->in_norm, m->h, H, m->eps);
+        lap(P_SERIAL, &t);
         j.mat = &L->qkv, j.in = m->h, j.out = m->qkv, j.add = 0;
         parallel(task_mat, &j, nth);
+        lap(P_QKV, &t);
         for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, cos, sin, D);
         for (int g = 0; g < m->kv_heads; g++) {
             const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + pos) * D;
@@ -541,19 +591,28 @@ static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, i
                 vc[at + d] = f32_to_bf16(m->qkv[qn + kn + g * D + d]);
             }
         }
+        lap(P_SERIAL, &t);
         j.layer = l;
         parallel(task_attn, &j, nth);
+        lap(P_ATTN, &t);
         j.mat = &L->o, j.in = m->att, j.out = m->x, j.add = 1;
         parallel(task_mat, &j, nth);
+        lap(P_O, &t);
         rms_norm(m->x, L->post_norm, m->h, H, m->eps);
+        lap(P_SERIAL, &t);
         j.mat = &L->gate_up, j.in = m->h, j.out = m->tmp + H, j.add = 0; /* tmp: [H | inter] */
         parallel(task_gate_up, &j, nth);
+        lap(P_GATE_UP, &t);
         j.mat = &L->down, j.in = m->tmp + H, j.out = m->x, j.add = 1;
         parallel(task_mat, &j, nth);
+        lap(P_DOWN, &t);
     }
     rms_norm(m->x, m->norm, m->h, H, m->eps);
+    lap(P_SERIAL, &t);
     j.mat = &m->head, j.in = m->h, j.out = logits, j.add = 0;
     parallel(task_mat, &j, nth);
+    lap(P_HEAD, &t);
+    profiled_steps += profiling != 0;
 }
 
 /* ------------------------------------------------------------------ Python interface */
@@ -709,6 +768,62 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* argmax(values, n): the index of the first largest of n float32 values (NaN counts as
+ * largest, as in torch.argmax), on the calling thread: no torch thread pool woken per token */
+static PyObject *py_argmax(PyObject *self, PyObject *args) {
+    PyObject *p;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "On", &p, &n)) return NULL;
+    const float *v = as_ptr(p);
+    if (PyErr_Occurred()) return NULL;
+    if (!v || n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "argmax of nothing");
+        return NULL;
+    }
+    float top = v[0];
+#pragma omp simd reduction(max : top)
+    for (Py_ssize_t i = 0; i < n; i++) top = v[i] > top ? v[i] : top;
+    int nan = 0;
+#pragma omp simd reduction(| : nan)
+    for (Py_ssize_t i = 0; i < n; i++) nan |= v[i] != v[i];
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (nan ? v[i] != v[i] : v[i] == top) return PyLong_FromSsize_t(i);
+    return PyLong_FromSsize_t(0);
+}
+
+/* profile(on=None): {part: seconds} summed over the steps since the clock was turned on,
+ * plus "steps"; on=True/False turns it on (and resets) / off */
+static PyObject *py_profile(PyObject *self, PyObject *args) {
+    PyObject *on = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &on)) return NULL;
+    PyObject *out = PyDict_New();
+    if (!out) return NULL;
+    for (int i = 0; i < P_PARTS; i++) {
+        PyObject *v = PyFloat_FromDouble(part_seconds[i]);
+        if (!v || PyDict_SetItemString(out, PART_NAMES[i], v)) {
+            Py_XDECREF(v);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    PyObject *steps = PyLong_FromLong(profiled_steps);
+    if (!steps || PyDict_SetItemString(out, "steps", steps)) {
+        Py_XDECREF(steps);
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(steps);
+    if (on != Py_None) {
+        pthread_mutex_lock(&step_lock);
+        profiling = PyObject_IsTrue(on);
+        memset(part_seconds, 0, sizeof part_seconds);
+        profiled_steps = 0;
+        pthread_mutex_unlock(&step_lock);
+    }
+    return out;
+}
+
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name = NULL;
     if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
@@ -730,6 +845,8 @@ static PyMethodDef methods[] = {
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
     {"gemv", py_gemv, METH_VARARGS, "y = W x with the step's kernels."},
+    {"argmax", py_argmax, METH_VARARGS, "Index of the largest float32 value."},
+    {"profile", py_profile, METH_VARARGS, "Seconds per part of the step: profile(True) starts, profile() reads."},
     {"set_isa", py_set_isa, METH_VARARGS, "Kernels to use ('generic', 'avx2', 'avx512'); returns the previous."},
     {NULL, NULL, 0, NULL},
 };

@@ -46,7 +46,8 @@ FLOAT16_MAX = 65504.0
 HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
 # Decode steps (one token) run in edgepack._native when it is built and the model's layers
 # are int8 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
-# EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts).
+# EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts); on CPUs without AVX2 it is off
+# unless EDGEPACK_NATIVE=1.
 NATIVE_ENV = "EDGEPACK_NATIVE"
 
 
@@ -388,6 +389,15 @@ class LeanLM(nn.Module):
         return logits
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """``int(torch.argmax(logits))``; for float32 CPU logits on the calling thread in C
+    (torch's reduction wakes its thread pool every token, which then competes with the
+    decode step's threads)."""
+    if _native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous():
+        return _native.argmax(logits.data_ptr(), logits.numel())
+    return int(torch.argmax(logits))
+
+
 NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
@@ -395,8 +405,13 @@ def native_unavailable(model: "LeanLM") -> str | None:
     """None when ``model``'s decode steps can run in edgepack._native, else why not."""
     if _native is None:
         return "edgepack._native is not built (no C compiler at install time)"
-    if os.environ.get(NATIVE_ENV, "1") == "0":
+    setting = os.environ.get(NATIVE_ENV, "")
+    if setting == "0":
         return f"{NATIVE_ENV}=0"
+    if _native.set_isa() == "generic" and setting != "1":
+        # its portable C kernels are not tuned (x86-64 without AVX2: 28 ms a SmolLM2 step
+        # against torch's 18); EDGEPACK_NATIVE=1 uses them anyway (e.g. to measure on ARM)
+        return "no AVX2 or AVX-512 on this CPU (EDGEPACK_NATIVE=1 uses the portable kernels)"
     if model.dtype != torch.float32 or KV_DTYPE != torch.bfloat16:
         return "activations other than float32"
     tensors = [model.embed, model.norm] + [b.input_norm for b in model.blocks] + [b.post_norm for b in model.blocks]

@@ -598,7 +598,9 @@ def _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k) -
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
     if temperature == 0:
-        return int(torch.argmax(logits))
+        from edgepack.lean import argmax
+
+        return argmax(logits)
     logits = logits.cpu() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]

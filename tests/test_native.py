@@ -33,7 +33,8 @@ ISAS = _available_isas()
 
 
 @pytest.fixture(params=ISAS)
-def isa(request):
+def isa(request, monkeypatch):
+    monkeypatch.setenv(lean.NATIVE_ENV, "1")  # the portable kernels too
     previous = native.set_isa(request.param)
     yield request.param
     native.set_isa(previous)
@@ -200,6 +201,23 @@ def test_layers_the_c_step_cannot_run_fall_back_to_torch(packed):
     ids = lm.tokenizer.encode("The capital")
     lm.model.logits_last(torch.tensor([ids]), cache)
     assert lm.model.logits_last(torch.tensor([[ids[0]]]), cache).shape[-1] == lm.model.config["vocab_size"]
+
+
+def test_portable_kernels_only_when_asked(packed, monkeypatch):
+    previous = native.set_isa("generic")
+    try:
+        monkeypatch.delenv(lean.NATIVE_ENV, raising=False)
+        assert "no AVX2 or AVX-512" in edgepack.load(packed("llama", 8)).model.native_off
+        monkeypatch.setenv(lean.NATIVE_ENV, "1")
+        assert edgepack.load(packed("llama", 8)).model.native_off is None
+    finally:
+        native.set_isa(previous)
+
+
+def test_argmax_is_torchs():
+    for values in (torch.randn(49152), torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([5.0, float("nan"), 7.0]),
+                   torch.full((3,), float("-inf")), torch.tensor([2.0])):  # fmt: skip
+        assert lean.argmax(values) == int(torch.argmax(values))
 
 
 def test_step_errors(packed):
