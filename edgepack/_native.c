@@ -33,7 +33,7 @@
 #define EP_X86 0
 #endif
 
-enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3 };
+enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3, W_INT4 = 4 };
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static const char *ISA_NAMES[] = {"generic", "avx2", "avx512"};
 static int isa_best = ISA_GENERIC, isa = ISA_GENERIC;
@@ -41,8 +41,10 @@ static int isa_best = ISA_GENERIC, isa = ISA_GENERIC;
 typedef struct {
     int type, rows, cols;
     const void *w;
-    const float *scale; /* int8 only: one per row */
-    const float *bias;  /* optional, float32 */
+    const float *scale;  /* int8 only: one per row */
+    const float *bias;   /* optional, float32 */
+    const uint16_t *sz;  /* int4 only: bfloat16 (scale, zero) pairs, [rows, cols / group, 2] */
+    int group;           /* int4 only: inputs sharing a pair, a multiple of 32 */
 } Mat;
 
 typedef struct {
@@ -59,7 +61,7 @@ typedef struct {
     Mat head;
     Layer *layers;
     /* scratch */
-    float *x, *h, *qkv, *att, *gu, *tmp;
+    float *x, *h, *qkv, *att, *gu, *tmp, *prep;
     float *scores; /* heads x scores_len: attention weights, grown with the cache */
     int scores_len;
 } Model;
@@ -292,6 +294,96 @@ EP_AVX2_ROWS(bf16)
 EP_AVX2_ROWS(f32)
 #endif /* EP_X86 */
 
+/* int4 (edgepack's CPU format): codes [rows, cols / 2], column 2j in the low nibble of byte j
+ * and 2j+1 in the high one; W[r, k] = (q - 8) s + z with (s, z) shared by `group` inputs. So
+ * y[r] = sum_g s_g (sum_{k in g} q_k x_k) + (z_g - 8 s_g) xsum_g, on an input prepared once
+ * per matrix-vector product (prep_int4): even and odd inputs apart (they meet the low and
+ * high nibbles) and the sum of each group. */
+static void prep_int4(const Mat *m, const float *x, float *prep) {
+    const int K = m->cols, half = K / 2, G = m->group;
+    for (int j = 0; j < half; j++) prep[j] = x[2 * j], prep[half + j] = x[2 * j + 1];
+    for (int g = 0; g < K / G; g++) {
+        float sum = 0.f;
+        for (int k = g * G; k < (g + 1) * G; k++) sum += x[k];
+        prep[K + g] = sum;
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_rows_body(const Mat *m, const float *prep, int r0, int r1,
+                                                                  float *y) {
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G, gb = G / 2;
+    const float *xe = prep, *xo = prep + half, *xs = prep + K;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        const uint16_t *sz = m->sz + (size_t)r * ng * 2;
+        prefetch_row(c, half);
+        prefetch_row(sz, (size_t)ng * 4);
+        float acc = 0.f;
+        for (int g = 0; g < ng; g++) {
+            float t = 0.f;
+            const uint8_t *cg = c + (size_t)g * gb;
+            const float *e = xe + (size_t)g * gb, *o = xo + (size_t)g * gb;
+#pragma omp simd reduction(+ : t)
+            for (int j = 0; j < gb; j++) t += (float)(cg[j] & 15) * e[j] + (float)(cg[j] >> 4) * o[j];
+            const float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
+            acc += s * t + (z - 8.f * s) * xs[g];
+        }
+        y[r] = acc;
+    }
+}
+
+typedef void (*int4_fn)(const Mat *, const float *, int, int, float *);
+static void int4_generic(const Mat *m, const float *prep, int r0, int r1, float *y) { int4_rows_body(m, prep, r0, r1, y); }
+
+#if EP_X86
+T256 static void int4_256(const Mat *m, const float *prep, int r0, int r1, float *y) { int4_rows_body(m, prep, r0, r1, y); }
+
+/* 16 groups' (scale, zero) pairs converted at once; each group's 32 codes per 16 bytes:
+ * one widening (the only shuffle), then low and high nibbles by mask and shift */
+T512 static void int4_512(const Mat *m, const float *prep, int r0, int r1, float *y) {
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G, gb = G / 2;
+    const float *xe = prep, *xo = prep + half, *xs = prep + K;
+    const __m512i nib = _mm512_set1_epi32(0x0F), top = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    float sbuf[16] __attribute__((aligned(64)));
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        const uint32_t *sz = (const uint32_t *)(m->sz + (size_t)r * ng * 2);
+        prefetch_row(c, half);
+        prefetch_row(sz, (size_t)ng * 4);
+        __m512 acc = _mm512_setzero_ps(), cst = _mm512_setzero_ps();
+        for (int g0 = 0; g0 < ng; g0 += 16) {
+            const int n = ng - g0 < 16 ? ng - g0 : 16;
+            const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+            const __m512i pair = _mm512_maskz_loadu_epi32(mk, sz + g0);
+            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            const __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, top));
+            cst = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sc, ze), _mm512_maskz_loadu_ps(mk, xs + g0), cst);
+            _mm512_store_ps(sbuf, sc);
+            for (int g = 0; g < n; g++) {
+                const int j0 = (g0 + g) * gb;
+                __m512 t = _mm512_setzero_ps();
+                for (int j = j0; j < j0 + gb; j += 16) {
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+                    t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nib)), _mm512_loadu_ps(xe + j), t);
+                    t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(xo + j), t);
+                }
+                acc = _mm512_fmadd_ps(t, _mm512_set1_ps(sbuf[g]), acc);
+            }
+        }
+        y[r] = _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(cst);
+    }
+}
+#endif
+
+static int4_fn pick_int4(void) {
+#if EP_X86
+    if (isa == ISA_AVX512) return int4_512;
+    if (isa == ISA_AVX2) return int4_256;
+#endif
+    return int4_generic;
+}
+
 typedef void (*gemv_fn)(const void *, const float *, int, int, int, float *);
 
 static gemv_fn pick_gemv(int type) {
@@ -309,10 +401,14 @@ static gemv_fn pick_gemv(int type) {
     return f[type];
 }
 
-/* y[r] for r in [r0, r1): the dot products, then the row's scale and bias */
-static void mat_rows(const Mat *m, const float *x, float *y, int r0, int r1) {
+/* y[r] for r in [r0, r1): the dot products, then the row's scale and bias (int4: `prep`,
+ * the input as prep_int4 made it) */
+static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, int r0, int r1) {
     if (r1 <= r0) return;
-    pick_gemv(m->type)(m->w, x, m->cols, r0, r1, y);
+    if (m->type == W_INT4)
+        pick_int4()(m, prep, r0, r1, y);
+    else
+        pick_gemv(m->type)(m->w, x, m->cols, r0, r1, y);
     if (m->scale)
         for (int r = r0; r < r1; r++) y[r] *= m->scale[r];
     if (m->bias)
@@ -483,7 +579,7 @@ static inline void split(int rows, int tid, int nth, int *lo, int *hi) {
 typedef struct {
     Model *m;
     const Mat *mat;
-    const float *in;
+    const float *in, *prep;
     float *out;
     int add; /* out += result (the residual stream) instead of out = result */
     /* attention */
@@ -496,10 +592,10 @@ static void task_mat(void *ctx, int tid, int nth) {
     int lo, hi;
     split(j->mat->rows, tid, nth, &lo, &hi);
     if (!j->add) {
-        mat_rows(j->mat, j->in, j->out, lo, hi);
+        mat_rows(j->mat, j->in, j->prep, j->out, lo, hi);
         return;
     }
-    mat_rows(j->mat, j->in, j->m->tmp, lo, hi);
+    mat_rows(j->mat, j->in, j->prep, j->m->tmp, lo, hi);
     for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
 }
 
@@ -510,8 +606,8 @@ static void task_gate_up(void *ctx, int tid, int nth) { /* gu[r] = silu(gate[r])
     split(inter, tid, nth, &lo, &hi);
     if (hi <= lo) return;
     float *g = j->m->gu;
-    mat_rows(j->mat, j->in, g, lo, hi);
-    mat_rows(j->mat, j->in, g, inter + lo, inter + hi);
+    mat_rows(j->mat, j->in, j->prep, g, lo, hi);
+    mat_rows(j->mat, j->in, j->prep, g, inter + lo, inter + hi);
     for (int r = lo; r < hi; r++) {
         const float a = g[r];
         j->out[r] = a / (1.f + expf(-a)) * g[inter + r];
@@ -570,6 +666,16 @@ static inline void lap(int part, double *t) {
     *t = n;
 }
 
+/* a matrix-vector product of the step, on all threads */
+static void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, int add, int nth) {
+    j->mat = mat, j->in = in, j->out = out, j->add = add, j->prep = NULL;
+    if (mat->type == W_INT4) {
+        prep_int4(mat, in, j->m->prep);
+        j->prep = j->m->prep;
+    }
+    parallel(task, j, nth);
+}
+
 static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
                      const float *sin, float *logits, int nth) {
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
@@ -580,8 +686,7 @@ static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, i
         const Layer *L = &m->layers[l];
         rms_norm(m->x, L->in_norm, m->h, H, m->eps);
         lap(P_SERIAL, &t);
-        j.mat = &L->qkv, j.in = m->h, j.out = m->qkv, j.add = 0;
-        parallel(task_mat, &j, nth);
+        product(&j, task_mat, &L->qkv, m->h, m->qkv, 0, nth);
         lap(P_QKV, &t);
         for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, cos, sin, D);
         for (int g = 0; g < m->kv_heads; g++) {
@@ -595,22 +700,18 @@ static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, i
         j.layer = l;
         parallel(task_attn, &j, nth);
         lap(P_ATTN, &t);
-        j.mat = &L->o, j.in = m->att, j.out = m->x, j.add = 1;
-        parallel(task_mat, &j, nth);
+        product(&j, task_mat, &L->o, m->att, m->x, 1, nth);
         lap(P_O, &t);
         rms_norm(m->x, L->post_norm, m->h, H, m->eps);
         lap(P_SERIAL, &t);
-        j.mat = &L->gate_up, j.in = m->h, j.out = m->tmp + H, j.add = 0; /* tmp: [H | inter] */
-        parallel(task_gate_up, &j, nth);
+        product(&j, task_gate_up, &L->gate_up, m->h, m->tmp + H, 0, nth); /* tmp: [H | inter] */
         lap(P_GATE_UP, &t);
-        j.mat = &L->down, j.in = m->tmp + H, j.out = m->x, j.add = 1;
-        parallel(task_mat, &j, nth);
+        product(&j, task_mat, &L->down, m->tmp + H, m->x, 1, nth);
         lap(P_DOWN, &t);
     }
     rms_norm(m->x, m->norm, m->h, H, m->eps);
     lap(P_SERIAL, &t);
-    j.mat = &m->head, j.in = m->h, j.out = logits, j.add = 0;
-    parallel(task_mat, &j, nth);
+    product(&j, task_mat, &m->head, m->h, logits, 0, nth);
     lap(P_HEAD, &t);
     profiled_steps += profiling != 0;
 }
@@ -623,24 +724,38 @@ static void *as_ptr(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr
 
 static int check_mat(const Mat *m) {
     if (PyErr_Occurred()) return -1;
-    if (m->type < W_INT8 || m->type > W_F32 || !m->w || m->rows <= 0 || m->cols <= 0 || (m->type == W_INT8 && !m->scale)) {
+    const int int4_ok = m->group >= 32 && m->group % 32 == 0 && m->cols % m->group == 0 && m->sz;
+    if (m->type < W_INT8 || m->type > W_INT4 || !m->w || m->rows <= 0 || m->cols <= 0 ||
+        (m->type == W_INT8 && !m->scale) || (m->type == W_INT4 && !int4_ok)) {
         PyErr_SetString(PyExc_ValueError, "bad matrix description");
         return -1;
     }
     return 0;
 }
 
+/* (type, rows, cols, weight, scale, bias[, group]): int4's `scale` is its (scale, zero) pairs */
+static int set_mat(Mat *m, PyObject *w, PyObject *s, PyObject *b) {
+    m->w = as_ptr(w), m->bias = as_ptr(b);
+    m->scale = NULL, m->sz = NULL;
+    if (m->type == W_INT4)
+        m->sz = as_ptr(s);
+    else
+        m->scale = as_ptr(s);
+    return check_mat(m);
+}
+
 static int parse_mat(PyObject *t, Mat *m) {
     PyObject *w, *s, *b;
-    if (!PyArg_ParseTuple(t, "iiiOOO", &m->type, &m->rows, &m->cols, &w, &s, &b)) return -1;
-    m->w = as_ptr(w), m->scale = as_ptr(s), m->bias = as_ptr(b);
-    return check_mat(m);
+    m->group = 0;
+    if (!PyArg_ParseTuple(t, "iiiOOO|i", &m->type, &m->rows, &m->cols, &w, &s, &b, &m->group)) return -1;
+    return set_mat(m, w, s, b);
 }
 
 static void free_model(Model *m) {
     if (!m) return;
     free(m->layers);
     free(m->x);
+    free(m->prep);
     free(m->scores);
     free(m);
 }
@@ -677,7 +792,10 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
     const size_t floats = (size_t)hidden * 2 + qkv + (size_t)heads * head_dim + 2 * (size_t)inter +
                           ((size_t)hidden + inter);
     m->x = malloc(floats * sizeof(float));
-    if (!m->layers || !m->x) goto nomem;
+    const int widest = hidden > inter ? (hidden > heads * head_dim ? hidden : heads * head_dim)
+                                      : (inter > heads * head_dim ? inter : heads * head_dim);
+    m->prep = malloc(((size_t)widest + widest / 32 + 1) * sizeof(float));
+    if (!m->layers || !m->x || !m->prep) goto nomem;
     m->h = m->x + hidden, m->qkv = m->h + hidden, m->att = m->qkv + qkv, m->gu = m->att + (size_t)heads * head_dim;
     m->tmp = m->gu + 2 * (size_t)inter;
     for (int i = 0; i < m->n_layers; i++) {
@@ -744,25 +862,81 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* gemv(type, rows, cols, weight, scale, bias, x, y, threads): y = W x (tests, benchmarks) */
+/* gemv(matrix, x, y, threads): y = W x with the step's kernels (tests, benchmarks); matrix as
+ * in new() */
 static PyObject *py_gemv(PyObject *self, PyObject *args) {
     Mat mat;
-    PyObject *w, *s, *b, *x, *y;
+    PyObject *t, *x, *y;
     int threads;
-    if (!PyArg_ParseTuple(args, "iiiOOOOOi", &mat.type, &mat.rows, &mat.cols, &w, &s, &b, &x, &y, &threads)) return NULL;
-    mat.w = as_ptr(w), mat.scale = as_ptr(s), mat.bias = as_ptr(b);
+    if (!PyArg_ParseTuple(args, "OOOi", &t, &x, &y, &threads) || parse_mat(t, &mat)) return NULL;
     float *xp = as_ptr(x), *yp = as_ptr(y);
-    if (check_mat(&mat)) return NULL;
+    if (PyErr_Occurred()) return NULL;
     if (!xp || !yp) {
         PyErr_SetString(PyExc_ValueError, "bad matrix description");
         return NULL;
     }
+    float *prep = NULL;
+    if (mat.type == W_INT4) {
+        prep = malloc(((size_t)mat.cols + mat.cols / 32 + 1) * sizeof(float));
+        if (!prep) return PyErr_NoMemory();
+        prep_int4(&mat, xp, prep);
+    }
     threads = threads < 1 ? 1 : threads;
-    Job j = {.mat = &mat, .in = xp, .out = yp, .add = 0};
+    Job j = {.mat = &mat, .in = xp, .prep = prep, .out = yp, .add = 0};
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_lock);
     ensure_workers(threads - 1);
     parallel(task_mat, &j, threads);
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+    free(prep);
+    Py_RETURN_NONE;
+}
+
+/* dequant_int4(codes, pairs, rows, cols, group, out, threads): float32 [rows, cols] weights of
+ * an int4 matrix (the prompt path multiplies them in float32 GEMMs) */
+typedef struct {
+    const Mat *mat;
+    float *out;
+} Dequant;
+
+static void task_dequant(void *ctx, int tid, int nth) {
+    const Dequant *d = (const Dequant *)ctx;
+    const Mat *m = d->mat;
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G;
+    const int lo = (int)((long long)m->rows * tid / nth), hi = (int)((long long)m->rows * (tid + 1) / nth);
+    for (int r = lo; r < hi; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        float *o = d->out + (size_t)r * K;
+        for (int g = 0; g < ng; g++) {
+            const float s = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2]), z = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2 + 1]);
+            const float b = z - 8.f * s;
+            for (int j = g * G / 2; j < (g + 1) * G / 2; j++) {
+                o[2 * j] = (float)(c[j] & 15) * s + b;
+                o[2 * j + 1] = (float)(c[j] >> 4) * s + b;
+            }
+        }
+    }
+}
+
+static PyObject *py_dequant_int4(PyObject *self, PyObject *args) {
+    Mat mat = {.type = W_INT4};
+    PyObject *w, *s, *o;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOiiiOi", &w, &s, &mat.rows, &mat.cols, &mat.group, &o, &threads) ||
+        set_mat(&mat, w, s, Py_None))
+        return NULL;
+    Dequant d = {&mat, as_ptr(o)};
+    if (PyErr_Occurred()) return NULL;
+    if (!d.out) {
+        PyErr_SetString(PyExc_ValueError, "bad matrix description");
+        return NULL;
+    }
+    threads = threads < 1 ? 1 : threads;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock);
+    ensure_workers(threads - 1);
+    parallel(task_dequant, &d, threads);
     pthread_mutex_unlock(&step_lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -845,6 +1019,7 @@ static PyMethodDef methods[] = {
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
     {"gemv", py_gemv, METH_VARARGS, "y = W x with the step's kernels."},
+    {"dequant_int4", py_dequant_int4, METH_VARARGS, "float32 weights of an int4 matrix."},
     {"argmax", py_argmax, METH_VARARGS, "Index of the largest float32 value."},
     {"profile", py_profile, METH_VARARGS, "Seconds per part of the step: profile(True) starts, profile() reads."},
     {"set_isa", py_set_isa, METH_VARARGS, "Kernels to use ('generic', 'avx2', 'avx512'); returns the previous."},
@@ -870,6 +1045,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(mod, "BF16", W_BF16);
         PyModule_AddIntConstant(mod, "F16", W_F16);
         PyModule_AddIntConstant(mod, "F32", W_F32);
+        PyModule_AddIntConstant(mod, "INT4", W_INT4);
         PyModule_AddIntConstant(mod, "MAX_THREADS", MAX_THREADS);
     }
     return mod;

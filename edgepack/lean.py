@@ -142,7 +142,6 @@ def fuse(parts: list[nn.Module]) -> nn.Module:
             "weight": torch.cat([p.weight for p in parts]),
             "weight.scales_and_zeros": torch.cat([p.scales_and_zeros for p in parts], dim=1),
         })
-        fused.prepare_cpu()
         return fused
     if all(isinstance(p, nn.Linear) for p in parts):
         fused = CastLinear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
@@ -194,9 +193,13 @@ class Block(nn.Module):
         self.cfg = cfg
         self.inter = mlp.gate_proj.out_features
         self.q_size, self.qk_size = cfg.heads * cfg.head_dim, (cfg.heads + cfg.kv_heads) * cfg.head_dim
+        self._dtypes = [compute_dtype(m) for m in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)]
+
+    def bind(self) -> None:
+        """Look up each projection's kernel, once its int4 layers are in their final layout
+        (prepare_cpu or prepare_native)."""
         self._qkv, self._o = kernel(self.qkv_proj), kernel(self.o_proj)
         self._gate_up, self._down = kernel(self.gate_up_proj), kernel(self.down_proj)
-        self._dtypes = [compute_dtype(m) for m in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)]
 
     def forward(self, x, cos, sin, cache: KVCache | None, index: int, start: int, mask):
         cfg = self.cfg
@@ -279,24 +282,27 @@ class LeanLM(nn.Module):
         self.blocks = nn.ModuleList()
         for i in range(len(base.layers)):
             self.blocks.append(Block(base.layers[i], self.cfg))
-            for module in self.blocks[-1].modules():  # int4 codes into the kernel's order, a layer at a time
-                if isinstance(module, Int4Linear):  # (also those a bias keeps out of a fused kernel)
-                    module.prepare_cpu()
-            # int8/16-bit rows were read in place (fused_destinations); int4 codes were just
-            # repacked and biases concatenated: drop this layer's originals at once, so those
-            # copies never add up to more than one layer over the weights
+            # int8/16-bit rows were read in place (fused_destinations); int4 codes and biases
+            # were just concatenated: drop this layer's originals at once, so those copies
+            # never add up to more than one layer over the weights
             base.layers[i] = nn.Module()
             release_freed_memory()
         self.norm = base.norm.weight.data.to(activation_dtype)
         self.lm_head = skeleton.lm_head
         self._half_head()
+        self.native_off = native_unavailable(self)  # None, or why decode steps use torch ops
+        for block in self.blocks:  # int4 codes: kept for edgepack._native, or into torch's kernel order
+            for module in block.modules():  # (also those a bias keeps out of a fused kernel)
+                if isinstance(module, Int4Linear):
+                    module.prepare_native() if self.native_off is None else module.prepare_cpu()
+            block.bind()
+            release_freed_memory()
         self._inv_freq = 1.0 / (
             self.cfg.rope_theta ** (torch.arange(0, self.cfg.head_dim, 2).float() / self.cfg.head_dim)
         )
         self._cos = self._sin = torch.empty(0)
         self._native: Any = None
         self._native_keep: list[torch.Tensor] = []  # tensors the C step reads (scales, biases)
-        self.native_off = native_unavailable(self)  # None, or why decode steps use torch ops
 
     def _half_head(self) -> None:
         """A bfloat16 head (and the embedding table sharing its storage) converted to
@@ -420,13 +426,16 @@ def native_unavailable(model: "LeanLM") -> str | None:
     for block in model.blocks:
         for module in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj):
             if _native_kind(module) is None:
-                return f"a {type(module).__name__} layer (int8 and 16-bit layers only)"
+                kind = module.parts[0] if isinstance(module, _Concat) else module
+                return f"a {type(kind).__name__} layer (int8, int4 and 16-bit layers only)"
     if _native_kind(model.lm_head) is None:
         return f"a {type(model.lm_head).__name__} head"
     return None
 
 
 def _native_kind(module: nn.Module) -> str | None:
+    if isinstance(module, Int4Linear):
+        return "INT4" if module.bias is None and module.native_ready() else None
     if isinstance(module, Int8Linear):
         weight = module.weight
         kind = "INT8"
@@ -442,6 +451,10 @@ def _native_matrix(module: nn.Module, keep: list[torch.Tensor]) -> tuple:
     """(type, rows, cols, weight, scale, bias) for _native.new; float32 per-row scales and
     biases made here are appended to ``keep`` (the C side holds only their addresses)."""
     kind = _native_kind(module)
+    if kind == "INT4":
+        module.prepare_native()
+        codes, pairs, group = module.native_matrix()
+        return (_native.INT4, codes.shape[0], codes.shape[1] * 2, codes.data_ptr(), pairs.data_ptr(), None, group)
     weight = module.weight
     scale = None
     if kind == "INT8":

@@ -240,6 +240,25 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group:
     return (codes - 8) * sz[..., 0].T + sz[..., 1].T
 
 
+def int4_wide_matmul(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, group: int) -> torch.Tensor:
+    """``x @ W.T`` for an int4 layer in edgepack._native's layout (codes [out, in/2], pairs
+    [out, in/group, 2] bfloat16): a chunk of rows at a time dequantized by edgepack._native
+    into the float32 buffer wide_matmul uses, then a float32 GEMM; the result in x's dtype."""
+    from edgepack import _native
+
+    out_f, in_f = codes.shape[0], codes.shape[1] * 2
+    rows = max(16, WIDE_CHUNK_WEIGHTS // in_f)
+    x32 = x.float()
+    out = torch.empty(x.shape[0], out_f, dtype=x.dtype)
+    threads = torch.get_num_threads()
+    for r in range(0, out_f, rows):
+        n = min(rows, out_f - r)
+        w = _wide_scratch(n * in_f).view(n, in_f)
+        _native.dequant_int4(codes[r].data_ptr(), pairs[r].data_ptr(), n, in_f, group, w.data_ptr(), threads)
+        out[:, r : r + n] = torch.mm(x32, w.t())
+    return out
+
+
 class Int4Linear(nn.Module):
     """edgepack's CPU 4-bit: affine codes in groups along the input, run by torch's fused
     int4 kernel (weight-only; activations in the compute dtype)."""
@@ -254,6 +273,7 @@ class Int4Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), False) if bias else None
         self._kernel_weight: torch.Tensor | None = None  # the codes in the CPU kernel's order
+        self._row_pairs: torch.Tensor | None = None  # (scale, zero) as [out, groups, 2]: edgepack._native's layout
 
     def attach(self, tensors: dict[str, torch.Tensor]) -> None:
         if not int4_fits(self.out_features, self.in_features, self.group) or self.group not in INT4_GROUP_SIZES:
@@ -262,19 +282,41 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = tensors["weight.scales_and_zeros"].to(self.compute_dtype)
         if self.bias is not None:
             self.bias = nn.Parameter(tensors["bias"].to(self.compute_dtype), requires_grad=False)
-        self._kernel_weight = None
+        self._kernel_weight = self._row_pairs = None
 
     def prepare_cpu(self) -> None:
         """Repack the codes into the kernel's order and drop the stored ones (same size),
         once at load."""
-        if self._kernel_weight is None:
+        if self._kernel_weight is None and self._row_pairs is None:
             self._kernel_weight = repack_int4_for_cpu(self.weight)
             self.weight = torch.empty(self.weight.shape, dtype=torch.uint8, device="meta")
 
+    def native_ready(self) -> bool:
+        """Whether edgepack._native's int4 kernel can read this layer as stored."""
+        return (
+            self.weight.device.type == "cpu" and self.scales_and_zeros.dtype == torch.bfloat16
+            and self.group % 32 == 0 and self._kernel_weight is None
+        )  # fmt: skip
+
+    def prepare_native(self) -> None:
+        """Keep the stored codes (edgepack._native reads them: decode steps there, prompts
+        through float32 GEMMs on weights it dequantizes) and the (scale, zero) pairs row by
+        row; the stored pairs' order is dropped (a view of the new one stands in)."""
+        if self._row_pairs is None:
+            self._row_pairs = self.scales_and_zeros.transpose(0, 1).contiguous()
+            self.scales_and_zeros = self._row_pairs.transpose(0, 1)
+
+    def native_matrix(self) -> tuple:
+        """(codes, pairs, group) for edgepack._native, after prepare_native."""
+        return self.weight, self._row_pairs, self.group
+
     def cpu_kernel(self):
-        """As Int8Linear.cpu_kernel (repacks the codes first if not done yet)."""
+        """As Int8Linear.cpu_kernel: torch's int4 kernel (the codes repacked first if not
+        done yet), or edgepack._native's dequantization and a float32 GEMM."""
         if self.bias is not None or self.weight.device.type not in ("cpu", "meta"):
             return None
+        if self._row_pairs is not None:
+            return lambda x: int4_wide_matmul(x, self.weight, self._row_pairs, self.group)
         self.prepare_cpu()
         weight, group, sz, mm = self._kernel_weight, self.group, self.scales_and_zeros, torch._weight_int4pack_mm_for_cpu
         return lambda x: mm(x, weight, group, sz)
@@ -288,7 +330,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if x2.device.type == "cpu":
+        if x2.device.type == "cpu" and self._row_pairs is not None:
+            y = int4_wide_matmul(x2, self.weight, self._row_pairs, self.group)
+        elif x2.device.type == "cpu":
             self.prepare_cpu()
             y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group, self.scales_and_zeros)
         else:  # plain torch elsewhere (the codes stay in the stored order off the CPU)

@@ -41,7 +41,14 @@ def isa(request, monkeypatch):
 
 
 def _weights(kind: str, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(stored weight, float32 row scales or None, the float64 matrix they mean)"""
+    """(stored weight, float32 row scales / int4 (scale, zero) pairs / None, the float64
+    matrix they mean)"""
+    if kind == "INT4":
+        codes = torch.randint(0, 256, (rows, cols // 2), generator=gen, dtype=torch.uint8)
+        pairs = (torch.randn(rows, cols // 32, 2, generator=gen) / 8).to(torch.bfloat16)
+        q = torch.stack((codes & 15, codes >> 4), -1).reshape(rows, cols).double()
+        sz = pairs.double().repeat_interleave(32, dim=1)  # [rows, cols, 2]
+        return codes, pairs, (q - 8) * sz[..., 0] + sz[..., 1]
     if kind == "INT8":
         w = torch.randint(-127, 128, (rows, cols), generator=gen, dtype=torch.int8)
         scale = torch.rand(rows, generator=gen) / 64 + 1e-3
@@ -51,8 +58,12 @@ def _weights(kind: str, rows: int, cols: int, gen: torch.Generator) -> tuple[tor
     return w, None, w.double()
 
 
-@pytest.mark.parametrize("kind", ["INT8", "BF16", "F16", "F32"])
-@pytest.mark.parametrize("rows,cols", [(1, 16), (7, 37), (64, 64), (33, 200), (130, 576)])
+SHAPES = [(1, 16), (7, 37), (64, 64), (33, 200), (130, 576)]
+INT4_SHAPES = [(1, 32), (7, 64), (33, 576), (130, 1536)]  # 18 / 48 groups: over the 16 converted at once
+
+
+@pytest.mark.parametrize("kind,rows,cols", [(k, r, c) for k in ("INT8", "BF16", "F16", "F32") for r, c in SHAPES]
+                         + [("INT4", r, c) for r, c in INT4_SHAPES])  # fmt: skip
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gemv_matches_float64(isa, kind, rows, cols, threads):
     """Every weight type on every instruction set, shapes off the kernels' 4-row / 8- and
@@ -63,7 +74,8 @@ def test_gemv_matches_float64(isa, kind, rows, cols, threads):
     x = torch.randn(cols, generator=gen)
     y = torch.full((rows,), float("nan"))
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    native.gemv(getattr(native, kind), rows, cols, w.data_ptr(), ptr(scale), bias.data_ptr(), x.data_ptr(), y.data_ptr(), threads)
+    matrix = (getattr(native, kind), rows, cols, w.data_ptr(), ptr(scale), bias.data_ptr()) + ((32,) if kind == "INT4" else ())
+    native.gemv(matrix, x.data_ptr(), y.data_ptr(), threads)
     want = exact @ x.double() + bias.double()
     bound = 1e-5 * (exact.abs() @ x.double().abs() + bias.double().abs()) + 1e-6  # float32 accumulation
     assert torch.all((y.double() - want).abs() <= bound), (y, want)
@@ -76,14 +88,25 @@ def test_float16_subnormals_and_infinities_convert_exactly(isa):
         x = torch.zeros(w.shape[1])
         x[i] = 1.0
         y = torch.empty(1)
-        native.gemv(native.F16, 1, w.shape[1], w.contiguous().data_ptr(), None, None, x.data_ptr(), y.data_ptr(), 1)
+        native.gemv((native.F16, 1, w.shape[1], w.contiguous().data_ptr(), None, None), x.data_ptr(), y.data_ptr(), 1)
         assert y.item() == w[0, i].float().item()
+
+
+def test_int4_dequantization_is_the_stored_formula():
+    gen = torch.Generator().manual_seed(7)
+    codes, pairs, exact = _weights("INT4", 20, 96, gen)
+    out = torch.empty(20, 96)
+    native.dequant_int4(codes.data_ptr(), pairs.data_ptr(), 20, 96, 32, out.data_ptr(), 2)
+    assert torch.allclose(out.double(), exact, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_matrix_is_refused():
     x, y = torch.zeros(4), torch.zeros(4)
-    with pytest.raises(ValueError, match="bad matrix"):
-        native.gemv(native.INT8, 4, 4, torch.zeros(4, 4, dtype=torch.int8).data_ptr(), None, None, x.data_ptr(), y.data_ptr(), 1)
+    w = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="bad matrix"):  # int8 without its scales
+        native.gemv((native.INT8, 4, 4, w.data_ptr(), None, None), x.data_ptr(), y.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bad matrix"):  # int4 groups must be multiples of 32
+        native.gemv((native.INT4, 4, 64, w.data_ptr(), w.data_ptr(), None, 16), x.data_ptr(), y.data_ptr(), 1)
     with pytest.raises(ValueError, match="not available|instruction set"):
         native.set_isa("sse9")
 
@@ -100,6 +123,8 @@ def _float64_logits(model: lean.LeanLM, ids: list[int]) -> torch.Tensor:
     def w(module):
         if isinstance(module, edgepack.qlinear.Int8Linear):
             return module.weight.double() * (module.SCB.double() / 127.0)[:, None]
+        if isinstance(module, edgepack.qlinear.Int4Linear):
+            return module.dequantized_weight().double()
         return module.weight.double()
 
     def norm(x, weight):
@@ -130,11 +155,11 @@ def _float64_logits(model: lean.LeanLM, ids: list[int]) -> torch.Tensor:
     return norm(x, model.norm) @ w(model.lm_head).T
 
 
-@pytest.mark.parametrize("kind,bits", [("llama", 8), ("llama", 16), ("llama-untied", 8), ("llama-untied", 16)])
-def test_decode_steps_match_float64_llama(packed, isa, kind, bits):
+@pytest.mark.parametrize("kind,bits", [("llama", 8), ("llama", 16), ("llama-untied", 8), ("llama-untied", 16), ("llama", 4)])
+def test_decode_steps_match_float64_llama(packed, isa, kind, bits, monkeypatch):
     """Token by token from an empty cache: the C step's logits are float64's to float32
     rounding, closer than the torch path's (bfloat16 activations into its kernels)."""
-    lm = edgepack.load(packed(kind, bits))
+    lm = edgepack.load(packed(kind, bits, **({"quant_type": "int4"} if bits == 4 else {})))
     model = lm.model
     assert model.native_off is None
     ids = lm.tokenizer.encode("Water boils at one hundred degrees")
@@ -194,9 +219,23 @@ def test_generate_uses_the_c_step_and_agrees_with_torch(packed, monkeypatch):
     assert plain.generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0) == text
 
 
+def test_int4_prompt_path_and_torch_fallback_agree(packed, monkeypatch):
+    """int4 layers kept for the C step run prompts through its dequantization and a float32
+    GEMM; with the C step off they are repacked for torch's int4 kernel: same logits."""
+    bundle = packed("llama", 4, quant_type="int4")
+    ids = torch.tensor([edgepack.load(bundle).tokenizer.encode("The capital of France is Paris")])
+    ours = edgepack.load(bundle).model
+    assert ours.native_off is None and ours.blocks[0].qkv_proj._kernel_weight is None
+    monkeypatch.setenv(lean.NATIVE_ENV, "0")
+    plain = edgepack.load(bundle).model
+    assert plain.blocks[0].qkv_proj._kernel_weight is not None and plain.blocks[0].qkv_proj._row_pairs is None
+    a, b = ours(ids).logits.float(), plain(ids).logits.float()
+    assert torch.allclose(a, b, atol=3e-2 * b.abs().max()) and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_layers_the_c_step_cannot_run_fall_back_to_torch(packed):
-    lm = edgepack.load(packed("llama", 4, quant_type="int4"))
-    assert "Int4Linear" in lm.model.native_off
+    lm = edgepack.load(packed("llama", 4, quant_type="nf4"))
+    assert "Linear4bit" in lm.model.native_off
     cache = lm.model.new_cache(16)
     ids = lm.tokenizer.encode("The capital")
     lm.model.logits_last(torch.tensor([ids]), cache)

@@ -8,12 +8,13 @@ processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt 
 ~256-token prompt, time from process start to the first token, peak RSS (VmHWM), file bytes,
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
 agreement on tests/bench/gguf_heldout.txt plus the start of Python's pydoc topics, ~4k
-tokens, the same token ids for every edgepack format, fed through the KV cache 16 tokens at
-a time (8-bit: 4) so they take the decode path's numerics, those of generated tokens; "8 rtn" is the
+tokens, the same token ids for every edgepack format, fed through the KV cache as generated
+tokens are: one token a step through edgepack._native where decode steps run there, else 16
+tokens at a time (8-bit: 4), below the prompt paths of torch ops; "8 rtn" is the
 8-bit bundle packed with --no-smoothing --no-gptq, bitsandbytes' round-to-nearest, scored
 for quality only). Then the
 ratios edgepack / llama.cpp and edgepack / seed, and (--profile) where one decode step of
-the 8-bit bundle spends its time. Each speed run waits for the machine to be quiet and
+the 8-bit and int4 bundles spends its time. Each speed run waits for the machine to be quiet and
 records how much CPU other processes used meanwhile (`foreign`): these machines are noisy,
 and ratios from the same run are the figures that count.
 """
@@ -134,7 +135,10 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
     lm = edgepack.load(path, verify=False)
     tokens = torch.as_tensor(np.load(tokens_npy))[None]
     with torch.no_grad():
-        if hasattr(lm.model, "new_cache"):  # the lean decoder: the decode path, chunk by chunk
+        if getattr(lm.model, "native_off", "") is None:  # decode steps run in edgepack._native: one token a step
+            cache = lm.model.new_cache(tokens.shape[1])
+            logits = torch.stack([lm.model.native_step(int(t), cache) for t in tokens[0]]).double()
+        elif hasattr(lm.model, "new_cache"):  # the lean decoder on torch ops: chunk by chunk
             cache = lm.model.new_cache(tokens.shape[1])
             # quality is scored half as many tokens per forward through the KV cache as the
             # runtime's prompt paths start at (qlinear.INT8_WIDE_ROWS for int8 layers: 4;
@@ -225,8 +229,9 @@ def ppl_delta_se_pct(ref: np.ndarray, lp: np.ndarray, tokens: np.ndarray) -> flo
 
 
 def profile_decode_step(bundle: Path, threads: int) -> str:
+    """Where one decode step goes: edgepack._native's own clock per part of the step where
+    the step runs there, else torch's profiler over the step's ops."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import edgepack
 
@@ -237,6 +242,23 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
     token = torch.tensor([[42]])
     for _ in range(5):
         lm.model.logits_last(token, cache)
+    if getattr(lm.model, "native_off", "") is None:
+        from edgepack import _native
+
+        _native.profile(True)
+        start = time.perf_counter()
+        for _ in range(100):
+            lm.model.logits_last(token, cache)
+        wall = (time.perf_counter() - start) / 100
+        parts = _native.profile(False)
+        steps = parts.pop("steps")
+        lines = [f"edgepack._native ({_native.set_isa()} kernels), 100 steps at positions 69-168: {wall * 1e3:.2f} ms a step"]
+        lines += [f"  {name:<28}{sec / steps * 1e3:>7.3f} ms {sec / steps / wall:>6.1%}" for name, sec in parts.items()]
+        rest = wall - sum(parts.values()) / steps
+        lines.append(f"  {'Python, call, logits tensor':<28}{rest * 1e3:>7.3f} ms {rest / wall:>6.1%}")
+        return "\n".join(lines)
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             lm.model.logits_last(token, cache)
@@ -276,8 +298,9 @@ def main() -> None:
     quality = quality_rows(bundles, tokens, ref, work)
     print_table(rows, quality, peer.perplexity(ref, tokens), args)
     if args.profile:
-        print("\nwhere one decode step of the 8-bit bundle spends its time (10 steps):")
-        print(profile_decode_step(bundles["8"], args.threads))
+        for name in ("8", "4 int4"):
+            print(f"\nwhere one decode step of the {name} bundle spends its time:")
+            print(profile_decode_step(bundles[name], args.threads))
 
 
 def print_table(rows, quality, ref_ppl, args) -> None:
