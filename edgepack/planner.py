@@ -533,7 +533,7 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     parts = activation_bytes(s.desc, rt, o.prompt_tokens, o.batch, holds_layers=held.layers > 0,
                              holds_output=held.output)  # fmt: skip
     int4 = q.bits == 4 and q.quant_type == "int4"
-    if int4:  # torch's fused kernel: no dequantized copy at all
+    if int4:  # decode steps: edgepack._native's kernel (or torch's), no dequantized copy
         workspace = 0
     elif q.bits == 4:  # the largest layer dequantized per call
         chunk = min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if on_cpu else held.largest_linear
@@ -541,7 +541,9 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     else:  # int8 on the CPU: each layer's row scales kept in the compute dtype (and float32, lean)
         workspace = (COMPUTE_BYTES + (4 if rt is LEAN else 0)) * held.int8_rows if q.bits == 8 and on_cpu else 0
     bt, d = o.batch * o.prompt_tokens, s.desc
-    if rt is LEAN and on_cpu and q.bits == 16 and held.layers and bt >= WIDE_ROWS:
+    # 16-bit layers from WIDE_ROWS tokens, and int4 layers (kept in edgepack._native's layout)
+    # for every prompt, multiply in float32 on weights converted a chunk at a time
+    if rt is LEAN and on_cpu and held.layers and ((q.bits == 16 and bt >= WIDE_ROWS) or (int4 and bt > 1)):
         chunk = min(held.largest_linear, WIDE_CHUNK_WEIGHTS)
         workspace += 4 * (chunk + bt * max(d.hidden_size, d.intermediate_size) + bt * max(1, chunk // d.hidden_size))
     elif rt is LEAN and on_cpu and q.bits == 8 and held.layers and bt >= INT8_WIDE_ROWS:
