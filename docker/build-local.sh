@@ -7,7 +7,8 @@
 #
 # Steps, each skipped when its result is already there (so a second run takes seconds):
 #   1. podman, buildah, mmdebstrap and runc from apt;
-#   2. a Debian base image made offline with mmdebstrap and `podman import`ed;
+#   2. Debian base images made offline with mmdebstrap and `podman import`ed (the build
+#      stage's with gcc and Python's headers, for edgepack._native);
 #   3. every wheel the image needs, downloaded on the host (pip inside a build has no TLS
 #      here): torch's CPU build, edgepack's dependencies and its build backend;
 #   4. `podman build --isolation=chroot` of docker/Dockerfile.cpu with pip --no-index;
@@ -23,6 +24,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${EDGEPACK_BUILD_DIR:-/var/tmp/edgepack-build}
 IMAGE=${EDGEPACK_IMAGE:-localhost/edgepack:cpu}
 BASE=localhost/edgepack-base:bookworm
+BUILD_BASE=localhost/edgepack-build-base:bookworm  # + a C compiler and Python's headers
 PORT=${EDGEPACK_PORT:-8765}
 NAME=edgepack-local-$PORT
 TORCH=torch==2.13.0+cpu
@@ -60,14 +62,17 @@ EOF
 podman() { command podman --runtime runc "$@"; }
 
 # --- 2. base image ----------------------------------------------------------------------
-if ! podman image exists "$BASE"; then
-    log "making $BASE with mmdebstrap (Debian bookworm, python3)"
-    mmdebstrap --variant=minbase --format=tar --include=python3,python3-venv,passwd,ca-certificates \
+make_base() {  # make_base IMAGE EXTRA_PACKAGES
+    podman image exists "$1" && return
+    log "making $1 with mmdebstrap (Debian bookworm, python3${2:+, $2})"
+    mmdebstrap --variant=minbase --format=tar --include="python3,python3-venv,passwd,ca-certificates${2:+,$2}" \
         bookworm "$WORK/base.tar.partial"
     mv "$WORK/base.tar.partial" "$WORK/base.tar"
-    podman import --change 'CMD ["/bin/bash"]' "$WORK/base.tar" "$BASE" >/dev/null
+    podman import --change 'CMD ["/bin/bash"]' "$WORK/base.tar" "$1" >/dev/null
     rm -f "$WORK/base.tar"
-fi
+}
+make_base "$BASE" ""
+make_base "$BUILD_BASE" "python3-dev,gcc,libc6-dev"  # the build stage compiles edgepack._native
 
 # --- 3. wheels --------------------------------------------------------------------------
 CONTEXT=$WORK/context
@@ -84,9 +89,10 @@ if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$stamp" ]; then
 fi
 # The source is staged fresh every run, so the image always holds the current code.
 rm -rf "$CONTEXT/edgepack" "$CONTEXT/docker/Dockerfile.cpu"
-cp "$REPO/pyproject.toml" "$CONTEXT/"
+cp "$REPO/pyproject.toml" "$REPO/setup.py" "$CONTEXT/"
 cp -r "$REPO/edgepack" "$CONTEXT/edgepack"
 find "$CONTEXT/edgepack" -name __pycache__ -prune -exec rm -rf {} +
+find "$CONTEXT/edgepack" -name "*.so" -delete  # built here for this machine; the image builds its own
 cp "$REPO/docker/Dockerfile.cpu" "$CONTEXT/docker/"
 
 # --- 4. image ---------------------------------------------------------------------------
@@ -105,7 +111,7 @@ log "building $IMAGE"
 # so cached layers past the base image could never be reused and only filled the disk
 # (one run left ~3.3 GB of untagged images behind, and CI ran out of space).
 podman build --isolation=chroot --format docker --network host --layers=false \
-    --build-arg BASE_IMAGE="$BASE" --build-arg PIP_INSTALL_ARGS=--no-index \
+    --build-arg BASE_IMAGE="$BASE" --build-arg BUILD_IMAGE="$BUILD_BASE" --build-arg PIP_INSTALL_ARGS=--no-index \
     -f "$CONTEXT/docker/Dockerfile.cpu" -t "$IMAGE" "$CONTEXT"
 new_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
 # The previous build of this tag is now untagged: remove it (and only it), unless a

@@ -9,6 +9,10 @@ cache by concatenation. This module runs the same math with fewer, larger ops:
 * ``F.rms_norm`` and ``scaled_dot_product_attention`` (GQA) as single ops;
 * rotary tables computed once.
 
+One-token decode steps go further where edgepack._native is built (its C source:
+_native.c): the whole step in one C call over the same tensors, float32 activations, no
+per-op overhead (``native_step``; ``native_off`` says why not, when not).
+
 It reads the same tensors as the transformers path (int8 + SCB, packed 4-bit, 16-bit) and
 its logits agree with transformers' to bf16 rounding (tested). Architectures or settings
 it does not cover (rope scaling, sliding windows, biases it does not know) fall back to

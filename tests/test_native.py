@@ -268,3 +268,26 @@ def test_step_errors(packed):
         lm.model.native_step(5, cache)
     with pytest.raises(ValueError, match="outside the model"):
         lm.model.native_step(10**6, lm.model.new_cache(2))
+
+
+def test_a_forked_child_decodes(packed):
+    """The thread pool does not survive fork(); the child starts its own (pthread_atfork)."""
+    import multiprocessing
+
+    lm = edgepack.load(packed("llama", 8))
+    ids = lm.tokenizer.encode("The capital")
+    cache = lm.model.new_cache(16)
+    want = torch.stack([lm.model.native_step(t, cache) for t in ids])  # the pool is running now
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_steps_in_child, args=(lm.model, ids, send))  # fork: nothing pickled
+    child.start()
+    assert receive.poll(60), "the forked child did not answer"
+    got = torch.tensor(receive.recv())
+    child.join(10)
+    assert child.exitcode == 0 and torch.equal(got, want)
+
+
+def _steps_in_child(model, ids, send):
+    cache = model.new_cache(16)
+    send.send(torch.stack([model.native_step(t, cache) for t in ids]).tolist())  # plain floats: no shared memory
