@@ -165,72 +165,57 @@ static void gemv_generic_f16(const void *W, const float *x, int K, int r0, int r
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
 
+/* Four rows at a time share each load of x; columns past the last whole register are
+ * added in scalar code. One body for both instruction sets (the macro's arguments). */
+#define EP_SIMD_ROWS(NAME, ATTR, T, VEC, LANES, ZERO, LOADX, LOADW, FMA, HSUM)                 \
+    ATTR static void NAME(const void *W, const float *x, int K, int r0, int r1, float *y) {   \
+        const int kv = K & ~(LANES - 1);                                                      \
+        int r = r0;                                                                           \
+        for (; r + 4 <= r1; r += 4) {                                                         \
+            const size_t o[4] = {(size_t)r * K, (size_t)(r + 1) * K, (size_t)(r + 2) * K, (size_t)(r + 3) * K}; \
+            VEC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;                                       \
+            for (int k = 0; k < kv; k += LANES) {                                             \
+                const VEC xv = LOADX(x + k);                                                  \
+                EP_PREFETCH(T, W, o[0] + k); EP_PREFETCH(T, W, o[1] + k);                       \
+                EP_PREFETCH(T, W, o[2] + k); EP_PREFETCH(T, W, o[3] + k);                       \
+                a0 = FMA(LOADW(W, o[0] + k), xv, a0);                                         \
+                a1 = FMA(LOADW(W, o[1] + k), xv, a1);                                         \
+                a2 = FMA(LOADW(W, o[2] + k), xv, a2);                                         \
+                a3 = FMA(LOADW(W, o[3] + k), xv, a3);                                         \
+            }                                                                                 \
+            float sum[4] = {HSUM(a0), HSUM(a1), HSUM(a2), HSUM(a3)};                          \
+            for (int i = 0; i < 4; i++) {                                                     \
+                for (int k = kv; k < K; k++) sum[i] += load_value(TYPE_##T, W, o[i] + k) * x[k]; \
+                y[r + i] = sum[i];                                                            \
+            }                                                                                 \
+        }                                                                                     \
+        for (; r < r1; r++) {                                                                 \
+            const size_t o = (size_t)r * K;                                                   \
+            VEC a = ZERO();                                                                   \
+            for (int k = 0; k < kv; k += LANES) a = FMA(LOADW(W, o + k), LOADX(x + k), a);    \
+            float sum = HSUM(a);                                                              \
+            for (int k = kv; k < K; k++) sum += load_value(TYPE_##T, W, o + k) * x[k];        \
+            y[r] = sum;                                                                       \
+        }                                                                                     \
+    }
+#define TYPE_int8 W_INT8
+#define TYPE_f16 W_F16
+#define TYPE_bf16 W_BF16
+#define TYPE_f32 W_F32
+
+/* weights as float32 lanes, 16 (AVX-512) or 8 (AVX2) from element i of row-major W */
 T512 static inline __m512 ld512_int8(const void *p, size_t i) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)p + i))));
 }
-T512 static inline __m512 ld512m_int8(const void *p, size_t i, __mmask16 m) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)p + i)));
-}
 T512 static inline __m512 ld512_f16(const void *p, size_t i) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
-}
-T512 static inline __m512 ld512m_f16(const void *p, size_t i, __mmask16 m) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
 }
 T512 static inline __m512 ld512_bf16(const void *p, size_t i) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
-T512 static inline __m512 ld512m_bf16(const void *p, size_t i, __mmask16 m) {
-    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
 T512 static inline __m512 ld512_f32(const void *p, size_t i) { return _mm512_loadu_ps((const float *)p + i); }
-T512 static inline __m512 ld512m_f32(const void *p, size_t i, __mmask16 m) {
-    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-}
-
-#define EP_AVX512_ROWS(T)                                                                     \
-    T512 static void gemv512_##T(const void *W, const float *x, int K, int r0, int r1, float *y) { \
-        const int kv = K & ~15;                                                               \
-        const __mmask16 tail = (__mmask16)((1u << (K & 15)) - 1u);                            \
-        int r = r0;                                                                           \
-        for (; r + 4 <= r1; r += 4) {                                                         \
-            const size_t o0 = (size_t)r * K, o1 = o0 + K, o2 = o1 + K, o3 = o2 + K;           \
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
-            for (int k = 0; k < kv; k += 16) {                                                \
-                const __m512 xv = _mm512_loadu_ps(x + k);                                     \
-                EP_PREFETCH(T, W, o0 + k); EP_PREFETCH(T, W, o1 + k);                           \
-                EP_PREFETCH(T, W, o2 + k); EP_PREFETCH(T, W, o3 + k);                           \
-                a0 = _mm512_fmadd_ps(ld512_##T(W, o0 + k), xv, a0);                           \
-                a1 = _mm512_fmadd_ps(ld512_##T(W, o1 + k), xv, a1);                           \
-                a2 = _mm512_fmadd_ps(ld512_##T(W, o2 + k), xv, a2);                           \
-                a3 = _mm512_fmadd_ps(ld512_##T(W, o3 + k), xv, a3);                           \
-            }                                                                                 \
-            if (tail) {                                                                       \
-                const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);                        \
-                a0 = _mm512_fmadd_ps(ld512m_##T(W, o0 + kv, tail), xv, a0);                   \
-                a1 = _mm512_fmadd_ps(ld512m_##T(W, o1 + kv, tail), xv, a1);                   \
-                a2 = _mm512_fmadd_ps(ld512m_##T(W, o2 + kv, tail), xv, a2);                   \
-                a3 = _mm512_fmadd_ps(ld512m_##T(W, o3 + kv, tail), xv, a3);                   \
-            }                                                                                 \
-            y[r] = _mm512_reduce_add_ps(a0);                                                  \
-            y[r + 1] = _mm512_reduce_add_ps(a1);                                              \
-            y[r + 2] = _mm512_reduce_add_ps(a2);                                              \
-            y[r + 3] = _mm512_reduce_add_ps(a3);                                              \
-        }                                                                                     \
-        for (; r < r1; r++) {                                                                 \
-            const size_t o = (size_t)r * K;                                                   \
-            __m512 a = _mm512_setzero_ps();                                                   \
-            for (int k = 0; k < kv; k += 16) a = _mm512_fmadd_ps(ld512_##T(W, o + k), _mm512_loadu_ps(x + k), a); \
-            if (tail) a = _mm512_fmadd_ps(ld512m_##T(W, o + kv, tail), _mm512_maskz_loadu_ps(tail, x + kv), a); \
-            y[r] = _mm512_reduce_add_ps(a);                                                   \
-        }                                                                                     \
-    }
-EP_AVX512_ROWS(int8)
-EP_AVX512_ROWS(f16)
-EP_AVX512_ROWS(bf16)
-EP_AVX512_ROWS(f32)
+T512 static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 T256 static inline __m256 ld256_int8(const void *p, size_t i) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
@@ -250,44 +235,14 @@ T256 static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-#define EP_AVX2_ROWS(T)                                                                       \
-    T256 static void gemv256_##T(const void *W, const float *x, int K, int r0, int r1, float *y) { \
-        const int kv = K & ~7;                                                                \
-        int r = r0;                                                                           \
-        for (; r + 4 <= r1; r += 4) {                                                         \
-            const size_t o0 = (size_t)r * K, o1 = o0 + K, o2 = o1 + K, o3 = o2 + K;           \
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
-            for (int k = 0; k < kv; k += 8) {                                                 \
-                const __m256 xv = _mm256_loadu_ps(x + k);                                     \
-                EP_PREFETCH(T, W, o0 + k); EP_PREFETCH(T, W, o1 + k);                           \
-                EP_PREFETCH(T, W, o2 + k); EP_PREFETCH(T, W, o3 + k);                           \
-                a0 = _mm256_fmadd_ps(ld256_##T(W, o0 + k), xv, a0);                           \
-                a1 = _mm256_fmadd_ps(ld256_##T(W, o1 + k), xv, a1);                           \
-                a2 = _mm256_fmadd_ps(ld256_##T(W, o2 + k), xv, a2);                           \
-                a3 = _mm256_fmadd_ps(ld256_##T(W, o3 + k), xv, a3);                           \
-            }                                                                                 \
-            float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);     \
-            for (int k = kv; k < K; k++) {                                                    \
-                s0 += load_value(TYPE_##T, W, o0 + k) * x[k];                                 \
-                s1 += load_value(TYPE_##T, W, o1 + k) * x[k];                                 \
-                s2 += load_value(TYPE_##T, W, o2 + k) * x[k];                                 \
-                s3 += load_value(TYPE_##T, W, o3 + k) * x[k];                                 \
-            }                                                                                 \
-            y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;                           \
-        }                                                                                     \
-        for (; r < r1; r++) {                                                                 \
-            const size_t o = (size_t)r * K;                                                   \
-            __m256 a = _mm256_setzero_ps();                                                   \
-            for (int k = 0; k < kv; k += 8) a = _mm256_fmadd_ps(ld256_##T(W, o + k), _mm256_loadu_ps(x + k), a); \
-            float s = hsum256(a);                                                             \
-            for (int k = kv; k < K; k++) s += load_value(TYPE_##T, W, o + k) * x[k];          \
-            y[r] = s;                                                                         \
-        }                                                                                     \
-    }
-#define TYPE_int8 W_INT8
-#define TYPE_f16 W_F16
-#define TYPE_bf16 W_BF16
-#define TYPE_f32 W_F32
+#define EP_AVX512_ROWS(T) \
+    EP_SIMD_ROWS(gemv512_##T, T512, T, __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, ld512_##T, _mm512_fmadd_ps, hsum512)
+#define EP_AVX2_ROWS(T) \
+    EP_SIMD_ROWS(gemv256_##T, T256, T, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, ld256_##T, _mm256_fmadd_ps, hsum256)
+EP_AVX512_ROWS(int8)
+EP_AVX512_ROWS(f16)
+EP_AVX512_ROWS(bf16)
+EP_AVX512_ROWS(f32)
 EP_AVX2_ROWS(int8)
 EP_AVX2_ROWS(f16)
 EP_AVX2_ROWS(bf16)
