@@ -53,6 +53,9 @@ HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
 # EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts); on CPUs without AVX2 it is off
 # unless EDGEPACK_NATIVE=1.
 NATIVE_ENV = "EDGEPACK_NATIVE"
+# ... on at most this many threads: its workers spin between the parts of a step, so more
+# threads than CPUs would only take turns (torch.set_num_threads(8) on a 2-core box)
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def supports(config: dict[str, Any]) -> str | None:
@@ -393,7 +396,7 @@ class LeanLM(nn.Module):
         logits = torch.empty(self.config["vocab_size"], dtype=torch.float32)
         _native.step(
             self._native, token, start, cache.k.data_ptr(), cache.v.data_ptr(), cache.max_tokens,
-            cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
+            cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), min(torch.get_num_threads(), CPUS),
         )
         cache.length = start + 1
         return logits
