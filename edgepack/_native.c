@@ -8,7 +8,7 @@
  * on a small pool of its own threads (rows of each matmul split between them).
  *
  * Weights: int8 rows with one float32 scale per row (bitsandbytes' int8 storage, SCB/127),
- * or bfloat16 / float16 / float32. The KV cache is lean.KVCache's bfloat16 buffers, so a
+ * edgepack's int4 (codes and (scale, zero) pairs per group), or bfloat16 / float16 / float32. The KV cache is lean.KVCache's bfloat16 buffers, so a
  * prompt run by torch and decode steps run here share it.
  *
  * Kernels: AVX-512 and AVX2 (+FMA/F16C) on x86-64, chosen at import from what the CPU has,
@@ -125,9 +125,9 @@ static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_P
     for (size_t b = 0; EP_PF && b < bytes; b += 64) __builtin_prefetch((const char *)row + b + EP_PF);
 }
 
-#define EP_GENERIC_ROWS(T, CONV)                                                          \
-    static void gemv_generic_##T(const void *W, const float *x, int K, int r0, int r1,   \
-                                 float *y) {                                             \
+/* portable kernels: one row at a time, the compiler vectorizes the dot product */
+#define EP_GENERIC_ROWS(NAME, T, CONV)                                                    \
+    static void NAME(const void *W, const float *x, int K, int r0, int r1, float *y) {    \
         for (int r = r0; r < r1; r++) {                                                  \
             const T *w = (const T *)W + (size_t)r * K;                                    \
             prefetch_row(w, K * sizeof(T));                                               \
@@ -138,28 +138,10 @@ static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_P
         }                                                                                 \
     }
 #define EP_CAST(v) ((float)(v))
-EP_GENERIC_ROWS(int8_t, EP_CAST)
-EP_GENERIC_ROWS(float, EP_CAST)
-static void gemv_generic_bf16(const void *W, const float *x, int K, int r0, int r1, float *y) {
-    for (int r = r0; r < r1; r++) {
-        const uint16_t *w = (const uint16_t *)W + (size_t)r * K;
-        prefetch_row(w, K * 2);
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * x[k];
-        y[r] = acc;
-    }
-}
-static void gemv_generic_f16(const void *W, const float *x, int K, int r0, int r1, float *y) {
-    for (int r = r0; r < r1; r++) {
-        const uint16_t *w = (const uint16_t *)W + (size_t)r * K;
-        prefetch_row(w, K * 2);
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int k = 0; k < K; k++) acc += f16_to_f32(w[k]) * x[k];
-        y[r] = acc;
-    }
-}
+EP_GENERIC_ROWS(gemv_generic_int8, int8_t, EP_CAST)
+EP_GENERIC_ROWS(gemv_generic_bf16, uint16_t, bf16_to_f32)
+EP_GENERIC_ROWS(gemv_generic_f16, uint16_t, f16_to_f32)
+EP_GENERIC_ROWS(gemv_generic_f32, float, EP_CAST)
 
 #if EP_X86
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -352,7 +334,7 @@ static gemv_fn pick_gemv(int type) {
         return f[type];
     }
 #endif
-    gemv_fn f[] = {gemv_generic_int8_t, gemv_generic_bf16, gemv_generic_f16, gemv_generic_float};
+    gemv_fn f[] = {gemv_generic_int8, gemv_generic_bf16, gemv_generic_f16, gemv_generic_f32};
     return f[type];
 }
 
@@ -817,6 +799,17 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* a task on `threads` threads from Python: the GIL released, one caller of the pool at a time */
+static void parallel_without_gil(task_fn task, void *ctx, int threads) {
+    threads = threads < 1 ? 1 : threads;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock);
+    ensure_workers(threads - 1);
+    parallel(task, ctx, threads);
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+}
+
 /* gemv(matrix, x, y, threads): y = W x with the step's kernels (tests, benchmarks); matrix as
  * in new() */
 static PyObject *py_gemv(PyObject *self, PyObject *args) {
@@ -836,14 +829,8 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         if (!prep) return PyErr_NoMemory();
         prep_int4(&mat, xp, prep);
     }
-    threads = threads < 1 ? 1 : threads;
     Job j = {.mat = &mat, .in = xp, .prep = prep, .out = yp, .add = 0};
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&step_lock);
-    ensure_workers(threads - 1);
-    parallel(task_mat, &j, threads);
-    pthread_mutex_unlock(&step_lock);
-    Py_END_ALLOW_THREADS
+    parallel_without_gil(task_mat, &j, threads);
     free(prep);
     Py_RETURN_NONE;
 }
@@ -859,7 +846,8 @@ static void task_dequant(void *ctx, int tid, int nth) {
     const Dequant *d = (const Dequant *)ctx;
     const Mat *m = d->mat;
     const int K = m->cols, half = K / 2, G = m->group, ng = K / G;
-    const int lo = (int)((long long)m->rows * tid / nth), hi = (int)((long long)m->rows * (tid + 1) / nth);
+    int lo, hi;
+    split(m->rows, tid, nth, &lo, &hi);
     for (int r = lo; r < hi; r++) {
         const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
         float *o = d->out + (size_t)r * K;
@@ -887,13 +875,7 @@ static PyObject *py_dequant_int4(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad matrix description");
         return NULL;
     }
-    threads = threads < 1 ? 1 : threads;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&step_lock);
-    ensure_workers(threads - 1);
-    parallel(task_dequant, &d, threads);
-    pthread_mutex_unlock(&step_lock);
-    Py_END_ALLOW_THREADS
+    parallel_without_gil(task_dequant, &d, threads);
     Py_RETURN_NONE;
 }
 

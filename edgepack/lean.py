@@ -49,7 +49,7 @@ HEAD_DTYPE = torch.float16
 FLOAT16_MAX = 65504.0
 HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
 # Decode steps (one token) run in edgepack._native when it is built and the model's layers
-# are int8 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
+# are int8, int4 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
 # EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts); on CPUs without AVX2 it is off
 # unless EDGEPACK_NATIVE=1.
 NATIVE_ENV = "EDGEPACK_NATIVE"
@@ -309,7 +309,7 @@ class LeanLM(nn.Module):
         )
         self._cos = self._sin = torch.empty(0)
         self._native: Any = None
-        self._native_keep: list[torch.Tensor] = []  # tensors the C step reads (scales, biases)
+        self._native_keep: list[torch.Tensor] = []  # tensors the C step reads that only it holds (float32 biases)
 
     def _half_head(self) -> None:
         """A bfloat16 head (and the embedding table sharing its storage) converted to
@@ -455,18 +455,14 @@ def _native_kind(module: nn.Module) -> str | None:
 
 
 def _native_matrix(module: nn.Module, keep: list[torch.Tensor]) -> tuple:
-    """(type, rows, cols, weight, scale, bias) for _native.new; float32 per-row scales and
-    biases made here are appended to ``keep`` (the C side holds only their addresses)."""
+    """(type, rows, cols, weight, scale, bias[, group]) for _native.new; float32 biases made
+    here are appended to ``keep`` (the C side holds only their addresses)."""
     kind = _native_kind(module)
-    if kind == "INT4":
-        module.prepare_native()
+    if kind == "INT4":  # LeanLM put it in this layout at load (prepare_native)
         codes, pairs, group = module.native_matrix()
         return (_native.INT4, codes.shape[0], codes.shape[1] * 2, codes.data_ptr(), pairs.data_ptr(), None, group)
     weight = module.weight
-    scale = None
-    if kind == "INT8":
-        scale = (module.SCB.float() / 127.0).contiguous()
-        keep.append(scale)
+    scale = module.scales32 if kind == "INT8" else None  # float32, one per row (the prompt path's too)
     bias = None
     if module.bias is not None:
         bias = module.bias.detach().float().contiguous()

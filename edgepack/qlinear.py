@@ -51,17 +51,25 @@ def _wide_scratch(numel: int) -> torch.Tensor:
     return _wide_buffer[:numel]
 
 
-def wide_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for a 2-D ``x`` of many rows and a 16-bit ``weight``, in float32, the
-    weight converted a chunk of rows at a time into a reused buffer; the result in ``x``'s
-    dtype."""
-    rows = max(16, WIDE_CHUNK_WEIGHTS // weight.shape[1])
+def float32_matmul(x: torch.Tensor, out_features: int, in_features: int, fill) -> torch.Tensor:
+    """``x @ W.T`` for a 2-D ``x`` of many rows, in float32, W's rows written by
+    ``fill(first_row, buffer)`` a chunk at a time into a buffer reused for the process; the
+    result in ``x``'s dtype."""
+    rows = max(16, WIDE_CHUNK_WEIGHTS // in_features)
     x32 = x.float()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    for r in range(0, weight.shape[0], rows):
-        w = weight[r : r + rows]
-        out[:, r : r + rows] = torch.mm(x32, _wide_scratch(w.numel()).view(w.shape).copy_(w).t())
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    for r in range(0, out_features, rows):
+        n = min(rows, out_features - r)
+        w = _wide_scratch(n * in_features).view(n, in_features)
+        fill(r, w)
+        out[:, r : r + n] = torch.mm(x32, w.t())
     return out
+
+
+def wide_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a 16-bit ``weight``, through float32_matmul (weight rows
+    converted to float32 a chunk at a time)."""
+    return float32_matmul(x, weight.shape[0], weight.shape[1], lambda r, w: w.copy_(weight[r : r + w.shape[0]]))
 
 
 # From this many rows an int8 layer multiplies int8 x int8 -> int32 (torch._int_mm: oneDNN's
@@ -125,13 +133,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), False) if bias else None
         self._scales: torch.Tensor | None = None
+        self.scales32: torch.Tensor | None = None  # SCB / 127 in float32: the prompt path and edgepack._native
 
     def attach(self, tensors: dict[str, torch.Tensor]) -> None:
         self.weight = tensors["weight"]
         self.SCB = tensors["SCB"]
         if self.bias is not None:
             self.bias = nn.Parameter(tensors["bias"].to(self.compute_dtype), requires_grad=False)
-        self._scales = (self.SCB / 127.0).to(self.compute_dtype)
+        self.scales32 = self.SCB.float() / 127.0
+        self._scales = self.scales32.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -152,8 +162,7 @@ class Int8Linear(nn.Module):
         kernel (no reshape or cast per call); None where forward() must run instead."""
         if self.bias is not None or self.weight.device.type != "cpu":
             return None
-        weight, scales, mm = self.weight, self._scales, torch._weight_int8pack_mm
-        scales32 = self.SCB / 127.0
+        weight, scales, scales32, mm = self.weight, self._scales, self.scales32, torch._weight_int8pack_mm
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return mm(x, weight, scales) if x.shape[0] < INT8_WIDE_ROWS else int8_wide_matmul(x, weight, scales32)
@@ -242,21 +251,16 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group:
 
 def int4_wide_matmul(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, group: int) -> torch.Tensor:
     """``x @ W.T`` for an int4 layer in edgepack._native's layout (codes [out, in/2], pairs
-    [out, in/group, 2] bfloat16): a chunk of rows at a time dequantized by edgepack._native
-    into the float32 buffer wide_matmul uses, then a float32 GEMM; the result in x's dtype."""
+    [out, in/group, 2] bfloat16), through float32_matmul: a chunk of rows at a time
+    dequantized by edgepack._native."""
     from edgepack import _native
 
-    out_f, in_f = codes.shape[0], codes.shape[1] * 2
-    rows = max(16, WIDE_CHUNK_WEIGHTS // in_f)
-    x32 = x.float()
-    out = torch.empty(x.shape[0], out_f, dtype=x.dtype)
     threads = torch.get_num_threads()
-    for r in range(0, out_f, rows):
-        n = min(rows, out_f - r)
-        w = _wide_scratch(n * in_f).view(n, in_f)
-        _native.dequant_int4(codes[r].data_ptr(), pairs[r].data_ptr(), n, in_f, group, w.data_ptr(), threads)
-        out[:, r : r + n] = torch.mm(x32, w.t())
-    return out
+
+    def fill(r: int, w: torch.Tensor) -> None:
+        _native.dequant_int4(codes[r].data_ptr(), pairs[r].data_ptr(), *w.shape, group, w.data_ptr(), threads)
+
+    return float32_matmul(x, codes.shape[0], codes.shape[1] * 2, fill)
 
 
 class Int4Linear(nn.Module):
