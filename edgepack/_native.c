@@ -653,6 +653,299 @@ static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, i
     profiled_steps += profiling != 0;
 }
 
+/* ------------------------------------------------------------------ prompts
+ * A prompt's tokens go through each matrix together: a GEMM, not one GEMV per token. Each
+ * thread takes rows of the weight, converts PB of them at a time to float32 (they stay in
+ * L1/L2) and multiplies them with the chunk's tokens, TB at a time in registers: a weight is
+ * read from memory once per chunk of CHUNK tokens instead of once per token, and converted
+ * once per chunk. Norms, rotary, attention and SiLU as in the step, token by token. */
+
+#define PB 16    /* weight rows converted to float32 at a time */
+#define CHUNK 64 /* prompt tokens per pass through the layers */
+
+/* rows [r0, r0 + n) of m as float32 (int8: the raw codes; their scale is applied after) */
+#define EP_GENERIC_CVT(NAME, T, CONV)                                                 \
+    static void NAME(const void *W, size_t at, size_t count, float *out) {             \
+        const T *w = (const T *)W + at;                                                \
+        _Pragma("omp simd") for (size_t i = 0; i < count; i++) out[i] = CONV(w[i]);    \
+    }
+EP_GENERIC_CVT(cvt_int8, int8_t, EP_CAST)
+EP_GENERIC_CVT(cvt_bf16, uint16_t, bf16_to_f32)
+EP_GENERIC_CVT(cvt_f16, uint16_t, f16_to_f32)
+EP_GENERIC_CVT(cvt_f32, float, EP_CAST)
+
+static void int4_rows_f32(const Mat *m, int r0, int r1, float *out) {
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        float *o = out + (size_t)(r - r0) * K;
+        for (int g = 0; g < ng; g++) {
+            const float s = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2]), z = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2 + 1]);
+            const float b = z - 8.f * s;
+            for (int j = g * G / 2; j < (g + 1) * G / 2; j++) {
+                o[2 * j] = (float)(c[j] & 15) * s + b;
+                o[2 * j + 1] = (float)(c[j] >> 4) * s + b;
+            }
+        }
+    }
+}
+
+static void rows_f32(const Mat *m, int r0, int r1, float *out) {
+    const size_t at = (size_t)r0 * m->cols, count = (size_t)(r1 - r0) * m->cols;
+    switch (m->type) {
+    case W_INT8: cvt_int8(m->w, at, count, out); break;
+    case W_BF16: cvt_bf16(m->w, at, count, out); break;
+    case W_F16: cvt_f16(m->w, at, count, out); break;
+    case W_F32: cvt_f32(m->w, at, count, out); break;
+    default: int4_rows_f32(m, r0, r1, out);
+    }
+}
+
+/* y[t, i] = w[i] . x[t] for rows i < 4 of w (float32, [4, K]) and tokens t < TB of x ([., K]):
+ * 4 x TB accumulators in registers; each weight load serves TB tokens, each input load 4 rows */
+#define EP_GEMM_TILE(NAME, ATTR, VEC, LANES, TB, ZERO, LOAD, FMA, HSUM)                             \
+    ATTR static void NAME(const float *w, int K, const float *x, float *y, int ldy) {               \
+        const int kv = K & ~(LANES - 1);                                                            \
+        VEC acc[4][TB];                                                                             \
+        for (int i = 0; i < 4; i++)                                                                 \
+            for (int t = 0; t < TB; t++) acc[i][t] = ZERO();                                        \
+        for (int k = 0; k < kv; k += LANES) {                                                       \
+            const VEC w0 = LOAD(w + k), w1 = LOAD(w + K + k), w2 = LOAD(w + 2 * K + k), w3 = LOAD(w + 3 * K + k); \
+            for (int t = 0; t < TB; t++) {                                                          \
+                const VEC xv = LOAD(x + (size_t)t * K + k);                                         \
+                acc[0][t] = FMA(w0, xv, acc[0][t]);                                                 \
+                acc[1][t] = FMA(w1, xv, acc[1][t]);                                                 \
+                acc[2][t] = FMA(w2, xv, acc[2][t]);                                                 \
+                acc[3][t] = FMA(w3, xv, acc[3][t]);                                                 \
+            }                                                                                       \
+        }                                                                                           \
+        for (int t = 0; t < TB; t++)                                                                \
+            for (int i = 0; i < 4; i++) {                                                           \
+                float s = HSUM(acc[i][t]);                                                          \
+                for (int k = kv; k < K; k++) s += w[(size_t)i * K + k] * x[(size_t)t * K + k];      \
+                y[(size_t)t * ldy + i] = s;                                                         \
+            }                                                                                       \
+    }
+
+/* one row, one token: the tails */
+static inline __attribute__((always_inline)) float dot_body(const float *w, const float *x, int K) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int k = 0; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+typedef void (*tile_fn)(const float *, int, const float *, float *, int);
+typedef float (*dot_fn)(const float *, const float *, int);
+static float dot_generic(const float *w, const float *x, int K) { return dot_body(w, x, K); }
+static inline float one(float v) { return v; }
+static inline float add1(float a, float b, float c) { return a * b + c; }
+static inline float zero1(void) { return 0.f; }
+static inline float load1(const float *p) { return *p; }
+EP_GEMM_TILE(tile_generic_1, , float, 1, 1, zero1, load1, add1, one)
+EP_GEMM_TILE(tile_generic_2, , float, 1, 2, zero1, load1, add1, one)
+static const tile_fn tiles_generic[] = {NULL, tile_generic_1, tile_generic_2};
+
+#if EP_X86
+T512 static float dot_512(const float *w, const float *x, int K) { return dot_body(w, x, K); }
+T256 static float dot_256(const float *w, const float *x, int K) { return dot_body(w, x, K); }
+/* 4 rows x 6 tokens: 24 of AVX-512's 32 registers accumulate; AVX2 (16): 4 x 2 */
+#define EP_TILE512(TB) \
+    EP_GEMM_TILE(tile512_##TB, T512, __m512, 16, TB, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, hsum512)
+EP_TILE512(1)
+EP_TILE512(2)
+EP_TILE512(3)
+EP_TILE512(4)
+EP_TILE512(5)
+EP_TILE512(6)
+EP_GEMM_TILE(tile256_1, T256, __m256, 8, 1, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256)
+EP_GEMM_TILE(tile256_2, T256, __m256, 8, 2, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256)
+static const tile_fn tiles512[] = {NULL, tile512_1, tile512_2, tile512_3, tile512_4, tile512_5, tile512_6};
+static const tile_fn tiles256[] = {NULL, tile256_1, tile256_2};
+#endif
+
+/* the tiles for 1..*tb tokens (index = tokens) and the one-row dot product */
+static void pick_tile(const tile_fn **tiles, dot_fn *dot, int *tb) {
+#if EP_X86
+    if (isa == ISA_AVX512) {
+        *tiles = tiles512, *dot = dot_512, *tb = 6;
+        return;
+    }
+    if (isa == ISA_AVX2) {
+        *tiles = tiles256, *dot = dot_256, *tb = 2;
+        return;
+    }
+#endif
+    *tiles = tiles_generic, *dot = dot_generic, *tb = 2;
+}
+
+/* out[t, r] (add: +=) = (W x_t)[r] * scale[r] + bias[r] for rows [r0, r1) and tokens t < T
+ * of x [T, cols]; w32: PB x cols floats of scratch */
+static void gemm_rows(const Mat *m, const float *x, int T, int r0, int r1, float *w32, float *out, int ldo, int add) {
+    const int K = m->cols;
+    const tile_fn *tiles;
+    dot_fn dot;
+    int tb;
+    pick_tile(&tiles, &dot, &tb);
+    float raw[4 * 8];
+    for (int rb = r0; rb < r1; rb += PB) {
+        const int re = rb + PB < r1 ? rb + PB : r1;
+        rows_f32(m, rb, re, w32);
+        for (int t0 = 0; t0 < T; t0 += tb) {
+            const int nt = T - t0 < tb ? T - t0 : tb;
+            const float *xt = x + (size_t)t0 * K;
+            for (int r = rb; r < re; r += 4) {
+                const int nr = re - r < 4 ? re - r : 4;
+                const float *w = w32 + (size_t)(r - rb) * K;
+                if (nr == 4)
+                    tiles[nt](w, K, xt, raw, 4);
+                else
+                    for (int t = 0; t < nt; t++)
+                        for (int i = 0; i < nr; i++) raw[t * 4 + i] = dot(w + (size_t)i * K, xt + (size_t)t * K, K);
+                for (int t = 0; t < nt; t++) {
+                    float *o = out + (size_t)(t0 + t) * ldo + r;
+                    for (int i = 0; i < nr; i++) {
+                        float v = raw[t * 4 + i];
+                        if (m->scale) v *= m->scale[r + i];
+                        if (m->bias) v += m->bias[r + i];
+                        o[i] = add ? o[i] + v : v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    Model *m;
+    const Mat *mat;
+    const float *x;
+    float *out, *w32, *act; /* act: gate/up only, [T, inter] = silu(gate) * up */
+    int T, ldo, add;
+    size_t w32_floats;
+    /* attention */
+    float *q, *att, *scores;
+    const uint16_t *kc, *vc;
+    int pos, max_tokens, layer, qkv_width;
+} Batch;
+
+static void task_gemm(void *ctx, int tid, int nth) {
+    Batch *b = (Batch *)ctx;
+    int lo, hi;
+    split(b->mat->rows, tid, nth, &lo, &hi);
+    if (hi > lo) gemm_rows(b->mat, b->x, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
+}
+
+static void task_gemm_gate_up(void *ctx, int tid, int nth) {
+    Batch *b = (Batch *)ctx;
+    const int inter = b->m->inter;
+    int lo, hi;
+    split(inter, tid, nth, &lo, &hi);
+    if (hi <= lo) return;
+    float *w32 = b->w32 + tid * b->w32_floats;
+    gemm_rows(b->mat, b->x, b->T, lo, hi, w32, b->out, 2 * inter, 0);
+    gemm_rows(b->mat, b->x, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
+    for (int t = 0; t < b->T; t++) {
+        const float *g = b->out + (size_t)t * 2 * inter;
+        float *a = b->act + (size_t)t * inter;
+        for (int r = lo; r < hi; r++) a[r] = g[r] / (1.f + expf(-g[r])) * g[inter + r];
+    }
+}
+
+/* attention of token t (position pos + t) for every head: (token, head) pairs split between threads */
+static void task_attn_batch(void *ctx, int tid, int nth) {
+    Batch *b = (Batch *)ctx;
+    Model *m = b->m;
+    const int D = m->head_dim, group = m->heads / m->kv_heads, pairs = b->T * m->heads;
+    const int lo = (int)((long long)pairs * tid / nth), hi = (int)((long long)pairs * (tid + 1) / nth);
+    const float scale = 1.f / sqrtf((float)D);
+    attn_fn attn = pick_attn();
+    float *s = b->scores + (size_t)tid * b->max_tokens;
+    for (int p = lo; p < hi; p++) {
+        const int t = p / m->heads, h = p % m->heads;
+        const size_t base = ((size_t)b->layer * m->kv_heads + h / group) * b->max_tokens * D;
+        attn(b->q + (size_t)t * b->qkv_width + (size_t)h * D, b->kc + base, b->vc + base, b->pos + t + 1, D, scale, s,
+             b->att + (size_t)t * m->heads * D + (size_t)h * D);
+    }
+}
+
+static void rope_tables(float theta, int D, int pos, float *cos, float *sin) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float inv = 1.f / powf(theta, (float)(2 * i) / (float)D);
+        const float f = (float)pos * inv;
+        cos[i] = cos[i + half] = cosf(f);
+        sin[i] = sin[i + half] = sinf(f);
+    }
+}
+
+/* scratch of one prompt pass: activations of CHUNK tokens, per-thread weight rows and scores */
+typedef struct {
+    float *x, *h, *qkv, *att, *gu, *act, *w32, *scores, *rope;
+    size_t w32_floats;
+} PromptScratch;
+
+static int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s) {
+    const int H = m->hidden, qkv = (m->heads + 2 * m->kv_heads) * m->head_dim, qn = m->heads * m->head_dim;
+    const int widest = H > m->inter ? H : m->inter;
+    s->w32_floats = (size_t)PB * (widest > qn ? widest : qn);
+    const size_t per_token = (size_t)2 * H + qkv + qn + 2 * (size_t)m->inter + m->inter;
+    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens + 2 * (size_t)m->head_dim;
+    s->x = malloc(floats * sizeof(float));
+    if (!s->x) return -1;
+    s->h = s->x + (size_t)CHUNK * H, s->qkv = s->h + (size_t)CHUNK * H, s->att = s->qkv + (size_t)CHUNK * qkv;
+    s->gu = s->att + (size_t)CHUNK * qn, s->act = s->gu + (size_t)CHUNK * 2 * m->inter;
+    s->w32 = s->act + (size_t)CHUNK * m->inter, s->scores = s->w32 + nth * s->w32_floats;
+    s->rope = s->scores + (size_t)nth * max_tokens;
+    return 0;
+}
+
+/* tokens [0, T) at positions pos.. through the model in chunks; the logits of the last */
+static void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint16_t *vc, int max_tokens,
+                       float theta, float *logits, int nth, PromptScratch *s) {
+    const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D, width = qn + 2 * kn;
+    Batch b = {.m = m, .w32 = s->w32, .w32_floats = s->w32_floats, .kc = kc, .vc = vc, .max_tokens = max_tokens,
+               .scores = s->scores, .qkv_width = width, .q = s->qkv, .att = s->att};
+    float *cos = s->rope, *sin = s->rope + D;
+    for (int c0 = 0; c0 < T; c0 += CHUNK) {
+        const int n = T - c0 < CHUNK ? T - c0 : CHUNK, p0 = pos + c0;
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < H; i++) s->x[(size_t)t * H + i] = load_value(m->embed_type, m->embed, (size_t)tokens[c0 + t] * H + i);
+        b.T = n, b.pos = p0;
+        for (int l = 0; l < m->n_layers; l++) {
+            const Layer *L = &m->layers[l];
+            for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->in_norm, s->h + (size_t)t * H, H, m->eps);
+            b.mat = &L->qkv, b.x = s->h, b.out = s->qkv, b.ldo = width, b.add = 0;
+            parallel(task_gemm, &b, nth);
+            for (int t = 0; t < n; t++) {
+                float *row = s->qkv + (size_t)t * width;
+                rope_tables(theta, D, p0 + t, cos, sin);
+                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos, sin, D);
+                for (int g = 0; g < m->kv_heads; g++) {
+                    const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + p0 + t) * D;
+                    for (int d = 0; d < D; d++) {
+                        kc[at + d] = f32_to_bf16(row[qn + g * D + d]);
+                        vc[at + d] = f32_to_bf16(row[qn + kn + g * D + d]);
+                    }
+                }
+            }
+            b.layer = l;
+            parallel(task_attn_batch, &b, nth);
+            b.mat = &L->o, b.x = s->att, b.out = s->x, b.ldo = H, b.add = 1;
+            parallel(task_gemm, &b, nth);
+            for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->post_norm, s->h + (size_t)t * H, H, m->eps);
+            b.mat = &L->gate_up, b.x = s->h, b.out = s->gu, b.act = s->act;
+            parallel(task_gemm_gate_up, &b, nth);
+            b.mat = &L->down, b.x = s->act, b.out = s->x, b.ldo = H, b.add = 1;
+            parallel(task_gemm, &b, nth);
+        }
+    }
+    const int last = (T - 1) % CHUNK;
+    rms_norm(s->x + (size_t)last * H, m->norm, m->h, H, m->eps);
+    Job j = {.m = m};
+    product(&j, task_mat, &m->head, m->h, logits, 0, nth);
+}
+
 /* ------------------------------------------------------------------ Python interface */
 
 #define CAPSULE "edgepack._native.Model"
@@ -797,6 +1090,267 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* forward(model, tokens, pos, k_cache, v_cache, max_tokens, rope_theta, logits, threads): the
+ * tokens (a sequence of ints) at positions pos.. written into the KV cache, the last one's
+ * logits into `logits`. One token is a decode step (run_step), more a prompt (run_prompt). */
+static PyObject *py_forward(PyObject *self, PyObject *args) {
+    PyObject *cap, *seq_in, *kc, *vc, *logits;
+    int pos, max_tokens, threads;
+    float theta;
+    if (!PyArg_ParseTuple(args, "OOiOOifOi", &cap, &seq_in, &pos, &kc, &vc, &max_tokens, &theta, &logits, &threads))
+        return NULL;
+    Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
+    if (!m) return NULL;
+    void *k = as_ptr(kc), *v = as_ptr(vc), *out = as_ptr(logits);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *seq = PySequence_Fast(seq_in, "tokens must be a sequence of ints");
+    if (!seq) return NULL;
+    const Py_ssize_t T = PySequence_Fast_GET_SIZE(seq);
+    if (T < 1 || pos < 0 || pos + T > max_tokens || !k || !v || !out || !(theta > 0.f)) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "%zd tokens at position %d do not fit a cache of %d", T, pos, max_tokens);
+        return NULL;
+    }
+    int *tokens = malloc((size_t)T * sizeof(int));
+    if (!tokens) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < T; i++) {
+        const long t = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if ((t == -1 && PyErr_Occurred()) || t < 0 || t >= m->vocab) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "token %ld is outside the vocabulary (%d)", t, m->vocab);
+            free(tokens);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        tokens[i] = (int)t;
+    }
+    Py_DECREF(seq);
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock);
+    threads = ensure_workers(threads - 1) < threads ? ensure_workers(threads - 1) : threads;
+    if (T == 1) {
+        float rope[2 * 512];
+        if (m->scores_len < max_tokens) {
+            float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
+            if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
+        }
+        ok = m->scores_len >= max_tokens && m->head_dim <= 512;
+        if (ok) {
+            rope_tables(theta, m->head_dim, pos, rope, rope + m->head_dim);
+            run_step(m, tokens[0], pos, (uint16_t *)k, (uint16_t *)v, max_tokens, rope, rope + m->head_dim, (float *)out,
+                     threads);
+        }
+    } else {
+        PromptScratch s;
+        ok = prompt_scratch(m, threads, max_tokens, &s) == 0;
+        if (ok) {
+            run_prompt(m, tokens, (int)T, pos, (uint16_t *)k, (uint16_t *)v, max_tokens, theta, (float *)out, threads, &s);
+            free(s.x);
+        }
+    }
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+    free(tokens);
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* address(buffer): where a buffer's bytes are (the caller keeps the object alive) */
+static PyObject *py_address(PyObject *self, PyObject *obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    void *p = view.buf;
+    PyBuffer_Release(&view);
+    return PyLong_FromVoidPtr(p);
+}
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
+    if (a < 0x38800000u) {                                   /* float16 subnormal or zero */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 0x1p24f));
+    }
+    return (uint16_t)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+}
+
+/* n values from type st to dt, each divided by divisor (same index read before written) */
+#if EP_X86
+T256 static void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i))), 16);
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_castsi256_ps(v), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) d[i] = f32_to_f16(bf16_to_f32(s[i]));
+}
+#endif
+
+static void convert_values(const void *s, int st, void *d, int dt, size_t n, float divisor) {
+#if EP_X86
+    if (st == W_BF16 && dt == W_F16 && divisor == 1.f && isa >= ISA_AVX2) {
+        bf16_to_f16_f16c((const uint16_t *)s, (uint16_t *)d, n);
+        return;
+    }
+#endif
+    for (size_t i = 0; i < n; i++) {
+        const float v = divisor == 1.f ? load_value(st, s, i) : load_value(st, s, i) / divisor;
+        if (dt == W_F32)
+            ((float *)d)[i] = v;
+        else if (dt == W_BF16)
+            ((uint16_t *)d)[i] = f32_to_bf16(v);
+        else
+            ((uint16_t *)d)[i] = f32_to_f16(v);
+    }
+}
+
+/* convert(src, src_type, dst, dst_type, n[, divisor]): n values between BF16/F16/F32 (in
+ * place when the sizes agree), each divided by divisor; False, with nothing written, when
+ * a value is too large for float16 */
+static PyObject *py_convert(PyObject *self, PyObject *args) {
+    PyObject *src, *dst;
+    int st, dt;
+    Py_ssize_t n;
+    float divisor = 1.f;
+    if (!PyArg_ParseTuple(args, "OiOin|f", &src, &st, &dst, &dt, &n, &divisor)) return NULL;
+    const void *s = as_ptr(src);
+    void *d = as_ptr(dst);
+    if (PyErr_Occurred()) return NULL;
+    if (!s || !d || n < 0 || st < W_BF16 || st > W_F32 || dt < W_BF16 || dt > W_F32) {
+        PyErr_SetString(PyExc_ValueError, "convert: bad arguments");
+        return NULL;
+    }
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (dt == W_F16) { /* too large for float16 anywhere: write nothing */
+        if (st == W_BF16) { /* |x| orders as the bits without the sign (NaN above inf) */
+            uint16_t top = 0;
+            const uint16_t *b = (const uint16_t *)s;
+#pragma omp simd reduction(max : top)
+            for (Py_ssize_t i = 0; i < n; i++) top = (uint16_t)(b[i] & 0x7fffu) > top ? (uint16_t)(b[i] & 0x7fffu) : top;
+            ok = bf16_to_f32(top) / divisor < 65504.f;
+        } else
+            for (Py_ssize_t i = 0; i < n && ok; i++) ok = fabsf(load_value(st, s, i)) / divisor < 65504.f;
+    }
+    if (ok) convert_values(s, st, d, dt, n, divisor);
+    Py_END_ALLOW_THREADS
+    if (!ok) Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+/* transpose32(src, rows, cols, dst): dst[c, r] = src[r, c] for 32-bit items (int4's (scale,
+ * zero) pairs: stored [groups, rows], read row by row) */
+static PyObject *py_transpose32(PyObject *self, PyObject *args) {
+    PyObject *src, *dst;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "OnnO", &src, &rows, &cols, &dst)) return NULL;
+    const uint32_t *s = as_ptr(src);
+    uint32_t *d = as_ptr(dst);
+    if (PyErr_Occurred()) return NULL;
+    if (!s || !d || rows < 0 || cols < 0) {
+        PyErr_SetString(PyExc_ValueError, "transpose32: bad arguments");
+        return NULL;
+    }
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t c = 0; c < cols; c++) d[c * rows + r] = s[r * cols + c];
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    float p;
+    int i;
+} Cand;
+
+static int by_p_desc(const void *a, const void *b) {
+    const float x = ((const Cand *)a)->p, y = ((const Cand *)b)->p;
+    return x < y ? 1 : x > y ? -1 : ((const Cand *)a)->i - ((const Cand *)b)->i;
+}
+
+static int by_value_desc(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* sample(logits, n, temperature, top_k, top_p, u): a token drawn with u in [0, 1) from
+ * softmax(logits / temperature) restricted to the top_k largest (0: all; ties kept) and then
+ * to the smallest most likely set whose mass reaches top_p, as the torch path samples */
+static PyObject *py_sample(PyObject *self, PyObject *args) {
+    PyObject *p;
+    Py_ssize_t n;
+    float temperature, top_p;
+    int top_k;
+    double u;
+    if (!PyArg_ParseTuple(args, "Onfifd", &p, &n, &temperature, &top_k, &top_p, &u)) return NULL;
+    const float *logits = as_ptr(p);
+    if (PyErr_Occurred()) return NULL;
+    if (!logits || n <= 0 || !(temperature > 0.f) || top_k < 0 || !(top_p > 0.f && top_p <= 1.f)) {
+        PyErr_SetString(PyExc_ValueError, "sample: bad arguments");
+        return NULL;
+    }
+    Cand *c = malloc((size_t)n * sizeof(Cand));
+    float *sorted = top_k > 0 && top_k < n ? malloc((size_t)n * sizeof(float)) : NULL;
+    if (!c || (top_k > 0 && top_k < n && !sorted)) {
+        free(c), free(sorted);
+        return PyErr_NoMemory();
+    }
+    float kth = -INFINITY, top = -INFINITY;
+    for (Py_ssize_t i = 0; i < n; i++) top = logits[i] / temperature > top ? logits[i] / temperature : top;
+    if (sorted) { /* the k-th largest scaled logit: values below it are dropped */
+        for (Py_ssize_t i = 0; i < n; i++) sorted[i] = logits[i] / temperature;
+        qsort(sorted, (size_t)n, sizeof(float), by_value_desc);
+        kth = sorted[top_k - 1];
+        free(sorted);
+    }
+    Py_ssize_t m = 0;
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float v = logits[i] / temperature;
+        if (v >= kth && v > -INFINITY) {
+            c[m].p = expf(v - top), c[m].i = (int)i;
+            total += c[m++].p;
+        }
+    }
+    if (m == 0) { /* every logit -inf: nothing to draw from */
+        free(c);
+        PyErr_SetString(PyExc_ValueError, "sample: no token has a finite logit");
+        return NULL;
+    }
+    double kept = total;
+    if (top_p < 1.f) {
+        /* a token whose probability is below (1 - top_p) / (m - 1) cannot be in the top_p set
+         * (llama2.c's cut): sort only the others */
+        const double cut = m > 1 ? (1.0 - top_p) / (double)(m - 1) * total : 0.0;
+        Py_ssize_t k = 0;
+        for (Py_ssize_t i = 0; i < m; i++)
+            if (c[i].p >= cut) c[k++] = c[i];
+        if (k == 0) k = m; /* cannot happen (the largest is >= the mean), kept for safety */
+        qsort(c, (size_t)k, sizeof(Cand), by_p_desc);
+        double cum = 0.0;
+        Py_ssize_t keep = 0;
+        while (keep < k && cum < top_p * total) cum += c[keep++].p; /* mass before a token < top_p: kept */
+        m = keep, kept = cum;
+    }
+    double r = u * kept, acc = 0.0;
+    int token = c[m - 1].i;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        acc += c[i].p;
+        if (r < acc) {
+            token = c[i].i;
+            break;
+        }
+    }
+    free(c);
+    return PyLong_FromLong(token);
 }
 
 /* a task on `threads` threads from Python: the GIL released, one caller of the pool at a time */
@@ -955,6 +1509,11 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
+    {"forward", py_forward, METH_VARARGS, "Tokens through the model (a prompt or one step): KV cache and last logits."},
+    {"sample", py_sample, METH_VARARGS, "A token drawn from logits with temperature, top-k and top-p."},
+    {"address", py_address, METH_O, "Where a buffer's bytes are."},
+    {"convert", py_convert, METH_VARARGS, "Values between bfloat16, float16 and float32."},
+    {"transpose32", py_transpose32, METH_VARARGS, "Transpose a matrix of 32-bit items."},
     {"gemv", py_gemv, METH_VARARGS, "y = W x with the step's kernels."},
     {"dequant_int4", py_dequant_int4, METH_VARARGS, "float32 weights of an int4 matrix."},
     {"argmax", py_argmax, METH_VARARGS, "Index of the largest float32 value."},

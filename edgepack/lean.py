@@ -30,14 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgepack.memory import release_freed_memory
+from edgepack.native import NATIVE_ENV, SUPPORTED_TYPES, _native, c_module_unavailable, supports  # noqa: F401
 from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
 
-try:  # the C decode step (setup.py); absent where edgepack was installed without a compiler
-    from edgepack import _native
-except ImportError:
-    _native = None
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
 # the planner counts (2 bytes per value).
 KV_DTYPE = torch.bfloat16
@@ -52,24 +48,9 @@ HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
 # are int8, int4 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
 # EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts); on CPUs without AVX2 it is off
 # unless EDGEPACK_NATIVE=1.
-NATIVE_ENV = "EDGEPACK_NATIVE"
 # ... on at most this many threads: its workers spin between the parts of a step, so more
 # threads than CPUs would only take turns (torch.set_num_threads(8) on a 2-core box)
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def supports(config: dict[str, Any]) -> str | None:
-    """None when this module can run the model, else the reason it cannot."""
-    if config.get("model_type") not in SUPPORTED_TYPES:
-        return f"model_type {config.get('model_type')!r}"
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        return f"rope type {rope.get('rope_type')!r}"
-    if config.get("model_type") == "mistral" and config.get("sliding_window"):
-        return "sliding-window attention"
-    if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
-        return "MLP variant"
-    return None
 
 
 @dataclass
@@ -416,15 +397,9 @@ NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F
 
 def native_unavailable(model: "LeanLM") -> str | None:
     """None when ``model``'s decode steps can run in edgepack._native, else why not."""
-    if _native is None:
-        return "edgepack._native is not built (no C compiler at install time)"
-    setting = os.environ.get(NATIVE_ENV, "")
-    if setting == "0":
-        return f"{NATIVE_ENV}=0"
-    if _native.set_isa() == "generic" and setting != "1":
-        # its portable C kernels are not tuned (x86-64 without AVX2: 28 ms a SmolLM2 step
-        # against torch's 18); EDGEPACK_NATIVE=1 uses them anyway (e.g. to measure on ARM)
-        return "no AVX2 or AVX-512 on this CPU (EDGEPACK_NATIVE=1 uses the portable kernels)"
+    reason = c_module_unavailable()
+    if reason is not None:
+        return reason
     if model.dtype != torch.float32 or KV_DTYPE != torch.bfloat16:
         return "activations other than float32"
     tensors = [model.embed, model.norm] + [b.input_norm for b in model.blocks] + [b.post_norm for b in model.blocks]
@@ -489,16 +464,6 @@ def native_description(model: "LeanLM", keep: list[torch.Tensor]) -> tuple:
     dims = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, inter, model.config["vocab_size"])
     embed = (getattr(_native, NATIVE_DTYPES[model.embed.dtype]), model.embed.data_ptr())
     return dims, cfg.eps, embed, model.norm.data_ptr(), _native_matrix(model.lm_head, keep), layers
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS with it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
 
 
 # --- a transformers-free skeleton with transformers' tensor names ----------------------------

@@ -173,3 +173,13 @@ def process_rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS with it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do

@@ -351,7 +351,12 @@ def tool_versions() -> dict[str, str]:
 
 
 @torch.inference_mode()
-def logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+def logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of ``ids``: a torch model in one forward; edgepack's CPU
+    engine (runtime backend "native") one token a step, as it decodes."""
+    if getattr(model, "backend", None) == "native":
+        cache = model.new_cache(len(ids))
+        return torch.stack([torch.frombuffer(model.forward([t], cache), dtype=torch.float32) for t in ids])
     return model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
@@ -374,7 +379,7 @@ def compare_stored_tensors(bundle_dir, digests: dict[str, tuple[str, tuple[int, 
     ``tensor_digests``). Reads one tensor at a time, with the runtime's own reader."""
     from pathlib import Path
 
-    from edgepack.runtime import read_shard  # the reader the runtime itself loads with
+    from edgepack.torch_model import read_shard  # the reader the runtime itself loads with
 
     mismatched, found = [], set()
     for shard in sorted(Path(bundle_dir).glob("*.safetensors")):

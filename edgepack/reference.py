@@ -217,7 +217,7 @@ class ShardReader:
                 self.files.update({k: shard for k in read_safetensors_header(shard, max_header_bytes=100_000_000)})
 
     def __call__(self, key: str) -> torch.Tensor:
-        from edgepack.runtime import read_shard
+        from edgepack.torch_model import read_shard
 
         path = self.files[key]
         for _name, tensor in read_shard(path, rel=path.name, only={key}):

@@ -6,10 +6,12 @@
     for piece in lm.stream("Once upon a time", max_new_tokens=32):
         print(piece, end="", flush=True)
 
-Loading follows the gpt-fast recipe: the model is built on the meta device (no weights
-allocated), quantized layers are swapped in, and the stored tensors are read from the
-safetensors shards straight into their final buffers (plain reads, not mmap: see
-read_shard), so no full-precision copy of a quantized layer ever exists on the box. This module imports nothing from the exporter, planner or Hub code.
+Two backends run a bundle. On a CPU, Llama-family bundles at int8, int4 or 16 bits run in
+edgepack's own engine (native.py: the C module edgepack._native, no torch import: a cold
+start and a memory footprint torch's ~1 s and ~220 MiB import would dwarf). The rest (other
+architectures, nf4/fp4, GPUs, a box where the C module is not built) is built as torch
+modules (torch_model.py). This module imports neither torch nor anything from the exporter,
+planner or Hub code; the torch backend is imported only when a bundle needs it.
 """
 
 from __future__ import annotations
@@ -19,18 +21,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import torch
-from torch import nn
+from typing import Iterator, Sequence
 
 from edgepack import bundle as bundle_format
-from edgepack.errors import BundleIntegrityError, DeviceError, GenerationError, InsufficientMemoryError
-from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
+from edgepack.errors import BundleIntegrityError, GenerationError, InsufficientMemoryError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Activations of the lean CPU decoder (norms, rotary, attention, residual stream).
-LEAN_ACTIVATION_DTYPE = torch.float32
+BACKENDS = ("native", "torch")
+
 # What the process needs beyond the weights before generating: interpreter + torch +
 # transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
 RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
@@ -45,6 +42,7 @@ def load(
     verify: bool | str = "once",
     device: str | None = None,
     force: bool = False,
+    backend: str | None = None,
 ) -> "EdgeModel":
     """Load a bundle written by ``edgepack pack``.
 
@@ -52,7 +50,9 @@ def load(
     whose size/mtime/inode are unchanged; ``True`` always hashes; ``False`` checks sizes
     only (the environment variable ``EDGEPACK_SKIP_HASH=1`` does the same).
     device: ``None`` follows the bundle's device_map; ``"cpu"`` forces everything onto the
-    CPU. force: load even when this box looks too small.
+    CPU. force: load even when this box looks too small. backend: ``None`` (edgepack's
+    CPU engine where it can run the bundle, else torch), ``"native"`` (that engine, or an
+    error saying why not) or ``"torch"``.
     """
     # No garbage collection while loading: it makes thousands of small objects (modules,
     # tensors) and each full collection walks everything imported so far (torch's ~150k
@@ -60,13 +60,15 @@ def load(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(bundle_dir, verify, device, force)
+        return _load(bundle_dir, verify, device, force, backend)
     finally:
         if enabled:
             gc.enable()
 
 
-def _load(bundle_dir, verify, device, force) -> "EdgeModel":
+def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
+    if backend not in (None, *BACKENDS):
+        raise GenerationError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
     if os.environ.get("EDGEPACK_SKIP_HASH", "") not in ("", "0"):
         verify = False
     path = Path(bundle_dir)
@@ -74,7 +76,7 @@ def _load(bundle_dir, verify, device, force) -> "EdgeModel":
     device_map, notices = _resolve_device_map(manifest, device)
     if not force:
         _preflight_memory(manifest, device_map, path)
-    from edgepack.lean import release_freed_memory
+    from edgepack.memory import release_freed_memory
     from edgepack.tokenizer import load_tokenizer
 
     try:
@@ -87,8 +89,28 @@ def _load(bundle_dir, verify, device, force) -> "EdgeModel":
     # Tokenizer first: parsing tokenizer.json peaks ~25 MiB above what it keeps; released
     # now, that peak never stacks on top of the weights.
     release_freed_memory()
-    model = _build_model(path, manifest, device_map)
+    config = _read_config(path)
+    model = _build_model(path, manifest, config, device_map, backend)
     return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
+
+
+def _build_model(path: Path, manifest: dict, config: dict, device_map: dict[str, str], backend: str | None):
+    if backend != "torch":
+        from edgepack import native
+
+        reason = native.unavailable(config, manifest, device_map)
+        if os.environ.get("EDGEPACK_LEAN", "1") == "0":
+            reason = "EDGEPACK_LEAN=0"
+        if reason is None:
+            return native.NativeLM.load(path, manifest, config)
+        if backend == "native":
+            raise GenerationError(
+                f"edgepack's CPU engine cannot run this bundle: {reason}",
+                hint="load it with backend='torch' (CLI: --backend torch)",
+            )
+    from edgepack import torch_model
+
+    return torch_model.build_model(path, manifest, config, device_map)
 
 
 def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:
@@ -96,10 +118,18 @@ def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, s
     if device is not None:
         return {k: device for k in device_map}, []
     wants_cuda = any(v.startswith("cuda") for v in device_map.values())
-    if wants_cuda and not torch.cuda.is_available():
+    if wants_cuda and not _cuda_available():
         notice = "the bundle was planned for a GPU but this box has none; running everything on the CPU"
         return {k: "cpu" for k in device_map}, [notice]
     return device_map, []
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | None = None) -> None:
@@ -150,269 +180,6 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _lean_eligible(config: dict, device_map: dict[str, str]) -> bool:
-    from edgepack import lean
-
-    if os.environ.get("EDGEPACK_LEAN", "1") == "0" or any(v != "cpu" for v in device_map.values()):
-        return False
-    return lean.supports(config) is None
-
-
-def _build_lean(path: Path, manifest: dict, config: dict) -> nn.Module:
-    """Llama-family models on CPU: edgepack's lean decoder, no transformers import."""
-    from edgepack import lean
-
-    quant = manifest["quantization"]
-    try:
-        skeleton = lean.build_skeleton(config, quant, DTYPES[quant["compute_dtype"]])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleIntegrityError(
-            f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
-            hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
-        ) from None
-    _attach_tensors(skeleton, path, manifest, into=lean.fused_destinations(skeleton))
-    if config.get("tie_word_embeddings") and skeleton.lm_head.weight.device.type == "meta":
-        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
-    _check_nothing_left_on_meta(skeleton)
-    return lean.LeanLM(skeleton, config, activation_dtype=LEAN_ACTIVATION_DTYPE).eval()
-
-
-def _check_nothing_left_on_meta(model: nn.Module) -> None:
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    leftover += [n for n, b in model.named_buffers() if b.device.type == "meta"]
-    if leftover:
-        raise BundleIntegrityError(
-            f"{len(leftover)} model tensors are not in the bundle (first: {leftover[0]!r}); "
-            "config.json disagrees with the weights",
-            hint="the bundle is damaged or its config was edited; pack the model again",
-        )
-
-
-def _build_model(path: Path, manifest: dict, device_map: dict[str, str]) -> nn.Module:
-    config = _read_config(path)
-    if _lean_eligible(config, device_map):
-        return _build_lean(path, manifest, config)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    quant = manifest["quantization"]
-    compute_dtype = DTYPES[quant["compute_dtype"]]
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the runtime places its own quantized layers
-        # Parameters on meta, buffers (rotary tables) real: they are computed, never stored.
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        _swap_quantized_layers(model, quant, compute_dtype)
-    except BundleIntegrityError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-        # config.json passed its hash, so this is a crafted or mismatched bundle
-        raise BundleIntegrityError(
-            f"cannot build the model that config.json describes: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
-        ) from None
-    _attach_tensors(model, path, manifest)
-    model.tie_weights()
-    _check_nothing_left_on_meta(model)
-    model.eval()
-    if any(v != "cpu" for v in device_map.values()):
-        _place_on_devices(model, manifest, device_map)
-    else:
-        prepare_int4(model)
-    return model
-
-
-def prepare_int4(model: nn.Module) -> None:
-    """Repack int4 codes into the CPU kernel's order now, not on the first token."""
-    from edgepack.lean import release_freed_memory
-
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    for module in layers:
-        module.prepare_cpu()
-    if layers:
-        release_freed_memory()  # the stored codes, freed between the repacked ones
-
-
-def _swap_quantized_layers(model: nn.Module, quant: dict, compute_dtype: torch.dtype) -> None:
-    bits = quant["bits"]
-    for name in quant.get("quantized_modules", []):
-        old = model.get_submodule(name)
-        in_f, out_f = _linear_shape(old)
-        has_bias = getattr(old, "bias", None) is not None
-        if bits == 8:
-            new = Int8Linear(in_f, out_f, has_bias, compute_dtype)
-        elif quant.get("quant_type") == "int4":
-            new = Int4Linear(in_f, out_f, has_bias, compute_dtype, quant["blocksize"])
-        else:
-            new = Linear4bit(in_f, out_f, has_bias, compute_dtype, quant["blocksize"])
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of nn.Linear or GPT-2's Conv1D (weight stored [in, out])."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0], module.nf
-    raise BundleIntegrityError(f"module {type(module).__name__} cannot hold quantized weights")
-
-
-def _attach_tensors(model: nn.Module, path: Path, manifest: dict, into: dict[str, torch.Tensor] | None = None) -> None:
-    """Attach every stored tensor to its module, checking it against the skeleton's shape.
-    ``into``: buffers to read some tensors into (see ``read_shard``)."""
-    quantized = set(manifest["quantization"].get("quantized_modules", []))
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for rel in sorted({info["file"] for info in manifest["tensors"].values()}):
-        for key, tensor in read_shard(path / rel, manifest, rel, into=into):
-            owner = _quantized_owner(key, quantized)
-            if owner is not None:
-                groups.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
-            else:
-                _set_plain_tensor(model, key, tensor)
-    for name, tensors in groups.items():
-        _attach_quantized(model.get_submodule(name), name, tensors)
-
-
-def _attach_quantized(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    """A quantized layer's stored tensors fit the (meta) buffers its config implies."""
-    expected = {k: tuple(t.shape) for k, t in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]}
-    for key, shape in expected.items():
-        if key in tensors and tuple(tensors[key].shape) != shape:
-            raise BundleIntegrityError(
-                f"tensor {name + '.' + key!r} is {list(tensors[key].shape)} but config.json implies {list(shape)}",
-                hint="the bundle's config and weights disagree; pack the model again",
-            )
-    try:
-        module.attach(tensors)
-    except (KeyError, StopIteration, ValueError, RuntimeError) as exc:
-        raise BundleIntegrityError(
-            f"the stored tensors of quantized layer {name!r} are incomplete or malformed ({type(exc).__name__}: {exc})",
-            hint="the bundle is damaged or was crafted; pull or pack it again",
-        ) from None
-
-
-TORCH_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-
-
-def read_shard(
-    path: Path,
-    manifest: dict | None = None,
-    rel: str | None = None,
-    only: set[str] | None = None,
-    into: dict[str, torch.Tensor] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read a safetensors shard tensor by tensor into fresh torch buffers.
-
-    Not mmap: a shard truncated while mapped kills the process with SIGBUS, and
-    safetensors' views of a mapping sit at any 8-byte offset, which crashes torch's
-    int8 CPU kernels (they expect 64-byte aligned weights). One read per tensor straight
-    into torch's aligned allocation costs no extra copy. Header and data come from one
-    open file, whose size (and header, given the manifest) are checked again: the file
-    may have been replaced or truncated since it was verified. ``only``: read just these.
-    ``into``: contiguous tensors to read some keys into (when dtype and shape match the
-    header), instead of new buffers.
-    """
-    rel = rel or path.name
-    sizes = {e["path"]: e["size"] for e in manifest["files"]} if manifest else {}
-    with bundle_format.open_regular(path) as f:
-        header, data_start = bundle_format.read_shard_header(f, rel, sizes.get(rel))
-        if manifest:
-            bundle_format.check_shard_header(rel, header, manifest)
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if only is not None and key not in only:
-                continue
-            start, end = info["data_offsets"]
-            dtype = TORCH_DTYPES[info["dtype"]]
-            tensor = into.get(key) if into else None
-            if tensor is None or tensor.dtype != dtype or list(tensor.shape) != info["shape"]:
-                tensor = torch.empty(info["shape"], dtype=dtype)
-            if end > start:
-                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-                bundle_format.read_exact_into(f, data_start + start, view, rel)
-            yield key, tensor
-
-
-def _quantized_owner(key: str, quantized: set[str]) -> str | None:
-    module = key
-    while "." in module:
-        module = module.rsplit(".", 1)[0]
-        if module in quantized:
-            return module
-    return None
-
-
-def _set_plain_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = key.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-        current = getattr(module, attr)
-    except AttributeError:
-        raise BundleIntegrityError(
-            f"tensor {key!r} has no place in the model built from config.json",
-            hint="the bundle's config and weights disagree; pack the model again",
-        ) from None
-    if current is not None and tuple(current.shape) != tuple(tensor.shape):
-        raise BundleIntegrityError(
-            f"tensor {key!r} is {list(tensor.shape)} but config.json implies {list(current.shape)}",
-            hint="the bundle's config and weights disagree; pack the model again",
-        )
-    if isinstance(current, nn.Parameter) or attr not in module._buffers:
-        setattr(module, attr, nn.Parameter(tensor.to(current.dtype), requires_grad=False))
-    else:
-        module._buffers[attr] = tensor
-
-
-def _place_on_devices(model: nn.Module, manifest: dict, device_map: dict[str, str]) -> None:
-    """CUDA placement: quantized layers become bitsandbytes' own CUDA modules, the rest
-    moves as it is. Written against bitsandbytes' public API; exercised only on a GPU box."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise DeviceError(
-            "the bundle's device_map uses a GPU, which needs bitsandbytes' CUDA kernels",
-            hint="pip install bitsandbytes, or run on the CPU with --device cpu",
-        ) from None
-    for prefix, device in sorted(device_map.items(), key=lambda kv: len(kv[0])):
-        module = model.get_submodule(prefix) if prefix else model
-        for name, child in list(module.named_modules()):
-            full = f"{prefix}.{name}".strip(".")
-            if isinstance(child, (Int8Linear, Linear4bit)):  # int4 layers move as they are
-                parent_name, _, leaf = full.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, leaf, _to_bnb_cuda(bnb, child, manifest["quantization"], device))
-        module.to(device)
-    first = next(iter(device_map.values()))
-    model._edgepack_input_device = torch.device(first)
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-
-    for prefix, device in device_map.items():
-        add_hook_to_module(model.get_submodule(prefix) if prefix else model, AlignDevicesHook(torch.device(device), io_same_device=True))
-
-
-def _to_bnb_cuda(bnb: Any, layer: nn.Module, quant: dict, device: str) -> nn.Module:
-    has_bias = layer.bias is not None
-    if isinstance(layer, Int8Linear):
-        new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, has_bias, has_fp16_weights=False)
-        weight = bnb.nn.Int8Params(layer.weight, requires_grad=False, has_fp16_weights=False)
-        weight.CB, weight.SCB = layer.weight, layer.SCB
-        new.weight = weight
-    else:
-        new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, has_bias, compute_dtype=layer.compute_dtype)
-        stats = {k: v for k, v in layer._stored.items() if k.startswith("weight.")}
-        new.weight = bnb.nn.Params4bit.from_prequantized(data=layer.weight, quantized_stats=stats, device=device)
-    if has_bias:
-        new.bias = nn.Parameter(layer.bias.data, requires_grad=False)
-    return new.to(device)
-
-
 # --- generation ----------------------------------------------------------------------------
 
 
@@ -430,8 +197,9 @@ class GenerationStep:
 
 
 class EdgeModel:
-    """A loaded bundle: ``.model`` (torch module, ``model(input_ids).logits``), ``.tokenizer``,
-    ``.generate()`` and ``.stream()``."""
+    """A loaded bundle: ``.model`` (``native.NativeLM``, or with the torch backend a torch
+    module: ``model(input_ids).logits``), ``.backend``, ``.tokenizer``, ``.generate()`` and
+    ``.stream()``."""
 
     def __init__(self, model, tokenizer, manifest, path, device_map, notices):
         self.model = model
@@ -440,7 +208,7 @@ class EdgeModel:
         self.path = path
         self.device_map = device_map
         self.notices = notices
-        self.input_device = getattr(model, "_edgepack_input_device", torch.device("cpu"))
+        self.backend = getattr(model, "backend", "torch")
         self.generation_config = _read_generation_config(path)
         eos = self.generation_config.get("eos_token_id")
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -494,12 +262,11 @@ class EdgeModel:
                 hint="shorten the prompt",
             )
         max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt_ids))
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         detok = _IncrementalDetokenizer(self.tokenizer)
         t0 = time.perf_counter()
         prompt_seconds = 0.0
         held = ""  # text that may be the start of a stop string: not emitted yet
-        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, generator, min_new_tokens, max_new_tokens)
+        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens)
         for n, token in enumerate(tokens, 1):
             if n == 1:
                 prompt_seconds = time.perf_counter() - t0
@@ -543,34 +310,13 @@ class EdgeModel:
             top_k = int(gen.get("top_k") or 0) if sample else 0
         return temperature, top_p, top_k
 
-    @torch.inference_mode()
-    def _tokens(self, prompt_ids, temperature, top_p, top_k, generator, min_new_tokens, max_new_tokens):
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.input_device)
-        step = self._lean_step(len(prompt_ids) + max_new_tokens) if hasattr(self.model, "logits_last") else self._hf_step()
-        n = 0
-        while True:
-            logits = step(input_ids).float()
-            if n < min_new_tokens:
-                for eos in self.eos_token_ids:
-                    logits[eos] = float("-inf")
-            token = _sample(logits, temperature, top_p, top_k, generator)
-            n += 1
-            yield token
-            input_ids = torch.tensor([[token]], dtype=torch.long, device=self.input_device)
+    def _tokens(self, prompt_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens) -> Iterator[int]:
+        args = (prompt_ids, self.eos_token_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens)
+        if self.backend == "native":
+            return self.model.generate_tokens(*args)
+        from edgepack.torch_model import generate_tokens
 
-    def _lean_step(self, max_tokens: int):
-        cache = self.model.new_cache(max_tokens)
-        return lambda input_ids: self.model.logits_last(input_ids, cache)
-
-    def _hf_step(self):
-        state = {"past": None}
-
-        def step(input_ids):
-            out = self.model(input_ids=input_ids, past_key_values=state["past"], use_cache=True)
-            state["past"] = out.past_key_values
-            return out.logits[0, -1]
-
-        return step
+        return generate_tokens(self.model, *args)
 
 
 def _read_generation_config(path: Path) -> dict:
@@ -594,25 +340,6 @@ def _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k) -
         raise GenerationError(f"top_p must be in (0, 1], not {top_p}")
     if top_k < 0:
         raise GenerationError(f"top_k must be >= 0 (0 disables it), not {top_k}")
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
-    if temperature == 0:
-        from edgepack.lean import argmax
-
-        return argmax(logits)
-    logits = logits.cpu() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _partial_stop_length(text: str, stops: Sequence[str]) -> int:

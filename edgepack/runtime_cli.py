@@ -17,6 +17,12 @@ def configure_parser(p) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
+    p.add_argument(
+        "--backend",
+        choices=["native", "torch"],
+        default=None,
+        help="native: edgepack's CPU engine (no torch); torch: torch modules (default: native where it can run the bundle)",
+    )
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
@@ -34,7 +40,7 @@ def main(args) -> int:
         from edgepack.hub import resolve_bundle_ref  # pull the variant that fits, verified
 
         bundle = resolve_bundle_ref(bundle, progress=lambda msg: print(f"[edgepack] {msg}", file=sys.stderr))
-    lm = load(bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force)
+    lm = load(bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force, backend=args.backend)
     for notice in lm.notices:
         print(f"note: {notice}", file=sys.stderr)
     step = None
@@ -55,7 +61,8 @@ def main(args) -> int:
         decode_tps = (step.generated_tokens - 1) / step.decode_seconds if step.decode_seconds > 0 else 0.0
         print(
             f"prompt: {step.prompt_tokens} tokens in {step.prompt_seconds:.3f}s; "
-            f"generated: {step.generated_tokens} tokens, {decode_tps:.1f} tokens/s ({step.finish_reason})",
+            f"generated: {step.generated_tokens} tokens, {decode_tps:.1f} tokens/s ({step.finish_reason}; "
+            f"{lm.backend} backend)",
             file=sys.stderr,
         )
     return 0

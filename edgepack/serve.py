@@ -713,6 +713,12 @@ def configure_parser(p) -> None:
     )
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle's directory name)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
+    p.add_argument(
+        "--backend",
+        choices=["native", "torch"],
+        default=None,
+        help="native: edgepack's CPU engine (no torch); torch: torch modules (default: native where it can run the bundle)",
+    )
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -725,7 +731,7 @@ def main(args) -> int:
     from edgepack.runtime import load
 
     path = resolve_bundle(args.bundle)
-    lm = load(path, verify=False if args.no_verify else "once", device=args.device, force=args.force)
+    lm = load(path, verify=False if args.no_verify else "once", device=args.device, force=args.force, backend=args.backend)
     for notice in lm.notices:
         print(f"note: {notice}", file=sys.stderr)
     # a bundle pulled from the Hub is known to clients by its repo id, not its cache folder

@@ -159,7 +159,7 @@ def _float64_logits(model: lean.LeanLM, ids: list[int]) -> torch.Tensor:
 def test_decode_steps_match_float64_llama(packed, isa, kind, bits, monkeypatch):
     """Token by token from an empty cache: the C step's logits are float64's to float32
     rounding, closer than the torch path's (bfloat16 activations into its kernels)."""
-    lm = edgepack.load(packed(kind, bits, **({"quant_type": "int4"} if bits == 4 else {})))
+    lm = edgepack.load(packed(kind, bits, **({"quant_type": "int4"} if bits == 4 else {})), backend="torch")
     model = lm.model
     assert model.native_off is None
     ids = lm.tokenizer.encode("Water boils at one hundred degrees")
@@ -181,7 +181,7 @@ def test_decode_steps_match_float64_llama(packed, isa, kind, bits, monkeypatch):
 def test_decode_continues_a_prompt_run_by_torch(packed):
     """A prompt run by torch ops, then C steps on the same cache: the logits of a full
     recompute (the kernels read what torch wrote, at the right positions)."""
-    lm = edgepack.load(packed("llama", 8))
+    lm = edgepack.load(packed("llama", 8), backend="torch")
     ids = lm.tokenizer.encode("The capital of France is Paris and")
     exact = _float64_logits(lm.model, ids)
     cache = lm.model.new_cache(64)
@@ -192,7 +192,7 @@ def test_decode_continues_a_prompt_run_by_torch(packed):
 
 
 def test_threads_do_not_change_the_result(packed):
-    lm = edgepack.load(packed("llama", 8))
+    lm = edgepack.load(packed("llama", 8), backend="torch")
     ids = lm.tokenizer.encode("Small boxes run small models")
     runs = []
     for threads in (1, 2, 4):
@@ -207,14 +207,14 @@ def test_threads_do_not_change_the_result(packed):
 
 def test_generate_uses_the_c_step_and_agrees_with_torch(packed, monkeypatch):
     bundle = packed("llama", 16)
-    lm = edgepack.load(bundle)
+    lm = edgepack.load(bundle, backend="torch")
     calls = []
     real = lm.model.native_step
     monkeypatch.setattr(lm.model, "native_step", lambda *a: calls.append(1) or real(*a))
     text = lm.generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0)
     assert len(calls) == 5  # the prompt by torch, then one C step per further token
     monkeypatch.setenv(lean.NATIVE_ENV, "0")
-    plain = edgepack.load(bundle)
+    plain = edgepack.load(bundle, backend="torch")
     assert plain.model.native_off == f"{lean.NATIVE_ENV}=0"
     assert plain.generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0) == text
 
@@ -223,18 +223,18 @@ def test_int4_prompt_path_and_torch_fallback_agree(packed, monkeypatch):
     """int4 layers kept for the C step run prompts through its dequantization and a float32
     GEMM; with the C step off they are repacked for torch's int4 kernel: same logits."""
     bundle = packed("llama", 4, quant_type="int4")
-    ids = torch.tensor([edgepack.load(bundle).tokenizer.encode("The capital of France is Paris")])
-    ours = edgepack.load(bundle).model
+    ids = torch.tensor([edgepack.load(bundle, backend="torch").tokenizer.encode("The capital of France is Paris")])
+    ours = edgepack.load(bundle, backend="torch").model
     assert ours.native_off is None and ours.blocks[0].qkv_proj._kernel_weight is None
     monkeypatch.setenv(lean.NATIVE_ENV, "0")
-    plain = edgepack.load(bundle).model
+    plain = edgepack.load(bundle, backend="torch").model
     assert plain.blocks[0].qkv_proj._kernel_weight is not None and plain.blocks[0].qkv_proj._row_pairs is None
     a, b = ours(ids).logits.float(), plain(ids).logits.float()
     assert torch.allclose(a, b, atol=3e-2 * b.abs().max()) and torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_layers_the_c_step_cannot_run_fall_back_to_torch(packed):
-    lm = edgepack.load(packed("llama", 4, quant_type="nf4"))
+    lm = edgepack.load(packed("llama", 4, quant_type="nf4"), backend="torch")
     assert "Linear4bit" in lm.model.native_off
     cache = lm.model.new_cache(16)
     ids = lm.tokenizer.encode("The capital")
@@ -246,9 +246,9 @@ def test_portable_kernels_only_when_asked(packed, monkeypatch):
     previous = native.set_isa("generic")
     try:
         monkeypatch.delenv(lean.NATIVE_ENV, raising=False)
-        assert "no AVX2 or AVX-512" in edgepack.load(packed("llama", 8)).model.native_off
+        assert "no AVX2 or AVX-512" in edgepack.load(packed("llama", 8), backend="torch").model.native_off
         monkeypatch.setenv(lean.NATIVE_ENV, "1")
-        assert edgepack.load(packed("llama", 8)).model.native_off is None
+        assert edgepack.load(packed("llama", 8), backend="torch").model.native_off is None
     finally:
         native.set_isa(previous)
 
@@ -260,7 +260,7 @@ def test_argmax_is_torchs():
 
 
 def test_step_errors(packed):
-    lm = edgepack.load(packed("llama", 8))
+    lm = edgepack.load(packed("llama", 8), backend="torch")
     cache = lm.model.new_cache(2)
     lm.model.native_step(3, cache)
     lm.model.native_step(4, cache)
@@ -274,7 +274,7 @@ def test_a_forked_child_decodes(packed):
     """The thread pool does not survive fork(); the child starts its own (pthread_atfork)."""
     import multiprocessing
 
-    lm = edgepack.load(packed("llama", 8))
+    lm = edgepack.load(packed("llama", 8), backend="torch")
     ids = lm.tokenizer.encode("The capital")
     cache = lm.model.new_cache(16)
     want = torch.stack([lm.model.native_step(t, cache) for t in ids])  # the pool is running now
@@ -291,3 +291,187 @@ def test_a_forked_child_decodes(packed):
 def _steps_in_child(model, ids, send):
     cache = model.new_cache(16)
     send.send(torch.stack([model.native_step(t, cache) for t in ids]).tolist())  # plain floats: no shared memory
+
+
+# --- edgepack's CPU engine (native.py): bundles run by the C module without torch ----------------
+
+
+def _engine_and_reference(packed, kind: str, bits: int):
+    """(native engine, torch lean decoder) of the same bundle."""
+    bundle = packed(kind, bits, **({"quant_type": "int4"} if bits == 4 else {}))
+    lm = edgepack.load(bundle)
+    assert lm.backend == "native"
+    return lm, edgepack.load(bundle, backend="torch").model
+
+
+def _logits(view) -> torch.Tensor:
+    return torch.frombuffer(view, dtype=torch.float32).double()
+
+
+@pytest.mark.parametrize("kind,bits", [("llama", 8), ("llama", 16), ("llama-untied", 8), ("llama-untied", 16), ("llama", 4)])
+def test_engine_matches_float64_llama(packed, isa, kind, bits):
+    """Decode steps and prompts of every length (one chunk, several, a chunk after a prefix)
+    give float64's logits to float32 rounding."""
+    lm, ref = _engine_and_reference(packed, kind, bits)
+    ids = (lm.tokenizer.encode("Water boils at one hundred degrees, and ice melts at zero. ") * 20)[:120]  # context 128
+    exact = _float64_logits(ref, ids)
+    scale = exact.abs().max()
+    cache = lm.model.new_cache(120)
+    steps = torch.stack([_logits(lm.model.forward([t], cache)) for t in ids[:20]])
+    assert (steps - exact[:20]).abs().max() <= 1e-4 * scale
+    for n in (2, 7, 64, 65, 120):  # prompts: shorter than a tile, one chunk, a chunk and one, two
+        cache = lm.model.new_cache(120)
+        got = _logits(lm.model.forward(ids[:n], cache))
+        assert cache.length == n
+        assert (got - exact[n - 1]).abs().max() <= 1e-4 * scale, n
+    cache = lm.model.new_cache(120)  # a prompt, then another chunk after it, then steps
+    lm.model.forward(ids[:70], cache)
+    got = _logits(lm.model.forward(ids[70:110], cache))
+    assert (got - exact[109]).abs().max() <= 1e-4 * scale
+    tail = torch.stack([_logits(lm.model.forward([t], cache)) for t in ids[110:120]])
+    assert (tail - exact[110:120]).abs().max() <= 1e-4 * scale
+
+
+def test_engine_threads_do_not_change_the_result(packed):
+    lm = edgepack.load(packed("llama", 8))
+    ids = (lm.tokenizer.encode("Small boxes run small models, and they run them well.") * 10)[:100]
+    runs = []
+    for threads in (1, 2, 3):
+        lm.model.threads = threads
+        cache = lm.model.new_cache(len(ids) + 1)
+        prompt = _logits(lm.model.forward(ids, cache))
+        runs.append(torch.cat([prompt, _logits(lm.model.forward([5], cache))]))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])  # rows and heads split, sums not
+
+
+def test_engine_greedy_generation_agrees_with_the_torch_backend(packed):
+    bundle = packed("llama", 16)
+    ours = edgepack.load(bundle).generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0)
+    theirs = edgepack.load(bundle, backend="torch").generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0)
+    assert ours == theirs
+
+
+def test_engine_reads_no_tensor_twice_and_holds_only_the_weights(packed):
+    """The arena is the bundle's tensors as stored (norms as float32), nothing else: a 16-bit
+    copy of an int8 layer would show here."""
+    bundle = packed("llama", 8)
+    lm = edgepack.load(bundle)
+    stored = sum(e["size"] for e in lm.manifest["files"] if e["path"].endswith(".safetensors"))
+    norms = sum(1 for k in lm.manifest["tensors"] if "norm" in k) * 64 * 2  # bf16 -> float32: 2 more bytes each
+    assert stored - 4096 <= lm.model.weight_bytes <= stored + norms + 64 * len(lm.manifest["tensors"])
+
+
+def test_engine_backend_choice_and_fallbacks(packed, monkeypatch):
+    from edgepack.errors import GenerationError
+
+    nf4 = packed("llama", 4, quant_type="nf4")
+    assert edgepack.load(nf4).backend == "torch"  # nf4 layers: the torch backend
+    with pytest.raises(GenerationError, match="cannot run this bundle: nf4 layers"):
+        edgepack.load(nf4, backend="native")
+    with pytest.raises(GenerationError, match="unknown backend"):
+        edgepack.load(nf4, backend="cuda")
+    assert edgepack.load(packed("gpt2", 8)).backend == "torch"  # not a Llama-family model
+    monkeypatch.setenv(lean.NATIVE_ENV, "0")
+    assert edgepack.load(packed("llama", 8)).backend == "torch"
+    monkeypatch.delenv(lean.NATIVE_ENV)
+    previous = native.set_isa("generic")
+    try:
+        assert edgepack.load(packed("llama", 8)).backend == "torch"  # untuned portable kernels: off
+        monkeypatch.setenv(lean.NATIVE_ENV, "1")
+        assert edgepack.load(packed("llama", 8)).backend == "native"
+    finally:
+        native.set_isa(previous)
+
+
+def test_engine_errors(packed):
+    lm = edgepack.load(packed("llama", 8))
+    cache = lm.model.new_cache(3)
+    lm.model.forward([3, 4], cache)
+    with pytest.raises(ValueError, match="KV cache holds 3 tokens; 4 were asked for"):
+        lm.model.forward([5, 6], cache)
+    assert cache.length == 2  # nothing written
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        lm.model.forward([10**6], lm.model.new_cache(2))
+    with pytest.raises(TypeError):
+        lm.model.forward(["a"], lm.model.new_cache(2))
+
+
+def test_engine_in_a_forked_child(packed):
+    import multiprocessing
+
+    lm = edgepack.load(packed("llama", 8))
+    ids = lm.tokenizer.encode("The capital")
+    want = lm.generate("The capital", max_new_tokens=5, min_new_tokens=5, temperature=0)  # the pool is running
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=lambda: send.send(lm.generate("The capital", max_new_tokens=5, min_new_tokens=5, temperature=0)))
+    child.start()
+    assert receive.poll(60), "the forked child did not answer"
+    got = receive.recv()
+    child.join(10)
+    assert child.exitcode == 0 and got == want and ids
+
+
+def _draws(logits: list[float], n: int = 2000, **kw) -> dict[int, int]:
+    from array import array
+
+    values = array("f", logits)
+    counts: dict[int, int] = {}
+    for i in range(n):
+        t = native.sample(native.address(values), len(values), kw.get("temperature", 1.0), kw.get("top_k", 0),
+                          kw.get("top_p", 1.0), (i + 0.5) / n)  # fmt: skip
+        counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def test_sampling_follows_temperature_top_k_and_top_p():
+    logits = [math.log(p) for p in (0.1, 0.4, 0.2, 0.3)]
+    counts = _draws(logits)  # u spread evenly over [0, 1): the draws are the probabilities
+    assert {t: round(c / 2000, 2) for t, c in counts.items()} == {0: 0.1, 1: 0.4, 2: 0.2, 3: 0.3}
+    assert set(_draws(logits, top_k=2)) == {1, 3}
+    assert abs(_draws(logits, top_k=2)[1] / 2000 - 0.4 / 0.7) < 0.01
+    assert set(_draws(logits, top_p=0.5)) == {1, 3}  # 0.4 < 0.5: the next one (0.3) is kept too
+    assert set(_draws(logits, top_p=0.35)) == {1}
+    assert set(_draws(logits, temperature=0.01)) == {1}
+    assert set(_draws([0.0, float("-inf"), 1.0])) == {0, 2}
+    with pytest.raises(ValueError, match="no token has a finite logit"):
+        _draws([float("-inf")] * 3, n=1)
+    seeded = [edgepack_sample(s) for s in (1, 1, 2)]
+    assert seeded[0] == seeded[1]
+
+
+def edgepack_sample(seed: int) -> list[int]:
+    import random
+
+    from edgepack.native import NativeLM
+
+    rng = random.Random(seed)
+    from array import array
+
+    logits = memoryview(array("f", [0.0] * 50)).cast("B").cast("f")
+    return [NativeLM.sample(None, logits, 1.0, 0.9, 0, rng) for _ in range(20)]
+
+
+def test_convert_rounds_as_torch():
+    from array import array
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-9, 4, (4000,), generator=gen),
+                        torch.tensor([0.0, -0.0, 60000.0, 6e-8, 1e-8])])  # fmt: skip
+    bf16 = values.to(torch.bfloat16)
+    out = torch.empty(len(values), dtype=torch.float16)
+    assert native.convert(bf16.data_ptr(), native.BF16, out.data_ptr(), native.F16, len(values))
+    assert torch.equal(out.view(torch.int16), bf16.float().to(torch.float16).view(torch.int16))
+    f32 = values.float()
+    half = torch.empty(len(values), dtype=torch.float16)
+    assert native.convert(f32.data_ptr(), native.F32, half.data_ptr(), native.F16, len(values))
+    assert torch.equal(half.view(torch.int16), f32.to(torch.float16).view(torch.int16))
+    scb = torch.rand(100, generator=gen) * 3
+    scaled = scb.clone()
+    native.convert(scaled.data_ptr(), native.F32, scaled.data_ptr(), native.F32, 100, 127.0)
+    assert torch.equal(scaled, scb / 127.0)  # Int8Linear.scales32 exactly
+    big = torch.tensor([1.0, 70000.0]).to(torch.bfloat16)
+    keep = big.clone()
+    assert not native.convert(big.data_ptr(), native.BF16, big.data_ptr(), native.F16, 2)
+    assert torch.equal(big, keep)  # nothing written
+    assert native.address(bytes(8)) != 0 and array("f", [1.0])

@@ -183,7 +183,7 @@ def test_runtime_checks_the_skeleton_beyond_what_verify_can_see(bundle_copy, cap
     rc = cli.main(["run", str(b), "hello", "--max-new-tokens", "2"])
     captured = capsys.readouterr()
     _assert_one_line_error(rc, captured.out, captured.err, "but config.json implies")
-    assert "96]" in captured.err
+    assert "96, 64]" in captured.err or "96]" in captured.err
 
 
 def test_crafted_config_that_transformers_refuses(bundle_copy, capsys):
@@ -397,7 +397,7 @@ def byte_mutations(draw, raw: bytes, focus: int):
 def test_fuzz_shard_header_bytes(fuzz_bundle):
     """Mutated shard headers, resealed in the manifest so the parser is reached; then
     verify_bundle and the runtime's shard reader."""
-    from edgepack import runtime
+    from edgepack import torch_model
 
     shard = fuzz_bundle / SHARD
     raw, manifest_raw = shard.read_bytes(), (fuzz_bundle / "edgepack.json").read_bytes()
@@ -411,7 +411,7 @@ def test_fuzz_shard_header_bytes(fuzz_bundle):
         reseal(fuzz_bundle, SHARD)
         try:
             manifest = bundle.verify_bundle(fuzz_bundle, check_hashes=True)
-            for _ in runtime.read_shard(shard, manifest, SHARD):
+            for _ in torch_model.read_shard(shard, manifest, SHARD):
                 pass
             outcomes["accepted"] += 1
         except EdgepackError:

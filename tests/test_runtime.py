@@ -19,7 +19,7 @@ SETTINGS = [(16, {}), (8, {}), (4, {}), (4, {"quant_type": "int4"})]
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-untied"])
 @pytest.mark.parametrize("bits,opts", SETTINGS, ids=["16", "8", "4-nf4", "4-int4"])
 def test_pack_verify_load_generate(packed, kind, bits, opts):
-    lm = edgepack.load(packed(kind, bits, **opts))
+    lm = edgepack.load(packed(kind, bits, **opts), backend="torch")
     layers = [m for m in lm.model.modules() if isinstance(m, (Int8Linear, Linear4bit, Int4Linear))]
     # quantized weights: GPT-2 2 x (64*192 + 64*64 + 64*256 + 256*64); Llama 2 x (4 attention
     # projections 64*64 + 64*32 + 64*32 + 64*64, 3 MLP 64*128); the lean decoder fuses some
@@ -34,10 +34,10 @@ def test_pack_verify_load_generate(packed, kind, bits, opts):
 
 
 def test_no_full_precision_copy_of_quantized_layers(packed):
-    lm = edgepack.load(packed("llama", 8))
+    lm = edgepack.load(packed("llama", 8), backend="torch")
     int8 = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
     assert int8 and all(m.weight.dtype == torch.int8 and m.SCB.dtype == torch.float32 for m in int8)
-    lm4 = edgepack.load(packed("llama", 4))
+    lm4 = edgepack.load(packed("llama", 4), backend="torch")
     four = [m for m in lm4.model.modules() if isinstance(m, Linear4bit)]
     assert four and all(m.weight.dtype == torch.uint8 for m in four)
     assert all(m.weight.numel() == m.in_features * m.out_features // 2 for m in four)  # two codes per byte
@@ -46,9 +46,9 @@ def test_no_full_precision_copy_of_quantized_layers(packed):
 
 
 def test_tied_lm_head_shares_the_embedding(packed):
-    model = edgepack.load(packed("llama", 8)).model
+    model = edgepack.load(packed("llama", 8), backend="torch").model
     assert model.lm_head.weight is model.embed
-    untied = edgepack.load(packed("llama-untied", 8)).model
+    untied = edgepack.load(packed("llama-untied", 8), backend="torch").model
     assert untied.lm_head.weight is not untied.embed
 
 
@@ -57,7 +57,7 @@ def test_head_runs_in_float16_with_the_stored_values(packed, kind):
     from safetensors.torch import load_file
 
     bundle = packed(kind, 8)
-    model = edgepack.load(bundle).model
+    model = edgepack.load(bundle, backend="torch").model
     stored = {}
     for f in sorted(bundle.glob("*.safetensors")):
         stored.update(load_file(f))
@@ -82,7 +82,7 @@ def test_head_runs_in_float16_with_the_stored_values(packed, kind):
 def test_head_out_of_float16_range_stays_bfloat16(packed):
     from edgepack import lean
 
-    model = edgepack.load(packed("llama-untied", 8)).model
+    model = edgepack.load(packed("llama-untied", 8), backend="torch").model
     big = (torch.randn(8, model.cfg.hidden) * 0.05).to(torch.bfloat16)
     big[5, 1] = 2 * lean.FLOAT16_MAX
     model.lm_head.weight = torch.nn.Parameter(big.clone(), requires_grad=False)
@@ -96,9 +96,9 @@ def test_lean_decoder_matches_transformers(packed, monkeypatch):
 
     for bits, opts in SETTINGS:
         bundle = packed("llama-untied", bits, **opts)
-        lean = edgepack.load(bundle)
+        lean = edgepack.load(bundle, backend="torch")
         monkeypatch.setenv("EDGEPACK_LEAN", "0")
-        hf = edgepack.load(bundle)
+        hf = edgepack.load(bundle, backend="torch")
         monkeypatch.delenv("EDGEPACK_LEAN")
         assert isinstance(lean.model, LeanLM) and not isinstance(hf.model, LeanLM)
         ids = torch.tensor([lean.tokenizer.encode("The capital of France is Paris and")])
@@ -110,7 +110,7 @@ def test_lean_decoder_matches_transformers(packed, monkeypatch):
 
 
 def test_lean_kv_cache_matches_full_recompute(packed):
-    lm = edgepack.load(packed("llama", 16))
+    lm = edgepack.load(packed("llama", 16), backend="torch")
     ids = torch.tensor([lm.tokenizer.encode("Water boils at one hundred degrees")])
     full = lm.model(ids).logits[0].float()
     cache = lm.model.new_cache(64)
@@ -277,7 +277,7 @@ def test_lean_load_reads_fused_rows_in_place(packed, bits, monkeypatch):
     made = {}
     real = lean.fused_destinations
     monkeypatch.setattr(lean, "fused_destinations", lambda skeleton: made.setdefault("d", real(skeleton)))
-    lm = edgepack.load(packed("llama", bits))
+    lm = edgepack.load(packed("llama", bits), backend="torch")
     assert gc.isenabled()
     dest = made["d"]
     assert len(dest) == (2 if bits == 8 else 1) * 5 * len(lm.model.blocks)
@@ -314,7 +314,7 @@ def test_logits_match_the_exporters_reference(packed):
     from transformers import AutoModelForCausalLM
 
     bundle = packed("llama", 8)
-    lm = edgepack.load(bundle)
+    lm = edgepack.load(bundle, backend="torch")
     ref = AutoModelForCausalLM.from_pretrained(str(bundle))  # transformers + bitsandbytes on the same files
     ids = torch.tensor([lm.tokenizer.encode("Small boxes run small models")])
     with torch.no_grad():
@@ -345,8 +345,26 @@ def test_greedy_matches_transformers_generate_on_16bit(packed):
     assert ours == out[0, len(ids) :].tolist()
 
 
-def test_min_new_tokens_suppresses_eos(packed):
+def test_min_new_tokens_suppresses_eos_native(packed, monkeypatch):
     lm = edgepack.load(packed("llama", 8))
+    assert lm.backend == "native"
+    eos = next(iter(lm.eos_token_ids))
+    forward = lm.model.forward
+
+    def eos_first(tokens, cache):  # make EOS the model's favourite token
+        logits = forward(tokens, cache)
+        logits[eos] = 1e4
+        return logits
+
+    monkeypatch.setattr(lm.model, "forward", eos_first)
+    first = list(lm.stream_steps("The", max_new_tokens=5, temperature=0))
+    forced = list(lm.stream_steps("The", max_new_tokens=5, min_new_tokens=5, temperature=0))
+    assert len(first) == 1 and first[0].finish_reason == "stop"
+    assert len(forced) == 5 and eos not in [s.token for s in forced]
+
+
+def test_min_new_tokens_suppresses_eos(packed):
+    lm = edgepack.load(packed("llama", 8), backend="torch")
     eos = next(iter(lm.eos_token_ids))
     # make EOS the model's favourite token: without min_new_tokens it stops at once
     lm.model.lm_head.weight.data[eos] = lm.model.lm_head.weight.data.abs().max() * 5  # tied: the embedding too
@@ -444,8 +462,9 @@ def test_hashes_checked_once_then_trusted_until_a_file_changes(bundle_copy, monk
     assert len(calls) == 2 * first
 
 
-RUNTIME_MODULES = {"edgepack", "edgepack._native", "edgepack.bundle", "edgepack.errors", "edgepack.lean", "edgepack.memory",
-                   "edgepack.qlinear", "edgepack.runtime", "edgepack.tokenizer"}  # fmt: skip
+RUNTIME_MODULES = {"edgepack", "edgepack._native", "edgepack.bundle", "edgepack.errors", "edgepack.memory",
+                   "edgepack.native", "edgepack.runtime", "edgepack.tokenizer"}  # fmt: skip
+TORCH_BACKEND_MODULES = {"edgepack.lean", "edgepack.qlinear", "edgepack.torch_model"}
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -455,15 +474,18 @@ def test_runtime_imports_nothing_from_exporter_planner_or_hub(packed, kind):
         "import sys, json, edgepack.runtime as r\n"
         f"lm = r.load({str(bundle)!r})\n"
         "lm.generate('The', max_new_tokens=3)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('edgepack', 'bitsandbytes', 'transformers'))))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('edgepack', 'bitsandbytes', 'transformers', 'torch'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     ours = {m for m in loaded if m.startswith("edgepack")}
-    assert ours <= RUNTIME_MODULES, ours - RUNTIME_MODULES  # no exporter, quantize, planner, hub, serve
+    assert ours <= RUNTIME_MODULES | TORCH_BACKEND_MODULES, ours - RUNTIME_MODULES  # no exporter, quantize, planner, hub, serve
     assert not any(m.startswith("bitsandbytes") for m in loaded)
-    # Llama-family models on CPU run on the lean decoder: transformers is not even imported
+    # Llama-family models on CPU run in edgepack's own engine: not even torch is imported;
+    # GPT-2 is a transformers model
     assert any(m.startswith("transformers") for m in loaded) == (kind == "gpt2")
+    assert ("torch" in loaded) == (kind == "gpt2")
+    assert bool(ours & TORCH_BACKEND_MODULES) == (kind == "gpt2")
 
 
 def test_import_edgepack_is_cheap():

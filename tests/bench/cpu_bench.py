@@ -61,12 +61,14 @@ def heldout_ids(tokenizer, n: int | None = None) -> list[int]:
 
 def worker_edgepack(path: str, threads: int) -> dict:
     t0 = float(os.environ.get(peer.T0_ENV, time.time()))
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # both backends read it; torch is imported only by its own
     import edgepack
 
     lm = edgepack.load(path, verify=False)
+    if lm.backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
     loaded = time.time()
     prompt = lm.tokenizer.decode(heldout_ids(lm.tokenizer, PROMPT_TOKENS))
     steps = lm.stream_steps(prompt, max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1, temperature=0)
@@ -81,6 +83,7 @@ def worker_edgepack(path: str, threads: int) -> dict:
         "prompt_tok_s": first.prompt_tokens / first.prompt_seconds,
         "decode_tok_s": (last.generated_tokens - 1) / last.decode_seconds,
         "peak_rss_kib": peer.peak_rss_kib(),
+        "backend": lm.backend,
     }
 
 
@@ -135,7 +138,11 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
     lm = edgepack.load(path, verify=False)
     tokens = torch.as_tensor(np.load(tokens_npy))[None]
     with torch.no_grad():
-        if getattr(lm.model, "native_off", "") is None:  # decode steps run in edgepack._native: one token a step
+        if lm.backend == "native":  # edgepack's CPU engine: one token a step, as it decodes
+            cache = lm.model.new_cache(tokens.shape[1])
+            steps = [torch.frombuffer(lm.model.forward([int(t)], cache), dtype=torch.float32) for t in tokens[0]]
+            logits = torch.stack(steps).double()
+        elif getattr(lm.model, "native_off", "") is None:  # decode steps run in edgepack._native: one token a step
             cache = lm.model.new_cache(tokens.shape[1])
             logits = torch.stack([lm.model.native_step(int(t), cache) for t in tokens[0]]).double()
         elif hasattr(lm.model, "new_cache"):  # the lean decoder on torch ops: chunk by chunk
@@ -177,7 +184,13 @@ def speed(repeats: int, *args: str) -> dict:
         peer.wait_for_quiet()
         runs.append(spawn(*args))
     keys = ("decode_tok_s", "prompt_tok_s", "first_token_s", "load_s", "peak_rss_kib")
-    return {k: statistics.median(r[k] for r in runs) for k in keys}
+    return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "backend": runs[-1].get("backend", "")}
+
+
+def worker_torch_rss() -> dict:
+    import torch  # noqa: F401
+
+    return {"peak_rss_kib": peer.peak_rss_kib()}
 
 
 def pack_bundles(work: Path) -> dict[str, Path]:
@@ -236,7 +249,21 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
     import edgepack
 
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     lm = edgepack.load(bundle, verify=False)
+    if lm.backend == "native":
+        from edgepack import _native
+
+        cache = lm.model.new_cache(512)
+        lm.model.forward(heldout_ids(lm.tokenizer, 64), cache)
+        for _ in range(5):
+            lm.model.forward([42], cache)
+        _native.profile(True)
+        start = time.perf_counter()
+        for _ in range(100):
+            lm.model.forward([42], cache)
+        wall = (time.perf_counter() - start) / 100
+        return _profile_lines(_native, wall, "edgepack's CPU engine")
     cache = lm.model.new_cache(512)
     lm.model.logits_last(torch.tensor([heldout_ids(lm.tokenizer, 64)]), cache)
     token = torch.tensor([[42]])
@@ -250,19 +277,23 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
         for _ in range(100):
             lm.model.logits_last(token, cache)
         wall = (time.perf_counter() - start) / 100
-        parts = _native.profile(False)
-        steps = parts.pop("steps")
-        lines = [f"edgepack._native ({_native.set_isa()} kernels), 100 steps at positions 69-168: {wall * 1e3:.2f} ms a step"]
-        lines += [f"  {name:<28}{sec / steps * 1e3:>7.3f} ms {sec / steps / wall:>6.1%}" for name, sec in parts.items()]
-        rest = wall - sum(parts.values()) / steps
-        lines.append(f"  {'Python, call, logits tensor':<28}{rest * 1e3:>7.3f} ms {rest / wall:>6.1%}")
-        return "\n".join(lines)
+        return _profile_lines(_native, wall, "the torch backend's C step")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             lm.model.logits_last(token, cache)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
+def _profile_lines(_native, wall: float, what: str) -> str:
+    parts = _native.profile(False)
+    steps = parts.pop("steps")
+    lines = [f"{what} ({_native.set_isa()} kernels), 100 steps at positions 69-168: {wall * 1e3:.2f} ms a step"]
+    lines += [f"  {name:<28}{sec / steps * 1e3:>7.3f} ms {sec / steps / wall:>6.1%}" for name, sec in parts.items()]
+    rest = wall - sum(parts.values()) / steps
+    lines.append(f"  {'Python, call, logits buffer':<28}{rest * 1e3:>7.3f} ms {rest / wall:>6.1%}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -325,6 +356,14 @@ def print_table(rows, quality, ref_ppl, args) -> None:
                 print(f"edgepack {ours:<6} / {other[0]} {other[1]:<6}: decode {e['decode_tok_s'] / o['decode_tok_s']:.2f}x, "
                       f"prompt {e['prompt_tok_s'] / o['prompt_tok_s']:.2f}x, first token {e['first_token_s'] / o['first_token_s']:.2f}x, "
                       f"peak RSS {e['peak_rss_kib'] / o['peak_rss_kib']:.2f}x")  # fmt: skip
+    eight = by.get(("edgepack", "8"))
+    if eight:
+        torch_mib = statistics.median(spawn("torch_rss")["peak_rss_kib"] for _ in range(3)) / 1024
+        weights_mib = eight["bytes"] / 2**20
+        line = torch_mib + 1.15 * weights_mib
+        print(f"\nedgepack 8 ({eight['backend']} backend): first token {eight['first_token_s']:.2f} s (target <= 1.5 s); "
+              f"peak RSS {eight['peak_rss_kib'] / 1024:.0f} MiB (target <= bare import torch {torch_mib:.0f} MiB "
+              f"+ 1.15 x {weights_mib:.1f} MiB of weights = {line:.0f} MiB)")  # fmt: skip
     print()
     for name, q in quality.items():
         print(f"edgepack {name:<6} perplexity vs source: {100 * (q['perplexity'] / ref_ppl - 1):+.2f}% "
@@ -338,6 +377,8 @@ if __name__ == "__main__":
             result = worker_edgepack(rest[0], int(rest[1]))
         elif kind == "hf":
             result = worker_hf(rest[0], int(rest[1]), rest[2])
+        elif kind == "torch_rss":
+            result = worker_torch_rss()
         else:
             result = worker_quality(rest[0], rest[1], rest[2])
         print(json.dumps(result))

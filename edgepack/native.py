@@ -1,0 +1,458 @@
+"""edgepack's own CPU engine: Llama-family bundles run by the C module edgepack._native, without torch.
+
+On a small box most of a cold start was ``import torch`` (~1.05 s, ~220 MiB before a weight
+is read). This engine reads the bundle's tensors as stored (int8 + row scales, edgepack's
+int4, 16-bit) into one anonymous memory map, joins q/k/v and gate/up rows as it reads them
+(they land next to each other: no copy), and hands their addresses to the C module, which
+runs prompts (GEMMs over chunks of tokens) and decode steps (one call a token) with float32
+activations and a bfloat16 KV cache. Imports: the standard library, ``tokenizers`` (and
+jinja2 for chat templates).
+
+    lm = NativeLM.load(path, manifest, config)
+    cache = lm.new_cache(512)
+    logits = lm.forward(prompt_ids, cache)      # float32 memoryview, [vocab]
+    token = lm.sample(logits, temperature=0.0)
+
+What it covers is what ``unavailable()`` does not refuse; the rest (nf4/fp4 layers, other
+architectures, GPUs, a box without AVX2 unless EDGEPACK_NATIVE=1) loads through torch.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from edgepack import bundle as bundle_format
+from edgepack.errors import BundleIntegrityError
+
+try:  # built by setup.py; absent where edgepack was installed without a C compiler
+    from edgepack import _native
+except ImportError:
+    _native = None
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# EDGEPACK_NATIVE=0 turns the C code off (torch runs everything); on CPUs without AVX2 it is
+# off unless EDGEPACK_NATIVE=1 (its portable kernels are untuned: 28 ms a SmolLM2 step on
+# x86-64 without AVX2, against torch's 18).
+NATIVE_ENV = "EDGEPACK_NATIVE"
+ALIGN = 64  # every tensor starts on a cache line
+ELEMENT_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1}
+FLOAT16_MAX = 65504.0
+
+
+def supports(config: dict[str, Any]) -> str | None:
+    """None when the Llama-family decoders (this one and lean.py) can run the model, else why not."""
+    if config.get("model_type") not in SUPPORTED_TYPES:
+        return f"model_type {config.get('model_type')!r}"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        return f"rope type {rope.get('rope_type')!r}"
+    if config.get("model_type") == "mistral" and config.get("sliding_window"):
+        return "sliding-window attention"
+    if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
+        return "MLP variant"
+    return None
+
+
+def c_module_unavailable() -> str | None:
+    """None when edgepack._native may run here, else why not."""
+    if _native is None:
+        return "edgepack._native is not built (no C compiler at install time)"
+    setting = os.environ.get(NATIVE_ENV, "")
+    if setting == "0":
+        return f"{NATIVE_ENV}=0"
+    if _native.set_isa() == "generic" and setting != "1":
+        return "no AVX2 or AVX-512 on this CPU (EDGEPACK_NATIVE=1 uses the portable kernels)"
+    return None
+
+
+def unavailable(config: dict[str, Any], manifest: dict[str, Any], device_map: dict[str, str]) -> str | None:
+    """None when this engine can run the bundle on this box, else why not."""
+    reason = c_module_unavailable()
+    if reason is not None:
+        return reason
+    if any(v != "cpu" for v in device_map.values()):
+        return "the device_map places layers on a GPU"
+    reason = supports(config)
+    if reason is not None:
+        return reason
+    quant = manifest["quantization"]
+    if quant["bits"] == 4 and quant.get("quant_type") != "int4":
+        return f"{quant.get('quant_type')} layers (int8, int4 and 16-bit only)"
+    return None
+
+
+def threads() -> int:
+    """Threads for the C kernels: the CPUs this process may run on, at most one per physical
+    core (its workers spin between the parts of a step; two on one core only take turns),
+    fewer if OMP_NUM_THREADS says so."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        cpus = min(cpus, psutil.cpu_count(logical=False) or cpus)
+    except ImportError:
+        pass
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cpus, int(wanted))) if wanted.isdigit() and int(wanted) > 0 else cpus
+
+
+# --- where each stored tensor goes -----------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """A stored tensor's place: ``offset`` in the arena (None: read into scratch, then
+    ``convert`` to float32 at ``offset32``), or for int4 pairs a transposition."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int | None = None
+    offset32: int | None = None  # float32 copy (norms, biases)
+    pairs_rows: int = 0  # int4 (scale, zero) pairs: [groups, rows] stored -> [rows, groups] at offset + row0
+    pairs_row0: int = 0
+    divide: float = 1.0  # int8 row absmax -> scale: SCB / 127, in place
+
+
+class _Layout:
+    """Offsets in one arena, each aligned to ALIGN."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def take(self, nbytes: int) -> int:
+        at = -(-self.size // ALIGN) * ALIGN
+        self.size = at + nbytes
+        return at
+
+
+@dataclass
+class Matrix:
+    """A (possibly fused) matrix as the C module reads it."""
+
+    kind: str  # INT8, INT4, BF16, F16, F32
+    rows: int
+    cols: int
+    weight: int  # arena offsets
+    scale: int | None = None  # INT8 scales / INT4 pairs
+    bias: int | None = None
+    group: int = 0
+
+
+def _kind(header: dict, name: str) -> str:
+    info = header[name + ".weight"]
+    if info["dtype"] == "I8":
+        return "INT8"
+    if info["dtype"] == "U8":
+        return "INT4"
+    if info["dtype"] in ("BF16", "F16", "F32"):
+        return info["dtype"]
+    raise BundleIntegrityError(f"tensor {name}.weight is {info['dtype']}, which edgepack's CPU engine cannot read")
+
+
+def _nbytes(info: dict) -> int:
+    n = ELEMENT_BYTES.get(info["dtype"])
+    if n is None:
+        raise BundleIntegrityError(f"a tensor is {info['dtype']}, which edgepack's CPU engine cannot read")
+    for d in info["shape"]:
+        n *= d
+    return n
+
+
+def _plan_matrix(
+    parts: list[str], header: dict, layout: _Layout, slots: dict[str, Slot], cols: int, rows: list[int]
+) -> Matrix:
+    """Place the parts of one fused matrix (q/k/v, gate/up, or one projection) side by side."""
+    kinds = {_kind(header, p) for p in parts}
+    if len(kinds) != 1:
+        raise BundleIntegrityError(f"{parts[0]} and the layers fused with it are stored in different formats")
+    kind = kinds.pop()
+    total = sum(rows)
+    width = cols // 2 if kind == "INT4" else cols
+    esize = ELEMENT_BYTES[header[parts[0] + ".weight"]["dtype"]]
+    matrix = Matrix(kind, total, cols, layout.take(total * width * esize))
+    at = matrix.weight
+    for p, r in zip(parts, rows):
+        _expect(header, p + ".weight", [r, width])
+        slots[p + ".weight"] = Slot(header[p + ".weight"]["dtype"], (r, width), offset=at)
+        at += r * width * esize
+    if kind == "INT8":
+        matrix.scale = at = layout.take(total * 4)
+        for p, r in zip(parts, rows):
+            _expect(header, p + ".SCB", [r], "F32")
+            slots[p + ".SCB"] = Slot("F32", (r,), offset=at, divide=127.0)
+            at += r * 4
+    elif kind == "INT4":
+        first = header.get(parts[0] + ".weight.scales_and_zeros")
+        groups = first["shape"][0] if first else 0
+        if not groups or cols % groups or (cols // groups) % 32:
+            raise BundleIntegrityError(f"{parts[0]}: int4 (scale, zero) pairs missing or not in groups of 32k inputs")
+        matrix.group = cols // groups
+        matrix.scale = layout.take(total * groups * 4)
+        row0 = 0
+        for p, r in zip(parts, rows):
+            _expect(header, p + ".weight.scales_and_zeros", [groups, r, 2], "BF16")
+            slots[p + ".weight.scales_and_zeros"] = Slot("BF16", (groups, r, 2), offset=matrix.scale, pairs_rows=total, pairs_row0=row0)
+            row0 += r
+    biases = [p + ".bias" for p in parts if p + ".bias" in header]
+    if biases:
+        if len(biases) != len(parts):
+            raise BundleIntegrityError(f"{parts[0]}: some of the layers fused with it have biases and some do not")
+        matrix.bias = at = layout.take(total * 4)
+        for p, r in zip(parts, rows):
+            _expect(header, p + ".bias", [r])
+            slots[p + ".bias"] = Slot(header[p + ".bias"]["dtype"], (r,), offset32=at)
+            at += r * 4
+    return matrix
+
+
+def _expect(header: dict, name: str, shape: list[int], dtype: str | None = None) -> None:
+    info = header.get(name)
+    if info is None:
+        raise BundleIntegrityError(
+            f"tensor {name!r} is not in the bundle; config.json disagrees with the weights",
+            hint="the bundle is damaged or its config was edited; pack the model again",
+        )
+    if list(info["shape"]) != shape or (dtype is not None and info["dtype"] != dtype):
+        raise BundleIntegrityError(
+            f"tensor {name!r} is {info['dtype']} {info['shape']} but config.json implies {dtype or info['dtype']} {shape}",
+            hint="the bundle's config and weights disagree; pack the model again",
+        )
+
+
+@dataclass
+class _Plan:
+    layout: _Layout
+    slots: dict[str, Slot]
+    embed: int
+    embed_dtype: str
+    norm: int
+    head: Matrix
+    layers: list[tuple[int, int, Matrix, Matrix, Matrix, Matrix]]
+
+
+def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    dim = config.get("head_dim") or hidden // heads
+    inter, vocab = config["intermediate_size"], config["vocab_size"]
+    layout, slots = _Layout(), {}
+
+    def vector(name: str, size: int) -> int:
+        _expect(header, name, [size])
+        at = layout.take(size * 4)
+        slots[name] = Slot(header[name]["dtype"], (size,), offset32=at)
+        return at
+
+    embed_name = "model.embed_tokens.weight"
+    _expect(header, embed_name, [vocab, hidden])
+    embed_dtype = header[embed_name]["dtype"]
+    if embed_dtype not in ("BF16", "F16", "F32"):
+        raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 16/32-bit tables")
+    embed = layout.take(_nbytes(header[embed_name]))
+    slots[embed_name] = Slot(embed_dtype, (vocab, hidden), offset=embed)
+    layers = []
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        a, m = p + ".self_attn", p + ".mlp"
+        qkv = _plan_matrix([a + ".q_proj", a + ".k_proj", a + ".v_proj"], header, layout, slots, hidden,
+                           [heads * dim, kv_heads * dim, kv_heads * dim])  # fmt: skip
+        o = _plan_matrix([a + ".o_proj"], header, layout, slots, heads * dim, [hidden])
+        gate_up = _plan_matrix([m + ".gate_proj", m + ".up_proj"], header, layout, slots, hidden, [inter, inter])
+        down = _plan_matrix([m + ".down_proj"], header, layout, slots, inter, [hidden])
+        layers.append((vector(p + ".input_layernorm.weight", hidden), vector(p + ".post_attention_layernorm.weight", hidden),
+                       qkv, o, gate_up, down))  # fmt: skip
+    norm = vector("model.norm.weight", hidden)
+    if "lm_head.weight" in header:
+        head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
+    elif config.get("tie_word_embeddings", True):
+        head = Matrix(embed_dtype, vocab, hidden, embed)
+    else:
+        raise BundleIntegrityError("the bundle has no lm_head.weight and config.json does not tie it to the embeddings")
+    extra = sorted(set(header) - set(slots))
+    if extra:
+        raise BundleIntegrityError(
+            f"tensor {extra[0]!r} has no place in the model built from config.json",
+            hint="the bundle's config and weights disagree; pack the model again",
+        )
+    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers)
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+class NativeCache:
+    """Keys and values of every layer for ``max_tokens`` positions (bfloat16), and how many
+    are filled. An anonymous map: pages are zero and unbacked until a position is written."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_tokens: int):
+        half = layers * kv_heads * max_tokens * head_dim * 2
+        self.memory = mmap.mmap(-1, 2 * half)
+        self.k = _native.address(self.memory)
+        self.v = self.k + half
+        self.max_tokens = max_tokens
+        self.length = 0
+
+
+class NativeLM:
+    """A bundle loaded for edgepack._native (see the module docstring)."""
+
+    backend = "native"
+
+    def __init__(self, config: dict[str, Any], arena: mmap.mmap, plan: _Plan):
+        self.config = config
+        self.arena = arena  # owns every weight the C model points into
+        self.vocab = config["vocab_size"]
+        self.layers = config["num_hidden_layers"]
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads") or self.heads
+        self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
+        self.max_positions = int(config.get("max_position_embeddings", 2048))
+        rope = config.get("rope_parameters") or {}
+        self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        self.threads = threads()
+        base = _native.address(arena)
+
+        def mat(m: Matrix) -> tuple:
+            opt = lambda at: None if at is None else base + at  # noqa: E731
+            extra = (m.group,) if m.kind == "INT4" else ()
+            return (getattr(_native, m.kind), m.rows, m.cols, base + m.weight, opt(m.scale), opt(m.bias)) + extra
+
+        dims = (config["hidden_size"], self.heads, self.kv_heads, self.head_dim, config["intermediate_size"], self.vocab)
+        layers = [(base + a, base + b, mat(q), mat(o), mat(g), mat(d)) for a, b, q, o, g, d in plan.layers]
+        self._model = _native.new(
+            dims, float(config.get("rms_norm_eps", 1e-6)), (getattr(_native, plan.embed_dtype), base + plan.embed),
+            base + plan.norm, mat(plan.head), layers,
+        )  # fmt: skip
+        self.weight_bytes = plan.layout.size
+
+    @classmethod
+    def load(cls, path: Path, manifest: dict[str, Any], config: dict[str, Any]) -> "NativeLM":
+        """Read every tensor of the bundle at ``path`` into place (see _plan). Each shard is
+        opened once: its header and its data come from the same open file, whose size and
+        header are checked again (it may have been replaced or truncated since verifying)."""
+        sizes = {e["path"]: e["size"] for e in manifest["files"]}
+        with ExitStack() as stack:
+            shards, header = {}, {}
+            for rel in sorted({info["file"] for info in manifest["tensors"].values()}):
+                f = stack.enter_context(bundle_format.open_regular(path / rel))
+                part, data_start = bundle_format.read_shard_header(f, rel, sizes.get(rel))
+                bundle_format.check_shard_header(rel, part, manifest)
+                shards[rel] = (f, data_start)
+                header.update({k: dict(v, file=rel) for k, v in part.items()})
+            try:
+                plan = _plan(config, header)
+            except BundleIntegrityError:
+                raise
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleIntegrityError(
+                    f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
+                    hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
+                ) from None
+            # MAP_POPULATE: the kernel faults the pages in at once (~40k page faults one by
+            # one under the reads otherwise)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+            arena = mmap.mmap(-1, max(plan.layout.size, 1), flags=flags)
+            _read_tensors(shards, header, plan, arena)
+        _half_table(plan, arena)
+        return cls(config, arena, plan)
+
+    def new_cache(self, max_tokens: int) -> NativeCache:
+        return NativeCache(self.layers, self.kv_heads, self.head_dim, min(max_tokens, self.max_positions))
+
+    def forward(self, tokens: Sequence[int], cache: NativeCache) -> memoryview:
+        """Run ``tokens`` after what ``cache`` holds; float32 logits of the last one."""
+        n = len(tokens)
+        if cache.length + n > cache.max_tokens:
+            raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {cache.length + n} were asked for")
+        logits = bytearray(4 * self.vocab)
+        _native.forward(self._model, tokens, cache.length, cache.k, cache.v, cache.max_tokens, self.rope_theta,
+                        _native.address(logits), self.threads)  # fmt: skip
+        cache.length += n
+        return memoryview(logits).cast("f")
+
+    def sample(self, logits: memoryview, temperature: float, top_p: float = 1.0, top_k: int = 0,
+               rng: random.Random | None = None) -> int:  # fmt: skip
+        """Greedy (temperature 0), or sampled with temperature, top-k and top-p, as the torch path does."""
+        if temperature == 0:
+            return _native.argmax(_native.address(logits), len(logits))
+        u = (rng or random).random()
+        return _native.sample(_native.address(logits), len(logits), float(temperature), int(top_k), float(top_p), u)
+
+    def generate_tokens(self, prompt_ids: list[int], eos_ids: set[int], temperature: float, top_p: float, top_k: int,
+                        seed: int | None, min_new_tokens: int, max_new_tokens: int) -> Iterator[int]:  # fmt: skip
+        rng = random.Random(seed) if seed is not None else None
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
+        ids, n = list(prompt_ids), 0
+        while True:
+            logits = self.forward(ids, cache)
+            if n < min_new_tokens:
+                for eos in eos_ids:
+                    logits[eos] = float("-inf")
+            token = self.sample(logits, temperature, top_p, top_k, rng)
+            n += 1
+            yield token
+            ids = [token]
+
+
+def _read_tensors(shards: dict, header: dict, plan: _Plan, arena: mmap.mmap) -> None:
+    """Each tensor with one read into its place (or into scratch, for those converted or
+    transposed on the way). Plain reads, not a map of the file: a file truncated while
+    mapped kills the process with SIGBUS (see torch_model.read_shard)."""
+    view, base = memoryview(arena), _native.address(arena)
+    scratch = bytearray()
+    for rel, (f, data_start) in shards.items():
+        names = sorted((k for k, v in header.items() if v["file"] == rel), key=lambda k: header[k]["data_offsets"][0])
+        for name in names:
+            info, slot = header[name], plan.slots[name]
+            start, end = info["data_offsets"]
+            if slot.offset is not None and not slot.pairs_rows:  # as stored, straight into place
+                bundle_format.read_exact_into(f, data_start + start, view[slot.offset : slot.offset + end - start], rel)
+                if slot.divide != 1.0:
+                    at = base + slot.offset
+                    _native.convert(at, _native.F32, at, _native.F32, (end - start) // 4, slot.divide)
+                continue
+            if len(scratch) < end - start:
+                scratch = bytearray(end - start)
+            bundle_format.read_exact_into(f, data_start + start, memoryview(scratch)[: end - start], rel)
+            _place_converted(name, info, slot, _native.address(scratch), base)
+
+
+def _place_converted(name: str, info: dict, slot: Slot, src: int, base: int) -> None:
+    if slot.pairs_rows:  # int4 pairs [groups, rows] -> rows pairs_row0.. of [all rows, groups]
+        groups, rows = slot.shape[0], slot.shape[1]
+        _native.transpose32(src, groups, rows, base + slot.offset + slot.pairs_row0 * groups * 4)
+        return
+    if info["dtype"] not in ("BF16", "F16", "F32"):  # norms and biases: float32 copies
+        raise BundleIntegrityError(
+            f"tensor {name!r} is {info['dtype']}; a floating-point norm or bias was expected",
+            hint="the bundle's config and weights disagree; pack the model again",
+        )
+    n = (info["data_offsets"][1] - info["data_offsets"][0]) // ELEMENT_BYTES[info["dtype"]]
+    _native.convert(src, getattr(_native, info["dtype"]), base + slot.offset32, _native.F32, n)
+
+
+def _half_table(plan: _Plan, arena: mmap.mmap) -> None:
+    """A bfloat16 embedding table / head converted to float16 in place, as lean.py does (logits
+    rounded to 11 significant bits, not 8: SmolLM2-135M 8-bit mean KL to the source 0.00200 ->
+    0.00156); kept bfloat16 when a value is too large for float16."""
+    base = _native.address(arena)
+    tables = [(plan.embed, plan.embed_dtype, "embed")]
+    if plan.head.weight != plan.embed and plan.head.kind == "BF16":
+        tables.append((plan.head.weight, "BF16", "head"))
+    for offset, dtype, which in tables:
+        if dtype != "BF16":
+            continue
+        n = plan.head.rows * plan.head.cols if which == "head" else plan.slots["model.embed_tokens.weight"].shape[0] * plan.slots["model.embed_tokens.weight"].shape[1]
+        if _native.convert(base + offset, _native.BF16, base + offset, _native.F16, n):
+            if which == "embed":
+                plan.embed_dtype = "F16"
+                if plan.head.weight == plan.embed:
+                    plan.head.kind = "F16"
+            else:
+                plan.head.kind = "F16"
