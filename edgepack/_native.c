@@ -661,7 +661,7 @@ static void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, i
  * once per chunk. Norms, rotary, attention and SiLU as in the step, token by token. */
 
 #define PB 16    /* weight rows converted to float32 at a time */
-#define CHUNK 64 /* prompt tokens per pass through the layers */
+#define CHUNK 96 /* prompt tokens per pass through the layers (two AVX-512 tiles of 48) */
 
 /* rows [r0, r0 + n) of m as float32 (int8: the raw codes; their scale is applied after) */
 #define EP_GENERIC_CVT(NAME, T, CONV)                                                 \
@@ -701,117 +701,130 @@ static void rows_f32(const Mat *m, int r0, int r1, float *out) {
     }
 }
 
-/* y[t, i] = w[i] . x[t] for rows i < 4 of w (float32, [4, K]) and tokens t < TB of x ([., K]):
- * 4 x TB accumulators in registers; each weight load serves TB tokens, each input load 4 rows */
-#define EP_GEMM_TILE(NAME, ATTR, VEC, LANES, TB, ZERO, LOAD, FMA, HSUM)                             \
-    ATTR static void NAME(const float *w, int K, const float *x, float *y, int ldy) {               \
-        const int kv = K & ~(LANES - 1);                                                            \
-        VEC acc[4][TB];                                                                             \
-        for (int i = 0; i < 4; i++)                                                                 \
-            for (int t = 0; t < TB; t++) acc[i][t] = ZERO();                                        \
-        for (int k = 0; k < kv; k += LANES) {                                                       \
-            const VEC w0 = LOAD(w + k), w1 = LOAD(w + K + k), w2 = LOAD(w + 2 * K + k), w3 = LOAD(w + 3 * K + k); \
-            for (int t = 0; t < TB; t++) {                                                          \
-                const VEC xv = LOAD(x + (size_t)t * K + k);                                         \
-                acc[0][t] = FMA(w0, xv, acc[0][t]);                                                 \
-                acc[1][t] = FMA(w1, xv, acc[1][t]);                                                 \
-                acc[2][t] = FMA(w2, xv, acc[2][t]);                                                 \
-                acc[3][t] = FMA(w3, xv, acc[3][t]);                                                 \
-            }                                                                                       \
-        }                                                                                           \
-        for (int t = 0; t < TB; t++)                                                                \
-            for (int i = 0; i < 4; i++) {                                                           \
-                float s = HSUM(acc[i][t]);                                                          \
-                for (int k = kv; k < K; k++) s += w[(size_t)i * K + k] * x[(size_t)t * K + k];      \
-                y[(size_t)t * ldy + i] = s;                                                         \
-            }                                                                                       \
+/* The GEMM's register tile: y[t, i] for RB rows i of w (float32, row-major [RB, K]) and TV
+ * registers of tokens t, from xt, the inputs transposed ([K, ldx]: token t of column k at
+ * xt[k * ldx + t], padded with zeros to whole registers). Each step k broadcasts one weight
+ * per row and loads TV registers of inputs: RB x TV FMAs on RB + TV loads, no horizontal sums
+ * (AVX-512: 8 rows x 3 x 16 tokens, 24 accumulators). raw: [RB, TV * LANES]. */
+#define EP_GEMM_TILE(NAME, ATTR, VEC, LANES, RB, TV, ZERO, LOAD, BCAST, FMA, STORE)           \
+    ATTR static void NAME(const float *w, int K, const float *xt, int ldx, float *raw) {    \
+        VEC acc[RB][TV];                                                                    \
+        for (int i = 0; i < RB; i++)                                                        \
+            for (int v = 0; v < TV; v++) acc[i][v] = ZERO();                                \
+        for (int k = 0; k < K; k++) {                                                       \
+            const float *xk = xt + (size_t)k * ldx;                                         \
+            VEC xv[TV];                                                                     \
+            for (int v = 0; v < TV; v++) xv[v] = LOAD(xk + v * LANES);                      \
+            for (int i = 0; i < RB; i++) {                                                  \
+                const VEC wv = BCAST(w[(size_t)i * K + k]);                                 \
+                for (int v = 0; v < TV; v++) acc[i][v] = FMA(wv, xv[v], acc[i][v]);         \
+            }                                                                               \
+        }                                                                                   \
+        for (int i = 0; i < RB; i++)                                                        \
+            for (int v = 0; v < TV; v++) STORE(raw + (size_t)i * TV * LANES + v * LANES, acc[i][v]); \
     }
 
-/* one row, one token: the tails */
-static inline __attribute__((always_inline)) float dot_body(const float *w, const float *x, int K) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int k = 0; k < K; k++) s += w[k] * x[k];
-    return s;
-}
+typedef void (*tile_fn)(const float *, int, const float *, int, float *);
+typedef struct {
+    int lanes, max_tv, n_rb, rb[3];
+    tile_fn tile[3][5]; /* [row-block kind][registers of tokens] */
+} Tiles;
 
-typedef void (*tile_fn)(const float *, int, const float *, float *, int);
-typedef float (*dot_fn)(const float *, const float *, int);
-static float dot_generic(const float *w, const float *x, int K) { return dot_body(w, x, K); }
-static inline float one(float v) { return v; }
-static inline float add1(float a, float b, float c) { return a * b + c; }
-static inline float zero1(void) { return 0.f; }
-static inline float load1(const float *p) { return *p; }
-EP_GEMM_TILE(tile_generic_1, , float, 1, 1, zero1, load1, add1, one)
-EP_GEMM_TILE(tile_generic_2, , float, 1, 2, zero1, load1, add1, one)
-static const tile_fn tiles_generic[] = {NULL, tile_generic_1, tile_generic_2};
+static inline float f_zero(void) { return 0.f; }
+static inline float f_load(const float *p) { return *p; }
+static inline float f_bcast(float v) { return v; }
+static inline float f_fma(float a, float b, float c) { return a * b + c; }
+static inline void f_store(float *p, float v) { *p = v; }
+#define EP_TILE_GENERIC(RB, TV) \
+    EP_GEMM_TILE(tileg_##RB##_##TV, , float, 1, RB, TV, f_zero, f_load, f_bcast, f_fma, f_store)
+EP_TILE_GENERIC(4, 1)
+EP_TILE_GENERIC(4, 2)
+EP_TILE_GENERIC(4, 3)
+EP_TILE_GENERIC(4, 4)
+EP_TILE_GENERIC(1, 1)
+EP_TILE_GENERIC(1, 2)
+EP_TILE_GENERIC(1, 3)
+EP_TILE_GENERIC(1, 4)
+static const Tiles tiles_generic = {1, 4, 2, {4, 1}, {{NULL, tileg_4_1, tileg_4_2, tileg_4_3, tileg_4_4},
+                                                     {NULL, tileg_1_1, tileg_1_2, tileg_1_3, tileg_1_4}}};
 
 #if EP_X86
-T512 static float dot_512(const float *w, const float *x, int K) { return dot_body(w, x, K); }
-T256 static float dot_256(const float *w, const float *x, int K) { return dot_body(w, x, K); }
-/* 4 rows x 6 tokens: 24 of AVX-512's 32 registers accumulate; AVX2 (16): 4 x 2 */
-#define EP_TILE512(TB) \
-    EP_GEMM_TILE(tile512_##TB, T512, __m512, 16, TB, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, hsum512)
-EP_TILE512(1)
-EP_TILE512(2)
-EP_TILE512(3)
-EP_TILE512(4)
-EP_TILE512(5)
-EP_TILE512(6)
-EP_GEMM_TILE(tile256_1, T256, __m256, 8, 1, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256)
-EP_GEMM_TILE(tile256_2, T256, __m256, 8, 2, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum256)
-static const tile_fn tiles512[] = {NULL, tile512_1, tile512_2, tile512_3, tile512_4, tile512_5, tile512_6};
-static const tile_fn tiles256[] = {NULL, tile256_1, tile256_2};
+T512 static inline __m512 bcast512(float v) { return _mm512_set1_ps(v); }
+T256 static inline __m256 bcast256(float v) { return _mm256_set1_ps(v); }
+#define EP_TILE512(RB, TV)                                                                        \
+    EP_GEMM_TILE(tile512_##RB##_##TV, T512, __m512, 16, RB, TV, _mm512_setzero_ps, _mm512_loadu_ps, \
+                 bcast512, _mm512_fmadd_ps, _mm512_storeu_ps)
+#define EP_TILE256(RB, TV)                                                                        \
+    EP_GEMM_TILE(tile256_##RB##_##TV, T256, __m256, 8, RB, TV, _mm256_setzero_ps, _mm256_loadu_ps,  \
+                 bcast256, _mm256_fmadd_ps, _mm256_storeu_ps)
+EP_TILE512(8, 1)
+EP_TILE512(8, 2)
+EP_TILE512(8, 3)
+EP_TILE512(4, 1)
+EP_TILE512(4, 2)
+EP_TILE512(4, 3)
+EP_TILE512(1, 1)
+EP_TILE512(1, 2)
+EP_TILE512(1, 3)
+EP_TILE256(4, 1)
+EP_TILE256(4, 2)
+EP_TILE256(1, 1)
+EP_TILE256(1, 2)
+static const Tiles tiles512 = {16, 3, 3, {8, 4, 1}, {{NULL, tile512_8_1, tile512_8_2, tile512_8_3},
+                                                    {NULL, tile512_4_1, tile512_4_2, tile512_4_3},
+                                                    {NULL, tile512_1_1, tile512_1_2, tile512_1_3}}};
+static const Tiles tiles256 = {8, 2, 2, {4, 1}, {{NULL, tile256_4_1, tile256_4_2}, {NULL, tile256_1_1, tile256_1_2}}};
 #endif
 
-/* the tiles for 1..*tb tokens (index = tokens) and the one-row dot product */
-static void pick_tile(const tile_fn **tiles, dot_fn *dot, int *tb) {
+static const Tiles *pick_tiles(void) {
 #if EP_X86
-    if (isa == ISA_AVX512) {
-        *tiles = tiles512, *dot = dot_512, *tb = 6;
-        return;
-    }
-    if (isa == ISA_AVX2) {
-        *tiles = tiles256, *dot = dot_256, *tb = 2;
-        return;
-    }
+    if (isa == ISA_AVX512) return &tiles512;
+    if (isa == ISA_AVX2) return &tiles256;
 #endif
-    *tiles = tiles_generic, *dot = dot_generic, *tb = 2;
+    return &tiles_generic;
 }
 
-/* out[t, r] (add: +=) = (W x_t)[r] * scale[r] + bias[r] for rows [r0, r1) and tokens t < T
- * of x [T, cols]; w32: PB x cols floats of scratch */
-static void gemm_rows(const Mat *m, const float *x, int T, int r0, int r1, float *w32, float *out, int ldo, int add) {
+/* xt[k, t] = x[t, k] for t < T, zero up to ldx (whole registers of tokens) */
+static void transpose_inputs(const float *x, int T, int K, float *xt, int ldx) {
+    for (int k = 0; k < K; k++) {
+        float *row = xt + (size_t)k * ldx;
+        for (int t = 0; t < T; t++) row[t] = x[(size_t)t * K + k];
+        for (int t = T; t < ldx; t++) row[t] = 0.f;
+    }
+}
+
+/* out[t, r] (add: +=) = (W x_t)[r] * scale[r] + bias[r] for rows [r0, r1) and tokens t < T;
+ * xt: the inputs transposed (transpose_inputs, ldx columns); w32: PB x cols floats of scratch */
+static void gemm_rows(const Mat *m, const float *xt, int ldx, int T, int r0, int r1, float *w32, float *out, int ldo,
+                      int add) {
     const int K = m->cols;
-    const tile_fn *tiles;
-    dot_fn dot;
-    int tb;
-    pick_tile(&tiles, &dot, &tb);
-    float raw[4 * 8];
+    const Tiles *tl = pick_tiles();
+    /* tokens in blocks of at most lanes x max_tv, as even as whole registers allow (64 tokens
+     * on AVX-512: 32 + 32, not 48 + 16, whose one register a row is load-bound) */
+    const int most = tl->lanes * tl->max_tv, blocks = (T + most - 1) / most;
+    const int step = ((T + blocks - 1) / blocks + tl->lanes - 1) / tl->lanes * tl->lanes;
+    float raw[8 * 48];
     for (int rb = r0; rb < r1; rb += PB) {
         const int re = rb + PB < r1 ? rb + PB : r1;
         rows_f32(m, rb, re, w32);
-        for (int t0 = 0; t0 < T; t0 += tb) {
-            const int nt = T - t0 < tb ? T - t0 : tb;
-            const float *xt = x + (size_t)t0 * K;
-            for (int r = rb; r < re; r += 4) {
-                const int nr = re - r < 4 ? re - r : 4;
-                const float *w = w32 + (size_t)(r - rb) * K;
-                if (nr == 4)
-                    tiles[nt](w, K, xt, raw, 4);
-                else
-                    for (int t = 0; t < nt; t++)
-                        for (int i = 0; i < nr; i++) raw[t * 4 + i] = dot(w + (size_t)i * K, xt + (size_t)t * K, K);
+        for (int r = rb; r < re;) {
+            int kind = 0;
+            while (tl->rb[kind] > re - r) kind++;
+            const int nr = tl->rb[kind];
+            for (int t0 = 0; t0 < T; t0 += step) {
+                const int nt = T - t0 < step ? T - t0 : step, tv = (nt + tl->lanes - 1) / tl->lanes, w = tv * tl->lanes;
+                tl->tile[kind][tv](w32 + (size_t)(r - rb) * K, K, xt + t0, ldx, raw);
                 for (int t = 0; t < nt; t++) {
                     float *o = out + (size_t)(t0 + t) * ldo + r;
                     for (int i = 0; i < nr; i++) {
-                        float v = raw[t * 4 + i];
+                        float v = raw[i * w + t];
                         if (m->scale) v *= m->scale[r + i];
                         if (m->bias) v += m->bias[r + i];
                         o[i] = add ? o[i] + v : v;
                     }
                 }
             }
+            r += nr;
         }
     }
 }
@@ -819,9 +832,9 @@ static void gemm_rows(const Mat *m, const float *x, int T, int r0, int r1, float
 typedef struct {
     Model *m;
     const Mat *mat;
-    const float *x;
+    const float *xt; /* the inputs transposed: [cols, ldx] */
     float *out, *w32, *act; /* act: gate/up only, [T, inter] = silu(gate) * up */
-    int T, ldo, add;
+    int T, ldx, ldo, add;
     size_t w32_floats;
     /* attention */
     float *q, *att, *scores;
@@ -833,7 +846,7 @@ static void task_gemm(void *ctx, int tid, int nth) {
     Batch *b = (Batch *)ctx;
     int lo, hi;
     split(b->mat->rows, tid, nth, &lo, &hi);
-    if (hi > lo) gemm_rows(b->mat, b->x, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
+    if (hi > lo) gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
 }
 
 static void task_gemm_gate_up(void *ctx, int tid, int nth) {
@@ -843,8 +856,8 @@ static void task_gemm_gate_up(void *ctx, int tid, int nth) {
     split(inter, tid, nth, &lo, &hi);
     if (hi <= lo) return;
     float *w32 = b->w32 + tid * b->w32_floats;
-    gemm_rows(b->mat, b->x, b->T, lo, hi, w32, b->out, 2 * inter, 0);
-    gemm_rows(b->mat, b->x, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
+    gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, w32, b->out, 2 * inter, 0);
+    gemm_rows(b->mat, b->xt, b->ldx, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
     for (int t = 0; t < b->T; t++) {
         const float *g = b->out + (size_t)t * 2 * inter;
         float *a = b->act + (size_t)t * inter;
@@ -881,7 +894,7 @@ static void rope_tables(float theta, int D, int pos, float *cos, float *sin) {
 
 /* scratch of one prompt pass: activations of CHUNK tokens, per-thread weight rows and scores */
 typedef struct {
-    float *x, *h, *qkv, *att, *gu, *act, *w32, *scores, *rope;
+    float *x, *h, *qkv, *att, *gu, *act, *w32, *scores, *rope, *xt;
     size_t w32_floats;
 } PromptScratch;
 
@@ -890,13 +903,15 @@ static int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch
     const int widest = H > m->inter ? H : m->inter;
     s->w32_floats = (size_t)PB * (widest > qn ? widest : qn);
     const size_t per_token = (size_t)2 * H + qkv + qn + 2 * (size_t)m->inter + m->inter;
-    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens + 2 * (size_t)m->head_dim;
+    const size_t xt_floats = (size_t)(widest > qn ? widest : qn) * (CHUNK + 16);
+    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens + 2 * (size_t)CHUNK * m->head_dim + xt_floats;
     s->x = malloc(floats * sizeof(float));
     if (!s->x) return -1;
     s->h = s->x + (size_t)CHUNK * H, s->qkv = s->h + (size_t)CHUNK * H, s->att = s->qkv + (size_t)CHUNK * qkv;
     s->gu = s->att + (size_t)CHUNK * qn, s->act = s->gu + (size_t)CHUNK * 2 * m->inter;
     s->w32 = s->act + (size_t)CHUNK * m->inter, s->scores = s->w32 + nth * s->w32_floats;
     s->rope = s->scores + (size_t)nth * max_tokens;
+    s->xt = s->rope + 2 * (size_t)CHUNK * m->head_dim;
     return 0;
 }
 
@@ -906,21 +921,23 @@ static void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D, width = qn + 2 * kn;
     Batch b = {.m = m, .w32 = s->w32, .w32_floats = s->w32_floats, .kc = kc, .vc = vc, .max_tokens = max_tokens,
                .scores = s->scores, .qkv_width = width, .q = s->qkv, .att = s->att};
-    float *cos = s->rope, *sin = s->rope + D;
+    float *cos = s->rope, *sin = s->rope + (size_t)CHUNK * D; /* the chunk's positions, [CHUNK, D] */
+    const int lanes = pick_tiles()->lanes;
     for (int c0 = 0; c0 < T; c0 += CHUNK) {
         const int n = T - c0 < CHUNK ? T - c0 : CHUNK, p0 = pos + c0;
         for (int t = 0; t < n; t++)
             for (int i = 0; i < H; i++) s->x[(size_t)t * H + i] = load_value(m->embed_type, m->embed, (size_t)tokens[c0 + t] * H + i);
-        b.T = n, b.pos = p0;
+        for (int t = 0; t < n; t++) rope_tables(theta, D, p0 + t, cos + (size_t)t * D, sin + (size_t)t * D);
+        b.T = n, b.pos = p0, b.ldx = (n + lanes - 1) / lanes * lanes, b.xt = s->xt;
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = &m->layers[l];
             for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->in_norm, s->h + (size_t)t * H, H, m->eps);
-            b.mat = &L->qkv, b.x = s->h, b.out = s->qkv, b.ldo = width, b.add = 0;
+            transpose_inputs(s->h, n, H, s->xt, b.ldx);
+            b.mat = &L->qkv, b.out = s->qkv, b.ldo = width, b.add = 0;
             parallel(task_gemm, &b, nth);
             for (int t = 0; t < n; t++) {
                 float *row = s->qkv + (size_t)t * width;
-                rope_tables(theta, D, p0 + t, cos, sin);
-                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos, sin, D);
+                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos + (size_t)t * D, sin + (size_t)t * D, D);
                 for (int g = 0; g < m->kv_heads; g++) {
                     const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + p0 + t) * D;
                     for (int d = 0; d < D; d++) {
@@ -931,12 +948,15 @@ static void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc
             }
             b.layer = l;
             parallel(task_attn_batch, &b, nth);
-            b.mat = &L->o, b.x = s->att, b.out = s->x, b.ldo = H, b.add = 1;
+            transpose_inputs(s->att, n, qn, s->xt, b.ldx);
+            b.mat = &L->o, b.out = s->x, b.ldo = H, b.add = 1;
             parallel(task_gemm, &b, nth);
             for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->post_norm, s->h + (size_t)t * H, H, m->eps);
-            b.mat = &L->gate_up, b.x = s->h, b.out = s->gu, b.act = s->act;
+            transpose_inputs(s->h, n, H, s->xt, b.ldx);
+            b.mat = &L->gate_up, b.out = s->gu, b.act = s->act;
             parallel(task_gemm_gate_up, &b, nth);
-            b.mat = &L->down, b.x = s->act, b.out = s->x, b.ldo = H, b.add = 1;
+            transpose_inputs(s->act, n, m->inter, s->xt, b.ldx);
+            b.mat = &L->down, b.out = s->x, b.ldo = H, b.add = 1;
             parallel(task_gemm, &b, nth);
         }
     }
