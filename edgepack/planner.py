@@ -54,8 +54,10 @@ NESTED_OFFSET_CHARS = 19
 # aarch64: estimated, not measured: torch's aarch64 wheels map less kernel code than
 # x86-64's (no AVX-512 variants), so ~10% below.
 BASELINE_BYTES = {
+    ("x86_64", "native"): 30 * MIB,  # no torch: the interpreter, tokenizers, psutil, edgepack._native
     ("x86_64", "lean"): 247 * MIB,
     ("x86_64", "transformers"): 357 * MIB,
+    ("aarch64", "native"): 28 * MIB,  # estimated
     ("aarch64", "lean"): 225 * MIB,  # estimated
     ("aarch64", "transformers"): 320 * MIB,  # estimated
 }
@@ -240,6 +242,10 @@ class RuntimeMemory:
     heap_growth_per_4bit_weight: int = 0
 
 
+# edgepack.native (Llama family at int8, int4 or 16 bits on an x86-64 CPU: the C engine, no
+# torch): a static bf16 KV cache, tensors read in place (no fused copies), float32 activations
+# of at most NATIVE_CHUNK prompt tokens at a time, float32 logits of the last position.
+NATIVE = RuntimeMemory("native", 2, True, 4, False, False, False)
 # edgepack.lean (Llama family on CPU): float32 activations and a static bf16 KV cache
 # (lean.KV_DTYPE), logits of the last position only, fused int8/16-bit projections built at load.
 LEAN = RuntimeMemory("lean", 2, True, 4, False, True, False)
@@ -267,6 +273,12 @@ INT8_WIDE_CHUNK = 1 << 19
 INT8_DIGIT_ROWS = 64
 INT8_TWO_DIGITS_MAX_IN = 126**2  # wider inputs get a third digit
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# edgepack._native's prompt pass (its CHUNK, PB): activations of NATIVE_CHUNK tokens at a time,
+# and per thread NATIVE_ROWS weight rows in float32 and a row of attention scores; threads:
+# one per core, counted for NATIVE_THREADS (more cores add ~100 KiB each)
+NATIVE_CHUNK = 96
+NATIVE_ROWS = 16
+NATIVE_THREADS = 8
 
 
 def kv_cache_bytes(desc: ModelDescription, rt: RuntimeMemory, layers: int, context: int, batch: int) -> int:
@@ -433,10 +445,15 @@ def _candidates(t: _Target, bits: int | None, quant_type: str = "nf4") -> list[t
     return gpu + offload + [(b, "cpu") for b in wanted]
 
 
-def _runtime_for(desc: ModelDescription, strategy: str, choice: str) -> RuntimeMemory:
+def _runtime_for(desc: ModelDescription, strategy: str, choice: str, arch: str = "x86_64", q: Quant | None = None) -> RuntimeMemory:
     if choice != "auto":
-        return LEAN if choice == "lean" else TRANSFORMERS
-    return LEAN if strategy == "cpu" and desc.lean else TRANSFORMERS  # the runtime's own rule
+        return {"native": NATIVE, "lean": LEAN}.get(choice, TRANSFORMERS)
+    if strategy != "cpu" or not desc.lean:
+        return TRANSFORMERS  # the runtime's own rule
+    # edgepack's C engine: int8, int4 and 16-bit layers, on by default where its kernels are
+    # tuned (x86-64 with AVX2); elsewhere (aarch64, nf4/fp4) the lean decoder on torch
+    native_format = q is None or q.bits in (8, 16) or q.quant_type == "int4"
+    return NATIVE if arch == "x86_64" and native_format else LEAN
 
 
 def _place(s: _Setting) -> Plan:
@@ -530,6 +547,8 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     """One device's bytes: weights, KV cache, activations, loading copies, headroom."""
     q, o, rt = s.q, s.options, s.rt
     on_cpu = empty.device == "cpu"
+    if rt is NATIVE:
+        return _native_budget(s, empty, held)
     parts = activation_bytes(s.desc, rt, o.prompt_tokens, o.batch, holds_layers=held.layers > 0,
                              holds_output=held.output)  # fmt: skip
     int4 = q.bits == 4 and q.quant_type == "int4"
@@ -564,6 +583,27 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
         activations_bytes=max(parts.get("layer", 0) + workspace, parts.get("logits", 0)),
         loading_bytes=loading,
         allocator_bytes=heap,
+    )
+    return _with_headroom(budget)
+
+
+def _native_budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
+    """edgepack's C engine: the stored tensors in one map (norms widened to float32, int8 row
+    scales divided in place), the KV cache, and its prompt scratch: the activations of
+    NATIVE_CHUNK tokens, their transposed input, and per thread float32 weight rows and a row
+    of attention scores; logits float32, this step's and the last."""
+    d, o = s.desc, s.options
+    chunk = min(NATIVE_CHUNK, o.batch * o.prompt_tokens)
+    widest = max(d.hidden_size, d.intermediate_size, d.num_attention_heads * d.head_dim)
+    per_token = 2 * d.hidden_size + d.qkv_width + d.num_attention_heads * d.head_dim + 3 * d.intermediate_size
+    scratch = 4 * (chunk * per_token + widest * (chunk + 16) + NATIVE_THREADS * (NATIVE_ROWS * widest + o.context))
+    norms = 2 * 2 * d.hidden_size * held.layers + (2 * d.hidden_size if held.output else 0)
+    logits = 2 * 4 * d.vocab_size if held.output else 0
+    budget = replace(
+        empty,
+        weights_bytes=held.weights,
+        kv_cache_bytes=kv_cache_bytes(d, s.rt, held.layers, o.context, o.batch),
+        activations_bytes=(scratch if held.layers else 0) + logits + norms,
     )
     return _with_headroom(budget)
 
@@ -648,7 +688,7 @@ def device_budget(desc: ModelDescription, profile: Any, bits: int, strategy: str
 
 def _setting(desc: ModelDescription, t: _Target, bits: int, strategy: str, o: Options) -> _Setting:
     q = Quant(bits, o.quant_type, o.double_quant, o.dtype)
-    return _Setting(desc, t, q, strategy, o, _runtime_for(desc, strategy, o.runtime))
+    return _Setting(desc, t, q, strategy, o, _runtime_for(desc, strategy, o.runtime, t.arch, q))
 
 
 def _options(desc: ModelDescription, *, context: int | None = None, prompt_tokens: int | None = None,
@@ -668,8 +708,8 @@ def _options(desc: ModelDescription, *, context: int | None = None, prompt_token
         problems.append(f"batch must be a positive integer, not {batch!r}")
     if quant_type not in QUANT_TYPES:
         problems.append(f"4-bit quant type must be nf4, fp4 or int4, not {quant_type!r}")
-    if runtime not in ("auto", "lean", "transformers"):
-        problems.append(f"runtime must be auto, lean or transformers, not {runtime!r}")
+    if runtime not in ("auto", "native", "lean", "transformers"):
+        problems.append(f"runtime must be auto, native, lean or transformers, not {runtime!r}")
     if problems:
         raise PlanError("; ".join(problems), hint=f"the context may be 1 to {maximum} tokens; batch 1 or more")
     return Options(context, prompt_tokens, batch, quant_type, double_quant, dtype, runtime)
@@ -807,10 +847,10 @@ def _reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan, tried: lis
 
 
 def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> list[str]:
-    rt = LEAN if p.runtime == "lean" else TRANSFORMERS
+    rt = {"native": NATIVE, "lean": LEAN}.get(p.runtime, TRANSFORMERS)
     r = []
     kv = kv_cache_bytes(desc, rt, desc.num_hidden_layers, o.context, o.batch)
-    growth = ("preallocated by edgepack's lean CPU decoder" if rt.kv_static
+    growth = (f"preallocated by edgepack's {p.runtime} runtime" if rt.kv_static
               else "grown by concatenation, which briefly holds one layer's old and new tensor")  # fmt: skip
     r.append(f"KV cache: 2 x {desc.num_hidden_layers} layers x {desc.num_key_value_heads} KV heads x "
              f"{desc.head_dim} x {o.context} tokens x {o.batch} x {rt.kv_bytes} bytes = {human(kv)} "
@@ -822,7 +862,8 @@ def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> 
     base = p.devices.get("cuda:0" if t.unified and p.strategy != "cpu" else "cpu")
     if base is not None:
         tokenizer = TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
-        text = (f"Baseline {human(base.baseline_bytes)}: the process with torch and edgepack's {p.runtime} "
+        what = "without torch" if p.runtime == "native" else "with torch"
+        text = (f"Baseline {human(base.baseline_bytes)}: the process {what} and edgepack's {p.runtime} "
                 f"runtime ({BASELINE_SOURCE[t.arch]}) and its {desc.vocab_size}-token tokenizer (~{human(tokenizer)})")
         if p.strategy != "cpu" and not t.unified:
             text += f", plus ~{human(CUDA_HOST_BYTES)} of CUDA libraries in host RAM (estimated)"

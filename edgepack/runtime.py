@@ -31,6 +31,9 @@ BACKENDS = ("native", "torch")
 # What the process needs beyond the weights before generating: interpreter + torch +
 # transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
 RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
+# ... and with the native backend (no torch): interpreter, tokenizers and the C module
+# (~30 MiB measured), a large tokenizer (~15 MiB), KV cache and prompt scratch of a short run.
+NATIVE_OVERHEAD_BYTES = 96 * 1024 * 1024
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -74,8 +77,10 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     path = Path(bundle_dir)
     manifest = bundle_format.verify_bundle(path, check_hashes=verify)
     device_map, notices = _resolve_device_map(manifest, device)
+    config = _read_config(path)
+    native = _use_native(manifest, config, device_map, backend)
     if not force:
-        _preflight_memory(manifest, device_map, path)
+        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
     from edgepack.memory import release_freed_memory
     from edgepack.tokenizer import load_tokenizer
 
@@ -89,28 +94,33 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     # Tokenizer first: parsing tokenizer.json peaks ~25 MiB above what it keeps; released
     # now, that peak never stacks on top of the weights.
     release_freed_memory()
-    config = _read_config(path)
-    model = _build_model(path, manifest, config, device_map, backend)
+    if native:
+        from edgepack.native import NativeLM
+
+        model = NativeLM.load(path, manifest, config)
+    else:
+        from edgepack import torch_model
+
+        model = torch_model.build_model(path, manifest, config, device_map)
     return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
 
 
-def _build_model(path: Path, manifest: dict, config: dict, device_map: dict[str, str], backend: str | None):
-    if backend != "torch":
-        from edgepack import native
+def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> bool:
+    """Whether edgepack's C engine runs the bundle (else torch); backend "native" where it
+    cannot is an error saying why."""
+    if backend == "torch":
+        return False
+    from edgepack import native
 
-        reason = native.unavailable(config, manifest, device_map)
-        if os.environ.get("EDGEPACK_LEAN", "1") == "0":
-            reason = "EDGEPACK_LEAN=0"
-        if reason is None:
-            return native.NativeLM.load(path, manifest, config)
-        if backend == "native":
-            raise GenerationError(
-                f"edgepack's CPU engine cannot run this bundle: {reason}",
-                hint="load it with backend='torch' (CLI: --backend torch)",
-            )
-    from edgepack import torch_model
-
-    return torch_model.build_model(path, manifest, config, device_map)
+    reason = native.unavailable(config, manifest, device_map)
+    if os.environ.get("EDGEPACK_LEAN", "1") == "0":
+        reason = "EDGEPACK_LEAN=0 (transformers asked for)"
+    if reason is not None and backend == "native":
+        raise GenerationError(
+            f"edgepack's CPU engine cannot run this bundle: {reason}",
+            hint="load it with backend='torch' (CLI: --backend torch)",
+        )
+    return reason is None
 
 
 def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:
@@ -132,10 +142,12 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | None = None) -> None:
+def _preflight_memory(
+    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = RUNTIME_OVERHEAD_BYTES
+) -> None:
     """Refuse, with numbers, rather than be OOM-killed half-way through loading.
 
-    need: the weights this box's RAM holds plus RUNTIME_OVERHEAD_BYTES, the whole process
+    need: the weights this box's RAM holds plus ``overhead`` (RUNTIME_OVERHEAD_BYTES: torch), the whole process
     (interpreter, torch, transformers, a short run's activations). Part of that is already
     held (this process's RSS), so what must still fit is need - RSS, into what this process
     may still allocate: free RAM, or its cgroup's headroom when that is smaller (a
@@ -146,7 +158,7 @@ def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | N
     mem, mib = manifest["memory"], 1024 * 1024
     on_cpu = all(v == "cpu" for v in device_map.values())
     weights = mem["weight_bytes"] if on_cpu else mem["weight_bytes_per_device"].get("cpu", 0)
-    need = weights + RUNTIME_OVERHEAD_BYTES
+    need = weights + overhead
     held = memory.process_rss_bytes()
     budget = memory.budget()
     if need - held > budget.available_bytes and path is not None:
@@ -158,7 +170,7 @@ def _preflight_memory(manifest: dict, device_map: dict[str, str], path: Path | N
             f"under its memory cgroup limit of {budget.cgroup.limit_bytes // mib} MiB")  # fmt: skip
         raise InsufficientMemoryError(
             f"the bundle needs about {need // mib} MiB ({weights // mib} MiB of weights + "
-            f"{RUNTIME_OVERHEAD_BYTES // mib} MiB for the runtime); this process holds {held // mib} MiB "
+            f"{overhead // mib} MiB for the runtime); this process holds {held // mib} MiB "
             f"and can get only {budget.available_bytes // mib} MiB more {where}",
             hint="free memory or raise the memory limit, pack the model at fewer bits (--bits 4), "
             "or pass --force to try anyway",

@@ -340,6 +340,29 @@ def test_cpu_only(describe):
     assert planner.plan(describe("gpt2"), load_profile("rpi4-4gb"), context=128).runtime == "transformers"
 
 
+def test_cpu_only_x86_runs_the_c_engine(describe):
+    """On x86-64 CPUs, Llama-family int8/int4/16-bit bundles run in edgepack's C engine: no
+    torch in the process, prompt activations bounded by its 96-token chunks."""
+    llama, laptop = describe("llama"), load_profile("cpu-laptop-8gb")
+    short = {"context": 128, "prompt_tokens": 100}
+    p8 = planner.place(llama, laptop, 8, "cpu", **short)
+    assert planner.plan(llama, laptop, bits=8, **short).runtime == "native"
+    assert planner.plan(llama, laptop, bits=4, quant_type="int4", **short).runtime == "native"
+    assert planner.plan(llama, laptop, bits=4, quant_type="nf4", **short).runtime == "lean"
+    assert planner.plan(describe("gpt2"), laptop, bits=8, **short).runtime == "transformers"
+    lean8 = planner.place(llama, laptop, 8, "cpu", runtime="lean", **short)
+    native, lean = p8.devices["cpu"], lean8.devices["cpu"]
+    assert native.weights_bytes == lean.weights_bytes and native.kv_cache_bytes == lean.kv_cache_bytes
+    assert native.baseline_bytes == planner.BASELINE_BYTES[("x86_64", "native")] + planner.TOKENIZER_BYTES_PER_TOKEN * llama.vocab_size
+    assert native.baseline_bytes < lean.baseline_bytes - 200 * MIB and native.loading_bytes == 0
+    # a prompt runs NATIVE_CHUNK tokens at a time: a longer one adds only its attention scores
+    longer = planner.place(llama, laptop, 8, "cpu", context=128, prompt_tokens=120).devices["cpu"]
+    assert longer.activations_bytes == native.activations_bytes
+    shorter = planner.place(llama, laptop, 8, "cpu", context=128, prompt_tokens=50).devices["cpu"]
+    assert shorter.activations_bytes < native.activations_bytes
+    assert "without torch and edgepack's native runtime" in " ".join(planner.plan(llama, laptop, bits=8, **short).reasons)
+
+
 def test_unified_memory_counts_the_pool_once(describe):
     llama = describe("llama")
     jetson = load_profile("jetson-orin-nano-8gb")

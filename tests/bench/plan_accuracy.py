@@ -8,8 +8,8 @@ at two context lengths, a fresh ``edgepack run BUNDLE PROMPT --max-new-tokens N
 generation fill the context. Its peak RSS (VmHWM, reported by the process at exit) is
 printed beside the planner's predicted peak for the same setting (baseline + weights +
 max(loading copies, allocator heap + KV cache + activations); headroom is a margin, not
-use). Llama-family models run both runtime
-paths: edgepack's lean decoder and transformers (EDGEPACK_LEAN=0). Exit status 1 if any
+use). Llama-family models run every runtime path: edgepack's C engine (native: int8, int4
+and 16-bit), its lean decoder on torch and transformers (EDGEPACK_LEAN=0). Exit status 1 if any
 prediction is off by more than 10%.
 
 It first measures what planner.BASELINE_BYTES and TOKENIZER_BYTES_PER_TOKEN hold: the
@@ -101,6 +101,12 @@ def tiny_sources(root: Path) -> dict[str, Path]:
 
 
 SETTINGS = {16: (16, "nf4"), 8: (8, "nf4"), 4: (4, "nf4"), "int4": (4, "int4")}  # label -> (bits, quant_type)
+# runtime path -> (environment, `edgepack run` flags)
+PATHS = {
+    "native": ({}, ["--backend", "native"]),
+    "lean": ({"EDGEPACK_LEAN": "1"}, ["--backend", "torch"]),
+    "transformers": ({"EDGEPACK_LEAN": "0"}, ["--backend", "torch"]),
+}
 
 
 def bundles_for(name: str, source: str, root: Path) -> dict[int | str, Path]:
@@ -145,8 +151,9 @@ def measure_baselines(tiny_llama: dict[int, Path]) -> dict[str, int]:
     bundle = tiny_llama[16]
     desc = describe_model(load_config(str(bundle)))
     out = {}
-    for path, env in (("lean", {"EDGEPACK_LEAN": "1"}), ("transformers", {"EDGEPACK_LEAN": "0"})):
-        runs = [peak_rss([*EDGEPACK, "run", str(bundle), "Hello", "--max-new-tokens", "2", "--no-verify"], env)
+    for path in PATHS:
+        env, flags = PATHS[path]
+        runs = [peak_rss([*EDGEPACK, "run", str(bundle), "Hello", "--max-new-tokens", "2", "--no-verify", *flags], env)
                 for _ in range(3)]  # fmt: skip
         p = planner.plan(desc, _profile(), context=16, prompt_tokens=8, bits=16, runtime=path)
         rest = p.devices["cpu"].peak_bytes - p.devices["cpu"].baseline_bytes
@@ -188,9 +195,11 @@ def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[in
             prompt_tokens = context - new_tokens
             prompt = prompt_of(bundle, prompt_tokens)
             for path in paths:
-                env = {"EDGEPACK_LEAN": "1" if path == "lean" else "0"}
+                if path == "native" and label == 4:
+                    continue  # nf4: not the C engine's format
+                env, flags = PATHS[path]
                 cmd = [*EDGEPACK, "run", str(bundle), prompt, "--max-new-tokens", str(new_tokens),
-                       "--min-new-tokens", str(new_tokens), "--temperature", "0", "--no-verify"]  # fmt: skip
+                       "--min-new-tokens", str(new_tokens), "--temperature", "0", "--no-verify", *flags]  # fmt: skip
                 measured = peak_rss(cmd, env)
                 p = planner.plan(desc, _profile(), context=context, prompt_tokens=prompt_tokens, bits=bits,
                                  quant_type=quant_type, runtime=path)  # fmt: skip
@@ -234,13 +243,13 @@ def main() -> int:
         print(f"baseline ({path} runtime, no tokenizer): measured {measured / MIB:.1f} MiB, "
               f"planner.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")  # fmt: skip
     models = [("tiny-gpt2", *tiny["tiny-gpt2"], (64, 128), 8, ("transformers",)),
-              ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("lean", "transformers"))]  # fmt: skip
+              ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("native", "lean", "transformers"))]  # fmt: skip
     if not args.tiny_only:
         smol = bundles_for(DEFAULT_MODEL, DEFAULT_MODEL, root)
         per_token = measure_tokenizer(smol[16])
         print(f"tokenizer: {per_token:.0f} bytes per vocabulary entry measured, "
               f"planner.TOKENIZER_BYTES_PER_TOKEN has {planner.TOKENIZER_BYTES_PER_TOKEN}")
-        models.append((DEFAULT_MODEL, DEFAULT_MODEL, smol, (256, 1024), 16, ("lean", "transformers")))
+        models.append((DEFAULT_MODEL, DEFAULT_MODEL, smol, (256, 1024), 16, ("native", "lean", "transformers")))
     print()
     print(HEADER)
     rows = []
