@@ -611,7 +611,8 @@ def _config_problems(config: dict[str, Any], manifest: dict[str, Any]) -> list[s
                 )
     layers = next((config[k] for k in _LAYER_KEYS if _is_int(config.get(k))), None)
     indices = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.search(name))}
-    if layers is not None and indices and indices != set(range(layers)):
+    # indices == {0, ..., layers - 1}, without building that set (a crafted config may say 10**9)
+    if layers is not None and indices and (len(indices) != layers or min(indices) != 0 or max(indices) != layers - 1):
         problems.append(f"it describes {layers} layers, the weights hold layers {_short(sorted(indices))}")
     return problems
 

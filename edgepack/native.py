@@ -236,7 +236,30 @@ class _Plan:
     layers: list[tuple[int, int, Matrix, Matrix, Matrix, Matrix]]
 
 
+def _check_config(config: dict[str, Any]) -> None:
+    """The numbers the C module trusts: positive integers and positive finite floats."""
+    ints = ["hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "num_hidden_layers",
+            "max_position_embeddings", "num_key_value_heads", "head_dim"]  # fmt: skip
+    for key in ints:
+        value = config.get(key, 1 if key in ("max_position_embeddings", "num_key_value_heads", "head_dim") else None)
+        if value is None and key in ("num_key_value_heads", "head_dim"):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31:
+            raise BundleIntegrityError(
+                f"config.json's {key} is {value!r}; a positive integer was expected",
+                hint="the bundle's config.json is damaged; pack the model again",
+            )
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = config.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise BundleIntegrityError(
+                f"config.json's {key} is {value!r}; a positive number was expected",
+                hint="the bundle's config.json is damaged; pack the model again",
+            )
+
+
 def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
+    _check_config(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     dim = config.get("head_dim") or hidden // heads
@@ -360,7 +383,13 @@ class NativeLM:
             arena = mmap.mmap(-1, max(plan.layout.size, 1), flags=flags)
             _read_tensors(shards, header, plan, arena)
         _half_table(plan, arena)
-        return cls(config, arena, plan)
+        try:
+            return cls(config, arena, plan)
+        except (KeyError, TypeError, ValueError) as exc:  # dimensions the C module refuses
+            raise BundleIntegrityError(
+                f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
+                hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
+            ) from None
 
     def new_cache(self, max_tokens: int) -> NativeCache:
         return NativeCache(self.layers, self.kv_heads, self.head_dim, min(max_tokens, self.max_positions))

@@ -226,6 +226,8 @@ class EdgeModel:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.max_positions = int(manifest["architecture"].get("max_position_embeddings") or 1 << 20)
+        if self.backend == "native":  # its KV cache holds config.json's context (they agree unless crafted)
+            self.max_positions = min(self.max_positions, model.max_positions)
 
     @property
     def name(self) -> str:

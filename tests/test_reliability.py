@@ -425,6 +425,56 @@ def test_fuzz_shard_header_bytes(fuzz_bundle):
     assert outcomes["refused"] > 0
 
 
+def test_fuzz_shard_headers_through_the_native_engine(fuzz_bundle):
+    """Mutated shard headers (resealed), loaded whole by edgepack's CPU engine, which hands
+    addresses to C: every outcome is a load or an EdgepackError, never a crash."""
+    import edgepack
+
+    shard = fuzz_bundle / SHARD
+    raw, manifest_raw = shard.read_bytes(), (fuzz_bundle / "edgepack.json").read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    outcomes = {"refused": 0, "accepted": 0}
+
+    @settings(max_examples=150, **FUZZ)
+    @given(data=byte_mutations(raw, header_end))
+    def run(data):
+        shard.write_bytes(data)
+        reseal(fuzz_bundle, SHARD)
+        try:
+            lm = edgepack.load(fuzz_bundle, verify=True, backend="native")
+            lm.generate("The", max_new_tokens=2)
+            outcomes["accepted"] += 1
+        except EdgepackError:
+            outcomes["refused"] += 1
+
+    try:
+        run()
+    finally:
+        shard.write_bytes(raw)
+        (fuzz_bundle / "edgepack.json").write_bytes(manifest_raw)
+    assert outcomes["refused"] > 0
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                 "intermediate_size", "num_hidden_layers", "vocab_size", "max_position_embeddings",
+                                 "rms_norm_eps", "rope_theta", "tie_word_embeddings"])  # fmt: skip
+def test_crafted_config_numbers_through_the_native_engine(bundle_copy, key):
+    """config.json passes its hash but lies about a dimension: refused with an EdgepackError
+    (or, for harmless values, loaded and run), never a crash in C."""
+    import edgepack
+
+    b = bundle_copy("llama", 8)
+    base = json.loads((b / "config.json").read_text())
+    for value in (0, -1, 1, 3, 7, 10**9, 2.5, None, "x"):
+        config = dict(base, **{key: value})
+        (b / "config.json").write_text(json.dumps(config))
+        reseal(b, "config.json")
+        try:
+            edgepack.load(b, backend="native").generate("The", max_new_tokens=2)
+        except EdgepackError:
+            pass
+
+
 def test_fuzz_manifest_bytes(fuzz_bundle):
     """Mutated bytes of edgepack.json, then the whole loader's checks."""
     path = fuzz_bundle / "edgepack.json"
