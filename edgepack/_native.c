@@ -334,13 +334,14 @@ T512 static void int4_512(const Mat *m, const float *prep, int r0, int r1, float
 }
 #endif
 
-static int4_fn pick_int4(void) {
+/* the variant of a kernel for the instruction set in use */
 #if EP_X86
-    if (isa == ISA_AVX512) return int4_512;
-    if (isa == ISA_AVX2) return int4_256;
+#define EP_PICK(F512, F256, FGENERIC) (isa == ISA_AVX512 ? (F512) : isa == ISA_AVX2 ? (F256) : (FGENERIC))
+#else
+#define EP_PICK(F512, F256, FGENERIC) (FGENERIC)
 #endif
-    return int4_generic;
-}
+
+static int4_fn pick_int4(void) { return EP_PICK(int4_512, int4_256, int4_generic); }
 
 typedef void (*gemv_fn)(const void *, const float *, int, int, int, float *);
 
@@ -419,13 +420,7 @@ T256 static void attn_256(const float *q, const uint16_t *K, const uint16_t *V, 
 }
 #endif
 
-static attn_fn pick_attn(void) {
-#if EP_X86
-    if (isa == ISA_AVX512) return attn_512;
-    if (isa == ISA_AVX2) return attn_256;
-#endif
-    return attn_generic;
-}
+static attn_fn pick_attn(void) { return EP_PICK(attn_512, attn_256, attn_generic); }
 
 /* out[r] = silu(gate[r]) * up[r] for r < n, compiled per instruction set like attention */
 static inline __attribute__((always_inline)) void silu_mul_body(const float *gate, const float *up, float *out, int n) {
@@ -439,13 +434,7 @@ T512 static void silu_512(const float *g, const float *u, float *o, int n) { sil
 T256 static void silu_256(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 #endif
 
-static silu_fn pick_silu(void) {
-#if EP_X86
-    if (isa == ISA_AVX512) return silu_512;
-    if (isa == ISA_AVX2) return silu_256;
-#endif
-    return silu_generic;
-}
+static silu_fn pick_silu(void) { return EP_PICK(silu_512, silu_256, silu_generic); }
 
 /* ------------------------------------------------------------------ thread pool
  * Workers spin briefly between the parallel parts of a step (microseconds apart) and
@@ -815,13 +804,7 @@ static const Tiles tiles512 = {16, 3, 3, {8, 4, 1}, {{NULL, tile512_8_1, tile512
 static const Tiles tiles256 = {8, 2, 2, {4, 1}, {{NULL, tile256_4_1, tile256_4_2}, {NULL, tile256_1_1, tile256_1_2}}};
 #endif
 
-static const Tiles *pick_tiles(void) {
-#if EP_X86
-    if (isa == ISA_AVX512) return &tiles512;
-    if (isa == ISA_AVX2) return &tiles256;
-#endif
-    return &tiles_generic;
-}
+static const Tiles *pick_tiles(void) { return EP_PICK(&tiles512, &tiles256, &tiles_generic); }
 
 /* xt[k, t] = x[t, k] for t < T, zero up to ldx (whole registers of tokens) */
 static void transpose_inputs(const float *x, int T, int K, float *xt, int ldx) {
