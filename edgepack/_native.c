@@ -1440,22 +1440,9 @@ typedef struct {
 
 static void task_dequant(void *ctx, int tid, int nth) {
     const Dequant *d = (const Dequant *)ctx;
-    const Mat *m = d->mat;
-    const int K = m->cols, half = K / 2, G = m->group, ng = K / G;
     int lo, hi;
-    split(m->rows, tid, nth, &lo, &hi);
-    for (int r = lo; r < hi; r++) {
-        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
-        float *o = d->out + (size_t)r * K;
-        for (int g = 0; g < ng; g++) {
-            const float s = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2]), z = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2 + 1]);
-            const float b = z - 8.f * s;
-            for (int j = g * G / 2; j < (g + 1) * G / 2; j++) {
-                o[2 * j] = (float)(c[j] & 15) * s + b;
-                o[2 * j + 1] = (float)(c[j] >> 4) * s + b;
-            }
-        }
-    }
+    split(d->mat->rows, tid, nth, &lo, &hi);
+    if (hi > lo) int4_rows_f32(d->mat, lo, hi, d->out + (size_t)lo * d->mat->cols);
 }
 
 static PyObject *py_dequant_int4(PyObject *self, PyObject *args) {
