@@ -1100,6 +1100,16 @@ fail:
     return NULL;
 }
 
+/* a model's attention weights (heads x max_tokens) grown for a cache of max_tokens; 0 if out
+ * of memory (called under step_lock) */
+static int grow_scores(Model *m, int max_tokens) {
+    if (m->scores_len < max_tokens) {
+        float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
+        if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
+    }
+    return m->scores_len >= max_tokens;
+}
+
 /* step(model, token, pos, k_cache, v_cache, max_tokens, cos, sin, logits, threads) */
 static PyObject *py_step(PyObject *self, PyObject *args) {
     PyObject *cap, *kc, *vc, *cos, *sin, *logits;
@@ -1119,15 +1129,11 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     int ok;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_lock); /* one step at a time: the pool and a model's scratch are shared */
-    if (m->scores_len < max_tokens) {
-        float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
-        if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
-    }
+    ok = grow_scores(m, max_tokens);
     ensure_workers(threads - 1);
-    if (m->scores_len >= max_tokens)
+    if (ok)
         run_step(m, token, pos, (uint16_t *)k, (uint16_t *)v, max_tokens, (const float *)c, (const float *)s, (float *)out,
              threads);
-    ok = m->scores_len >= max_tokens;
     pthread_mutex_unlock(&step_lock);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
@@ -1175,14 +1181,11 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_lock);
-    threads = ensure_workers(threads - 1) < threads ? ensure_workers(threads - 1) : threads;
+    const int running = ensure_workers(threads - 1); /* this caller + the workers there are */
+    threads = running < threads ? running : threads;
     if (T == 1) {
         float rope[2 * 512];
-        if (m->scores_len < max_tokens) {
-            float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
-            if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
-        }
-        ok = m->scores_len >= max_tokens && m->head_dim <= 512;
+        ok = grow_scores(m, max_tokens) && m->head_dim <= 512;
         if (ok) {
             rope_tables(theta, m->head_dim, pos, rope, rope + m->head_dim);
             run_step(m, tokens[0], pos, (uint16_t *)k, (uint16_t *)v, max_tokens, rope, rope + m->head_dim, (float *)out,

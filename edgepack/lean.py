@@ -22,7 +22,6 @@ transformers; ``supports(config)`` says which.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgepack.memory import release_freed_memory
-from edgepack.native import NATIVE_ENV, SUPPORTED_TYPES, _native, c_module_unavailable, supports  # noqa: F401
+from edgepack.native import CPUS, NATIVE_ENV, SUPPORTED_TYPES, _native, c_module_unavailable, supports  # noqa: F401
 from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
 
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
@@ -47,10 +46,9 @@ HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
 # Decode steps (one token) run in edgepack._native when it is built and the model's layers
 # are int8, int4 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
 # EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts); on CPUs without AVX2 it is off
-# unless EDGEPACK_NATIVE=1.
-# ... on at most this many threads: its workers spin between the parts of a step, so more
-# threads than CPUs would only take turns (torch.set_num_threads(8) on a 2-core box)
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# unless EDGEPACK_NATIVE=1 (native.c_module_unavailable). It runs on at most native.CPUS threads:
+# its workers spin between the parts of a step, so more threads than CPUs would only take turns
+# (torch.set_num_threads(8) on a 2-core box).
 
 
 @dataclass

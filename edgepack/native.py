@@ -41,8 +41,9 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # x86-64 without AVX2, against torch's 18).
 NATIVE_ENV = "EDGEPACK_NATIVE"
 ALIGN = 64  # every tensor starts on a cache line
-ELEMENT_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1}
-FLOAT16_MAX = 65504.0
+FLOATS = ("BF16", "F16", "F32")  # stored dtypes read as floats (16-bit weights, tables, norms, biases)
+# the CPUs this process may run on
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def supports(config: dict[str, Any]) -> str | None:
@@ -91,7 +92,7 @@ def threads() -> int:
     """Threads for the C kernels: the CPUs this process may run on, at most one per physical
     core (its workers spin between the parts of a step; two on one core only take turns),
     fewer if OMP_NUM_THREADS says so."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = CPUS
     try:
         import psutil
 
@@ -107,14 +108,15 @@ def threads() -> int:
 
 @dataclass
 class Slot:
-    """A stored tensor's place: ``offset`` in the arena (None: read into scratch, then
-    ``convert`` to float32 at ``offset32``), or for int4 pairs a transposition."""
+    """A stored tensor's place: ``offset`` in the arena, read there as stored; or read into
+    scratch and then converted to float32 at ``offset32`` (norms, biases), or, for int4's
+    (scale, zero) pairs (``pairs``: stored [groups, rows]), transposed into rows ``pairs_row0``..
+    of the [rows, groups] block at ``offset``."""
 
-    dtype: str
     shape: tuple[int, ...]
     offset: int | None = None
-    offset32: int | None = None  # float32 copy (norms, biases)
-    pairs_rows: int = 0  # int4 (scale, zero) pairs: [groups, rows] stored -> [rows, groups] at offset + row0
+    offset32: int | None = None
+    pairs: bool = False
     pairs_row0: int = 0
     divide: float = 1.0  # int8 row absmax -> scale: SCB / 127, in place
 
@@ -150,18 +152,9 @@ def _kind(header: dict, name: str) -> str:
         return "INT8"
     if info["dtype"] == "U8":
         return "INT4"
-    if info["dtype"] in ("BF16", "F16", "F32"):
+    if info["dtype"] in FLOATS:
         return info["dtype"]
     raise BundleIntegrityError(f"tensor {name}.weight is {info['dtype']}, which edgepack's CPU engine cannot read")
-
-
-def _nbytes(info: dict) -> int:
-    n = ELEMENT_BYTES.get(info["dtype"])
-    if n is None:
-        raise BundleIntegrityError(f"a tensor is {info['dtype']}, which edgepack's CPU engine cannot read")
-    for d in info["shape"]:
-        n *= d
-    return n
 
 
 def _plan_matrix(
@@ -174,18 +167,18 @@ def _plan_matrix(
     kind = kinds.pop()
     total = sum(rows)
     width = cols // 2 if kind == "INT4" else cols
-    esize = ELEMENT_BYTES[header[parts[0] + ".weight"]["dtype"]]
+    esize = bundle_format.DTYPE_BYTES[header[parts[0] + ".weight"]["dtype"]]
     matrix = Matrix(kind, total, cols, layout.take(total * width * esize))
     at = matrix.weight
     for p, r in zip(parts, rows):
         _expect(header, p + ".weight", [r, width])
-        slots[p + ".weight"] = Slot(header[p + ".weight"]["dtype"], (r, width), offset=at)
+        slots[p + ".weight"] = Slot((r, width), offset=at)
         at += r * width * esize
     if kind == "INT8":
         matrix.scale = at = layout.take(total * 4)
         for p, r in zip(parts, rows):
             _expect(header, p + ".SCB", [r], "F32")
-            slots[p + ".SCB"] = Slot("F32", (r,), offset=at, divide=127.0)
+            slots[p + ".SCB"] = Slot((r,), offset=at, divide=127.0)
             at += r * 4
     elif kind == "INT4":
         first = header.get(parts[0] + ".weight.scales_and_zeros")
@@ -197,7 +190,7 @@ def _plan_matrix(
         row0 = 0
         for p, r in zip(parts, rows):
             _expect(header, p + ".weight.scales_and_zeros", [groups, r, 2], "BF16")
-            slots[p + ".weight.scales_and_zeros"] = Slot("BF16", (groups, r, 2), offset=matrix.scale, pairs_rows=total, pairs_row0=row0)
+            slots[p + ".weight.scales_and_zeros"] = Slot((groups, r, 2), offset=matrix.scale, pairs=True, pairs_row0=row0)
             row0 += r
     biases = [p + ".bias" for p in parts if p + ".bias" in header]
     if biases:
@@ -206,7 +199,7 @@ def _plan_matrix(
         matrix.bias = at = layout.take(total * 4)
         for p, r in zip(parts, rows):
             _expect(header, p + ".bias", [r])
-            slots[p + ".bias"] = Slot(header[p + ".bias"]["dtype"], (r,), offset32=at)
+            slots[p + ".bias"] = Slot((r,), offset32=at)
             at += r * 4
     return matrix
 
@@ -269,16 +262,16 @@ def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
     def vector(name: str, size: int) -> int:
         _expect(header, name, [size])
         at = layout.take(size * 4)
-        slots[name] = Slot(header[name]["dtype"], (size,), offset32=at)
+        slots[name] = Slot((size,), offset32=at)
         return at
 
     embed_name = "model.embed_tokens.weight"
     _expect(header, embed_name, [vocab, hidden])
     embed_dtype = header[embed_name]["dtype"]
-    if embed_dtype not in ("BF16", "F16", "F32"):
+    if embed_dtype not in FLOATS:
         raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 16/32-bit tables")
-    embed = layout.take(_nbytes(header[embed_name]))
-    slots[embed_name] = Slot(embed_dtype, (vocab, hidden), offset=embed)
+    embed = layout.take(vocab * hidden * bundle_format.DTYPE_BYTES[embed_dtype])
+    slots[embed_name] = Slot((vocab, hidden), offset=embed)
     layers = []
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
@@ -440,7 +433,7 @@ def _read_tensors(shards: dict, header: dict, plan: _Plan, arena: mmap.mmap) -> 
         for name in names:
             info, slot = header[name], plan.slots[name]
             start, end = info["data_offsets"]
-            if slot.offset is not None and not slot.pairs_rows:  # as stored, straight into place
+            if slot.offset is not None and not slot.pairs:  # as stored, straight into place
                 bundle_format.read_exact_into(f, data_start + start, view[slot.offset : slot.offset + end - start], rel)
                 if slot.divide != 1.0:
                     at = base + slot.offset
@@ -453,16 +446,16 @@ def _read_tensors(shards: dict, header: dict, plan: _Plan, arena: mmap.mmap) -> 
 
 
 def _place_converted(name: str, info: dict, slot: Slot, src: int, base: int) -> None:
-    if slot.pairs_rows:  # int4 pairs [groups, rows] -> rows pairs_row0.. of [all rows, groups]
+    if slot.pairs:  # int4 pairs [groups, rows] -> rows pairs_row0.. of [all rows, groups]
         groups, rows = slot.shape[0], slot.shape[1]
         _native.transpose32(src, groups, rows, base + slot.offset + slot.pairs_row0 * groups * 4)
         return
-    if info["dtype"] not in ("BF16", "F16", "F32"):  # norms and biases: float32 copies
+    if info["dtype"] not in FLOATS:  # norms and biases: float32 copies
         raise BundleIntegrityError(
             f"tensor {name!r} is {info['dtype']}; a floating-point norm or bias was expected",
             hint="the bundle's config and weights disagree; pack the model again",
         )
-    n = (info["data_offsets"][1] - info["data_offsets"][0]) // ELEMENT_BYTES[info["dtype"]]
+    n = (info["data_offsets"][1] - info["data_offsets"][0]) // bundle_format.DTYPE_BYTES[info["dtype"]]
     _native.convert(src, getattr(_native, info["dtype"]), base + slot.offset32, _native.F32, n)
 
 
@@ -470,18 +463,15 @@ def _half_table(plan: _Plan, arena: mmap.mmap) -> None:
     """A bfloat16 embedding table / head converted to float16 in place, as lean.py does (logits
     rounded to 11 significant bits, not 8: SmolLM2-135M 8-bit mean KL to the source 0.00200 ->
     0.00156); kept bfloat16 when a value is too large for float16."""
-    base = _native.address(arena)
-    tables = [(plan.embed, plan.embed_dtype, "embed")]
-    if plan.head.weight != plan.embed and plan.head.kind == "BF16":
-        tables.append((plan.head.weight, "BF16", "head"))
-    for offset, dtype, which in tables:
-        if dtype != "BF16":
-            continue
-        n = plan.head.rows * plan.head.cols if which == "head" else plan.slots["model.embed_tokens.weight"].shape[0] * plan.slots["model.embed_tokens.weight"].shape[1]
-        if _native.convert(base + offset, _native.BF16, base + offset, _native.F16, n):
-            if which == "embed":
-                plan.embed_dtype = "F16"
-                if plan.head.weight == plan.embed:
-                    plan.head.kind = "F16"
-            else:
-                plan.head.kind = "F16"
+    base, n = _native.address(arena), plan.head.rows * plan.head.cols  # both [vocab, hidden]
+    tied = plan.head.weight == plan.embed
+
+    def to_half(offset: int) -> bool:
+        return _native.convert(base + offset, _native.BF16, base + offset, _native.F16, n)
+
+    if plan.embed_dtype == "BF16" and to_half(plan.embed):
+        plan.embed_dtype = "F16"
+        if tied:
+            plan.head.kind = "F16"
+    if not tied and plan.head.kind == "BF16" and to_half(plan.head.weight):
+        plan.head.kind = "F16"
