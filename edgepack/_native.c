@@ -1575,6 +1575,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(mod, "F32", W_F32);
         PyModule_AddIntConstant(mod, "INT4", W_INT4);
         PyModule_AddIntConstant(mod, "MAX_THREADS", MAX_THREADS);
+        PyModule_AddIntConstant(mod, "PROMPT_CHUNK", CHUNK); /* the planner mirrors these two */
+        PyModule_AddIntConstant(mod, "PROMPT_ROWS", PB);
     }
     return mod;
 }

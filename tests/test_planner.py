@@ -517,3 +517,5 @@ def test_runtime_constants_the_planner_mirrors_agree():
     for name in ("WIDE_ROWS", "WIDE_CHUNK_WEIGHTS", "INT8_WIDE_ROWS", "INT8_WIDE_CHUNK", "INT8_DIGIT_ROWS",
                  "INT8_TWO_DIGITS_MAX_IN", "DEQUANT_CHUNK_WEIGHTS"):  # fmt: skip
         assert getattr(planner, name) == getattr(qlinear, name), name
+    native = pytest.importorskip("edgepack._native", reason="the C extension is not built here")
+    assert (planner.NATIVE_CHUNK, planner.NATIVE_ROWS) == (native.PROMPT_CHUNK, native.PROMPT_ROWS)
