@@ -390,3 +390,17 @@ def test_pull_escapes_what_the_remote_index_says(hub, packed, tmp_path, capsys, 
         assert "\\x1b]0;pwned" in err
     else:  # or refused for disagreeing with the manifest, quoting it escaped
         assert_error_and_hint(code, out, err)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_run_escapes_generated_text_on_a_terminal_only(capsys, packed, monkeypatch, tty):
+    from types import SimpleNamespace
+
+    from edgepack import runtime
+
+    pieces = ["line one\n", HOSTILE, "\tend"]
+    monkeypatch.setattr(runtime.EdgeModel, "stream_steps", lambda self, *a, **k: (SimpleNamespace(text=t) for t in pieces))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    code, out, _ = run_cli(capsys, "run", str(packed("llama", 8)), "hi")
+    assert code == 0
+    assert out == ("line one\n" + printable(HOSTILE) + "\tend\n" if tty else "".join(pieces) + "\n")
