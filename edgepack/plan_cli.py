@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack import planner
-from edgepack.errors import SourceNotFoundError, UnsupportedModelError
+from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModelError, printable
 
 
 # --- the model's sizes, from its config -------------------------------------------------------
@@ -37,7 +37,9 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
             kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
             return AutoConfig.from_pretrained(str(resolved.path), **kwargs)
         return AutoConfig.from_pretrained(_hub_config(source, revision, gguf_file))
-    except (ValueError, KeyError) as exc:
+    except EdgepackError:
+        raise
+    except (ValueError, KeyError, RecursionError) as exc:  # RecursionError: a config nested too deeply
         raise UnsupportedModelError(
             f"cannot read the model config of {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="is this a Hugging Face transformers model?",
@@ -237,7 +239,7 @@ def main(args) -> int:
     if args.json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, desc) + "\n")
+        sys.stdout.write(printable(render(p, desc), newlines=True) + "\n")  # names come from the config
     return 0 if p.fits else 1
 
 
