@@ -75,9 +75,13 @@ def gguf_q8(hf: Path, llama_bin: Path, convert_py: Path) -> Path:
         if not (deps / "sentencepiece").exists():
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(deps), "sentencepiece"], check=True)
         env = dict(os.environ, PYTHONPATH=f"{convert_py.parent / 'gguf-py'}{os.pathsep}{deps}")
-        subprocess.run([sys.executable, str(convert_py), str(hf), "--outtype", "f16", "--outfile", str(f16)],
+        part = f16.with_name(f16.name + ".tmp-write")  # a killed conversion leaves no file that looks whole
+        subprocess.run([sys.executable, str(convert_py), str(hf), "--outtype", "f16", "--outfile", str(part)],
                        check=True, env=env)  # fmt: skip
-    subprocess.run([str(llama_bin / "llama-quantize"), str(f16), str(out), "Q8_0", "2"], check=True)
+        part.rename(f16)
+    part = out.with_name(out.name + ".tmp-write")
+    subprocess.run([str(llama_bin / "llama-quantize"), str(f16), str(part), "Q8_0", "2"], check=True)
+    part.rename(out)
     f16.unlink()
     return out
 
