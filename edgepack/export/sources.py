@@ -90,7 +90,7 @@ def _gguf(folder: Path, name: str, info: dict[str, Any]) -> ResolvedSource:
             "reading a GGUF source needs the `gguf` package, which is not installed",
             hint="pip install gguf   (or: pip install 'edgepack[gguf]')",
         )
-    from edgepack.bundle import sha256_file
+    from edgepack.format.bundle import sha256_file
 
     info = {**info, "gguf_file": name, "sha256": sha256_file(path)}
     return ResolvedSource(folder, name, info)
