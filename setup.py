@@ -1,4 +1,4 @@
-"""The one C extension, edgepack's CPU engine (edgepack/runtime/engine/csrc/); everything else
+"""The one C extension, edgepack.runtime.engine._engine, the CPU engine (its csrc/ folder); everything else
 is in pyproject.toml. It is optional: where it cannot be compiled (no C compiler), edgepack
 installs without it and the runtime decodes with torch ops instead.
 
@@ -22,7 +22,7 @@ flags = (
 setup(
     ext_modules=[
         Extension(
-            "edgepack._native",
+            "edgepack.runtime.engine._engine",
             sources,
             depends=sorted(p.as_posix() for p in CSRC.rglob("*.h")),
             extra_compile_args=flags,

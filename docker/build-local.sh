@@ -8,7 +8,7 @@
 # Steps, each skipped when its result is already there (so a second run takes seconds):
 #   1. podman, buildah, mmdebstrap and runc from apt;
 #   2. Debian base images made offline with mmdebstrap and `podman import`ed (the build
-#      stage's with gcc and Python's headers, for edgepack._native);
+#      stage's with gcc and Python's headers, for edgepack.runtime.engine._engine);
 #   3. every wheel the image needs, downloaded on the host (pip inside a build has no TLS
 #      here): torch's CPU build, edgepack's dependencies and its build backend;
 #   4. `podman build --isolation=chroot` of docker/Dockerfile.cpu with pip --no-index;
@@ -72,7 +72,7 @@ make_base() {  # make_base IMAGE EXTRA_PACKAGES
     rm -f "$WORK/base.tar"
 }
 make_base "$BASE" ""
-make_base "$BUILD_BASE" "python3-dev,gcc,libc6-dev"  # the build stage compiles edgepack._native
+make_base "$BUILD_BASE" "python3-dev,gcc,libc6-dev"  # the build stage compiles edgepack.runtime.engine._engine
 
 # --- 3. wheels --------------------------------------------------------------------------
 CONTEXT=$WORK/context
@@ -131,7 +131,7 @@ if [ -z "$BUNDLE" ]; then
 import sys, tempfile
 sys.path.insert(0, "tests")
 from conftest import make_model, make_tokenizer  # the test suite's tiny Llama, no network
-from edgepack.exporter import pack
+from edgepack.export.pack import pack
 
 tokenizer = make_tokenizer()
 with tempfile.TemporaryDirectory() as src:

@@ -105,7 +105,7 @@ _PACKED: dict[tuple, Path] = {}
 @pytest.fixture(scope="session")
 def packed(tiny_models, tmp_path_factory):
     """packed(kind, bits, **options) -> bundle dir, packed once per session per setting."""
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     root = tmp_path_factory.mktemp("bundles")
 

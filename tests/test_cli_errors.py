@@ -251,7 +251,7 @@ def test_pull_offline_of_an_unknown_repo(capsys, tmp_path):
 
 
 def test_unexpected_exception_is_one_line(capsys, monkeypatch, packed):
-    from edgepack import verify
+    from edgepack.format import verify
 
     def boom(*_a, **_k):
         raise ZeroDivisionError("division by zero somewhere deep")
@@ -266,7 +266,7 @@ def test_unexpected_exception_is_one_line(capsys, monkeypatch, packed):
 
 
 def test_interrupt_and_memory_error(capsys, monkeypatch, packed):
-    from edgepack import verify
+    from edgepack.format import verify
 
     def oom(*_a, **_k):
         raise MemoryError()

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pytest
 
-from edgepack import bundle
+from edgepack.format import bundle
 from edgepack.errors import DiskFullError, EdgepackError
 
 KILL_TRIALS = 20  # in forked processes, plus REAL_PROCESS_TRIALS below
 REAL_PROCESS_TRIALS = 2
-PRELOAD = ["torch", "transformers", "accelerate", "bitsandbytes", "edgepack.cli", "edgepack.exporter",
-           "edgepack.quantize", "edgepack.runtime", "transformers.models.llama.modeling_llama"]  # fmt: skip
+PRELOAD = ["torch", "transformers", "accelerate", "bitsandbytes", "edgepack.cli", "edgepack.export.pack",
+           "edgepack.export.quantize", "edgepack.runtime", "transformers.models.llama.modeling_llama"]  # fmt: skip
 
 
 def _pack_child(argv: list[str]) -> None:
@@ -184,7 +184,7 @@ def _failed_in(exc: BaseException) -> str:
 
 
 def test_full_disk_gives_a_clear_error_and_leaves_nothing(tiny_models, packed, tmp_path):
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     page = os.sysconf("SC_PAGE_SIZE")
     sizes = {e["path"]: e["size"] for e in bundle.read_manifest(packed("llama", 8))["files"]}
@@ -230,7 +230,7 @@ def test_full_disk_from_the_command_line(tiny_models, tmp_path, capsys):
 
 
 def test_disk_full_is_recognised_through_wrappers():
-    from edgepack.exporter import _is_disk_full
+    from edgepack.export.pack import _is_disk_full
 
     assert _is_disk_full(OSError(28, "No space left on device"))
     wrapped = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from edgepack import bundle as bundle_format
-from edgepack import quantize
+from edgepack.format import bundle as bundle_format
+from edgepack.export import quantize
 from edgepack.errors import OutputExistsError, QuantizationError, SourceNotFoundError, UnsupportedModelError
-from edgepack.exporter import pack, parse_size
+from edgepack.export.pack import pack, parse_size
 
 KINDS = ["gpt2", "llama", "llama-untied"]
 
@@ -147,7 +147,7 @@ def test_plain_transformers_loads_the_bundle(packed, kind):
 
 
 def test_write_weights_shards_by_size_and_writes_index(packed, tmp_path):
-    from edgepack.exporter import _write_weights
+    from edgepack.export.pack import _write_weights
 
     tensors = stored(packed("llama", 8))
     names = _write_weights(tmp_path, tensors, max_shard_bytes=20_000)
@@ -162,7 +162,7 @@ def test_write_weights_shards_by_size_and_writes_index(packed, tmp_path):
 
 def test_sharded_bundle_loads_and_generates_the_same(packed, tiny_models, tmp_path, monkeypatch):
     import edgepack
-    from edgepack import exporter
+    from edgepack.export import pack as exporter
 
     monkeypatch.setattr(exporter, "_check_options", lambda *a: None)  # allow a 20 kB limit
     out = tmp_path / "many"
@@ -194,7 +194,7 @@ def test_stale_temp_of_dead_pack_is_removed(tiny_models, tmp_path):
 
 
 def test_failed_verification_publishes_nothing(tiny_models, tmp_path, monkeypatch):
-    from edgepack import exporter, quantize
+    from edgepack.export import pack as exporter, quantize
     from edgepack.errors import ExportVerificationError
 
     real = quantize.compare_stored_tensors
@@ -275,7 +275,7 @@ def test_pack_leaves_no_world_writable_or_temp_files(packed):
 def test_streaming_pack_equals_in_memory_pack(tiny_models, tmp_path, monkeypatch, kind, bits):
     """A safetensors checkpoint is quantized tensor by tensor from its shards; the bundle is
     byte for byte the one packing the loaded model gives, with the same quality figures."""
-    from edgepack import exporter
+    from edgepack.export import pack as exporter
 
     messages = []
     streamed = pack(str(tiny_models[kind]), tmp_path / "s", bits=bits, progress=messages.append)
@@ -320,7 +320,7 @@ def test_int4_tensors_are_affine_groups_of_the_source(packed, tiny_models, kind)
 def test_int4_keeps_layers_the_kernel_cannot_run_in_16bit():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgepack.quantize import INT4_SHAPE_REASON, Settings, quantize_model
+    from edgepack.export.quantize import INT4_SHAPE_REASON, Settings, quantize_model
 
     # hidden 48 (not a multiple of the group 32): only down_proj ([48, 64]) can run int4
     config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from edgepack import bundle as bundle_format
-from edgepack import gptq, smoothing
+from edgepack.format import bundle as bundle_format
+from edgepack.export import gptq, smoothing
 
 
 def test_scales_are_exact_in_bfloat16_and_as_small_as_they_can_be():
@@ -106,7 +106,7 @@ def test_smoothed_hessian_is_the_rewritten_models():
     """With smoothing, GPTQ must weigh the *rewritten* layer's inputs: X / d for columns
     scaled by d. The Hessian quantize_model hands GPTQ equals one measured on the rewritten
     model itself."""
-    from edgepack.quantize import _hessian
+    from edgepack.export.quantize import _hessian
 
     tokenizer = make_tokenizer()
     model = make_model("llama", len(tokenizer))

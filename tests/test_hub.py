@@ -18,11 +18,11 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, metadata_load
 from hub_server import DEFAULT_TOKEN, DEFAULT_USER, hub, hub_server  # noqa: F401
 
 import edgepack
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack import cli, hub as edgehub
 from edgepack.errors import BundleIntegrityError, HubError, VariantError
 from edgepack.hub import RUNTIME_OVERHEAD_BYTES, choose_variant, pull, push, resolve_bundle_ref
-from edgepack.profile import DeviceProfile, load_profile
+from edgepack.plan.profile import DeviceProfile, load_profile
 
 REPO = f"{DEFAULT_USER}/tiny-edge"
 PROMPT = "The capital"

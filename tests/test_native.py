@@ -1,4 +1,4 @@
-"""edgepack._native: the C decode step. Its kernels against float64 math for every weight
+"""edgepack.runtime.engine._engine: the C decode step. Its kernels against float64 math for every weight
 type, instruction set and thread count; whole decode steps against a float64 Llama written
 out here and against the torch path; fallbacks and errors."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import edgepack
-from edgepack import lean
+from edgepack.runtime.torch import llama as lean
 
-native = pytest.importorskip("edgepack._native", reason="the C extension is not built here")
+native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
 
 BEST_ISA = native.set_isa()
 
@@ -121,9 +121,9 @@ def _float64_logits(model: lean.LeanLM, ids: list[int]) -> torch.Tensor:
     cfg = model.cfg
 
     def w(module):
-        if isinstance(module, edgepack.qlinear.Int8Linear):
+        if isinstance(module, edgepack.runtime.torch.linear.Int8Linear):
             return module.weight.double() * (module.SCB.double() / 127.0)[:, None]
-        if isinstance(module, edgepack.qlinear.Int4Linear):
+        if isinstance(module, edgepack.runtime.torch.linear.Int4Linear):
             return module.dequantized_weight().double()
         return module.weight.double()
 
@@ -443,7 +443,7 @@ def test_sampling_follows_temperature_top_k_and_top_p():
 def edgepack_sample(seed: int) -> list[int]:
     import random
 
-    from edgepack.native import NativeLM
+    from edgepack.runtime.engine import NativeLM
 
     rng = random.Random(seed)
     from array import array

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from edgepack import planner
+from edgepack.plan import planner
 from edgepack.cli import main as cli_main
 from edgepack.errors import PlanError
-from edgepack.planner import Quant
-from edgepack.profile import DeviceProfile, list_profiles, load_profile
+from edgepack.plan.planner import Quant
+from edgepack.plan.profile import DeviceProfile, list_profiles, load_profile
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -19,7 +19,7 @@ GIB = 1 << 30
 @pytest.fixture(scope="session")
 def describe(tiny_models):
     """describe(kind) -> ModelDescription of a tiny test model (vocab 400), from its config."""
-    from edgepack.plan_cli import describe_model, load_config
+    from edgepack.cli.plan import describe_model, load_config
 
     cache = {}
 
@@ -92,7 +92,7 @@ def test_weight_bytes_by_hand(describe, kind, bits):
 @pytest.mark.parametrize("kind,bits", sorted(HAND_COUNTED))
 def test_weight_bytes_equal_the_bundles(describe, packed, kind, bits):
     """The storage-layout model is exact: same bytes as the exporter writes."""
-    from edgepack import bundle as bundle_format
+    from edgepack.format import bundle as bundle_format
 
     manifest = bundle_format.read_manifest(packed(kind, bits))
     assert planner.weight_bytes(describe(kind), Quant(bits)) == manifest["memory"]["weight_bytes"]
@@ -102,7 +102,7 @@ def test_weight_bytes_equal_the_bundles(describe, packed, kind, bits):
 def test_double_quant_within_the_offset_digits(describe, packed, kind):
     """Double quant adds uint8 block scales, a float32 per 256 of them and a 256-entry map;
     only the printed nested_offset's length (±a few characters per layer) is unknown."""
-    from edgepack import bundle as bundle_format
+    from edgepack.format import bundle as bundle_format
 
     manifest = bundle_format.read_manifest(packed(kind, 4, quant_type="fp4", double_quant=True))
     layers = len(manifest["quantization"]["quantized_modules"])
@@ -112,14 +112,14 @@ def test_double_quant_within_the_offset_digits(describe, packed, kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-untied"])
 def test_int4_weight_bytes_equal_the_bundles(describe, packed, kind):
-    from edgepack import bundle as bundle_format
+    from edgepack.format import bundle as bundle_format
 
     manifest = bundle_format.read_manifest(packed(kind, 4, quant_type="int4"))
     assert planner.weight_bytes(describe(kind), Quant(4, "int4")) == manifest["memory"]["weight_bytes"]
 
 
 def test_int4_is_a_cpu_format(describe, tiny_models):
-    from edgepack.plan_cli import plan_for_pack
+    from edgepack.cli.plan import plan_for_pack
 
     llama = describe("llama")
     # 4096x4096 int4: 8,388,608 codes + 128 groups x 4096 rows x (scale + zero) x 2 bytes
@@ -413,7 +413,7 @@ def test_planner_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from edgepack import planner; from edgepack.profile import load_profile; "
+    code = ("import sys; from edgepack import planner; from edgepack.plan.profile import load_profile; "
             "planner._Target.of(load_profile('t4')); print('torch' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
@@ -465,7 +465,7 @@ def test_cli_accepts_a_probed_profile(tiny_models, tmp_path, capsys):
 
 
 def test_plan_for_pack(tiny_models):
-    from edgepack.plan_cli import plan_for_pack
+    from edgepack.cli.plan import plan_for_pack
 
     said = []
     got = plan_for_pack(str(tiny_models["llama"]), "t4", 128, None, None, None, "nf4", said.append)
@@ -488,7 +488,7 @@ def _tiny_box_file(tiny_models):
 def test_pack_for_a_cpu_only_profile_at_more_than_4_bits(tiny_models, tmp_path):
     """The CPU-only default quant type (int4) must not get in the way when the plan picks
     16 or 8 bits (it once failed with "unsupported 4-bit block size 32")."""
-    from edgepack import bundle as bundle_format
+    from edgepack.format import bundle as bundle_format
 
     out = tmp_path / "cpu"
     args = ["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "rpi4-4gb", "--context", "128", "-q"]
@@ -499,7 +499,7 @@ def test_pack_for_a_cpu_only_profile_at_more_than_4_bits(tiny_models, tmp_path):
 
 
 def test_pack_with_a_profile_records_the_plan(tiny_models, tmp_path):
-    from edgepack import bundle as bundle_format
+    from edgepack.format import bundle as bundle_format
 
     out = tmp_path / "planned"
     assert cli_main(["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "t4", "--context", "128", "-q"]) == 0
@@ -513,10 +513,10 @@ def test_pack_with_a_profile_records_the_plan(tiny_models, tmp_path):
 def test_runtime_constants_the_planner_mirrors_agree():
     """The planner keeps its own copies (it must not import the runtime's torch code paths);
     they must say what the runtime does."""
-    from edgepack import qlinear
+    from edgepack.runtime.torch import linear as qlinear
 
     for name in ("WIDE_ROWS", "WIDE_CHUNK_WEIGHTS", "INT8_WIDE_ROWS", "INT8_WIDE_CHUNK", "INT8_DIGIT_ROWS",
                  "INT8_TWO_DIGITS_MAX_IN", "DEQUANT_CHUNK_WEIGHTS"):  # fmt: skip
         assert getattr(planner, name) == getattr(qlinear, name), name
-    native = pytest.importorskip("edgepack._native", reason="the C extension is not built here")
+    native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
     assert (planner.NATIVE_CHUNK, planner.NATIVE_ROWS) == (native.PROMPT_CHUNK, native.PROMPT_ROWS)

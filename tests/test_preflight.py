@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 import edgepack
-from edgepack import memory, runtime
+from edgepack.runtime import memory
+from edgepack import runtime
 from edgepack.errors import InsufficientMemoryError
 
 MIB = 1024 * 1024

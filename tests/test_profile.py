@@ -9,10 +9,10 @@ import shutil
 import psutil
 import pytest
 
-from edgepack import profile as prof
+from edgepack.plan import profile as prof
 from edgepack.cli import main
 from edgepack.errors import ProfileError
-from edgepack.profile import DeviceProfile, list_profiles, load_profile, probe, profiles_dir
+from edgepack.plan.profile import DeviceProfile, list_profiles, load_profile, probe, profiles_dir
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -11,8 +11,8 @@ from conftest import make_model
 
 @pytest.mark.parametrize("kind", ["llama", "llama-untied", "gpt2"])
 def test_reference_keeps_tables_16bit_and_matches_transformers(kind):
-    from edgepack.quantize import Settings, quantize_model
-    from edgepack.reference import UpcastEmbedding, UpcastLinear, dequantized_model
+    from edgepack.export.quantize import Settings, quantize_model
+    from edgepack.export.reference import UpcastEmbedding, UpcastLinear, dequantized_model
 
     model = make_model(kind, 300)
     settings = Settings(16)
@@ -33,7 +33,7 @@ def test_reference_keeps_tables_16bit_and_matches_transformers(kind):
 
 
 def test_upcast_linear_in_row_blocks_equals_one_matmul(monkeypatch):
-    from edgepack.reference import UpcastLinear
+    from edgepack.export.reference import UpcastLinear
 
     monkeypatch.setattr(UpcastLinear, "ROWS", 7)
     w, x = torch.randn(30, 8).bfloat16(), torch.randn(2, 3, 8)
@@ -43,7 +43,7 @@ def test_upcast_linear_in_row_blocks_equals_one_matmul(monkeypatch):
 def test_lazy_source_reads_linear_weights_per_call_unless_pinned():
     """A streamed source's linears are read on every call (one weight alive at a time);
     inside pinned(block) each is read once for any number of calls, then dropped again."""
-    from edgepack import reference
+    from edgepack.export import reference
 
     model = make_model("llama", 300)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

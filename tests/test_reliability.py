@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bundle import craft_shard, edit_manifest, load_manifest, read_shard, reseal, save_manifest, write_shard
 
-from edgepack import bundle, cli
+from edgepack.format import bundle
+from edgepack import cli
 from edgepack.errors import BundleIntegrityError, EdgepackError, SignatureError
 
 SHARD = "model.safetensors"
@@ -243,7 +244,8 @@ def test_truncated_while_reading_tensors_raises(bundle_copy, monkeypatch):
 
 TRUNCATE_IN_A_PROCESS = """
 import sys
-from edgepack import bundle, cli
+from edgepack.format import bundle
+from edgepack import cli
 verify, read_header = bundle.verify_bundle, bundle.read_shard_header
 def header_then_truncate(f, *args, **kwargs):
     result = read_header(f, *args, **kwargs)
@@ -395,7 +397,7 @@ def byte_mutations(draw, raw: bytes, focus: int):
 
 
 def _read_with_torch_reader(bundle_dir: Path) -> None:
-    from edgepack import torch_model
+    from edgepack.runtime.torch import model as torch_model
 
     manifest = bundle.verify_bundle(bundle_dir, check_hashes=True)
     for _ in torch_model.read_shard(bundle_dir / SHARD, manifest, SHARD):
@@ -494,7 +496,7 @@ needs_cryptography = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    from edgepack import signing
+    from edgepack.format import signing
 
     root = tmp_path_factory.mktemp("keys")
     private, public, _ = signing.generate_key(root / "key.pem")
@@ -579,7 +581,7 @@ def test_wrong_key_fails(signed, keys, capsys):
 
 @needs_cryptography
 def test_signature_by_another_key_with_a_forged_key_id_fails(signed, keys):
-    from edgepack import signing
+    from edgepack.format import signing
 
     sig = json.loads((signed / "edgepack.sig").read_text())
     other = signing.load_public_key(keys["other_public"])

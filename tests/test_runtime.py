@@ -11,7 +11,7 @@ import torch
 
 import edgepack
 from edgepack.errors import GenerationError
-from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
+from edgepack.runtime.torch.linear import Int4Linear, Int8Linear, Linear4bit
 
 SETTINGS = [(16, {}), (8, {}), (4, {}), (4, {"quant_type": "int4"})]
 
@@ -80,7 +80,7 @@ def test_head_runs_in_float16_with_the_stored_values(packed, kind):
 
 
 def test_head_out_of_float16_range_stays_bfloat16(packed):
-    from edgepack import lean
+    from edgepack.runtime.torch import llama as lean
 
     model = edgepack.load(packed("llama-untied", 8), backend="torch").model
     big = (torch.randn(8, model.cfg.hidden) * 0.05).to(torch.bfloat16)
@@ -92,7 +92,7 @@ def test_head_out_of_float16_range_stays_bfloat16(packed):
 
 def test_lean_decoder_matches_transformers(packed, monkeypatch):
     """The lean CPU decoder computes what transformers' Llama computes on the same tensors."""
-    from edgepack.lean import LeanLM
+    from edgepack.runtime.torch.llama import LeanLM
 
     for bits, opts in SETTINGS:
         bundle = packed("llama-untied", bits, **opts)
@@ -128,7 +128,7 @@ def test_lean_kv_cache_matches_full_recompute(packed):
 def test_4bit_dequantization_matches_bitsandbytes_bit_for_bit(quant_type, double_quant):
     import bitsandbytes.functional as F
 
-    from edgepack.qlinear import dequantize_4bit
+    from edgepack.runtime.torch.linear import dequantize_4bit
 
     torch.manual_seed(0)
     for shape in [(96, 64), (33, 70)]:  # the second leaves a partial last block
@@ -144,8 +144,8 @@ def test_4bit_dequantization_matches_bitsandbytes_bit_for_bit(quant_type, double
 def test_int4_linear_runs_the_stored_formula():
     """torch's int4 kernel (after the load-time repack) computes x @ W.T for W written out
     from the stored codes, scales and zeros; fused projections equal the separate ones."""
-    from edgepack.lean import fuse
-    from edgepack.quantize import quantize_int4
+    from edgepack.runtime.torch.llama import fuse
+    from edgepack.export.quantize import quantize_int4
 
     torch.manual_seed(0)
     x = torch.randn(5, 128)
@@ -196,7 +196,7 @@ def test_int8_kernel_prompt_path_computes_the_stored_formula(rows, monkeypatch):
     """From INT8_WIDE_ROWS rows the int8 kernel runs int8 x int8 GEMMs on two-digit
     activations in chunks of weight rows (a ragged last one included); below it, torch's
     int8pack kernel. Both compute W = weight * SCB/127."""
-    import edgepack.qlinear as qlinear
+    import edgepack.runtime.torch.linear as qlinear
 
     monkeypatch.setattr(qlinear, "INT8_WIDE_CHUNK", 2 * 300 * 20)  # 300 rows: chunks of 20, 20, 8 weight rows
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_int8_digit_activations_are_as_precise_as_bf16_inputs(inputs, digits, mo
     """Rows with a massive outlier channel, as LLMs have: one int8 digit per activation (W8A8)
     loses the small values; the digits keep the result as close as bf16 inputs would (the
     decode kernel's), with a third digit for very wide layers."""
-    import edgepack.qlinear as qlinear
+    import edgepack.runtime.torch.linear as qlinear
 
     calls = []
     real = torch._int_mm
@@ -247,7 +247,7 @@ def test_int8_digit_activations_are_as_precise_as_bf16_inputs(inputs, digits, mo
 
 
 def test_16bit_linear_prompt_path_matches_bf16_linear():
-    from edgepack.lean import CastLinear
+    from edgepack.runtime.torch.llama import CastLinear
 
     torch.manual_seed(0)
     layer = CastLinear(64, 40, bias=True, dtype=torch.bfloat16)
@@ -255,7 +255,7 @@ def test_16bit_linear_prompt_path_matches_bf16_linear():
     layer.bias = torch.nn.Parameter(torch.randn(40).bfloat16(), requires_grad=False)
     x = torch.randn(100, 64)
     expected = x.bfloat16().double() @ layer.weight.double().T + layer.bias.double()
-    import edgepack.qlinear as qlinear
+    import edgepack.runtime.torch.linear as qlinear
 
     qlinear._wide_buffer = torch.empty(0)
     with torch.inference_mode():  # the buffer made in inference mode (a model's forward) ...
@@ -272,7 +272,7 @@ def test_lean_load_reads_fused_rows_in_place(packed, bits, monkeypatch):
     (and garbage collection is back on afterwards)."""
     import gc
 
-    from edgepack import lean
+    from edgepack.runtime.torch import llama as lean
 
     made = {}
     real = lean.fused_destinations
@@ -298,7 +298,7 @@ def test_lean_load_reads_fused_rows_in_place(packed, bits, monkeypatch):
 
 
 def test_joined_copies_only_when_it_must():
-    from edgepack.lean import joined
+    from edgepack.runtime.torch.llama import joined
 
     buffer = torch.arange(12.0).view(6, 2)
     whole = joined([buffer[:1], buffer[1:4], buffer[4:]])
@@ -443,7 +443,7 @@ def test_multibyte_characters_are_never_split(packed):
 
 
 def test_hashes_checked_once_then_trusted_until_a_file_changes(bundle_copy, monkeypatch):
-    from edgepack import bundle as bundle_format
+    from edgepack.format import bundle as bundle_format
 
     bundle = bundle_copy("llama", 8)
     calls = []
@@ -462,9 +462,10 @@ def test_hashes_checked_once_then_trusted_until_a_file_changes(bundle_copy, monk
     assert len(calls) == 2 * first
 
 
-RUNTIME_MODULES = {"edgepack", "edgepack._native", "edgepack.bundle", "edgepack.errors", "edgepack.memory",
-                   "edgepack.native", "edgepack.runtime", "edgepack.tokenizer"}  # fmt: skip
-TORCH_BACKEND_MODULES = {"edgepack.lean", "edgepack.qlinear", "edgepack.torch_model"}
+# What loading and generating may import: the runtime, the bundle format and the errors;
+# never export/, plan/, hub/, serve/ or cli/ (checked by prefix, so new modules count too).
+RUNTIME_PREFIXES = ("edgepack.runtime", "edgepack.format")
+RUNTIME_ROOT_MODULES = {"edgepack", "edgepack.errors"}
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -479,13 +480,14 @@ def test_runtime_imports_nothing_from_exporter_planner_or_hub(packed, kind):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     ours = {m for m in loaded if m.startswith("edgepack")}
-    assert ours <= RUNTIME_MODULES | TORCH_BACKEND_MODULES, ours - RUNTIME_MODULES  # no exporter, quantize, planner, hub, serve
+    outside = {m for m in ours if m not in RUNTIME_ROOT_MODULES and not m.startswith(RUNTIME_PREFIXES)}
+    assert not outside, outside
     assert not any(m.startswith("bitsandbytes") for m in loaded)
     # Llama-family models on CPU run in edgepack's own engine: not even torch is imported;
     # GPT-2 is a transformers model
     assert any(m.startswith("transformers") for m in loaded) == (kind == "gpt2")
     assert ("torch" in loaded) == (kind == "gpt2")
-    assert bool(ours & TORCH_BACKEND_MODULES) == (kind == "gpt2")
+    assert any(m.startswith("edgepack.runtime.torch") for m in ours) == (kind == "gpt2")
 
 
 def test_import_edgepack_is_cheap():
@@ -497,7 +499,7 @@ def test_import_edgepack_is_cheap():
 def test_4bit_forward_in_row_chunks_matches_whole_matrix(monkeypatch):
     import bitsandbytes.functional as F
 
-    from edgepack import qlinear
+    from edgepack.runtime.torch import linear as qlinear
 
     torch.manual_seed(0)
     w, x = torch.randn(96, 128, dtype=torch.bfloat16), torch.randn(3, 128)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     root = tmp_path_factory.mktemp("smollm2")
     return {bits: (root / f"b{bits}", pack("smollm2-135m", root / f"b{bits}", bits=bits)) for bits in (8, 4)}
@@ -56,7 +56,7 @@ def test_int4_on_the_default_model(tmp_path):
     """edgepack's CPU int4 on the real model: close to the source (which is itself a Q4_1
     GGUF, so 32-wide affine groups land near its grid), and it answers."""
     import edgepack
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     manifest = pack("smollm2-135m", tmp_path / "int4", bits=4, quant_type="int4")
     q, v = manifest["quantization"], manifest["verification"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from edgepack import bundle as bundle_format
-from edgepack import smoothing
+from edgepack.format import bundle as bundle_format
+from edgepack.export import smoothing
 
 
 def qwen2_with_biases(vocab_size: int):
@@ -108,7 +108,7 @@ def test_calibration_looks_like_what_the_model_sees():
 
 def test_damaged_calibration_text_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
     from edgepack.errors import QuantizationError
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     short = tmp_path / "calibration.txt"
     short.write_text("too short")

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from edgepack import cli, plan_cli
-from edgepack.profile import load_profile
+from edgepack import cli
+from edgepack.cli import plan as plan_cli
+from edgepack.plan.profile import load_profile
 
 
 @pytest.mark.parametrize(
@@ -23,8 +24,9 @@ def test_storage_dtype_follows_the_profiles_bf16(profile, quant_type, want):
 def test_pack_for_a_no_bf16_profile_writes_float16(tiny_models, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from edgepack import quantize, runtime
-    from edgepack.exporter import CHECK_PROMPT
+    from edgepack import runtime
+    from edgepack.export import quantize
+    from edgepack.export.pack import CHECK_PROMPT
 
     out = tmp_path / "fp16"
     assert cli.main(["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "gtx1650-4gb", "--bits", "8", "-q"]) == 0

@@ -120,7 +120,7 @@ def pack_measured(model: str, out: Path, bits: int, quant_type: str = "nf4") -> 
     code = (
         "import json, resource, time, sys\n"
         "t = time.perf_counter()\n"
-        "from edgepack.exporter import pack\n"
+        "from edgepack.export.pack import pack\n"
         f"m = pack({model!r}, {str(out)!r}, bits={bits}, quant_type={quant_type!r}, force=True)\n"
         "hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
         "print(json.dumps({'pack_s': time.perf_counter() - t, 'pack_peak_rss': hwm, "
@@ -133,7 +133,7 @@ def pack_measured(model: str, out: Path, bits: int, quant_type: str = "nf4") -> 
 
 def save_checkpoint(model: str, out: Path, dtype: str = "float32") -> int:
     """A plain safetensors checkpoint of the model (the seed recipe starts from fp32)."""
-    from edgepack.sources import resolve_source
+    from edgepack.export.sources import resolve_source
 
     src = resolve_source(model)
     code = (

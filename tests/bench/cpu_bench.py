@@ -9,7 +9,7 @@ processes: decode tokens/s (128 greedy tokens, end-of-sequence ignored), prompt 
 and held-out quality against the full-precision source (perplexity, mean KL, top-1
 agreement on tests/bench/gguf_heldout.txt plus the start of Python's pydoc topics, ~4k
 tokens, the same token ids for every edgepack format, fed through the KV cache as generated
-tokens are: one token a step through edgepack._native where decode steps run there, else 16
+tokens are: one token a step through edgepack.runtime.engine._engine where decode steps run there, else 16
 tokens at a time (8-bit: 4), below the prompt paths of torch ops; "8 rtn" is the
 8-bit bundle packed with --no-smoothing --no-gptq, bitsandbytes' round-to-nearest, scored
 for quality only). Then the
@@ -142,7 +142,7 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
             cache = lm.model.new_cache(tokens.shape[1])
             steps = [torch.frombuffer(lm.model.forward([int(t)], cache), dtype=torch.float32) for t in tokens[0]]
             logits = torch.stack(steps).double()
-        elif getattr(lm.model, "native_off", "") is None:  # decode steps run in edgepack._native: one token a step
+        elif getattr(lm.model, "native_off", "") is None:  # decode steps run in edgepack.runtime.engine._engine: one token a step
             cache = lm.model.new_cache(tokens.shape[1])
             logits = torch.stack([lm.model.native_step(int(t), cache) for t in tokens[0]]).double()
         elif hasattr(lm.model, "new_cache"):  # the lean decoder on torch ops: chunk by chunk
@@ -152,7 +152,7 @@ def worker_quality(path: str, tokens_npy: str, out_npy: str) -> dict:
             # WIDE_ROWS for 16-bit ones: 16), so these are the numerics of decoding (the decode
             # kernels compute each row alike: on the default 8-bit bundle 1 and 4 rows a step
             # score KL 0.00158 / 0.00156)
-            from edgepack.qlinear import INT8_WIDE_ROWS, WIDE_ROWS
+            from edgepack.runtime.torch.linear import INT8_WIDE_ROWS, WIDE_ROWS
 
             step = (INT8_WIDE_ROWS if lm.manifest["quantization"]["bits"] == 8 else WIDE_ROWS) // 2
             chunks = range(0, tokens.shape[1], step)
@@ -194,7 +194,7 @@ def worker_torch_rss() -> dict:
 
 
 def pack_bundles(work: Path) -> dict[str, Path]:
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     bundles = {}
     settings = {"16": {"bits": 16}, "8": {"bits": 8}, "8 rtn": {"bits": 8, "smoothing": False, "gptq": False},
@@ -210,7 +210,7 @@ def save_fp32(work: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.sources import resolve_source
+    from edgepack.export.sources import resolve_source
 
     src = resolve_source("smollm2-135m")
     out = work / "fp32"
@@ -242,7 +242,7 @@ def ppl_delta_se_pct(ref: np.ndarray, lp: np.ndarray, tokens: np.ndarray) -> flo
 
 
 def profile_decode_step(bundle: Path, threads: int) -> str:
-    """Where one decode step goes: edgepack._native's own clock per part of the step where
+    """Where one decode step goes: edgepack.runtime.engine._engine's own clock per part of the step where
     the step runs there, else torch's profiler over the step's ops."""
     import torch
 
@@ -252,7 +252,7 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     lm = edgepack.load(bundle, verify=False)
     if lm.backend == "native":
-        from edgepack import _native
+        from edgepack.runtime.engine import _engine as _native
 
         cache = lm.model.new_cache(512)
         lm.model.forward(heldout_ids(lm.tokenizer, 64), cache)
@@ -270,7 +270,7 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
     for _ in range(5):
         lm.model.logits_last(token, cache)
     if getattr(lm.model, "native_off", "") is None:
-        from edgepack import _native
+        from edgepack.runtime.engine import _engine as _native
 
         _native.profile(True)
         start = time.perf_counter()

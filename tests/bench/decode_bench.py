@@ -50,7 +50,7 @@ def worker_edgepack(path: str, threads: int, prompt_n: int, new_n: int) -> dict:
     """edgepack's engine as `run` drives it: a prompt of prompt_n token ids (the held-out text,
     cycled), then new_n greedy steps, each a forward of one token and the C argmax."""
     t0 = float(os.environ.get(peer.T0_ENV, time.time()))
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # edgepack.native.threads() reads it
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # edgepack.runtime.engine.threads() reads it
     import edgepack
 
     lm = edgepack.load(path, verify=False)
@@ -174,7 +174,7 @@ def prepare(names: list[str], llama: dict) -> list[dict]:
         if name == "135m":
             import gguf_variants
 
-            from edgepack.exporter import pack
+            from edgepack.export.pack import pack
 
             bundle = WORK / "smollm2-135m-edgepack8"
             if not (bundle / "edgepack.json").exists():

@@ -56,7 +56,7 @@ def bundle(hf: Path) -> Path:
     out = hf.with_name(hf.name.replace("-hf", "-edgepack8"))
     if (out / "edgepack.json").exists():
         return out
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     pack(str(hf), out, bits=8, smoothing=False, gptq=False, force=True)
     return out

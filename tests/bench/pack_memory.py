@@ -31,7 +31,7 @@ def build_checkpoint(out: Path, layers: int, dtype: str) -> int:
     code = f"""
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from edgepack.sources import resolve_source
+from edgepack.export.sources import resolve_source
 src = resolve_source("smollm2-135m")
 tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
 cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers={layers},
@@ -49,7 +49,7 @@ tok.save_pretrained({str(out)!r})
 
 def pack_peak(ckpt: Path, out: Path, bits: int, quant_type: str) -> dict:
     code = (
-        "import json, time\nt = time.perf_counter()\nfrom edgepack.exporter import pack\n"
+        "import json, time\nt = time.perf_counter()\nfrom edgepack.export.pack import pack\n"
         f"m = pack({str(ckpt)!r}, {str(out)!r}, bits={bits}, quant_type={quant_type!r}, force=True)\n"
         f"print(json.dumps({{'peak': {HWM}, 'seconds': time.perf_counter() - t, "
         "'weight_bytes': m['memory']['weight_bytes']}))\n"

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edgepack import planner  # noqa: E402
+from edgepack.plan import planner  # noqa: E402
 
 MIB = 1 << 20
 TOLERANCE = 0.10
@@ -110,7 +110,7 @@ PATHS = {
 
 
 def bundles_for(name: str, source: str, root: Path) -> dict[int | str, Path]:
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     out = {}
     for label, (bits, quant_type) in SETTINGS.items():
@@ -146,7 +146,7 @@ print(rss() - before, tok.get_vocab_size(with_added_tokens=True))
 def measure_baselines(tiny_llama: dict[int, Path]) -> dict[str, int]:
     """The process of `edgepack run` on the tiny 16-bit llama bundle, by runtime path,
     minus the (< 1 MiB) weights, KV cache, activations and tokenizer the planner predicts."""
-    from edgepack.plan_cli import describe_model, load_config
+    from edgepack.cli.plan import describe_model, load_config
 
     bundle = tiny_llama[16]
     desc = describe_model(load_config(str(bundle)))
@@ -174,7 +174,7 @@ def measure_tokenizer(bundle: Path) -> float:
 
 def _profile() -> dict:
     """This machine as a CPU-only profile with room to spare: only the prediction matters."""
-    from edgepack.profile import load_profile
+    from edgepack.plan.profile import load_profile
 
     d = load_profile("cpu-laptop-16gb").to_dict()
     arch = platform.machine()
@@ -185,7 +185,7 @@ def _profile() -> dict:
 
 def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[int, ...], new_tokens: int,
             paths: tuple[str, ...]) -> list[dict]:  # fmt: skip
-    from edgepack.plan_cli import describe_model, load_config
+    from edgepack.cli.plan import describe_model, load_config
 
     desc = describe_model(load_config(source), name=name)
     rows = []

@@ -39,7 +39,7 @@ def tiny_bundle(out: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import make_model, make_tokenizer
 
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
 
     tokenizer = make_tokenizer()
     with tempfile.TemporaryDirectory() as src:

@@ -61,8 +61,9 @@ def load_edgepack(ctx: Ctx, bundle: Path, device_map: dict[str, str] | None = No
     On a GPU with no device_map: ``edgepack.load``, which follows the bundle's planned map.
     Otherwise torch_model.build_model with that map; on the CPU (dry run) the CUDA
     placement code runs anyway, with "cpu" as its device."""
-    from edgepack import bundle as bundle_format
-    from edgepack import runtime, torch_model
+    from edgepack.format import bundle as bundle_format
+    from edgepack import runtime
+    from edgepack.runtime.torch import model as torch_model
 
     if not ctx.dry and device_map is None:
         return runtime.load(bundle, backend="torch").model
@@ -120,7 +121,7 @@ def floating_dtypes(model) -> dict[str, int]:
 
 def case_probe(ctx: Ctx, _spec: dict) -> dict:
     """edgepack's own probe of this box (GPU, compute capability, bf16, bitsandbytes)."""
-    from edgepack.profile import probe
+    from edgepack.plan.profile import probe
 
     return {"profile": probe("gpu-check", check_bitsandbytes=True)}
 

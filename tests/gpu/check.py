@@ -60,7 +60,7 @@ def gpu_profile(work: Path, dry: bool, probe_result: dict | None) -> Path:
     """The profile the bundles are packed for: this box as edgepack probes it (dry run: the
     built-in rtx4090-24gb), with reserved_bytes 0 so that the planner adds its CUDA-context
     estimate and its peak predicts the process's whole VRAM."""
-    from edgepack.profile import load_profile
+    from edgepack.plan.profile import load_profile
 
     d = probe_result if probe_result is not None else load_profile("rtx4090-24gb").to_dict()
     d = json.loads(json.dumps(d))
@@ -77,8 +77,9 @@ def card_profile(work: Path, dry: bool, source: Path) -> str:
     16 bits (the real profile holds it at any size), so the planner must choose."""
     if not dry:
         return "gtx1650-4gb"
-    from edgepack import plan_cli, planner
-    from edgepack.profile import load_profile
+    from edgepack.cli import plan as plan_cli
+    from edgepack.plan import planner
+    from edgepack.plan.profile import load_profile
 
     d = load_profile("gtx1650-4gb").to_dict()
     desc = plan_cli.describe_model(plan_cli.load_config(str(source)))
@@ -95,8 +96,8 @@ def pack_for(source: Path, out: Path, profile: str, bits: int | None, quant_type
     """What `edgepack pack SOURCE -o OUT --profile P [--bits B] [--quant-type Q] --context C
     --no-smoothing --no-gptq` does (smoothing and GPTQ change only the codes' values, and on
     random weights they would cost minutes of the budget, not prove anything on the GPU)."""
-    from edgepack import plan_cli
-    from edgepack.exporter import pack
+    from edgepack.cli import plan as plan_cli
+    from edgepack.export.pack import pack
 
     options = plan_cli.plan_for_pack(str(source), profile, context, bits, None, None, quant_type, None)
     return pack(str(source), out, bits=options.pop("bits"), quant_type=options.pop("quant_type"),
@@ -105,7 +106,8 @@ def pack_for(source: Path, out: Path, profile: str, bits: int | None, quant_type
 
 def cpu_logits(bundle: Path, ids: list[int]):
     """The bundle on this box's CPU as a user gets it (edgepack's engine where it runs it)."""
-    from edgepack import quantize, runtime
+    from edgepack import runtime
+    from edgepack.export import quantize
 
     lm = runtime.load(bundle, device="cpu", force=True)
     with __import__("torch").inference_mode():
@@ -124,8 +126,9 @@ def source_logits(source: Path, ids: list[int]):
 def predicted(source: Path, profile: str, bits: int, quant_type: str, dtype: str, context: int, prompt: int) -> dict:
     """The planner's cuda:0 figures for this run's context (the whole process: it includes
     the CUDA context estimate, since the profile reserves nothing)."""
-    from edgepack import plan_cli, planner
-    from edgepack.profile import load_profile
+    from edgepack.cli import plan as plan_cli
+    from edgepack.plan import planner
+    from edgepack.plan.profile import load_profile
 
     desc = plan_cli.describe_model(plan_cli.load_config(str(source)))
     p = planner.place(desc, load_profile(profile), bits, "gpu", context=context, prompt_tokens=prompt,
@@ -228,7 +231,7 @@ def run(work: Path, dry: bool) -> int:
         t0 = time.perf_counter()
         try:
             manifest = pack_for(src[role], out, prof, bits, qt, ctx_tokens)
-            from edgepack import bundle as bundle_format
+            from edgepack.format import bundle as bundle_format
 
             bundle_format.verify_bundle(out, check_hashes=True)
         except Exception as exc:

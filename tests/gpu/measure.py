@@ -33,7 +33,7 @@ def decode_speed(model, prompt: list[int], new_tokens: int, sync) -> dict:
     """Greedy decoding through edgepack's token loop (torch_model.generate_tokens, the same
     loop for an edgepack load and for the seed recipe's model): seconds to the first token
     (the prompt pass) and tokens/s over the rest. ``sync``: waits for the device."""
-    from edgepack.torch_model import generate_tokens
+    from edgepack.runtime.torch.model import generate_tokens
 
     tokens = generate_tokens(model, prompt, set(), 0.0, 1.0, 0, None, new_tokens, new_tokens)
     t0 = time.perf_counter()

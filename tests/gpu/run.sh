@@ -23,13 +23,13 @@ if ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
     echo "[gpu-check] bitsandbytes from $wheel" >&2
 fi
 export PYTHONPATH="$PWD:$target${PYTHONPATH:+:$PYTHONPATH}"
-# edgepack's CPU engine (edgepack._native) for the CPU-side references, when this box can
+# edgepack's CPU engine (edgepack.runtime.engine._engine) for the CPU-side references, when this box can
 # compile it; without it the runtime runs those bundles through torch (same results).
-if ! "$PY" -c "import edgepack._native" >/dev/null 2>&1; then
+if ! "$PY" -c "import edgepack.runtime.engine._engine" >/dev/null 2>&1; then
     if timeout 120 "$PY" setup.py -q build_ext --inplace >/dev/null 2>&1; then
-        echo "[gpu-check] built edgepack._native" >&2
+        echo "[gpu-check] built edgepack.runtime.engine._engine" >&2
     else
-        echo "[gpu-check] edgepack._native not built (no compiler or headers): CPU references run on torch" >&2
+        echo "[gpu-check] edgepack.runtime.engine._engine not built (no compiler or headers): CPU references run on torch" >&2
     fi
 fi
 exec "$PY" tests/gpu/check.py "$@"

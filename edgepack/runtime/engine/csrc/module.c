@@ -7,7 +7,7 @@
 
 #include "engine.h"
 
-#define CAPSULE "edgepack._native.Model"
+#define CAPSULE "edgepack.runtime.engine._engine.Model"
 
 static void *as_ptr(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr(o); }
 
@@ -428,9 +428,9 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_engine", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) {
+PyMODINIT_FUNC PyInit__engine(void) {
     detect_isa();
     pthread_atfork(NULL, NULL, pool_after_fork);
     PyObject *mod = PyModule_Create(&module);

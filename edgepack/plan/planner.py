@@ -1,15 +1,15 @@
 """Pick bits and a device_map for a target device, from sizes alone.
 
-    from edgepack.planner import plan
-    from edgepack.profile import load_profile
+    from edgepack.plan.planner import plan
+    from edgepack.plan.profile import load_profile
     p = plan(description, load_profile("rpi5-4gb"), context=2048)
     p.bits, p.device_map, p.devices["cpu"].total_bytes, p.reasons
 
 Pure code: it never imports torch and never reads hardware. ``description`` is a
-``ModelDescription`` (per-block tensor sizes and config numbers; ``edgepack.plan_cli.
+``ModelDescription`` (per-block tensor sizes and config numbers; ``edgepack.cli.plan.
 describe_model`` builds one from a config on the meta device) and the profile says what
 the box has. The plan holds the chosen bits, an explicit device_map over the units
-``edgepack.quantize.module_blocks`` lists, and the bytes each device needs:
+``edgepack.export.quantize.module_blocks`` lists, and the bytes each device needs:
 
     peak = baseline + weights + cuda_context + max(loading, allocator + kv_cache + activations)
     total = peak + headroom
@@ -54,7 +54,7 @@ NESTED_OFFSET_CHARS = 19
 # aarch64: estimated, not measured: torch's aarch64 wheels map less kernel code than
 # x86-64's (no AVX-512 variants), so ~10% below.
 BASELINE_BYTES = {
-    ("x86_64", "native"): 30 * MIB,  # no torch: the interpreter, tokenizers, psutil, edgepack._native
+    ("x86_64", "native"): 30 * MIB,  # no torch: the interpreter, tokenizers, psutil, edgepack.runtime.engine._engine
     ("x86_64", "lean"): 247 * MIB,
     ("x86_64", "transformers"): 357 * MIB,
     ("aarch64", "native"): 28 * MIB,  # estimated
@@ -242,11 +242,11 @@ class RuntimeMemory:
     heap_growth_per_4bit_weight: int = 0
 
 
-# edgepack.native (Llama family at int8, int4 or 16 bits on an x86-64 CPU: the C engine, no
+# edgepack.runtime.engine (Llama family at int8, int4 or 16 bits on an x86-64 CPU: the C engine, no
 # torch): a static bf16 KV cache, tensors read in place (no fused copies), float32 activations
 # of at most NATIVE_CHUNK prompt tokens at a time, float32 logits of the last position.
 NATIVE = RuntimeMemory("native", 2, True, 4, False, False, False)
-# edgepack.lean (Llama family on CPU): float32 activations and a static bf16 KV cache
+# edgepack.runtime.torch.llama (Llama family on CPU): float32 activations and a static bf16 KV cache
 # (lean.KV_DTYPE), logits of the last position only, fused int8/16-bit projections built at load.
 LEAN = RuntimeMemory("lean", 2, True, 4, False, True, False)
 # transformers modules (other architectures, and every GPU): DynamicCache in the compute
@@ -257,23 +257,23 @@ RESIDUAL_COPIES = 4  # hidden state, normed copy, attention output, residual sum
 # int4 at load: a fused layer's codes concatenated and repacked for the kernel (256 rows
 # of int32 at a time), one layer at a time: the concatenated codes + the repacked copy
 INT4_REPACK_BYTES_PER_WEIGHT = 1
-# edgepack.qlinear dequantizes 4-bit layers on the CPU at most this many weights at a time
+# edgepack.runtime.torch.linear dequantizes 4-bit layers on the CPU at most this many weights at a time
 DEQUANT_CHUNK_WEIGHTS = 1 << 18
 DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16
 # ... and multiplies a prompt of WIDE_ROWS tokens or more in float32 (16-bit layers on the
 # CPU): a buffer of WIDE_CHUNK_WEIGHTS float32 weights kept for the process, the float32
-# input and one chunk's float32 output (edgepack.qlinear.wide_matmul)
+# input and one chunk's float32 output (edgepack.runtime.torch.linear.wide_matmul)
 WIDE_ROWS = 32
 WIDE_CHUNK_WEIGHTS = 1 << 20
 # ... and int8 layers from INT8_WIDE_ROWS tokens through int8 GEMMs on two-digit activations
-# (edgepack.qlinear.int8_wide_matmul): the int8 digits, float32 work on INT8_DIGIT_ROWS rows,
+# (edgepack.runtime.torch.linear.int8_wide_matmul): the int8 digits, float32 work on INT8_DIGIT_ROWS rows,
 # one chunk's int32 products and float32 result
 INT8_WIDE_ROWS = 8
 INT8_WIDE_CHUNK = 1 << 19
 INT8_DIGIT_ROWS = 64
 INT8_TWO_DIGITS_MAX_IN = 126**2  # wider inputs get a third digit
 FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-# edgepack._native's prompt pass (its CHUNK, PB): activations of NATIVE_CHUNK tokens at a time,
+# edgepack.runtime.engine._engine's prompt pass (its CHUNK, PB): activations of NATIVE_CHUNK tokens at a time,
 # and per thread NATIVE_ROWS weight rows in float32 and a row of attention scores; threads:
 # one per core, counted for NATIVE_THREADS (more cores add ~100 KiB each)
 NATIVE_CHUNK = 96
@@ -392,7 +392,7 @@ class _Target:
     @classmethod
     def of(cls, profile: Any) -> _Target:
         if isinstance(profile, dict):
-            from edgepack.profile import DeviceProfile  # stdlib-only module: no torch
+            from edgepack.plan.profile import DeviceProfile  # stdlib-only module: no torch
 
             profile = DeviceProfile.from_dict(profile)
         gpus = tuple((g.name, g.usable_bytes, g.reserved_bytes) for g in profile.gpus)
@@ -552,7 +552,7 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     parts = activation_bytes(s.desc, rt, o.prompt_tokens, o.batch, holds_layers=held.layers > 0,
                              holds_output=held.output)  # fmt: skip
     int4 = q.bits == 4 and q.quant_type == "int4"
-    if int4:  # decode steps: edgepack._native's kernel (or torch's), no dequantized copy
+    if int4:  # decode steps: edgepack.runtime.engine._engine's kernel (or torch's), no dequantized copy
         workspace = 0
     elif q.bits == 4:  # the largest layer dequantized per call
         chunk = min(held.largest_linear, DEQUANT_CHUNK_WEIGHTS) if on_cpu else held.largest_linear
@@ -560,7 +560,7 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     else:  # int8 on the CPU: each layer's row scales kept in the compute dtype (and float32, lean)
         workspace = (COMPUTE_BYTES + (4 if rt is LEAN else 0)) * held.int8_rows if q.bits == 8 and on_cpu else 0
     bt, d = o.batch * o.prompt_tokens, s.desc
-    # 16-bit layers from WIDE_ROWS tokens, and int4 layers (kept in edgepack._native's layout)
+    # 16-bit layers from WIDE_ROWS tokens, and int4 layers (kept in edgepack.runtime.engine._engine's layout)
     # for every prompt, multiply in float32 on weights converted a chunk at a time
     if rt is LEAN and on_cpu and held.layers and ((q.bits == 16 and bt >= WIDE_ROWS) or (int4 and bt > 1)):
         chunk = min(held.largest_linear, WIDE_CHUNK_WEIGHTS)

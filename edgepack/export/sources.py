@@ -69,7 +69,7 @@ def _refuse_bundle(folder: Path, name: str, index_name: str | None = None) -> No
     """An edgepack bundle as SOURCE: its weights are already quantized (int8 rows, packed int4),
     so packing it again reads them as floats and fails deep in quantization, or worse, packs.
     ``index_name``: a Hub repo's variant index, there when only variant folders hold bundles."""
-    from edgepack.bundle import MANIFEST_NAME
+    from edgepack.format.bundle import MANIFEST_NAME
 
     if (folder / MANIFEST_NAME).exists() or (index_name and (folder / index_name).exists()):
         raise UnsupportedModelError(
@@ -104,7 +104,7 @@ def _gguf(folder: Path, name: str, info: dict[str, Any]) -> ResolvedSource:
             "reading a GGUF source needs the `gguf` package, which is not installed",
             hint="pip install gguf   (or: pip install 'edgepack[gguf]')",
         )
-    from edgepack.bundle import sha256_file
+    from edgepack.format.bundle import sha256_file
 
     info = {**info, "gguf_file": name, "sha256": sha256_file(path)}
     return ResolvedSource(folder, name, info)

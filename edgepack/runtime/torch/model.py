@@ -19,9 +19,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError, DeviceError
-from edgepack.qlinear import Int4Linear, Int8Linear, Linear4bit
+from edgepack.runtime.torch.linear import Int4Linear, Int8Linear, Linear4bit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Activations of the lean CPU decoder (norms, rotary, attention, residual stream).
@@ -29,7 +29,7 @@ LEAN_ACTIVATION_DTYPE = torch.float32
 
 
 def _lean_eligible(config: dict, device_map: dict[str, str]) -> bool:
-    from edgepack import lean
+    from edgepack.runtime.torch import llama as lean
 
     if os.environ.get("EDGEPACK_LEAN", "1") == "0" or any(v != "cpu" for v in device_map.values()):
         return False
@@ -38,7 +38,7 @@ def _lean_eligible(config: dict, device_map: dict[str, str]) -> bool:
 
 def _build_lean(path: Path, manifest: dict, config: dict) -> nn.Module:
     """Llama-family models on CPU: edgepack's lean decoder, no transformers import."""
-    from edgepack import lean
+    from edgepack.runtime.torch import llama as lean
 
     quant = manifest["quantization"]
     try:
@@ -103,7 +103,7 @@ def build_model(path: Path, manifest: dict, config: dict, device_map: dict[str, 
 
 def prepare_int4(model: nn.Module) -> None:
     """Repack int4 codes into the CPU kernel's order now, not on the first token."""
-    from edgepack.memory import release_freed_memory
+    from edgepack.runtime.memory import release_freed_memory
 
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     for module in layers:
@@ -330,7 +330,7 @@ def _hf_step(model: nn.Module):
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
     if temperature == 0:
-        from edgepack.lean import argmax
+        from edgepack.runtime.torch.llama import argmax
 
         return argmax(logits)
     logits = logits.cpu() / temperature

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from edgepack.quantize import Result, Settings, bnb_functional
+from edgepack.export.quantize import Result, Settings, bnb_functional
 
 
 def skeleton(config) -> nn.Module:
@@ -205,7 +205,7 @@ class ShardReader:
     def __init__(self, folder: Path):
         import json
 
-        from edgepack.bundle import read_safetensors_header
+        from edgepack.format.bundle import read_safetensors_header
 
         index = folder / "model.safetensors.index.json"
         if index.is_file():
@@ -217,7 +217,7 @@ class ShardReader:
                 self.files.update({k: shard for k in read_safetensors_header(shard, max_header_bytes=100_000_000)})
 
     def __call__(self, key: str) -> torch.Tensor:
-        from edgepack.torch_model import read_shard
+        from edgepack.runtime.torch.model import read_shard
 
         path = self.files[key]
         for _name, tensor in read_shard(path, rel=path.name, only={key}):

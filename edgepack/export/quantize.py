@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgepack.qlinear import int4_fits
+from edgepack.runtime.torch.linear import int4_fits
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
@@ -212,7 +212,7 @@ def quantize_weight(weight: torch.Tensor, settings: Settings, hessian: torch.Ten
     """bitsandbytes' storage for one [out, in] weight, keyed by suffix (weight, SCB, weight.absmax...).
     hessian: at 8 bits, the input Hessian for GPTQ's error-compensated rounding (gptq.py)."""
     if settings.bits == 8 and hessian is not None:
-        from edgepack import gptq
+        from edgepack.export import gptq
 
         try:
             cb, scb = gptq.quantize_rows(weight, hessian)
@@ -379,7 +379,7 @@ def compare_stored_tensors(bundle_dir, digests: dict[str, tuple[str, tuple[int, 
     ``tensor_digests``). Reads one tensor at a time, with the runtime's own reader."""
     from pathlib import Path
 
-    from edgepack.torch_model import read_shard  # the reader the runtime itself loads with
+    from edgepack.runtime.torch.model import read_shard  # the reader the runtime itself loads with
 
     mismatched, found = [], set()
     for shard in sorted(Path(bundle_dir).glob("*.safetensors")):

@@ -8,7 +8,7 @@ the OS, the driver and the CUDA context keep for themselves (``*_reserved_bytes`
 On a unified-memory box (Jetson) CPU and GPU share one pool: ``gpus[0].memory_bytes``
 equals ``ram_bytes`` and the GPU's reserve includes the OS's, so count the pool once.
 
-    >>> from edgepack.profile import load_profile
+    >>> from edgepack.plan.profile import load_profile
     >>> p = load_profile("rpi5-8gb")           # or a path: load_profile("mybox.json")
     >>> p.ram_usable_bytes // 2**20
     7680
@@ -48,7 +48,7 @@ def profiles_dir() -> Path:
     override = os.environ.get("EDGEPACK_PROFILES_DIR")
     if override:
         return Path(override)
-    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
     if checkout.is_dir():
         return checkout
     return Path(sys.prefix) / "share" / "edgepack" / "profiles"  # installed from a wheel

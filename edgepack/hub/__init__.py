@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError, printable
 
 INDEX_NAME = "edgepack-variants.json"
@@ -284,7 +284,7 @@ def choose_variant(entries: list[dict[str, Any]], profile, repo_id: str = "the r
     then more bits (better quality); then the one packed for this very profile; then the
     smaller need. Raises VariantError with every variant's numbers when none fits.
     """
-    from edgepack.modelcard import entry_label
+    from edgepack.hub.modelcard import entry_label
 
     if not entries:
         raise VariantError(f"{repo_id} lists no variants",
@@ -492,7 +492,7 @@ def push(
 def _push(bundle, manifest, names, repo_id, prefix, variant, branch, private, commit_message, token, say) -> PushResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from edgepack.modelcard import render_card
+    from edgepack.hub.modelcard import render_card
 
     api = HfApi(token=token)
     say(f"creating {repo_id} if needed")
@@ -597,7 +597,7 @@ def pull(
 
     ``repo_ref``: ``owner/name``, ``owner/name@revision`` or ``hf://...``. ``variant`` names a
     folder of the repo; ``auto`` (or a ``profile``) picks the best variant that fits this box
-    (``edgepack.profile.probe()``) or the given DeviceProfile. Neither: the root bundle, or
+    (``edgepack.plan.profile.probe()``) or the given DeviceProfile. Neither: the root bundle, or
     the only variant. ``out``: the directory to write (default: under ~/.cache/edgepack/hub,
     or $EDGEPACK_CACHE/hub). ``check_hashes="once"`` trusts a copy already pulled and hashed
     whose files are unchanged since; fresh downloads are always hashed.
@@ -733,7 +733,7 @@ def _pick(repo_id, index, variant, auto, profile) -> tuple[dict[str, Any], str]:
                            hint="pick one of them with --variant NAME, or let --auto choose for this box")  # fmt: skip
     if auto:
         if profile is None:
-            from edgepack.profile import DeviceProfile, probe
+            from edgepack.plan.profile import DeviceProfile, probe
 
             profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
         return choose_variant(index_entries(index), profile, repo_id)
@@ -902,7 +902,7 @@ def main_pull(args) -> int:
         if args.variant is not None:
             raise VariantError("--profile chooses a variant; it cannot be combined with --variant",
                                hint="use --auto --profile NAME, or --variant NAME")  # fmt: skip
-        from edgepack.profile import load_profile
+        from edgepack.plan.profile import load_profile
 
         profile = load_profile(args.profile)
     result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import EdgepackError, MissingDependencyError, SignatureError
 
 SIGNATURE_FORMAT = "edgepack-signature"

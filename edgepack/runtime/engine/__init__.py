@@ -1,4 +1,4 @@
-"""edgepack's own CPU engine: Llama-family bundles run by the C module edgepack._native, without torch.
+"""edgepack's own CPU engine: Llama-family bundles run by the C module edgepack.runtime.engine._engine, without torch.
 
 On a small box most of a cold start was ``import torch`` (~1.05 s, ~220 MiB before a weight
 is read). This engine reads the bundle's tensors as stored (int8 + row scales, edgepack's
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError
 
 try:  # built by setup.py; absent where edgepack was installed without a C compiler
-    from edgepack import _native
+    from edgepack.runtime.engine import _engine as _native
 except ImportError:
     _native = None
 
@@ -61,9 +61,9 @@ def supports(config: dict[str, Any]) -> str | None:
 
 
 def c_module_unavailable() -> str | None:
-    """None when edgepack._native may run here, else why not."""
+    """None when edgepack.runtime.engine._engine may run here, else why not."""
     if _native is None:
-        return "edgepack._native is not built (no C compiler at install time)"
+        return "edgepack.runtime.engine._engine is not built (no C compiler at install time)"
     setting = os.environ.get(NATIVE_ENV, "")
     if setting == "0":
         return f"{NATIVE_ENV}=0"
@@ -316,7 +316,7 @@ class NativeCache:
 
 
 class NativeLM:
-    """A bundle loaded for edgepack._native (see the module docstring)."""
+    """A bundle loaded for edgepack.runtime.engine._engine (see the module docstring)."""
 
     backend = "native"
 

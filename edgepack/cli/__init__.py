@@ -17,17 +17,17 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pack": ("edgepack.exporter", "quantize a model once and write a verified bundle"),
-    "run": ("edgepack.runtime_cli", "load a bundle and generate (streams to stdout)"),
-    "verify": ("edgepack.verify", "check a bundle's files, sizes and hashes"),
-    "inspect": ("edgepack.verify", "show what is inside a bundle"),
-    "plan": ("edgepack.plan_cli", "pick bits and a device_map for a target device"),
-    "profile": ("edgepack.profile", "probe this machine and write a device profile"),
-    "profiles": ("edgepack.profile", "list the built-in device profiles"),
+    "pack": ("edgepack.export.pack", "quantize a model once and write a verified bundle"),
+    "run": ("edgepack.cli.run", "load a bundle and generate (streams to stdout)"),
+    "verify": ("edgepack.format.verify", "check a bundle's files, sizes and hashes"),
+    "inspect": ("edgepack.format.verify", "show what is inside a bundle"),
+    "plan": ("edgepack.cli.plan", "pick bits and a device_map for a target device"),
+    "profile": ("edgepack.plan.profile", "probe this machine and write a device profile"),
+    "profiles": ("edgepack.plan.profile", "list the built-in device profiles"),
     "push": ("edgepack.hub", "upload a bundle to the Hugging Face Hub"),
     "pull": ("edgepack.hub", "download a bundle from the Hub and verify it"),
     "serve": ("edgepack.serve", "serve a bundle over an OpenAI-compatible HTTP API"),
-    "sign": ("edgepack.signing", "sign a bundle's manifest"),
+    "sign": ("edgepack.format.signing", "sign a bundle's manifest"),
 }
 
 
@@ -125,6 +125,3 @@ def _fail(debug: bool, message: str, hint: str | None, code: int) -> int:
         print(f"hint: {printable(hint)}", file=sys.stderr)
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """``edgepack pack``: quantize a model once and write a bundle that proves itself.
 
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
     manifest = pack("smollm2-135m", "smollm2-8bit", bits=8)
 
 The bundle is written into a temporary directory beside OUT, verified by reloading it
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import (
     DiskFullError,
     EdgepackError,
@@ -30,7 +30,7 @@ from edgepack.errors import (
     QuantizationError,
     UnsupportedModelError,
 )
-from edgepack.sources import ResolvedSource, resolve_source
+from edgepack.export.sources import ResolvedSource, resolve_source
 
 BITS = (16, 8, 4)
 QUANT_TYPES = ("nf4", "fp4", "int4")  # int4: edgepack's CPU format (torch's int4 kernel), not bitsandbytes'
@@ -81,7 +81,7 @@ def pack(
     _check_output(out, force)
     resolved = resolve_source(source, revision=revision, gguf_file=gguf_file)
     started = time.perf_counter()
-    from edgepack import quantize, reference
+    from edgepack.export import quantize, reference
 
     _return_big_frees_to_the_os()
     say(f"loading {source}")
@@ -138,7 +138,7 @@ def _calibration_text(src: "_Source", settings, wanted: bool, say: Progress):
     runs those models' decoder layers on its own)."""
     if not wanted or settings.bits != 8:
         return None
-    from edgepack import smoothing
+    from edgepack.export import smoothing
 
     reason = smoothing.unsupported(src.config)
     if reason is not None:
@@ -151,7 +151,7 @@ def _smoothing_plan(src: "_Source", source_model, settings, enabled: bool, text,
     """A smoothing.Plan measured on ``text`` (see _calibration_text), else None."""
     if not enabled or text is None:
         return None
-    from edgepack import smoothing
+    from edgepack.export import smoothing
 
     say(f"measuring activations on {smoothing.CALIBRATION_TEXT.name} for smoothing (alpha {smoothing.ALPHA})")
     return smoothing.plan(source_model, src.config, src.tokenizer, settings.torch_dtype, calibration=text)
@@ -161,7 +161,7 @@ def _gptq_calibration(source_model, enabled: bool, text, say: Progress):
     """Layer-by-layer input Hessians for GPTQ on ``text`` (see _calibration_text), else None."""
     if not enabled or text is None:
         return None
-    from edgepack import gptq
+    from edgepack.export import gptq
 
     sequences, _digest = text
     say(f"GPTQ rounding on {sum(len(s) for s in sequences)} calibration tokens, a layer at a time")
@@ -316,7 +316,7 @@ class _Source:
     def source_model(self):
         if self.read is None:
             return self.model
-        from edgepack import quantize, reference
+        from edgepack.export import quantize, reference
 
         linears = {n for n, m in self.model.named_modules() if quantize.is_linear(m) and f"{n}.weight" in self.keys}
         return reference.lazy_source_model(self.config, self.read, linears, self.keys)
@@ -363,12 +363,12 @@ def _open_source(resolved: ResolvedSource) -> _Source:
 def _streaming_source(folder: Path, config):
     """(skeleton, reader, keys) when every tensor the model needs is in the folder's
     safetensors under the model's own names; None otherwise (then the model is loaded whole)."""
-    from edgepack import reference
+    from edgepack.export import reference
 
     if not any(folder.glob("*.safetensors")):
         return None
     reader = reference.ShardReader(folder)
-    from edgepack.quantize import unique_tensors
+    from edgepack.export.quantize import unique_tensors
 
     skeleton = reference.skeleton(config)
     keys = [key for key, _tensor in unique_tensors(skeleton)]
@@ -419,7 +419,7 @@ def _write_weights(tmp: Path, tensors: dict, max_shard_bytes: int) -> dict[str, 
 
 
 def _write_model_files(tmp: Path, src: "_Source", settings, result) -> None:
-    from edgepack import quantize
+    from edgepack.export import quantize
 
     config = src.config
     config.quantization_config = quantize.transformers_quantization_config(settings, result)
@@ -433,7 +433,7 @@ def _write_model_files(tmp: Path, src: "_Source", settings, result) -> None:
 
 
 def _manifest(resolved, architecture, settings, result, shards, device_map, target_profile, plan, tmp) -> dict[str, Any]:
-    from edgepack import quantize
+    from edgepack.export import quantize
 
     tensors = {
         name: {"file": file_name, "dtype": quantize.safetensors_dtype(result.tensors[name]),
@@ -471,7 +471,8 @@ def _verify_written(tmp: Path, digests: dict, check_ids: list[int], reference, s
     the bundle with the runtime and compare logits, or refuse to publish."""
     import torch
 
-    from edgepack import quantize, runtime
+    from edgepack import runtime
+    from edgepack.export import quantize
 
     mismatched = quantize.compare_stored_tensors(tmp, digests)
     if mismatched:
@@ -538,7 +539,7 @@ def main(args) -> int:
     options: dict[str, Any] = {}
     bits = args.bits
     if args.profile:
-        from edgepack import plan_cli
+        from edgepack.cli import plan as plan_cli
 
         options = plan_cli.plan_for_pack(args.source, args.profile, args.context, args.bits, args.revision,
                                          args.gguf_file, args.quant_type, say, double_quant=args.double_quant)  # fmt: skip

@@ -133,7 +133,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), False) if bias else None
         self._scales: torch.Tensor | None = None
-        self.scales32: torch.Tensor | None = None  # SCB / 127 in float32: the prompt path and edgepack._native
+        self.scales32: torch.Tensor | None = None  # SCB / 127 in float32: the prompt path and edgepack.runtime.engine._engine
 
     def attach(self, tensors: dict[str, torch.Tensor]) -> None:
         self.weight = tensors["weight"]
@@ -250,10 +250,10 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group:
 
 
 def int4_wide_matmul(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, group: int) -> torch.Tensor:
-    """``x @ W.T`` for an int4 layer in edgepack._native's layout (codes [out, in/2], pairs
+    """``x @ W.T`` for an int4 layer in edgepack.runtime.engine._engine's layout (codes [out, in/2], pairs
     [out, in/group, 2] bfloat16), through float32_matmul: a chunk of rows at a time
-    dequantized by edgepack._native."""
-    from edgepack import _native
+    dequantized by edgepack.runtime.engine._engine."""
+    from edgepack.runtime.engine import _engine as _native
 
     threads = torch.get_num_threads()
 
@@ -277,7 +277,7 @@ class Int4Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), False) if bias else None
         self._kernel_weight: torch.Tensor | None = None  # the codes in the CPU kernel's order
-        self._row_pairs: torch.Tensor | None = None  # (scale, zero) as [out, groups, 2]: edgepack._native's layout
+        self._row_pairs: torch.Tensor | None = None  # (scale, zero) as [out, groups, 2]: edgepack.runtime.engine._engine's layout
 
     def attach(self, tensors: dict[str, torch.Tensor]) -> None:
         if not int4_fits(self.out_features, self.in_features, self.group) or self.group not in INT4_GROUP_SIZES:
@@ -296,14 +296,14 @@ class Int4Linear(nn.Module):
             self.weight = torch.empty(self.weight.shape, dtype=torch.uint8, device="meta")
 
     def native_ready(self) -> bool:
-        """Whether edgepack._native's int4 kernel can read this layer as stored."""
+        """Whether edgepack.runtime.engine._engine's int4 kernel can read this layer as stored."""
         return (
             self.weight.device.type == "cpu" and self.scales_and_zeros.dtype == torch.bfloat16
             and self.group % 32 == 0 and self._kernel_weight is None
         )  # fmt: skip
 
     def prepare_native(self) -> None:
-        """Keep the stored codes (edgepack._native reads them: decode steps there, prompts
+        """Keep the stored codes (edgepack.runtime.engine._engine reads them: decode steps there, prompts
         through float32 GEMMs on weights it dequantizes) and the (scale, zero) pairs row by
         row; the stored pairs' order is dropped (a view of the new one stands in)."""
         if self._row_pairs is None:
@@ -311,12 +311,12 @@ class Int4Linear(nn.Module):
             self.scales_and_zeros = self._row_pairs.transpose(0, 1)
 
     def native_matrix(self) -> tuple:
-        """(codes, pairs, group) for edgepack._native, after prepare_native."""
+        """(codes, pairs, group) for edgepack.runtime.engine._engine, after prepare_native."""
         return self.weight, self._row_pairs, self.group
 
     def cpu_kernel(self):
         """As Int8Linear.cpu_kernel: torch's int4 kernel (the codes repacked first if not
-        done yet), or edgepack._native's dequantization and a float32 GEMM."""
+        done yet), or edgepack.runtime.engine._engine's dequantization and a float32 GEMM."""
         if self.bias is not None or self.weight.device.type not in ("cpu", "meta"):
             return None
         if self._row_pairs is not None:

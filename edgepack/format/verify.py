@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import printable
 
 
@@ -20,7 +20,7 @@ def configure_verify_parser(p) -> None:
 
 def main_verify(args) -> int:
     if getattr(args, "key", None):
-        from edgepack import signing
+        from edgepack.format import signing
 
         manifest = signing.verify_signature(args.bundle, args.key)
         args.no_hash = False

@@ -5,7 +5,7 @@
 
 No weights are read or downloaded: the model is built on the meta device from its config
 (config.json, a GGUF file's header, or a Hub repo's config.json) and measured there; the
-decision itself is edgepack.planner's, which is pure. ``plan_for_pack`` is what
+decision itself is edgepack.plan.planner's, which is pure. ``plan_for_pack`` is what
 ``edgepack pack --profile`` calls.
 """
 
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepack import planner
+from edgepack.plan import planner
 from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModelError, printable
 
 
@@ -27,7 +27,7 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
     """The transformers config of SOURCE (local dir, .gguf, alias or Hub id), weights untouched."""
     from transformers import AutoConfig
 
-    from edgepack import sources
+    from edgepack.export import sources
 
     path = Path(source).expanduser()
     local = source in sources.ALIASES or path.exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf")
@@ -71,12 +71,12 @@ def _hub_config(repo_id: str, revision: str | None, gguf_file: str | None) -> st
 
 def describe_model(config, name: str | None = None) -> planner.ModelDescription:
     """Per-block tensor sizes of the model ``config`` describes, built on the meta device,
-    split the way the exporter stores them (edgepack.quantize: every linear layer but the
+    split the way the exporter stores them (edgepack.export.quantize: every linear layer but the
     output layer is quantized; everything else stays 16-bit; tied tensors stored once)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgepack import quantize
+    from edgepack.export import quantize
 
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise UnsupportedModelError(
@@ -160,7 +160,7 @@ def _kind(block: str, model, output_name: str | None, embeddings_name: str | Non
 def _lean_supported(config) -> bool:
     """Whether edgepack's lean CPU decoder runs it (else the runtime uses transformers)."""
     try:
-        from edgepack import lean
+        from edgepack.runtime.torch import llama as lean
     except ImportError:
         return False
     return lean.supports(config.to_dict()) is None
@@ -175,7 +175,7 @@ def plan_for_pack(source: str, profile: str, context: int | None, bits: int | No
     """Plan for PROFILE; return pack()'s bits, quant_type (None: ``default_quant_type``),
     dtype (``storage_dtype``), device_map, target_profile and plan."""
     from edgepack.errors import PlanError
-    from edgepack.profile import list_profiles, load_profile
+    from edgepack.plan.profile import list_profiles, load_profile
 
     target = load_profile(profile)
     quant_type = quant_type or default_quant_type(target, double_quant)
@@ -238,7 +238,7 @@ def configure_parser(p) -> None:
 
 
 def main(args) -> int:
-    from edgepack.profile import list_profiles, load_profile
+    from edgepack.plan.profile import list_profiles, load_profile
 
     target = load_profile(args.profile)
     desc = describe_model(load_config(args.source, args.revision, args.gguf_file), name=args.source)

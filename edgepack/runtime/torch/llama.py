@@ -9,7 +9,7 @@ cache by concatenation. This module runs the same math with fewer, larger ops:
 * ``F.rms_norm`` and ``scaled_dot_product_attention`` (GQA) as single ops;
 * rotary tables computed once.
 
-One-token decode steps go further where edgepack._native is built (its C source:
+One-token decode steps go further where edgepack.runtime.engine._engine is built (its C source:
 edgepack/runtime/engine/csrc/): the whole step in one C call over the same tensors, float32 activations, no
 per-op overhead (``native_step``; ``native_off`` says why not, when not).
 
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepack.memory import release_freed_memory
-from edgepack.native import CPUS, NATIVE_ENV, SUPPORTED_TYPES, _native, c_module_unavailable, supports  # noqa: F401
-from edgepack.qlinear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
+from edgepack.runtime.memory import release_freed_memory
+from edgepack.runtime.engine import CPUS, NATIVE_ENV, SUPPORTED_TYPES, _native, c_module_unavailable, supports  # noqa: F401
+from edgepack.runtime.torch.linear import WIDE_ROWS, Int4Linear, Int8Linear, Linear4bit, wide_matmul
 
 # Keys and values are kept in bf16: half the memory of fp32 for long contexts, and what
 # the planner counts (2 bytes per value).
@@ -43,7 +43,7 @@ KV_DTYPE = torch.bfloat16
 HEAD_DTYPE = torch.float16
 FLOAT16_MAX = 65504.0
 HALF_CHUNK = 1 << 16  # weights converted at a time (256 KiB of float32 scratch)
-# Decode steps (one token) run in edgepack._native when it is built and the model's layers
+# Decode steps (one token) run in edgepack.runtime.engine._engine when it is built and the model's layers
 # are int8, int4 or 16-bit: the whole step in one call, float32 activations, no per-op overhead.
 # EDGEPACK_NATIVE=0 turns it off (torch ops, as for prompts); on CPUs without AVX2 it is off
 # unless EDGEPACK_NATIVE=1 (native.c_module_unavailable). It runs on at most native.CPUS threads:
@@ -277,7 +277,7 @@ class LeanLM(nn.Module):
         self.lm_head = skeleton.lm_head
         self._half_head()
         self.native_off = native_unavailable(self)  # None, or why decode steps use torch ops
-        for block in self.blocks:  # int4 codes: kept for edgepack._native, or into torch's kernel order
+        for block in self.blocks:  # int4 codes: kept for edgepack.runtime.engine._engine, or into torch's kernel order
             for module in block.modules():  # (also those a bias keeps out of a fused kernel)
                 if isinstance(module, Int4Linear):
                     module.prepare_native() if self.native_off is None else module.prepare_cpu()
@@ -364,7 +364,7 @@ class LeanLM(nn.Module):
         return self._head(self._hidden(input_ids, cache)[-1:])[0]
 
     def native_step(self, token: int, cache: KVCache) -> torch.Tensor:
-        """One decode step in edgepack._native: the token's key and value written into
+        """One decode step in edgepack.runtime.engine._engine: the token's key and value written into
         ``cache`` at its length, float32 logits returned."""
         start = cache.length
         if start + 1 > cache.max_tokens:
@@ -394,7 +394,7 @@ NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F
 
 
 def native_unavailable(model: "LeanLM") -> str | None:
-    """None when ``model``'s decode steps can run in edgepack._native, else why not."""
+    """None when ``model``'s decode steps can run in edgepack.runtime.engine._engine, else why not."""
     reason = c_module_unavailable()
     if reason is not None:
         return reason

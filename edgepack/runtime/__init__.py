@@ -7,7 +7,7 @@
         print(piece, end="", flush=True)
 
 Two backends run a bundle. On a CPU, Llama-family bundles at int8, int4 or 16 bits run in
-edgepack's own engine (native.py: the C module edgepack._native, no torch import: a cold
+edgepack's own engine (native.py: the C module edgepack.runtime.engine._engine, no torch import: a cold
 start and a memory footprint torch's ~1 s and ~220 MiB import would dwarf). The rest (other
 architectures, nf4/fp4, GPUs, a box where the C module is not built) is built as torch
 modules (torch_model.py). This module imports neither torch nor anything from the exporter,
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from edgepack import bundle as bundle_format
+from edgepack.format import bundle as bundle_format
 from edgepack.errors import (
     BundleIntegrityError,
     DeviceError,
@@ -87,8 +87,8 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     native = _use_native(manifest, config, device_map, backend)
     if not force:
         _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
-    from edgepack.memory import release_freed_memory
-    from edgepack.tokenizer import load_tokenizer
+    from edgepack.runtime.memory import release_freed_memory
+    from edgepack.runtime.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(path)
@@ -103,11 +103,11 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     # now, that peak never stacks on top of the weights.
     release_freed_memory()
     if native:
-        from edgepack.native import NativeLM
+        from edgepack.runtime.engine import NativeLM
 
         model = NativeLM.load(path, manifest, config)
     else:
-        from edgepack import torch_model
+        from edgepack.runtime.torch import model as torch_model
 
         model = torch_model.build_model(path, manifest, config, device_map)
     return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
@@ -118,7 +118,7 @@ def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backen
     cannot is an error saying why."""
     if backend == "torch":
         return False
-    from edgepack import native
+    from edgepack.runtime import engine as native
 
     reason = native.unavailable(config, manifest, device_map)
     if os.environ.get("EDGEPACK_LEAN", "1") == "0":
@@ -181,9 +181,9 @@ def _preflight_memory(
     (interpreter, torch, transformers, a short run's activations). Part of that is already
     held (this process's RSS), so what must still fit is need - RSS, into what this process
     may still allocate: free RAM, or its cgroup's headroom when that is smaller (a
-    container's limit is invisible to psutil; see edgepack.memory).
+    container's limit is invisible to psutil; see edgepack.runtime.memory).
     """
-    from edgepack import memory
+    from edgepack.runtime import memory
 
     mem, mib = manifest["memory"], 1024 * 1024
     on_cpu = all(v == "cpu" for v in device_map.values())
@@ -280,7 +280,7 @@ class EdgeModel:
         except EdgepackError:
             raise
         except Exception as exc:  # noqa: BLE001 - transformers' tokenizers (no tokenizer.json) raise jinja's errors
-            from edgepack.tokenizer import template_failed
+            from edgepack.runtime.tokenizer import template_failed
 
             raise template_failed(exc) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -365,7 +365,7 @@ class EdgeModel:
         args = (prompt_ids, self.eos_token_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens)
         if self.backend == "native":
             return self.model.generate_tokens(*args)
-        from edgepack.torch_model import generate_tokens
+        from edgepack.runtime.torch.model import generate_tokens
 
         return generate_tokens(self.model, *args)
 

@@ -1,0 +1,7 @@
+"""``python -m edgepack.cli``: the ``edgepack`` command."""
+
+import sys
+
+from edgepack.cli import main
+
+sys.exit(main())
