@@ -440,11 +440,11 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, parse_chat(await _json(request)))
+        return await complete(request, await gate.decode(await request.body(), parse_chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, parse_completion(await _json(request)))
+        return await complete(request, await gate.decode(await request.body(), parse_completion))
 
     async def complete(request, req: GenerationRequest):
         if req.model is not None and req.model != name:
@@ -544,16 +544,6 @@ def create_app(
                 metrics.count(outcome)
 
     return app
-
-
-async def _json(request) -> Any:
-    body = await request.body()  # RequestGuard caps its size and the time it may take
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply to be a request") from None
 
 
 def _unknown_model(asked: str, served: str) -> ApiError:

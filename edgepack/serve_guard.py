@@ -356,6 +356,26 @@ class PromptGate:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def decode(self, body: bytes, parse) -> Any:
+        """``parse`` (parse_chat or parse_completion) of a JSON body, on the gate's thread: a
+        body of 200k messages takes seconds of Python to check, which the event loop keeps."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._decode, body, parse)
+
+    def _decode(self, body: bytes, parse) -> Any:
+        try:
+            value = json.loads(body)  # RequestGuard capped the body's size and the time it took
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply to be a request") from None
+        messages = value.get("messages") if isinstance(value, dict) else None
+        if self.context is not None and isinstance(messages, list) and len(messages) > self.context:
+            # chat templates mark every message with its role: at least a token each
+            raise ApiError(400, f"this model's maximum context length is {self.context} tokens; "
+                           f"{len(messages):,} messages cannot fit", param="messages",
+                           code="context_length_exceeded")  # fmt: skip
+        return parse(value)
+
     async def count(self, prompt: Any, chat: bool) -> int:
         """Prompt tokens, or a number over the context when the prompt cannot fit."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._count, prompt, chat)
