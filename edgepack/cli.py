@@ -3,7 +3,9 @@
 Each subcommand lives in its own module with ``configure_parser(parser)`` and
 ``main(args) -> int``; this file imports a module only when its command runs, so
 ``edgepack --help`` and ``edgepack run`` stay fast on a small box. This is the only
-place that turns an ``EdgepackError`` into ``error:`` / ``hint:`` lines and an exit code.
+place that turns an exception into ``error:`` / ``hint:`` lines and an exit code: the
+library raises ``edgepack.errors`` types (library exceptions mapped where they happen);
+anything else is a bug and still gets one line, with the traceback behind ``--debug``.
 """
 
 from __future__ import annotations
@@ -33,9 +35,19 @@ def _debug_enabled(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("EDGEPACK_DEBUG", "") not in ("", "0")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one error + hint line) instead of printing its usage
+    block and exiting; subparsers inherit the class."""
+
+    def error(self, message: str):
+        from edgepack.errors import UsageError
+
+        raise UsageError(message, hint=f"`{self.prog} --help` lists the arguments and options")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser, for `edgepack --help` and unknown commands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgepack",
         description="Turn a Hugging Face causal LM into a bundle that fits and runs on a small box.",
         epilog="Set EDGEPACK_DEBUG=1 (or pass --debug) to see tracebacks. `edgepack COMMAND --help` for details.",
@@ -51,7 +63,7 @@ def command_parser(name: str):
     """The parser of one command; only the command that runs pays for its module's import."""
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"edgepack {name}", description=help_text)
+    parser = _Parser(prog=f"edgepack {name}", description=help_text)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     configure = getattr(module, f"configure_{name}_parser", None) or module.configure_parser
     configure(parser)
@@ -63,31 +75,55 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_enabled(argv)
     index = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    from edgepack.errors import EdgepackError
-
+    name = argv[index] if index is not None and argv[index] in COMMANDS else None
     try:
-        if index is None or argv[index] not in COMMANDS:
-            build_parser().parse_args(argv)  # prints help or the "invalid choice" error
+        if name is None:
+            build_parser().parse_args(argv)  # prints help, or raises UsageError for a bad command
             build_parser().print_help()
             return 2
-        parser, run = command_parser(argv[index])
+        parser, run = command_parser(name)
         # intermixed: `edgepack run BUNDLE --chat "prompt"` puts a positional after an option
         args = parser.parse_intermixed_args(argv[:index] + argv[index + 1 :])
         return int(run(args) or 0)
-    except EdgepackError as exc:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _fail(debug, "interrupted", None, 130)
     except BrokenPipeError:
+        # the reader left (`edgepack run ... | head`): nothing to say, and nothing more to
+        # flush into the closed pipe at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:  # noqa: BLE001 - the one place every failure becomes a line
+        message, hint, code = _describe(exc, name)
+        return _fail(debug, message, hint, code)
+
+
+def _describe(exc: Exception, name: str | None) -> tuple[str, str | None, int]:
+    """(message, hint, exit code) for any exception that reached the command line."""
+    from edgepack.errors import EdgepackError
+
+    command = f"edgepack {name}" if name else "edgepack"
+    if isinstance(exc, EdgepackError):
+        return exc.message, exc.hint or f"`{command} --help` describes the arguments", exc.exit_code
+    if isinstance(exc, MemoryError):
+        return ("out of memory", "free memory, or use a bundle packed at fewer bits (--bits 4)", 1)
+    if isinstance(exc, OSError) and exc.filename is not None:  # disk, permissions: not a bug
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}", "check the path and its permissions", 1
+    detail = str(exc).splitlines()[0][:300] if str(exc).strip() else ""
+    return (f"internal error: {type(exc).__name__}" + (f": {detail}" if detail else ""),
+            "internal error, rerun with --debug (or EDGEPACK_DEBUG=1) for the traceback and report it", 1)  # fmt: skip
+
+
+def _fail(debug: bool, message: str, hint: str | None, code: int) -> int:
+    from edgepack.errors import printable
+
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {printable(message)}", file=sys.stderr)
+    if hint:
+        print(f"hint: {printable(hint)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

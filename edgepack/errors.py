@@ -97,6 +97,10 @@ class GenerationError(EdgepackError, ValueError):
     """Bad sampling arguments or prompt."""
 
 
+class ChatTemplateError(EdgepackError, ValueError):
+    """The bundle's chat template does not compile, or fails on these messages."""
+
+
 # --- Hub --------------------------------------------------------------------------------------
 
 
@@ -106,3 +110,36 @@ class HubError(EdgepackError, RuntimeError):
 
 class VariantError(EdgepackError, LookupError):
     """No variant of the repo matches the request or fits this box."""
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+class UsageError(EdgepackError, ValueError):
+    """A command line argparse refuses: unknown command or option, a value of the wrong type."""
+
+    exit_code = 2  # argparse's (and POSIX utilities') code for a usage error
+
+
+# --- showing untrusted text -------------------------------------------------------------------
+
+
+def _escape_table() -> dict[int, str]:
+    # C0 controls (ESC starts terminal escape sequences, BEL ends OSC titles, CR overwrites
+    # a line), DEL, C1 controls (0x9b is a one-byte CSI on some terminals) and the Unicode
+    # bidi / line-separator controls that reorder or split what the reader sees.
+    codes = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+    return {c: named.get(c) or (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in codes}
+
+
+_ESCAPES = _escape_table()
+_ESCAPES_KEEP_LAYOUT = {c: e for c, e in _ESCAPES.items() if c not in (0x09, 0x0A)}
+
+
+def printable(text: object, newlines: bool = False) -> str:
+    """``text`` as it is safe to put on a terminal: every control character written as a
+    visible escape (``\\x1b``), so a manifest, config or Hub index cannot retitle the
+    terminal, clear it or overwrite a line. ``newlines=True`` keeps plain ``\\n`` and ``\\t``
+    for text that is multi-line by design (a report, generated text)."""
+    return str(text).translate(_ESCAPES_KEEP_LAYOUT if newlines else _ESCAPES)

@@ -513,7 +513,9 @@ def configure_parser(p) -> None:
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the block scales too (saves ~0.4 bit/weight)")
     p.add_argument("--blocksize", type=int, default=None,
                    help="4-bit block size: nf4/fp4 default 64 (transformers reads only 64); int4 group 32 (or 64, 128, 256)")  # fmt: skip
-    p.add_argument("--dtype", default="bfloat16", help="dtype of what stays 16-bit: bfloat16 (default) or float16")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of what stays 16-bit, and the compute dtype: bfloat16 (default) or float16 "
+                        "(the default with a --profile whose GPU has no bfloat16, e.g. gtx1650-4gb, t4)")  # fmt: skip
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside a local folder or Hub repo")
     p.add_argument("--max-shard-size", default="512MB", help="largest weight shard (default 512MB)")
@@ -542,6 +544,8 @@ def main(args) -> int:
                                          args.gguf_file, args.quant_type, say, double_quant=args.double_quant)  # fmt: skip
         bits = options.pop("bits")
     quant_type = options.pop("quant_type", None) or args.quant_type or "nf4"
+    planned_dtype = options.pop("dtype", None)  # float16 for a profile whose GPU has no bfloat16
+    dtype = args.dtype or planned_dtype or "bfloat16"
     manifest = pack(
         args.source,
         args.out,
@@ -549,7 +553,7 @@ def main(args) -> int:
         quant_type=quant_type,
         double_quant=args.double_quant,
         blocksize=args.blocksize,
-        dtype=args.dtype,
+        dtype=dtype,
         max_shard_bytes=parse_size(args.max_shard_size),
         revision=args.revision,
         gguf_file=args.gguf_file,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack import bundle as bundle_format
-from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError
+from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError, printable
 
 INDEX_NAME = "edgepack-variants.json"
 INDEX_FORMAT = "edgepack-variants"
@@ -561,6 +561,8 @@ def _load_json(path: str | os.PathLike, origin: str) -> Any:
         return json.loads(Path(path).read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HubError(f"{origin} is not valid JSON ({exc})", hint="push the bundle again to rewrite it") from None
+    except RecursionError:
+        raise HubError(f"{origin} is not valid JSON (nested too deeply)", hint="push the bundle again to rewrite it") from None
 
 
 def _manifest_from(path: str | os.PathLike, repo_id: str, prefix: str = "") -> dict[str, Any]:
@@ -569,6 +571,9 @@ def _manifest_from(path: str | os.PathLike, repo_id: str, prefix: str = "") -> d
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bundle_format.ManifestError(f"{origin} is not valid JSON ({exc})",
+                                          hint="push the bundle again") from None  # fmt: skip
+    except RecursionError:
+        raise bundle_format.ManifestError(f"{origin} is not valid JSON (nested too deeply)",
                                           hint="push the bundle again") from None  # fmt: skip
     return bundle_format.validate_manifest(data, origin=origin)
 
@@ -853,7 +858,7 @@ def _purge_cached(snapshot_file: Path) -> None:
 
 
 def _say(msg: str) -> None:
-    print(f"[edgepack] {msg}", file=sys.stderr, flush=True)
+    print(f"[edgepack] {printable(msg)}", file=sys.stderr, flush=True)  # msg quotes repo and variant names
 
 
 def configure_push_parser(p) -> None:
@@ -873,9 +878,9 @@ def main_push(args) -> int:
                   commit_message=args.commit_message, token=args.token, progress=_say)  # fmt: skip
     where = f"variant {result.variant} ({result.variant}/)" if result.variant else "the repo root"
     deleted = f", {result.files_deleted} old files removed" if result.files_deleted else ""
-    print(f"pushed {args.bundle} to {result.repo_id}@{result.revision}, {where}: "
-          f"{result.files_uploaded} files{deleted}, index and model card updated")  # fmt: skip
-    print(result.commit_url)
+    print(printable(f"pushed {args.bundle} to {result.repo_id}@{result.revision}, {where}: "
+                    f"{result.files_uploaded} files{deleted}, index and model card updated"))  # fmt: skip
+    print(printable(result.commit_url))
     return 0
 
 
@@ -904,8 +909,8 @@ def main_pull(args) -> int:
                   token=args.token, profile=profile, progress=_say)  # fmt: skip
     manifest = bundle_format.read_manifest(result.path)
     total = sum(e["size"] for e in manifest["files"])
-    print(f"variant: {result.reason}", file=sys.stderr)
-    print(f"ok: {result.repo_id}@{result.commit[:8]}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, "
-          "sizes and sha256 match the manifest", file=sys.stderr)  # fmt: skip
-    print(result.path)
+    print(f"variant: {printable(result.reason)}", file=sys.stderr)  # names and figures from the remote index
+    print(printable(f"ok: {result.repo_id}@{result.commit[:8]}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, "
+                    "sizes and sha256 match the manifest"), file=sys.stderr)  # fmt: skip
+    print(printable(result.path))
     return 0

@@ -10,7 +10,7 @@ cache by concatenation. This module runs the same math with fewer, larger ops:
 * rotary tables computed once.
 
 One-token decode steps go further where edgepack._native is built (its C source:
-_native.c): the whole step in one C call over the same tensors, float32 activations, no
+edgepack/runtime/engine/csrc/): the whole step in one C call over the same tensors, float32 activations, no
 per-op overhead (``native_step``; ``native_off`` says why not, when not).
 
 It reads the same tensors as the transformers path (int8 + SCB, packed 4-bit, 16-bit) and

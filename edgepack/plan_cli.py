@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack import planner
-from edgepack.errors import SourceNotFoundError, UnsupportedModelError
+from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModelError, printable
 
 
 # --- the model's sizes, from its config -------------------------------------------------------
@@ -37,7 +37,9 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
             kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
             return AutoConfig.from_pretrained(str(resolved.path), **kwargs)
         return AutoConfig.from_pretrained(_hub_config(source, revision, gguf_file))
-    except (ValueError, KeyError) as exc:
+    except EdgepackError:
+        raise
+    except (ValueError, KeyError, RecursionError) as exc:  # RecursionError: a config nested too deeply
         raise UnsupportedModelError(
             f"cannot read the model config of {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="is this a Hugging Face transformers model?",
@@ -171,22 +173,32 @@ def plan_for_pack(source: str, profile: str, context: int | None, bits: int | No
                   gguf_file: str | None, quant_type: str | None, say: Callable[[str], None] | None,
                   double_quant: bool = False) -> dict[str, Any]:  # fmt: skip
     """Plan for PROFILE; return pack()'s bits, quant_type (None: ``default_quant_type``),
-    device_map, target_profile and plan."""
+    dtype (``storage_dtype``), device_map, target_profile and plan."""
     from edgepack.errors import PlanError
     from edgepack.profile import list_profiles, load_profile
 
     target = load_profile(profile)
     quant_type = quant_type or default_quant_type(target, double_quant)
+    dtype = storage_dtype(target, quant_type)
     desc = describe_model(load_config(source, revision, gguf_file), name=source)
     p = planner.plan(desc, target, context=context, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                     alternatives=_builtin_profiles(list_profiles))  # fmt: skip
+                     dtype=dtype, alternatives=_builtin_profiles(list_profiles))  # fmt: skip
     if not p.fits:
         raise PlanError(f"--bits {bits} does not fit {target.name}: {p.reasons[0]}",
                         hint=" ".join(p.instead) or "leave out --bits to let the planner choose")
     if say:
         say(f"plan for {target.name}: {p.reasons[0]}")
-    return {"bits": p.bits, "quant_type": quant_type, "device_map": p.device_map, "target_profile": target.to_dict(),
-            "plan": p.to_dict()}  # fmt: skip
+    return {"bits": p.bits, "quant_type": quant_type, "dtype": dtype, "device_map": p.device_map,
+            "target_profile": target.to_dict(), "plan": p.to_dict()}  # fmt: skip
+
+
+def storage_dtype(target, quant_type: str) -> str:
+    """What stays 16-bit, and the compute dtype: float16 when a GPU of the profile has no
+    bfloat16 (Turing and older: ``"bf16": false``; cuBLAS has no bf16 GEMM below compute
+    8.0), else bfloat16. int4 bundles run only on the CPU, whose kernels take bf16 scales."""
+    if quant_type != "int4" and any(not g.bf16 for g in target.gpus):
+        return "float16"
+    return "bfloat16"
 
 
 def default_quant_type(target, double_quant: bool = False) -> str:
@@ -233,11 +245,12 @@ def main(args) -> int:
     quant_type = args.quant_type or default_quant_type(target, args.double_quant)
     p = planner.plan(desc, target, context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch,
                      bits=args.bits, quant_type=quant_type, double_quant=args.double_quant,
+                     dtype=storage_dtype(target, quant_type),
                      alternatives=_builtin_profiles(list_profiles))  # fmt: skip
     if args.json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, desc) + "\n")
+        sys.stdout.write(printable(render(p, desc), newlines=True) + "\n")  # names come from the config
     return 0 if p.fits else 1
 
 

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from edgepack import bundle as bundle_format
-from edgepack.errors import BundleIntegrityError, GenerationError, InsufficientMemoryError
+from edgepack.errors import (
+    BundleIntegrityError,
+    DeviceError,
+    EdgepackError,
+    GenerationError,
+    InsufficientMemoryError,
+)
 
 BACKENDS = ("native", "torch")
 
@@ -86,7 +92,9 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
 
     try:
         tokenizer = load_tokenizer(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except EdgepackError:  # edgepack's tokenizer says which file and why
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # transformers' AutoTokenizer
         raise BundleIntegrityError(
             f"cannot load the bundle's tokenizer: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="the bundle's tokenizer files are damaged or were edited; pack the model again",
@@ -126,12 +134,34 @@ def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backen
 def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:
     device_map = {k: str(v) if not isinstance(v, int) else f"cuda:{v}" for k, v in manifest["device_map"].items()}
     if device is not None:
+        _check_device(device, "--device")
         return {k: device for k in device_map}, []
     wants_cuda = any(v.startswith("cuda") for v in device_map.values())
     if wants_cuda and not _cuda_available():
         notice = "the bundle was planned for a GPU but this box has none; running everything on the CPU"
         return {k: "cpu" for k in device_map}, [notice]
+    for placed in set(device_map.values()):
+        _check_device(placed, "the bundle's device_map")
     return device_map, []
+
+
+def _check_device(device: str, origin: str) -> None:
+    """cpu, cuda or cuda:N with N a GPU torch sees; anything else would fail deep in torch."""
+    kind, _, index = device.partition(":")
+    if device == "cpu":
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise DeviceError(f"{origin} names device {device!r}, which edgepack cannot place weights on",
+                          hint="use cpu, cuda or cuda:N (N counts from 0)")  # fmt: skip
+    if not _cuda_available():
+        raise DeviceError(f"{origin} asks for {device}, but torch here sees no CUDA GPU "
+                          "(a CPU-only torch build, or no NVIDIA driver)",
+                          hint="use --device cpu, or install a CUDA build of torch")  # fmt: skip
+    import torch
+
+    if index and int(index) >= torch.cuda.device_count():
+        raise DeviceError(f"{origin} asks for {device}, but this box has {torch.cuda.device_count()} GPU(s)",
+                          hint=f"use --device cuda:0 ... cuda:{torch.cuda.device_count() - 1}, or --device cpu")  # fmt: skip
 
 
 def _cuda_available() -> bool:
@@ -182,7 +212,7 @@ def _read_config(path: Path) -> dict:
 
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise BundleIntegrityError(
             f"cannot read the bundle's config.json ({type(exc).__name__})",
             hint="the bundle's config.json is damaged; pack the model again",
@@ -245,7 +275,14 @@ class EdgeModel:
                 "this bundle's tokenizer has no chat template",
                 hint="send a plain prompt without --chat",
             )
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except EdgepackError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transformers' tokenizers (no tokenizer.json) raise jinja's errors
+            from edgepack.tokenizer import template_failed
+
+            raise template_failed(exc) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # generation ------------------------------------------------------------------------
@@ -338,22 +375,25 @@ def _read_generation_config(path: Path) -> dict:
 
     try:
         data = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+        raise GenerationError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}",
+                              hint="pass --max-new-tokens 1 or more")  # fmt: skip
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-        raise GenerationError(f"min_new_tokens must be between 0 and max_new_tokens, not {min_new_tokens!r}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+        raise GenerationError(f"min_new_tokens must be between 0 and max_new_tokens, not {min_new_tokens!r}",
+                              hint=f"pass --min-new-tokens between 0 and {max_new_tokens}")  # fmt: skip
+    if not temperature >= 0:  # also refuses NaN
+        raise GenerationError(f"temperature must be >= 0 (0 is greedy), not {temperature}",
+                              hint="pass --temperature 0 for greedy, or e.g. 0.7")  # fmt: skip
     if not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1], not {top_p}")
+        raise GenerationError(f"top_p must be in (0, 1], not {top_p}", hint="pass --top-p 1 to turn it off, or e.g. 0.9")
     if top_k < 0:
-        raise GenerationError(f"top_k must be >= 0 (0 disables it), not {top_k}")
+        raise GenerationError(f"top_k must be >= 0 (0 disables it), not {top_k}", hint="pass --top-k 0 to turn it off")
 
 
 def _partial_stop_length(text: str, stops: Sequence[str]) -> int:

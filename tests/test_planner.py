@@ -469,8 +469,9 @@ def test_plan_for_pack(tiny_models):
 
     said = []
     got = plan_for_pack(str(tiny_models["llama"]), "t4", 128, None, None, None, "nf4", said.append)
-    assert set(got) == {"bits", "quant_type", "device_map", "target_profile", "plan"}
+    assert set(got) == {"bits", "quant_type", "dtype", "device_map", "target_profile", "plan"}
     assert got["bits"] == 16 and got["target_profile"]["name"] == "t4"
+    assert got["dtype"] == "float16"  # t4: "bf16": false
     assert got["plan"]["device_map"] == got["device_map"] and said
     with pytest.raises(PlanError, match="does not fit"):
         plan_for_pack(str(tiny_models["llama"]), str(_tiny_box_file(tiny_models)), 128, 16, None, None, "nf4", None)

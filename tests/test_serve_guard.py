@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 from test_serve import PROMPT, LiveServer, _assert_openai_error  # noqa: E402
 
 from edgepack import serve, serve_guard  # noqa: E402
-from edgepack.errors import EdgepackError, GenerationError  # noqa: E402
+from edgepack.errors import ChatTemplateError, EdgepackError  # noqa: E402
 from edgepack.tokenizer import _compile_template, render_bounded  # noqa: E402
 
 NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
@@ -129,7 +129,7 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(lm):
 def test_hostile_template_fails_fast_and_small(template, why):
     tracemalloc.start()
     t0 = time.perf_counter()
-    with pytest.raises(GenerationError) as caught:
+    with pytest.raises(ChatTemplateError) as caught:
         render_bounded(_compile_template(template), {"messages": []}, max_seconds=1.0, max_chars=1 << 20)
     seconds, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -147,7 +147,7 @@ def test_hostile_template_fails_fast_and_small(template, why):
 ])  # fmt: skip
 def test_other_template_bombs_are_stopped(template):
     t0 = time.perf_counter()
-    with pytest.raises(GenerationError):
+    with pytest.raises(ChatTemplateError):
         render_bounded(_compile_template(template), {"messages": []}, max_seconds=1.0, max_chars=1 << 20)
     assert time.perf_counter() - t0 < 3
 

@@ -300,7 +300,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (no build of llama-cpp-python)")
+    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (no build of llama.cpp)")
     parser.add_argument("--profile", action="store_true", help="print a profile of one 8-bit decode step")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgepack-cpu-bench-"))

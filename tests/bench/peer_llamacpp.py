@@ -1,12 +1,16 @@
 """llama.cpp peer for the edgepack benchmark.
 
 Subcommands:
-  env                       build llama-cpp-python into a private venv (cached)
-  worker  --gguf F ...      one speed measurement; meant to run in a fresh process
+  env                       build llama.cpp (llama-bench, llama-quantize) from the
+                            llama-cpp-python sdist, and a venv for its bindings (cached)
+  worker  --gguf F ...      first token, RSS and the bindings' own speed, in a fresh process
   quality --gguf F ...      perplexity + per-position log-probs on gguf_heldout.txt
   bench   --repeats 3       make the GGUF variants, run everything, print medians
+  diagnose --gguf F         llama-bench (flash attention auto / off, 2 and 1 threads)
+                            beside the bindings' eval loop: where a Python-driven peer loses
 
-`worker` and `quality` run under the private venv's Python (llama_cpp lives there);
+Speed is llama.cpp's own llama-bench; `worker` and `quality` run under the private venv's
+Python with the sdist's llama_cpp package over the same build's shared libraries;
 `env` and `bench` run under the project venv (bench needs gguf/transformers/torch).
 For a combined bench import this file and use `run_bench()` / `format_table()`.
 """
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,52 +35,71 @@ DEFAULT_ENV = BENCH_DIR / ".peer-venv"
 HELDOUT = BENCH_DIR / "gguf_heldout.txt"
 T0_ENV = "EDGEPACK_T0"  # wall-clock time the parent spawned the worker
 
-# Release build tuned for *this* CPU (we benchmark where we build); skip the
-# multimodal lib (mtmd/llava) and llama.cpp's tools/tests/server: the Python
-# bindings do not need them and they roughly double the compile time.
-CMAKE_ARGS = " ".join([
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",
-    "-DLLAVA_BUILD=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-])
+# llama.cpp as its users build it: a Release build for *this* CPU (-march=native; we
+# benchmark where we build), from the llama.cpp that ships inside the llama-cpp-python sdist
+# (vendor/llama.cpp), so the speed rows (llama-bench) and the quality rows (the Python
+# bindings, loading the same shared libraries) run one build of one llama.cpp.
+CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]  # fmt: skip
+TARGETS = ["llama-bench", "llama-quantize"]
+SDIST_SPEC = "llama-cpp-python"
+# the bindings' own dependencies, for the quality rows (the package itself is put on the path)
+BINDING_DEPS = ["numpy", "diskcache", "jinja2", "typing_extensions"]
 
 
 # --------------------------------------------------------------------------- env
 
 def env_python(env_dir: Path = DEFAULT_ENV) -> Path:
-    return Path(env_dir) / "bin" / "python"
+    return Path(env_dir) / "py" / "bin" / "python"
 
 
-def _importable(py: Path) -> bool:
-    if not py.exists():
-        return False
-    probe = subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True)
-    return probe.returncode == 0
+def _sdist(env_dir: Path) -> Path:
+    """The unpacked llama-cpp-python sdist (downloaded once with pip)."""
+    src = env_dir / "src"
+    found = sorted(p for p in src.glob("llama_cpp_python-*") if p.is_dir()) if src.exists() else []
+    if not found:
+        src.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        "-d", str(src), SDIST_SPEC], check=True)  # fmt: skip
+        tarball = sorted(src.glob("llama_cpp_python-*.tar.gz"))[-1]
+        subprocess.run(["tar", "xzf", str(tarball), "-C", str(src)], check=True)
+        found = sorted(p for p in src.glob("llama_cpp_python-*") if p.is_dir())
+    return found[-1]
 
 
-def ensure_llamacpp_env(env_dir: Path = DEFAULT_ENV, spec: str = "llama-cpp-python",
-                        cmake_args: str = CMAKE_ARGS) -> dict:
-    """Create a private venv with llama-cpp-python built from source.
+def ensure_llamacpp_build(env_dir: Path = DEFAULT_ENV) -> dict:
+    """llama.cpp's own tools built from the sdist's vendor/llama.cpp (cached in env_dir).
 
-    A separate venv keeps llama.cpp's numpy/jinja pins out of the project env.
-    Returns {"python", "built", "build_s"}; no-op when already importable.
-    """
+    Returns {"bin", "source", "sdist", "commit", "build_s"}."""
     env_dir = Path(env_dir)
-    py = env_python(env_dir)
-    if _importable(py):
-        return {"python": str(py), "built": False, "build_s": 0.0}
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    env = dict(os.environ, CMAKE_ARGS=cmake_args,
-               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    sdist = _sdist(env_dir)
+    source, build = sdist / "vendor" / "llama.cpp", env_dir / "build"
     t0 = time.monotonic()
-    subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", spec],
-                   check=True, env=env)
-    return {"python": str(py), "built": True, "build_s": round(time.monotonic() - t0, 1)}
+    if not all((build / "bin" / t).exists() for t in TARGETS):
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), *gen, *CMAKE_ARGS], check=True)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
+                       check=True)  # fmt: skip
+    commit = subprocess.run(["git", "-C", str(source), "log", "-1", "--format=%h %cs"], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    return {"bin": str(build / "bin"), "source": str(source), "sdist": sdist.name, "commit": commit,
+            "build_s": round(time.monotonic() - t0, 1)}  # fmt: skip
+
+
+def ensure_llamacpp_env(env_dir: Path = DEFAULT_ENV) -> dict:
+    """The build above plus a small venv whose Python loads the sdist's `llama_cpp` package
+    over the build's shared libraries (LLAMA_CPP_LIB_PATH): the quality rows' peer.
+
+    Returns the build's dict plus {"python", "env"} (the environment a worker runs in)."""
+    env_dir = Path(env_dir)
+    build = ensure_llamacpp_build(env_dir)
+    py = env_python(env_dir)
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(py.parent.parent)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *BINDING_DEPS], check=True)
+    env = {"PYTHONPATH": str(env_dir / "src" / build["sdist"]), "LLAMA_CPP_LIB_PATH": build["bin"]}
+    return {**build, "python": str(py), "env": env}
 
 
 # ------------------------------------------------------------ worker side (peer venv)
@@ -231,17 +255,17 @@ def wait_for_quiet(max_busy: float = 0.15, timeout: float = 300, window: float =
     return round(time.monotonic() - start - window, 1)
 
 
-def spawn(mode: str, gguf: Path, python: Path, *extra: str, timeout: float = 600) -> dict:
+def spawn(mode: str, gguf: Path, peer: dict, *extra: str, timeout: float = 600) -> dict:
     """Run `mode` in a fresh interpreter and return its JSON line.
 
     T0 is taken just before the spawn so first-token time covers interpreter start.
     Adds `foreign_cpu`: share of the machine's CPU used by *other* processes
     during the run (anything above ~0.05 means the timing is contaminated).
     """
-    cmd = [str(python), str(Path(__file__).resolve()), mode, "--gguf", str(gguf), *extra]
+    cmd = [peer["python"], str(Path(__file__).resolve()), mode, "--gguf", str(gguf), *extra]
     busy0, total0 = _cpu_seconds()
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    env = dict(os.environ, **{T0_ENV: repr(time.time())})
+    env = dict(os.environ, **peer["env"], **{T0_ENV: repr(time.time())})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -253,36 +277,80 @@ def spawn(mode: str, gguf: Path, python: Path, *extra: str, timeout: float = 600
     return result
 
 
-MAX_FOREIGN_CPU = 0.05  # a run where other processes used more than this is redone
+def llama_bench(peer: dict, gguf: Path, threads: int, prompt_n: int = 0, new_n: int = 0, depth: int = 0,
+                reps: int = 1) -> dict:
+    """llama.cpp's own benchmark, one process: prompt tokens/s (pp: a batch of prompt_n tokens)
+    and decode tokens/s (tg: new_n tokens one at a time), both after `depth` tokens already in
+    the KV cache; llama-bench runs an untimed warm-up first and reports the mean of `reps`.
+    Adds `foreign_cpu` as spawn() does."""
+    cmd = [str(Path(peer["bin"]) / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", str(reps),
+           "-p", str(prompt_n), "-n", str(new_n), "-d", str(depth), "-o", "json"]  # fmt: skip
+    busy0, total0 = _cpu_seconds()
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    busy1, total1 = _cpu_seconds()
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    out = {"foreign_cpu": round(max(0.0, busy1 - busy0 - own) / max(total1 - total0, 1e-9), 3)}
+    for test in json.loads(proc.stdout):
+        key = "decode_tok_s" if test["n_gen"] else "prompt_tok_s"
+        out[key] = test["avg_ts"]
+        out["build"] = f"{test.get('build_commit')} ({test.get('cpu_info', '').strip()}, {test.get('backends')})"
+    return out
 
 
-def _clean_runs(gguf: Path, python: Path, args: tuple, repeats: int, quiet: bool) -> list[dict]:
-    """Collect `repeats` runs not disturbed by other processes (up to 3x attempts;
-    after that the disturbed runs are kept and show up in foreign_cpu_max)."""
-    clean, dirty = [], []
-    for _ in range(3 * repeats):
-        waited = wait_for_quiet() if quiet else 0.0
-        run = {**spawn("worker", gguf, python, *args), "waited_s": waited}
-        (clean if run["foreign_cpu"] <= MAX_FOREIGN_CPU else dirty).append(run)
-        print(f"[peer] {Path(gguf).name}: decode {run['decode_tok_s']} tok/s, "
-              f"foreign_cpu {run['foreign_cpu']}, waited {waited}s", file=sys.stderr, flush=True)
-        if len(clean) == repeats:
-            break
-    return clean + sorted(dirty, key=lambda r: r["foreign_cpu"])[: repeats - len(clean)]
-
-
-def measure_speed(gguf: Path, python: Path, repeats: int = 3, threads: int = 2,
+def measure_speed(gguf: Path, peer: dict, repeats: int = 3, threads: int = 2,
                   prompt_n: int = 256, new_n: int = 128, quiet: bool = True) -> dict:
-    """Medians over `repeats` fresh worker processes. One warm-up run is
-    discarded first so every counted run finds the file in the page cache."""
+    """Medians over `repeats` rounds of fresh processes: decode and prompt tokens/s from
+    llama-bench (llama.cpp's own loop, no Python between tokens); time to the first token,
+    load time and peak RSS from a process that loads the model through the Python bindings
+    and runs the prompt (their decode figure is kept as `bindings_decode_tok_s`: it shows
+    what a Python loop around llama_decode costs). One warm-up of each first, so every
+    counted run finds the file in the page cache."""
     args = ("--threads", str(threads), "--prompt-tokens", str(prompt_n), "--new-tokens", str(new_n))
-    spawn("worker", gguf, python, *args)
-    runs = _clean_runs(gguf, python, args, repeats, quiet)
-    keys = ("decode_tok_s", "prompt_tok_s", "first_token_s", "load_s", "import_s", "peak_rss_kib")
+    spawn("worker", gguf, peer, *args)
+    runs = []
+    for _ in range(repeats):
+        waited = wait_for_quiet() if quiet else 0.0
+        bench = llama_bench(peer, gguf, threads, prompt_n, new_n)
+        py = spawn("worker", gguf, peer, *args)
+        runs.append({**py, "bindings_decode_tok_s": py["decode_tok_s"], "bindings_prompt_tok_s": py["prompt_tok_s"],
+                     **bench, "foreign_cpu": max(bench["foreign_cpu"], py["foreign_cpu"]), "waited_s": waited})  # fmt: skip
+        print(f"[peer] {Path(gguf).name}: llama-bench decode {bench['decode_tok_s']:.1f} tok/s, bindings "
+              f"{py['decode_tok_s']:.1f}; foreign_cpu {runs[-1]['foreign_cpu']}, waited {waited}s", file=sys.stderr, flush=True)  # fmt: skip
+    keys = ("decode_tok_s", "prompt_tok_s", "bindings_decode_tok_s", "bindings_prompt_tok_s", "first_token_s",
+            "load_s", "import_s", "peak_rss_kib")  # fmt: skip
     med = {k: statistics.median(r[k] for r in runs) for k in keys}
     # worst case, not median: one contaminated run is enough to distrust a row
     med["foreign_cpu_max"] = max(r["foreign_cpu"] for r in runs)
     return {**med, "runs": runs}
+
+
+def diagnose(gguf: Path, peer: dict, repeats: int = 3, threads: int = 2, new_n: int = 128) -> dict:
+    """Why the Python-driven peer decodes slower than llama.cpp's own loop: rounds of fresh
+    processes, alternating llama-bench (flash attention auto, as llama.cpp's tools run; and
+    off, as llama-cpp-python's Llama() defaults to), llama-bench at 1 thread, and the
+    bindings' eval loop (this file's worker, 256-token prompt first). Medians of decode tok/s."""
+    variants = {"llama-bench fa auto": ("-fa", "auto"), "llama-bench fa off": ("-fa", "off")}
+    runs: dict = {name: [] for name in [*variants, "llama-bench 1 thread", "bindings (Llama.eval loop)"]}
+    for _ in range(repeats):
+        for name, extra in variants.items():
+            runs[name].append(_bench_extra(peer, gguf, threads, new_n, extra))
+        runs["llama-bench 1 thread"].append(_bench_extra(peer, gguf, 1, new_n, ()))
+        py = spawn("worker", gguf, peer, "--threads", str(threads), "--prompt-tokens", "256", "--new-tokens", str(new_n))
+        runs["bindings (Llama.eval loop)"].append(py["decode_tok_s"])
+        print(f"[diagnose] {({k: round(v[-1], 1) for k, v in runs.items()})} load avg {os.getloadavg()[0]:.1f}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def _bench_extra(peer: dict, gguf: Path, threads: int, new_n: int, extra: tuple) -> float:
+    cmd = [str(Path(peer["bin"]) / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-p", "0",
+           "-n", str(new_n), "-o", "json", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)[0]["avg_ts"]
 
 
 def reference_logprobs(src_gguf: Path, tokens: np.ndarray) -> np.ndarray:
@@ -304,8 +372,8 @@ def compare_logprobs(ref: np.ndarray, lp: np.ndarray) -> dict:
     return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1_agree": float(top1)}
 
 
-def _quality_rows(paths: dict, python: Path, src: Path, threads: int, out_dir: str) -> dict:
-    qual = {fmt: spawn("quality", p, python, "--threads", str(threads), "--out-dir", out_dir)
+def _quality_rows(paths: dict, peer: dict, src: Path, threads: int, out_dir: str) -> dict:
+    qual = {fmt: spawn("quality", p, peer, "--threads", str(threads), "--out-dir", out_dir)
             for fmt, p in paths.items()}
     tokens = np.load(next(iter(qual.values()))["tokens"])
     ref = reference_logprobs(src, tokens)
@@ -326,16 +394,15 @@ def run_bench(repeats: int = 3, threads: int = 2, prompt_n: int = 256, new_n: in
     """
     import gguf_variants  # project venv only (needs the gguf package)
     build = ensure_llamacpp_env(env_dir)
-    python = Path(build["python"])
     src = gguf_variants.default_src_gguf()
     paths = gguf_variants.make_variants(src, variants_dir or gguf_variants.DEFAULT_OUT)
     qual = {}
     if quality:
         with tempfile.TemporaryDirectory(prefix="peer-llamacpp-") as tmp:
-            qual = _quality_rows(paths, python, src, threads, str(logprobs_dir or tmp))
+            qual = _quality_rows(paths, build, src, threads, str(logprobs_dir or tmp))
     rows = []
     for fmt, p in paths.items():
-        speed = measure_speed(p, python, repeats, threads, prompt_n, new_n, quiet)
+        speed = measure_speed(p, build, repeats, threads, prompt_n, new_n, quiet)
         rows.append({"format": fmt, "file_bytes": p.stat().st_size, **speed, **qual.get(fmt, {})})
     return {"rows": rows, "reference": qual.get("reference"), "build": build}
 
@@ -371,6 +438,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["worker"].add_argument("--prompt-tokens", type=int, default=256)
     sub.choices["worker"].add_argument("--new-tokens", type=int, default=128)
     sub.choices["quality"].add_argument("--out-dir", default="")
+    d = sub.add_parser("diagnose")
+    d.add_argument("--gguf", required=True)
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--threads", type=int, default=2)
     b = sub.add_parser("bench")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
@@ -388,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(ensure_llamacpp_env(a.env_dir)))
     elif a.cmd == "worker":
         print(json.dumps(run_worker(a.gguf, a.threads, a.prompt_tokens, a.new_tokens, a.n_ctx)))
+    elif a.cmd == "diagnose":
+        print(json.dumps(diagnose(Path(a.gguf), ensure_llamacpp_env(), a.repeats, a.threads)))
     elif a.cmd == "quality":
         print(json.dumps(run_quality(a.gguf, a.threads, a.out_dir)))
     else:

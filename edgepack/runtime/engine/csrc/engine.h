@@ -1,0 +1,278 @@
+/* edgepack's CPU engine: a Llama-family model's decode step and prompt pass in C.
+ *
+ * A decode step runs as ~40 torch ops a layer in the torch backend; on a small model their
+ * per-op overhead is a third of the step, and torch's int8 kernel wants bfloat16
+ * activations. The engine runs the whole step (embedding row, per layer [norm, q/k/v,
+ * rotary, KV cache write, attention, o, norm, gate/up, SiLU, down], final norm, head) over
+ * tensors the Python side already holds (no copy of any weight), with float32 activations,
+ * on a small pool of its own threads (rows of each matrix split between them).
+ *
+ * Weights: int8 rows with one float32 scale per row (bitsandbytes' int8 storage, SCB/127),
+ * edgepack's int4 (codes and (scale, zero) pairs per group), or bfloat16 / float16 /
+ * float32. The KV cache is bfloat16, [layers, kv_heads, max_tokens, head_dim].
+ *
+ * Files: this header (types, scalar helpers, the dispatch table), kernels.h (kernel bodies
+ * written once, compiled per instruction set), arch/<cpu>/ (what differs per instruction
+ * set), dispatch.c (the table in use), pool.c (threads), step.c (one token), prompt.c (many
+ * tokens as GEMMs), convert.c, sample.c, module.c (the Python bindings). No Python object
+ * is touched while a step runs: the GIL is released.
+ */
+#ifndef EP_ENGINE_H
+#define EP_ENGINE_H
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define EP_X86 1
+#include <immintrin.h>
+#else
+#define EP_X86 0
+#endif
+
+enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3, W_INT4 = 4 };
+
+/* Sizes the module exports (PROMPT_ROWS, PROMPT_CHUNK, MAX_THREADS); the planner's memory
+ * estimate uses the first two, and the Python side checks they agree at import. */
+#define PB 16          /* weight rows converted to float32 at a time in a prompt's GEMM */
+#define CHUNK 96       /* prompt tokens per pass through the layers (two AVX-512 tiles of 48) */
+#define MAX_THREADS 64 /* the caller plus 63 workers */
+
+typedef struct {
+    int type, rows, cols;
+    const void *w;
+    const float *scale;  /* int8 only: one per row */
+    const float *bias;   /* optional, float32 */
+    const uint16_t *sz;  /* int4 only: bfloat16 (scale, zero) pairs, [rows, cols / group, 2] */
+    int group;           /* int4 only: inputs sharing a pair, a multiple of 32 */
+} Mat;
+
+typedef struct {
+    const float *in_norm, *post_norm;
+    Mat qkv, o, gate_up, down;
+} Layer;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter, n_layers, vocab;
+    float eps;
+    int embed_type;
+    const void *embed;
+    const float *norm;
+    Mat head;
+    Layer *layers;
+    /* scratch */
+    float *x, *h, *qkv, *att, *gu, *tmp, *prep;
+    float *scores; /* heads x scores_len: attention weights, grown with the cache */
+    int scores_len;
+} Model;
+
+/* ------------------------------------------------------------------ scalar helpers */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) { /* exact, subnormals included, branch-free */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu, u = em << 13;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p112f;
+    memcpy(&u, &f, 4);
+    if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u; /* inf / nan */
+    u |= sign;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
+    if (a < 0x38800000u) {                                   /* float16 subnormal or zero */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 0x1p24f));
+    }
+    return (uint16_t)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+}
+
+/* e^x for float32, vectorizable (in `omp simd` loops; libm's expf is a call per value):
+ * Cephes' expf, x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n built
+ * in the exponent bits; relative error ~1e-7. Below -87.3 it returns ~1e-38, not 0. */
+static inline __attribute__((always_inline)) float ep_exp(float x) {
+    x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
+    /* n = round(x / ln2) by adding and subtracting 1.5 x 2^23 (no floorf: a libm call before SSE4.1) */
+    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+static inline float load_value(int type, const void *w, size_t i) {
+    switch (type) {
+    case W_INT8: return (float)((const int8_t *)w)[i];
+    case W_BF16: return bf16_to_f32(((const uint16_t *)w)[i]);
+    case W_F16: return f16_to_f32(((const uint16_t *)w)[i]);
+    default: return ((const float *)w)[i];
+    }
+}
+
+/* Software prefetch EP_PF bytes ahead in each weight row being read: the hardware
+ * prefetcher alone leaves the step waiting on memory (SmolLM2-135M 8-bit, 2 threads of a
+ * 2-core AVX-512 box: 10.7 ms a step without, 4.5 ms at 9 KiB ahead, the best of 1-16 KiB). */
+#ifndef EP_PF
+#define EP_PF 9216
+#endif
+static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_PF bytes on */
+    for (size_t b = 0; EP_PF && b < bytes; b += 64) __builtin_prefetch((const char *)row + b + EP_PF);
+}
+
+static inline void rms_norm(const float *x, const float *w, float *y, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float inv = 1.f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+static inline void rotate(float *v, const float *cos, const float *sin, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* ------------------------------------------------------------------ the dispatch table
+ * One per instruction set (arch/), the one in use picked at import (dispatch.c). */
+
+/* y[r] = sum_k W[r, k] x[k] for r in [r0, r1): raw dot products, scales and biases applied by the caller */
+typedef void (*gemv_fn)(const void *W, const float *x, int K, int r0, int r1, float *y);
+/* the same for int4 rows, over the input as prep_int4 made it */
+typedef void (*int4_fn)(const Mat *m, const float *prep, int r0, int r1, float *y);
+/* one query head over positions [0, n) of its bfloat16 key/value head ([n, D]) */
+typedef void (*attn_fn)(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float *s,
+                        float *out);
+/* out[r] = silu(gate[r]) * up[r] for r < n */
+typedef void (*silu_fn)(const float *gate, const float *up, float *out, int n);
+/* a GEMM register tile (kernels.h, EP_GEMM_TILE) */
+typedef void (*tile_fn)(const float *w, int K, const float *xt, int ldx, float *raw);
+typedef void (*halve_fn)(const uint16_t *s, uint16_t *d, size_t n); /* bfloat16 -> float16 */
+
+typedef struct {
+    int lanes, max_tv, n_rb, rb[3];
+    tile_fn tile[3][5]; /* [row-block kind][registers of tokens] */
+} Tiles;
+
+typedef struct {
+    const char *name;
+    gemv_fn gemv[4]; /* by weight type: W_INT8, W_BF16, W_F16, W_F32 */
+    int4_fn int4;
+    attn_fn attn;
+    silu_fn silu;
+    const Tiles *tiles;
+    halve_fn bf16_to_f16;
+} Kernels;
+
+extern const Kernels kernels_generic;
+#if EP_X86
+extern const Kernels kernels_avx2, kernels_avx512;
+void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
+#endif
+extern const Kernels *kernels; /* the table in use */
+void detect_isa(void);
+const char *current_isa(void);
+int set_isa(const char *name); /* 0, or -1 when this CPU lacks it */
+const char *best_isa(void);
+
+/* ------------------------------------------------------------------ threads (pool.c) */
+
+typedef void (*task_fn)(void *ctx, int tid, int nth);
+extern pthread_mutex_t step_lock; /* one caller of the pool at a time: it and a model's scratch are shared */
+void pool_after_fork(void);
+int ensure_workers(int n);
+void parallel(task_fn fn, void *ctx, int nth);
+
+/* rows [lo, hi) of `rows` for thread tid of nth, in multiples of 4 (the kernels' unit) */
+static inline void split(int rows, int tid, int nth, int *lo, int *hi) {
+    *lo = tid == 0 ? 0 : (int)(((long long)rows * tid / nth) & ~3LL);
+    *hi = tid == nth - 1 ? rows : (int)(((long long)rows * (tid + 1) / nth) & ~3LL);
+}
+
+/* ------------------------------------------------------------------ one token (step.c) */
+
+typedef struct {
+    Model *m;
+    const Mat *mat;
+    const float *in, *prep;
+    float *out;
+    int add; /* out += result (the residual stream) instead of out = result */
+    /* attention */
+    const uint16_t *kc, *vc;
+    int n, max_tokens, layer;
+} Job;
+
+enum { P_SERIAL, P_QKV, P_ATTN, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_PARTS };
+extern const char *PART_NAMES[P_PARTS];
+extern int profiling;
+extern double part_seconds[P_PARTS];
+extern long profiled_steps;
+
+void prep_int4(const Mat *m, const float *x, float *prep);
+void task_mat(void *ctx, int tid, int nth);
+void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, int add, int nth);
+int grow_scores(Model *m, int max_tokens);
+void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
+              const float *sin, float *logits, int nth);
+
+/* ------------------------------------------------------------------ many tokens (prompt.c) */
+
+/* scratch of one prompt pass: activations of CHUNK tokens, per-thread weight rows and scores */
+typedef struct {
+    float *x, *h, *qkv, *att, *gu, *act, *w32, *scores, *rope, *xt;
+    size_t w32_floats;
+} PromptScratch;
+
+void rope_tables(float theta, int D, int pos, float *cos, float *sin);
+void int4_rows_f32(const Mat *m, int r0, int r1, float *out);
+int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s);
+void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, float theta,
+                float *logits, int nth, PromptScratch *s);
+
+/* ------------------------------------------------------------------ convert.c, sample.c */
+
+int fits_f16(const void *s, int st, size_t n, float divisor);
+void convert_values(const void *s, int st, void *d, int dt, size_t n, float divisor);
+void transpose32(const uint32_t *s, size_t rows, size_t cols, uint32_t *d);
+/* a token id, or SAMPLE_EMPTY / SAMPLE_NOMEM */
+enum { SAMPLE_EMPTY = -1, SAMPLE_NOMEM = -2 };
+int sample(const float *logits, size_t n, float temperature, int top_k, float top_p, double u);
+size_t argmax(const float *v, size_t n);
+
+#endif

@@ -1,0 +1,140 @@
+/* Kernel bodies written once and compiled per instruction set: each arch/ file includes
+ * this header inside functions carrying its target attribute, so the compiler vectorizes
+ * the same loops with the widest registers that instruction set has. Only an arch file
+ * includes it. */
+#ifndef EP_KERNELS_H
+#define EP_KERNELS_H
+
+#include "engine.h"
+
+#define ESIZE_int8 1
+#define ESIZE_f16 2
+#define ESIZE_bf16 2
+#define ESIZE_f32 4
+#define TYPE_int8 W_INT8
+#define TYPE_f16 W_F16
+#define TYPE_bf16 W_BF16
+#define TYPE_f32 W_F32
+#define EP_PREFETCH(T, W, i) \
+    if (EP_PF) __builtin_prefetch((const char *)W + (i) * ESIZE_##T + EP_PF)
+
+/* Matrix-vector product with SIMD registers of LANES floats: four rows at a time share
+ * each load of x; columns past the last whole register are added in scalar code. */
+#define EP_SIMD_ROWS(NAME, ATTR, T, VEC, LANES, ZERO, LOADX, LOADW, FMA, HSUM)                 \
+    ATTR static void NAME(const void *W, const float *x, int K, int r0, int r1, float *y) {   \
+        const int kv = K & ~(LANES - 1);                                                      \
+        int r = r0;                                                                           \
+        for (; r + 4 <= r1; r += 4) {                                                         \
+            const size_t o[4] = {(size_t)r * K, (size_t)(r + 1) * K, (size_t)(r + 2) * K, (size_t)(r + 3) * K}; \
+            VEC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;                                       \
+            for (int k = 0; k < kv; k += LANES) {                                             \
+                const VEC xv = LOADX(x + k);                                                  \
+                EP_PREFETCH(T, W, o[0] + k); EP_PREFETCH(T, W, o[1] + k);                       \
+                EP_PREFETCH(T, W, o[2] + k); EP_PREFETCH(T, W, o[3] + k);                       \
+                a0 = FMA(LOADW(W, o[0] + k), xv, a0);                                         \
+                a1 = FMA(LOADW(W, o[1] + k), xv, a1);                                         \
+                a2 = FMA(LOADW(W, o[2] + k), xv, a2);                                         \
+                a3 = FMA(LOADW(W, o[3] + k), xv, a3);                                         \
+            }                                                                                 \
+            float sum[4] = {HSUM(a0), HSUM(a1), HSUM(a2), HSUM(a3)};                          \
+            for (int i = 0; i < 4; i++) {                                                     \
+                for (int k = kv; k < K; k++) sum[i] += load_value(TYPE_##T, W, o[i] + k) * x[k]; \
+                y[r + i] = sum[i];                                                            \
+            }                                                                                 \
+        }                                                                                     \
+        for (; r < r1; r++) {                                                                 \
+            const size_t o = (size_t)r * K;                                                   \
+            VEC a = ZERO();                                                                   \
+            for (int k = 0; k < kv; k += LANES) a = FMA(LOADW(W, o + k), LOADX(x + k), a);    \
+            float sum = HSUM(a);                                                              \
+            for (int k = kv; k < K; k++) sum += load_value(TYPE_##T, W, o + k) * x[k];        \
+            y[r] = sum;                                                                       \
+        }                                                                                     \
+    }
+
+/* int4 (edgepack's CPU format): codes [rows, cols / 2], column 2j in the low nibble of byte j
+ * and 2j+1 in the high one; W[r, k] = (q - 8) s + z with (s, z) shared by `group` inputs. So
+ * y[r] = sum_g s_g (sum_{k in g} q_k x_k) + (z_g - 8 s_g) xsum_g, on an input prepared once
+ * per matrix-vector product (prep_int4, step.c): even and odd inputs apart (they meet the
+ * low and high nibbles) and the sum of each group. */
+static inline __attribute__((always_inline)) void int4_rows_body(const Mat *m, const float *prep, int r0, int r1,
+                                                                  float *y) {
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G, gb = G / 2;
+    const float *xe = prep, *xo = prep + half, *xs = prep + K;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        const uint16_t *sz = m->sz + (size_t)r * ng * 2;
+        prefetch_row(c, half);
+        prefetch_row(sz, (size_t)ng * 4);
+        float acc = 0.f;
+        for (int g = 0; g < ng; g++) {
+            float t = 0.f;
+            const uint8_t *cg = c + (size_t)g * gb;
+            const float *e = xe + (size_t)g * gb, *o = xo + (size_t)g * gb;
+#pragma omp simd reduction(+ : t)
+            for (int j = 0; j < gb; j++) t += (float)(cg[j] & 15) * e[j] + (float)(cg[j] >> 4) * o[j];
+            const float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
+            acc += s * t + (z - 8.f * s) * xs[g];
+        }
+        y[r] = acc;
+    }
+}
+
+/* attention of one query head: softmax(q K^T scale) V, s holding the n weights */
+static inline __attribute__((always_inline)) void attn_head_body(const float *q, const uint16_t *K, const uint16_t *V,
+                                                                  int n, int D, float scale, float *s, float *out) {
+    float top = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        const uint16_t *k = K + (size_t)t * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int d = 0; d < D; d++) acc += q[d] * bf16_to_f32(k[d]);
+        s[t] = acc * scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < n; t++) {
+        s[t] = ep_exp(s[t] - top);
+        sum += s[t];
+    }
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (int t = 0; t < n; t++) {
+        const uint16_t *v = V + (size_t)t * D;
+        const float p = s[t];
+#pragma omp simd
+        for (int d = 0; d < D; d++) out[d] += p * bf16_to_f32(v[d]);
+    }
+    const float inv = 1.f / sum;
+    for (int d = 0; d < D; d++) out[d] *= inv;
+}
+
+static inline __attribute__((always_inline)) void silu_mul_body(const float *gate, const float *up, float *out, int n) {
+#pragma omp simd
+    for (int r = 0; r < n; r++) out[r] = gate[r] / (1.f + ep_exp(-gate[r])) * up[r];
+}
+
+/* The prompt GEMM's register tile: y[t, i] for RB rows i of w (float32, row-major [RB, K])
+ * and TV registers of tokens t, from xt, the inputs transposed ([K, ldx]: token t of column
+ * k at xt[k * ldx + t], padded with zeros to whole registers). Each step k broadcasts one
+ * weight per row and loads TV registers of inputs: RB x TV FMAs on RB + TV loads, no
+ * horizontal sums (AVX-512: 8 rows x 3 x 16 tokens, 24 accumulators). raw: [RB, TV * LANES]. */
+#define EP_GEMM_TILE(NAME, ATTR, VEC, LANES, RB, TV, ZERO, LOAD, BCAST, FMA, STORE)           \
+    ATTR static void NAME(const float *w, int K, const float *xt, int ldx, float *raw) {    \
+        VEC acc[RB][TV];                                                                    \
+        for (int i = 0; i < RB; i++)                                                        \
+            for (int v = 0; v < TV; v++) acc[i][v] = ZERO();                                \
+        for (int k = 0; k < K; k++) {                                                       \
+            const float *xk = xt + (size_t)k * ldx;                                         \
+            VEC xv[TV];                                                                     \
+            for (int v = 0; v < TV; v++) xv[v] = LOAD(xk + v * LANES);                      \
+            for (int i = 0; i < RB; i++) {                                                  \
+                const VEC wv = BCAST(w[(size_t)i * K + k]);                                 \
+                for (int v = 0; v < TV; v++) acc[i][v] = FMA(wv, xv[v], acc[i][v]);         \
+            }                                                                               \
+        }                                                                                   \
+        for (int i = 0; i < RB; i++)                                                        \
+            for (int v = 0; v < TV; v++) STORE(raw + (size_t)i * TV * LANES + v * LANES, acc[i][v]); \
+    }
+
+#endif

@@ -1,0 +1,224 @@
+/* A prompt's tokens go through each matrix together: a GEMM, not one GEMV per token. Each
+ * thread takes rows of the weight, converts PB of them at a time to float32 (they stay in
+ * L1/L2) and multiplies them with the chunk's tokens in register tiles: a weight is read
+ * from memory once per chunk of CHUNK tokens instead of once per token, and converted once
+ * per chunk. Norms, rotary, attention and SiLU as in the step, token by token. */
+#include <stdlib.h>
+
+#include "engine.h"
+
+/* rows [r0, r0 + n) of m as float32 (int8: the raw codes; their scale is applied after) */
+#define EP_GENERIC_CVT(NAME, T, CONV)                                                 \
+    static void NAME(const void *W, size_t at, size_t count, float *out) {             \
+        const T *w = (const T *)W + at;                                                \
+        _Pragma("omp simd") for (size_t i = 0; i < count; i++) out[i] = CONV(w[i]);    \
+    }
+#define EP_CAST(v) ((float)(v))
+EP_GENERIC_CVT(cvt_int8, int8_t, EP_CAST)
+EP_GENERIC_CVT(cvt_bf16, uint16_t, bf16_to_f32)
+EP_GENERIC_CVT(cvt_f16, uint16_t, f16_to_f32)
+EP_GENERIC_CVT(cvt_f32, float, EP_CAST)
+
+void int4_rows_f32(const Mat *m, int r0, int r1, float *out) {
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        float *o = out + (size_t)(r - r0) * K;
+        for (int g = 0; g < ng; g++) {
+            const float s = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2]), z = bf16_to_f32(m->sz[((size_t)r * ng + g) * 2 + 1]);
+            const float b = z - 8.f * s;
+            for (int j = g * G / 2; j < (g + 1) * G / 2; j++) {
+                o[2 * j] = (float)(c[j] & 15) * s + b;
+                o[2 * j + 1] = (float)(c[j] >> 4) * s + b;
+            }
+        }
+    }
+}
+
+static void rows_f32(const Mat *m, int r0, int r1, float *out) {
+    const size_t at = (size_t)r0 * m->cols, count = (size_t)(r1 - r0) * m->cols;
+    switch (m->type) {
+    case W_INT8: cvt_int8(m->w, at, count, out); break;
+    case W_BF16: cvt_bf16(m->w, at, count, out); break;
+    case W_F16: cvt_f16(m->w, at, count, out); break;
+    case W_F32: cvt_f32(m->w, at, count, out); break;
+    default: int4_rows_f32(m, r0, r1, out);
+    }
+}
+
+/* xt[k, t] = x[t, k] for t < T, zero up to ldx (whole registers of tokens) */
+static void transpose_inputs(const float *x, int T, int K, float *xt, int ldx) {
+    for (int k = 0; k < K; k++) {
+        float *row = xt + (size_t)k * ldx;
+        for (int t = 0; t < T; t++) row[t] = x[(size_t)t * K + k];
+        for (int t = T; t < ldx; t++) row[t] = 0.f;
+    }
+}
+
+/* out[t, r] (add: +=) = (W x_t)[r] * scale[r] + bias[r] for rows [r0, r1) and tokens t < T;
+ * xt: the inputs transposed (transpose_inputs, ldx columns); w32: PB x cols floats of scratch */
+static void gemm_rows(const Mat *m, const float *xt, int ldx, int T, int r0, int r1, float *w32, float *out, int ldo,
+                      int add) {
+    const int K = m->cols;
+    const Tiles *tl = kernels->tiles;
+    /* tokens in blocks of at most lanes x max_tv, as even as whole registers allow (64 tokens
+     * on AVX-512: 32 + 32, not 48 + 16, whose one register a row is load-bound) */
+    const int most = tl->lanes * tl->max_tv, blocks = (T + most - 1) / most;
+    const int step = ((T + blocks - 1) / blocks + tl->lanes - 1) / tl->lanes * tl->lanes;
+    float raw[8 * 48];
+    for (int rb = r0; rb < r1; rb += PB) {
+        const int re = rb + PB < r1 ? rb + PB : r1;
+        rows_f32(m, rb, re, w32);
+        for (int r = rb; r < re;) {
+            int kind = 0;
+            while (tl->rb[kind] > re - r) kind++;
+            const int nr = tl->rb[kind];
+            for (int t0 = 0; t0 < T; t0 += step) {
+                const int nt = T - t0 < step ? T - t0 : step, tv = (nt + tl->lanes - 1) / tl->lanes, w = tv * tl->lanes;
+                tl->tile[kind][tv](w32 + (size_t)(r - rb) * K, K, xt + t0, ldx, raw);
+                for (int t = 0; t < nt; t++) {
+                    float *o = out + (size_t)(t0 + t) * ldo + r;
+                    for (int i = 0; i < nr; i++) {
+                        float v = raw[i * w + t];
+                        if (m->scale) v *= m->scale[r + i];
+                        if (m->bias) v += m->bias[r + i];
+                        o[i] = add ? o[i] + v : v;
+                    }
+                }
+            }
+            r += nr;
+        }
+    }
+}
+
+typedef struct {
+    Model *m;
+    const Mat *mat;
+    const float *xt; /* the inputs transposed: [cols, ldx] */
+    float *out, *w32, *act; /* act: gate/up only, [T, inter] = silu(gate) * up */
+    int T, ldx, ldo, add;
+    size_t w32_floats;
+    /* attention */
+    float *q, *att, *scores;
+    const uint16_t *kc, *vc;
+    int pos, max_tokens, layer, qkv_width;
+} Batch;
+
+static void task_gemm(void *ctx, int tid, int nth) {
+    Batch *b = (Batch *)ctx;
+    int lo, hi;
+    split(b->mat->rows, tid, nth, &lo, &hi);
+    if (hi > lo) gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
+}
+
+static void task_gemm_gate_up(void *ctx, int tid, int nth) {
+    Batch *b = (Batch *)ctx;
+    const int inter = b->m->inter;
+    int lo, hi;
+    split(inter, tid, nth, &lo, &hi);
+    if (hi <= lo) return;
+    float *w32 = b->w32 + tid * b->w32_floats;
+    gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, w32, b->out, 2 * inter, 0);
+    gemm_rows(b->mat, b->xt, b->ldx, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
+    const silu_fn silu = kernels->silu;
+    for (int t = 0; t < b->T; t++) {
+        const float *g = b->out + (size_t)t * 2 * inter;
+        silu(g + lo, g + inter + lo, b->act + (size_t)t * inter + lo, hi - lo);
+    }
+}
+
+/* attention of token t (position pos + t) for every head: (token, head) pairs split between threads */
+static void task_attn_batch(void *ctx, int tid, int nth) {
+    Batch *b = (Batch *)ctx;
+    Model *m = b->m;
+    const int D = m->head_dim, group = m->heads / m->kv_heads, pairs = b->T * m->heads;
+    const int lo = (int)((long long)pairs * tid / nth), hi = (int)((long long)pairs * (tid + 1) / nth);
+    const float scale = 1.f / sqrtf((float)D);
+    const attn_fn attn = kernels->attn;
+    float *s = b->scores + (size_t)tid * b->max_tokens;
+    for (int p = lo; p < hi; p++) {
+        const int t = p / m->heads, h = p % m->heads;
+        const size_t base = ((size_t)b->layer * m->kv_heads + h / group) * b->max_tokens * D;
+        attn(b->q + (size_t)t * b->qkv_width + (size_t)h * D, b->kc + base, b->vc + base, b->pos + t + 1, D, scale, s,
+             b->att + (size_t)t * m->heads * D + (size_t)h * D);
+    }
+}
+
+void rope_tables(float theta, int D, int pos, float *cos, float *sin) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float inv = 1.f / powf(theta, (float)(2 * i) / (float)D);
+        const float f = (float)pos * inv;
+        cos[i] = cos[i + half] = cosf(f);
+        sin[i] = sin[i + half] = sinf(f);
+    }
+}
+
+int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s) {
+    const int H = m->hidden, qkv = (m->heads + 2 * m->kv_heads) * m->head_dim, qn = m->heads * m->head_dim;
+    const int widest = H > m->inter ? H : m->inter;
+    s->w32_floats = (size_t)PB * (widest > qn ? widest : qn);
+    const size_t per_token = (size_t)2 * H + qkv + qn + 2 * (size_t)m->inter + m->inter;
+    const size_t xt_floats = (size_t)(widest > qn ? widest : qn) * (CHUNK + 16);
+    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens + 2 * (size_t)CHUNK * m->head_dim + xt_floats;
+    s->x = malloc(floats * sizeof(float));
+    if (!s->x) return -1;
+    s->h = s->x + (size_t)CHUNK * H, s->qkv = s->h + (size_t)CHUNK * H, s->att = s->qkv + (size_t)CHUNK * qkv;
+    s->gu = s->att + (size_t)CHUNK * qn, s->act = s->gu + (size_t)CHUNK * 2 * m->inter;
+    s->w32 = s->act + (size_t)CHUNK * m->inter, s->scores = s->w32 + nth * s->w32_floats;
+    s->rope = s->scores + (size_t)nth * max_tokens;
+    s->xt = s->rope + 2 * (size_t)CHUNK * m->head_dim;
+    return 0;
+}
+
+/* tokens [0, T) at positions pos.. through the model in chunks; the logits of the last */
+void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint16_t *vc, int max_tokens,
+                float theta, float *logits, int nth, PromptScratch *s) {
+    const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D, width = qn + 2 * kn;
+    Batch b = {.m = m, .w32 = s->w32, .w32_floats = s->w32_floats, .kc = kc, .vc = vc, .max_tokens = max_tokens,
+               .scores = s->scores, .qkv_width = width, .q = s->qkv, .att = s->att};
+    float *cos = s->rope, *sin = s->rope + (size_t)CHUNK * D; /* the chunk's positions, [CHUNK, D] */
+    const int lanes = kernels->tiles->lanes;
+    for (int c0 = 0; c0 < T; c0 += CHUNK) {
+        const int n = T - c0 < CHUNK ? T - c0 : CHUNK, p0 = pos + c0;
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < H; i++) s->x[(size_t)t * H + i] = load_value(m->embed_type, m->embed, (size_t)tokens[c0 + t] * H + i);
+        for (int t = 0; t < n; t++) rope_tables(theta, D, p0 + t, cos + (size_t)t * D, sin + (size_t)t * D);
+        b.T = n, b.pos = p0, b.ldx = (n + lanes - 1) / lanes * lanes, b.xt = s->xt;
+        for (int l = 0; l < m->n_layers; l++) {
+            const Layer *L = &m->layers[l];
+            for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->in_norm, s->h + (size_t)t * H, H, m->eps);
+            transpose_inputs(s->h, n, H, s->xt, b.ldx);
+            b.mat = &L->qkv, b.out = s->qkv, b.ldo = width, b.add = 0;
+            parallel(task_gemm, &b, nth);
+            for (int t = 0; t < n; t++) {
+                float *row = s->qkv + (size_t)t * width;
+                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos + (size_t)t * D, sin + (size_t)t * D, D);
+                for (int g = 0; g < m->kv_heads; g++) {
+                    const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + p0 + t) * D;
+                    for (int d = 0; d < D; d++) {
+                        kc[at + d] = f32_to_bf16(row[qn + g * D + d]);
+                        vc[at + d] = f32_to_bf16(row[qn + kn + g * D + d]);
+                    }
+                }
+            }
+            b.layer = l;
+            parallel(task_attn_batch, &b, nth);
+            transpose_inputs(s->att, n, qn, s->xt, b.ldx);
+            b.mat = &L->o, b.out = s->x, b.ldo = H, b.add = 1;
+            parallel(task_gemm, &b, nth);
+            for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->post_norm, s->h + (size_t)t * H, H, m->eps);
+            transpose_inputs(s->h, n, H, s->xt, b.ldx);
+            b.mat = &L->gate_up, b.out = s->gu, b.act = s->act;
+            parallel(task_gemm_gate_up, &b, nth);
+            transpose_inputs(s->act, n, m->inter, s->xt, b.ldx);
+            b.mat = &L->down, b.out = s->x, b.ldo = H, b.add = 1;
+            parallel(task_gemm, &b, nth);
+        }
+    }
+    const int last = (T - 1) % CHUNK;
+    rms_norm(s->x + (size_t)last * H, m->norm, m->h, H, m->eps);
+    Job j = {.m = m};
+    product(&j, task_mat, &m->head, m->h, logits, 0, nth);
+}
+

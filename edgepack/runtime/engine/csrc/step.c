@@ -1,0 +1,151 @@
+/* One decode step: a token through every layer as matrix-vector products, each split by
+ * rows between the pool's threads. */
+#include <stdlib.h>
+#include <time.h>
+
+#include "engine.h"
+
+/* the input of an int4 matrix-vector product as the int4 kernels read it (kernels.h):
+ * even inputs, then odd ones, then the sum of each group */
+void prep_int4(const Mat *m, const float *x, float *prep) {
+    const int K = m->cols, half = K / 2, G = m->group;
+    for (int j = 0; j < half; j++) prep[j] = x[2 * j], prep[half + j] = x[2 * j + 1];
+    for (int g = 0; g < K / G; g++) {
+        float sum = 0.f;
+        for (int k = g * G; k < (g + 1) * G; k++) sum += x[k];
+        prep[K + g] = sum;
+    }
+}
+
+/* y[r] for r in [r0, r1): the dot products, then the row's scale and bias (int4: `prep`,
+ * the input as prep_int4 made it) */
+static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, int r0, int r1) {
+    if (r1 <= r0) return;
+    if (m->type == W_INT4)
+        kernels->int4(m, prep, r0, r1, y);
+    else
+        kernels->gemv[m->type](m->w, x, m->cols, r0, r1, y);
+    if (m->scale)
+        for (int r = r0; r < r1; r++) y[r] *= m->scale[r];
+    if (m->bias)
+        for (int r = r0; r < r1; r++) y[r] += m->bias[r];
+}
+
+void task_mat(void *ctx, int tid, int nth) {
+    Job *j = (Job *)ctx;
+    int lo, hi;
+    split(j->mat->rows, tid, nth, &lo, &hi);
+    if (!j->add) {
+        mat_rows(j->mat, j->in, j->prep, j->out, lo, hi);
+        return;
+    }
+    mat_rows(j->mat, j->in, j->prep, j->m->tmp, lo, hi);
+    for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
+}
+
+static void task_gate_up(void *ctx, int tid, int nth) { /* gu[r] = silu(gate[r]) * up[r] */
+    Job *j = (Job *)ctx;
+    const int inter = j->m->inter;
+    int lo, hi;
+    split(inter, tid, nth, &lo, &hi);
+    if (hi <= lo) return;
+    float *g = j->m->gu;
+    mat_rows(j->mat, j->in, j->prep, g, lo, hi);
+    mat_rows(j->mat, j->in, j->prep, g, inter + lo, inter + hi);
+    kernels->silu(g + lo, g + inter + lo, j->out + lo, hi - lo);
+}
+
+static void task_attn(void *ctx, int tid, int nth) {
+    Job *j = (Job *)ctx;
+    Model *m = j->m;
+    const int D = m->head_dim, group = m->heads / m->kv_heads;
+    const int lo = m->heads * tid / nth, hi = m->heads * (tid + 1) / nth;
+    const float scale = 1.f / sqrtf((float)D);
+    const attn_fn attn = kernels->attn;
+    for (int h = lo; h < hi; h++) {
+        const size_t base = ((size_t)j->layer * m->kv_heads + h / group) * j->max_tokens * D;
+        attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, m->scores + (size_t)h * m->scores_len,
+             m->att + (size_t)h * D);
+    }
+}
+
+/* where a step's time goes (profile(True) turns the clock on): wall time of each part on
+ * the calling thread, summed over steps */
+const char *PART_NAMES[P_PARTS] = {"norms, rotary, cache writes", "q/k/v", "attention", "o", "gate/up + SiLU",
+                                   "down", "head"};
+int profiling;
+double part_seconds[P_PARTS];
+long profiled_steps;
+
+static inline double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline void lap(int part, double *t) {
+    if (!profiling) return;
+    const double n = now();
+    part_seconds[part] += n - *t;
+    *t = n;
+}
+
+/* a matrix-vector product of the step, on all threads */
+void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, int add, int nth) {
+    j->mat = mat, j->in = in, j->out = out, j->add = add, j->prep = NULL;
+    if (mat->type == W_INT4) {
+        prep_int4(mat, in, j->m->prep);
+        j->prep = j->m->prep;
+    }
+    parallel(task, j, nth);
+}
+
+/* a model's attention weights (heads x max_tokens) grown for a cache of max_tokens; 0 if out
+ * of memory (called under step_lock) */
+int grow_scores(Model *m, int max_tokens) {
+    if (m->scores_len < max_tokens) {
+        float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
+        if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
+    }
+    return m->scores_len >= max_tokens;
+}
+
+void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
+              const float *sin, float *logits, int nth) {
+    const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
+    double t = profiling ? now() : 0.0;
+    for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
+    Job j = {.m = m, .kc = kc, .vc = vc, .n = pos + 1, .max_tokens = max_tokens};
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        rms_norm(m->x, L->in_norm, m->h, H, m->eps);
+        lap(P_SERIAL, &t);
+        product(&j, task_mat, &L->qkv, m->h, m->qkv, 0, nth);
+        lap(P_QKV, &t);
+        for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, cos, sin, D);
+        for (int g = 0; g < m->kv_heads; g++) {
+            const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + pos) * D;
+            for (int d = 0; d < D; d++) {
+                kc[at + d] = f32_to_bf16(m->qkv[qn + g * D + d]);
+                vc[at + d] = f32_to_bf16(m->qkv[qn + kn + g * D + d]);
+            }
+        }
+        lap(P_SERIAL, &t);
+        j.layer = l;
+        parallel(task_attn, &j, nth);
+        lap(P_ATTN, &t);
+        product(&j, task_mat, &L->o, m->att, m->x, 1, nth);
+        lap(P_O, &t);
+        rms_norm(m->x, L->post_norm, m->h, H, m->eps);
+        lap(P_SERIAL, &t);
+        product(&j, task_gate_up, &L->gate_up, m->h, m->tmp + H, 0, nth); /* tmp: [H | inter] */
+        lap(P_GATE_UP, &t);
+        product(&j, task_mat, &L->down, m->tmp + H, m->x, 1, nth);
+        lap(P_DOWN, &t);
+    }
+    rms_norm(m->x, m->norm, m->h, H, m->eps);
+    lap(P_SERIAL, &t);
+    product(&j, task_mat, &m->head, m->h, logits, 0, nth);
+    lap(P_HEAD, &t);
+    profiled_steps += profiling != 0;
+}
