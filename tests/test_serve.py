@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 
 from edgepack import serve  # noqa: E402
 from edgepack.errors import MissingDependencyError, SourceNotFoundError  # noqa: E402
-from edgepack.serve_guard import server_config  # noqa: E402
+from edgepack.serve.guard import server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"

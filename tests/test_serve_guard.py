@@ -22,9 +22,10 @@ httpx = pytest.importorskip("httpx")
 
 from test_serve import PROMPT, LiveServer, _assert_openai_error  # noqa: E402
 
-from edgepack import serve, serve_guard  # noqa: E402
+from edgepack import serve  # noqa: E402
+from edgepack.serve import guard as serve_guard  # noqa: E402
 from edgepack.errors import ChatTemplateError, EdgepackError  # noqa: E402
-from edgepack.tokenizer import _compile_template, render_bounded  # noqa: E402
+from edgepack.runtime.tokenizer import _compile_template, render_bounded  # noqa: E402
 
 NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
 HUGE_STRING = "{{ 'A' * 2**30 }}"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from edgepack.errors import EdgepackError, MissingDependencyError, SourceNotFoundError
-from edgepack.serve_guard import (
+from edgepack.serve.guard import (
     DEFAULT_MAX_BODY_BYTES, ApiError, HostPolicy, PromptGate, add_guard_arguments, guard_options, install_guards,
     refuse_unsupported,
 )  # fmt: skip
@@ -362,7 +362,7 @@ def create_app(
     allowed_hosts=(), allowed_origins=(), docs: bool = False,
 ):  # fmt: skip
     """The FastAPI app serving ``lm`` (a loaded EdgeModel), behind the guards of
-    serve_guard.py. The worker thread runs while the app's lifespan does."""
+    serve/guard.py. The worker thread runs while the app's lifespan does."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -681,7 +681,7 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEF
     _require_serve_packages()
     import uvicorn
 
-    from edgepack.serve_guard import server_config
+    from edgepack.serve.guard import server_config
 
     app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, **guards)
     uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue, log_level=log_level)).run()
