@@ -19,4 +19,4 @@ fi
 
 python=${PYTHON:-$(command -v python3)}
 [ -x .venv/bin/python ] && python=${PYTHON:-.venv/bin/python}
-"$python" -m pytest tests/arm/test_arm.py -q -s -p no:cacheprovider "$@" 2>&1 | grep -v '^Writing model shards'
+"$python" -m pytest tests/arm/test_arm.py -q -s -p no:cacheprovider "$@" 2>&1 | grep --line-buffered -v '^Writing model shards'
