@@ -69,7 +69,7 @@ def c_module_unavailable() -> str | None:
     if setting == "0":
         return f"{NATIVE_ENV}=0"
     if _native.set_isa() == "generic" and setting != "1":
-        return "no AVX2, AVX-512 or NEON on this CPU (EDGEPACK_NATIVE=1 uses the portable kernels)"
+        return "no AVX2 or AVX-512 on this CPU (EDGEPACK_NATIVE=1 uses the portable kernels)"
     return None
 
 
