@@ -76,6 +76,6 @@ def _kernels(lm) -> str:
     avx2, neon-dotprod, neon, generic)"""
     if lm.backend != "native":
         return ""
-    from edgepack import _native
+    from edgepack.runtime.engine import _engine as _native
 
     return f", {_native.set_isa()} kernels"

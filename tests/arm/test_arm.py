@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import edgepack
-from edgepack import native
+from edgepack.runtime import engine as native
 
 CSRC = Path(edgepack.__file__).parent / "runtime" / "engine" / "csrc"
 HERE = Path(__file__).parent
@@ -134,7 +134,7 @@ def calls(ids: list[int]) -> tuple[bytes, list[int]]:
 @pytest.fixture(scope="module")
 def bundles(llama, tmp_path_factory):
     """{name: (model file, calls file, float64 logits the calls must give)}"""
-    from edgepack.exporter import pack
+    from edgepack.export.pack import pack
     from test_native import _float64_logits
 
     root = tmp_path_factory.mktemp("arm-bundles")

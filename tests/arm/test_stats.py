@@ -7,7 +7,7 @@ import pytest
 
 from edgepack.cli import main
 
-native = pytest.importorskip("edgepack._native", reason="the C extension is not built here")
+native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
