@@ -94,10 +94,13 @@ FAMILIES = tuple(BUILDERS)
 
 
 def make_family_model(family: str, vocab_size: int, seed: int = 0):
-    """A float32 model of ``family`` in eval mode. Matrices are scaled up (random init gives
-    near-uniform logits; a trained model's are decisive), and every norm weight is moved away
-    from its identity value (1, or 0 for Gemma's ``(1 + w)`` norms) so that a norm applied
-    with the wrong offset, or not at all, changes the logits."""
+    """A float32 model of ``family`` in eval mode. Matrices are scaled up and the output rows
+    given unequal lengths (log-normal, as a trained vocabulary's are): random init gives
+    near-uniform logits whose top two tie within rounding, a trained model's first choice
+    stands out (here it leads its runner-up by ~0.5 of the logits' rms, median, against
+    ~0.1 without). Every norm weight is moved away from its identity value (1, or 0 for
+    Gemma's ``(1 + w)`` norms), so a norm applied with the wrong offset, or not at all,
+    changes the logits."""
     import torch
 
     torch.manual_seed(seed)
@@ -110,4 +113,6 @@ def make_family_model(family: str, vocab_size: int, seed: int = 0):
                 p.add_(0.5 * torch.randn_like(p))
             else:  # biases (Qwen2's q/k/v)
                 p.copy_(0.5 * torch.randn_like(p))
+        rows = model.get_output_embeddings().weight  # the embedding table too, where tied
+        rows.mul_(torch.exp(0.5 * torch.randn(rows.shape[0], 1)))
     return model.eval()
