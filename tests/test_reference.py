@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import make_model
+from families import FAMILIES, make_family_model
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama-untied", "gpt2"])
@@ -30,6 +31,45 @@ def test_reference_keeps_tables_16bit_and_matches_transformers(kind):
     with torch.no_grad():
         a, b = ref(input_ids=ids).logits, rounded(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_and_lazy_source_match_transformers_per_family(family):
+    """Both reference models compute what transformers' float32 forward does, past the
+    sliding window, for every family: Gemma's embedding is scaled by sqrt(hidden_size) inside
+    its embedding module, which the 16-bit table must keep (without it, 17-97% apart)."""
+    from edgepack.export import reference
+    from edgepack.export.quantize import Settings, quantize_model
+
+    settings = Settings(16)
+    result = quantize_model(make_family_model(family, 300), settings, lambda _m: None)
+    ref = reference.dequantized_model(make_family_model(family, 300).config, result, settings)
+    rounded, source = make_family_model(family, 300), make_family_model(family, 300)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    linears = {n for n, m in source.named_modules() if isinstance(m, torch.nn.Linear)}
+    lazy = reference.lazy_source_model(source.config, state.__getitem__, linears, list(state))
+    assert isinstance(ref.get_input_embeddings(), reference.UpcastEmbedding)  # no float32 table
+    ids = torch.tensor([list(range(3, 23))])  # 20 tokens: past the window of 8
+    with torch.no_grad():
+        for got, want in ((ref, rounded), (lazy, source)):
+            a, b = got(input_ids=ids).logits, want(input_ids=ids).logits
+            assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+def test_embedding_with_an_unknown_forward_is_not_replaced():
+    """An embedding module whose forward does something UpcastEmbedding does not know
+    keeps its own forward (its table upcast whole), rather than silently losing that step."""
+    from edgepack.export.reference import _embedding_scale
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    assert _embedding_scale(torch.nn.Embedding(4, 2)) == (True, None)
+    assert _embedding_scale(Shifted(4, 2)) == (False, None)
 
 
 def test_upcast_linear_in_row_blocks_equals_one_matmul(monkeypatch):

@@ -60,6 +60,8 @@ def main(args) -> int:
         sys.stdout.write(shown(step.text))
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.stats and lm.why_not_native is not None:
+        print(f"backend: torch, not edgepack's CPU engine: {lm.why_not_native}", file=sys.stderr)
     if args.stats and step is not None:
         decode_tps = (step.generated_tokens - 1) / step.decode_seconds if step.decode_seconds > 0 else 0.0
         print(

@@ -63,14 +63,34 @@ class DequantizedLinear(nn.Module):
 
 
 class UpcastEmbedding(nn.Module):
-    """An embedding table kept as stored (16-bit); looked-up rows come out in float32."""
+    """An embedding table kept as stored (16-bit); looked-up rows come out in float32, times
+    ``scale`` (transformers' ScaledWordEmbedding: Gemma's sqrt(hidden_size), 8 at 64 wide)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight).float()
+        rows = nn.functional.embedding(ids, self.weight).float()
+        return rows if self.scale is None else rows * self.scale
+
+
+def _embedding_scale(module: nn.Module) -> tuple[bool, float | None]:
+    """(whether UpcastEmbedding computes what ``module`` does, the scale it needs). A plain
+    nn.Embedding needs none; transformers' ``*ScaledWordEmbedding`` classes (Gemma 1-3, BioGPT,
+    XGLM, ...) return ``super().forward(ids) * self.embed_scale``; any other override of
+    forward is left alone (its table is then upcast whole)."""
+    forward = type(module).forward
+    if forward is nn.Embedding.forward:
+        return True, None
+    scale = getattr(module, "embed_scale", None)
+    if type(module).__name__.endswith("ScaledWordEmbedding") and isinstance(module, nn.Embedding):
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.device.type != "meta":
+            return True, float(scale)
+        if isinstance(scale, (int, float)):
+            return True, float(scale)
+    return False, None
 
 
 class UpcastLinear(nn.Module):
@@ -99,10 +119,12 @@ def _keep_tables_16bit(
     ``tensor_of(key)``: the stored tensor, or None."""
     taken: set[str] = set()
     names = {id(m): n for n, m in model.named_modules()}
-    embed_name = names[id(model.get_input_embeddings())]
+    embed_module = model.get_input_embeddings()
+    embed_name = names[id(embed_module)]
     embed = tensor_of(f"{embed_name}.weight")
-    if embed is not None and embed.is_floating_point():
-        _replace(model, embed_name, UpcastEmbedding(embed))
+    same, scale = _embedding_scale(embed_module)
+    if embed is not None and embed.is_floating_point() and same:
+        _replace(model, embed_name, UpcastEmbedding(embed, scale))
         taken.add(f"{embed_name}.weight")
     output = model.get_output_embeddings()
     if output is not None and isinstance(output, nn.Linear):

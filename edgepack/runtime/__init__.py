@@ -84,7 +84,8 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     manifest = bundle_format.verify_bundle(path, check_hashes=verify)
     device_map, notices = _resolve_device_map(manifest, device)
     config = _read_config(path)
-    native = _use_native(manifest, config, device_map, backend)
+    why_not_native = _why_not_native(manifest, config, device_map, backend)
+    native = why_not_native is None
     if not force:
         _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
     from edgepack.runtime.memory import release_freed_memory
@@ -110,14 +111,16 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
         from edgepack.runtime.torch import model as torch_model
 
         model = torch_model.build_model(path, manifest, config, device_map)
-    return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
+    lm = EdgeModel(model, tokenizer, manifest, path, device_map, notices)
+    lm.why_not_native = why_not_native
+    return lm
 
 
-def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> bool:
-    """Whether edgepack's C engine runs the bundle (else torch); backend "native" where it
-    cannot is an error saying why."""
+def _why_not_native(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> str | None:
+    """None when edgepack's C engine runs the bundle, else why torch runs it instead; backend
+    "native" where the engine cannot is an error saying why."""
     if backend == "torch":
-        return False
+        return "backend 'torch' asked for"
     from edgepack.runtime import engine as native
 
     reason = native.unavailable(config, manifest, device_map)
@@ -128,7 +131,7 @@ def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backen
             f"edgepack's CPU engine cannot run this bundle: {reason}",
             hint="load it with backend='torch' (CLI: --backend torch)",
         )
-    return reason is None
+    return reason
 
 
 def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:
@@ -240,8 +243,10 @@ class GenerationStep:
 
 class EdgeModel:
     """A loaded bundle: ``.model`` (``native.NativeLM``, or with the torch backend a torch
-    module: ``model(input_ids).logits``), ``.backend``, ``.tokenizer``, ``.generate()`` and
-    ``.stream()``."""
+    module: ``model(input_ids).logits``), ``.backend`` (and ``.why_not_native``: why the torch
+    one runs, or None), ``.tokenizer``, ``.generate()`` and ``.stream()``."""
+
+    why_not_native: str | None = None
 
     def __init__(self, model, tokenizer, manifest, path, device_map, notices):
         self.model = model

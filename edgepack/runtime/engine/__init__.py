@@ -54,7 +54,8 @@ def supports(config: dict[str, Any]) -> str | None:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         return f"rope type {rope.get('rope_type')!r}"
-    if config.get("model_type") == "mistral" and config.get("sliding_window"):
+    sliding = "sliding_attention" in (config.get("layer_types") or [])  # Qwen2 with use_sliding_window
+    if sliding or (config.get("model_type") == "mistral" and config.get("sliding_window")):
         return "sliding-window attention"
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
         return "MLP variant"
