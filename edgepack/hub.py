@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack import bundle as bundle_format
+from edgepack import staging
 from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError
 
 INDEX_NAME = "edgepack-variants.json"
@@ -51,6 +52,7 @@ _VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
 _REPO_REF_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?\Z")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}\Z")
 _QUALITY_KEYS = ("top1_agreement_vs_source", "mean_kl_vs_source", "prompt_tokens", "tensors_bit_identical")
+_REPLACE_HINT = "choose an empty or new folder with -o (pull replaces only an edgepack bundle)"
 _TOKEN_HINT = "set HF_TOKEN or pass --token (a token from https://huggingface.co/settings/tokens)"
 
 Progress = Callable[[str], None]
@@ -771,21 +773,13 @@ def _default_dir(repo_id: str, commit: str, variant: str | None) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory", hint="pick another -o DIR")
-    if out.is_dir() and any(out.iterdir()) and not (out / bundle_format.MANIFEST_NAME).is_file():
-        raise OutputExistsError(
-            f"{out} is a non-empty directory that holds no bundle; pull will not overwrite it",
-            hint="pick an empty or new -o DIR (a previously pulled bundle there is replaced)",
-        )
+    staging.check_replaceable(out, hint=_REPLACE_HINT)
 
 
 def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: str) -> None:
     """Link (or copy) the downloaded files into a plain directory, verify every hash there,
     then put it at ``target``. A damaged file is dropped from the Hub cache as well."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.pull-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging.make_temp(target)
     names = [e["path"] for e in manifest["files"]] + [bundle_format.MANIFEST_NAME]
     names += [n for n in bundle_format.UNLISTED_FILES if n not in names and (source / n).is_file()]
     try:
@@ -811,14 +805,10 @@ def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: 
                 hint="the damaged copy was removed from the cache: run the pull again to fetch it afresh. "
                 "If it fails again, the file on the Hub is damaged: push the bundle again",
             ) from None
+        staging.publish(tmp, target, hint=_REPLACE_HINT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
