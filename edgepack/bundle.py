@@ -636,7 +636,9 @@ def _file_stats(bundle: Path, manifest: dict[str, Any]) -> dict[str, list[int]]:
     stats = {}
     for entry in manifest["files"]:
         st = (bundle / entry["path"]).lstat()
-        stats[entry["path"]] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        # ctime too: an in-place edit can keep size, inode and (utime) mtime, but no user
+        # can set the inode change time back
+        stats[entry["path"]] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     return stats
 
 
@@ -666,7 +668,7 @@ def verify_bundle(
     """Run every check on a bundle and return its manifest.
 
     ``check_hashes``: True hashes every file; False checks sizes only; ``"once"`` hashes on
-    the first load and then trusts files whose size, mtime and inode are unchanged (a record
+    the first load and then trusts files whose size, mtime, inode and ctime are unchanged (a record
     kept under ~/.cache/edgepack/verified, or $EDGEPACK_CACHE). ``manifest_bytes``: verify
     against these bytes of edgepack.json (already read, e.g. to check a signature over
     them) instead of reading it again. Every failure, an unreadable file included, is an

@@ -48,6 +48,9 @@ RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
 # (a 5xx, a second drop). Each attempt resumes from the bytes already in the cache.
 DOWNLOAD_ATTEMPTS = 3
 RETRY_DELAY_S = 2.0
+# An index entry is ~1.5 kB, so 1 MiB holds hundreds of variants; anything larger is
+# damage or an attack, refused before it is read into memory and parsed.
+MAX_INDEX_BYTES = 1024 * 1024
 _VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
 _REPO_REF_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?\Z")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}\Z")
@@ -559,20 +562,30 @@ def _root_bundle_files(api, repo_id: str, head: str, remote: set[str]) -> list[s
 
 
 def _load_json(path: str | os.PathLike, origin: str) -> Any:
+    """An index from the Hub: size-capped before it is read, any bytes an HubError."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise HubError(f"{origin} is more than the {MAX_INDEX_BYTES} bytes an index may be",
+                       hint="push a variant again to rewrite the index")  # fmt: skip
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise HubError(f"{origin} is not valid JSON (nested too deeply)",
+                       hint="push a variant again to rewrite the index") from None  # fmt: skip
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HubError(f"{origin} is not valid JSON ({exc})", hint="push the bundle again to rewrite it") from None
 
 
 def _manifest_from(path: str | os.PathLike, repo_id: str, prefix: str = "") -> dict[str, Any]:
+    """A manifest from the Hub, with the size cap and strict parse a local bundle's gets."""
     origin = f"{repo_id}/{prefix}{bundle_format.MANIFEST_NAME}"
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bundle_format.ManifestError(f"{origin} is not valid JSON ({exc})",
-                                          hint="push the bundle again") from None  # fmt: skip
-    return bundle_format.validate_manifest(data, origin=origin)
+    with open(path, "rb") as f:
+        raw = f.read(bundle_format.MAX_MANIFEST_BYTES + 1)
+    if len(raw) > bundle_format.MAX_MANIFEST_BYTES:
+        raise bundle_format.ManifestError(f"{origin} is more than the {bundle_format.MAX_MANIFEST_BYTES} bytes "
+                                          "a manifest may be", hint="push the bundle again")  # fmt: skip
+    return bundle_format.parse_manifest(raw, origin=origin)
 
 
 # --- pull ------------------------------------------------------------------------------------------------
@@ -621,6 +634,10 @@ def pull(
 def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say) -> PullResult:
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
+    if auto and profile is None:
+        from edgepack.profile import DeviceProfile, probe
+
+        profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
     entry, reason = _pick(repo_id, index, variant, auto, profile)
     prefix = f"{entry['path']}/" if entry["path"] else ""
     manifest_path = _fetch(repo_id, prefix + bundle_format.MANIFEST_NAME, commit, token)
@@ -628,6 +645,8 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
         raise HubError(f"{repo_id} lists {prefix or 'a root bundle'} but has no {prefix}{bundle_format.MANIFEST_NAME}",
                        hint="push that variant again")  # fmt: skip
     manifest = _manifest_from(manifest_path, repo_id, prefix)
+    if auto:
+        _check_choice(repo_id, entry, manifest, profile)
     manifest_bytes = Path(manifest_path).read_bytes()
     target = Path(out) if out is not None else _default_dir(repo_id, commit, entry["name"])
 
@@ -648,6 +667,30 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     say(f"verifying {len(names)} files against {bundle_format.MANIFEST_NAME}")
     _materialize(snapshot / prefix if prefix else snapshot, manifest, target, repo_id)
     return PullResult(target, repo_id, commit, entry["name"], reason)
+
+
+def _check_choice(repo_id: str, entry: dict[str, Any], manifest: dict[str, Any], profile) -> None:
+    """--auto chose from the index's figures: the manifest (whose hashes vouch for every file)
+    must give the same ones, and must fit this box by its own figures too."""
+    from edgepack.modelcard import entry_label
+
+    own = variant_entry(manifest, entry["name"])
+    keys = ("bits", "weight_bytes")
+    index_per_device = (entry.get("memory") or {}).get("weight_bytes_per_device")
+    differ = [k for k in keys if entry.get(k) != own[k]]
+    if index_per_device != own["memory"].get("weight_bytes_per_device"):
+        differ.append("memory.weight_bytes_per_device")
+    if differ:
+        raise VariantError(
+            f"{repo_id}: the index's figures for {entry_label(entry)} disagree with its "
+            f"{bundle_format.MANIFEST_NAME} ({', '.join(differ)}), so --auto cannot trust them",
+            hint="pull a variant by name with --variant NAME; its owner should push it again to rewrite the index",
+        )
+    checked = fit(own, profile)
+    if not checked.fits:
+        raise VariantError(f"{repo_id}: {entry_label(entry)} does not fit this box ({profile.name}) by its "
+                           f"{bundle_format.MANIFEST_NAME}: it needs {checked.describe()}",
+                           hint="free some memory, or take one anyway with --variant NAME")  # fmt: skip
 
 
 def _read_repo(repo_id: str, revision: str, token) -> tuple[dict[str, Any], str]:
@@ -729,10 +772,6 @@ def _pick(repo_id, index, variant, auto, profile) -> tuple[dict[str, Any], str]:
         raise VariantError(f"{repo_id} has no variant {variant!r}; its variants: {available}{extra}",
                            hint="pick one of them with --variant NAME, or let --auto choose for this box")  # fmt: skip
     if auto:
-        if profile is None:
-            from edgepack.profile import DeviceProfile, probe
-
-            profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
         return choose_variant(index_entries(index), profile, repo_id)
     if root is not None:
         return root, "the bundle at the repo root (pass --variant NAME or --auto for a variant)" if variants else (

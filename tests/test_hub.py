@@ -538,3 +538,29 @@ def test_pulled_files_get_the_umask_modes(hub, packed, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in pulled.path.rglob("*")}
     assert modes and set(modes.values()) == {0o640}, modes
     assert pulled.path.stat().st_mode & 0o777 == 0o750
+
+
+def test_oversized_or_deeply_nested_index_is_refused_before_parsing(hub, packed, tmp_path):
+    push(packed("llama", 8), REPO, variant="t4")
+    index = json.loads(Path(hf_hub_download(REPO, edgehub.INDEX_NAME)).read_text())
+    index["padding"] = "x" * edgehub.MAX_INDEX_BYTES
+    _upload_index(json.dumps(index).encode())
+    with pytest.raises(HubError, match=f"more than the {edgehub.MAX_INDEX_BYTES} bytes"):
+        pull(REPO, out=tmp_path / "a")
+    _upload_index(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(HubError, match="nested too deeply"):
+        pull(REPO, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_auto_checks_the_index_figures_against_the_pulled_manifest(three_variants, tmp_path):
+    index = json.loads(Path(hf_hub_download(REPO, edgehub.INDEX_NAME)).read_text())
+    [entry] = [v for v in index["variants"] if v["name"] == "cpu-16gb"]
+    entry.update(weight_bytes=1, memory_need_bytes=1 + RUNTIME_OVERHEAD_BYTES)  # "the 16-bit one fits anywhere"
+    entry["memory"]["weight_bytes_per_device"] = {"cpu": 1}
+    _upload_index(json.dumps(index).encode())
+    box = profile_with_ram(need(three_variants["pi5-8gb"]))  # in truth only the 4-bit variant fits
+    with pytest.raises(VariantError, match="cpu-16gb .*disagree") as err:
+        pull(REPO, auto=True, profile=box, out=tmp_path / "out")
+    assert "--variant" in err.value.hint
+    assert not (tmp_path / "out").exists()
