@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -511,3 +512,24 @@ def test_4bit_forward_in_row_chunks_matches_whole_matrix(monkeypatch):
     assert torch.allclose(layer(x), whole, rtol=1e-5, atol=1e-4)  # same weights, per-chunk matmuls
     ref = x @ F.dequantize_4bit(packed_w, state).float().T  # bnb rounds the weights to bf16; we keep fp32
     assert (whole - ref).norm() / ref.norm() < 5e-3
+
+
+def test_verified_once_record_notices_an_edit_with_its_mtime_put_back(bundle_copy):
+    """Size, mtime and inode can all be kept by an in-place edit (`touch -d` sets mtime back);
+    the inode change time cannot be set by a user, so the record keys on it too."""
+    from edgepack.errors import BundleIntegrityError
+
+    bundle = bundle_copy("llama", 8)
+    edgepack.load(bundle)  # hashed once; the record now trusts these files
+    shard = bundle / "model.safetensors"
+    before = shard.stat()
+    with open(shard, "r+b") as f:  # same inode, same size
+        f.seek(before.st_size - 7)
+        byte = f.read(1)
+        f.seek(before.st_size - 7)
+        f.write(bytes([byte[0] ^ 0x40]))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    with pytest.raises(BundleIntegrityError, match="model.safetensors does not match its sha256"):
+        edgepack.load(bundle)

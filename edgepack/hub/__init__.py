@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.format import bundle as bundle_format
+from edgepack.format import staging
 from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError, printable
 
 INDEX_NAME = "edgepack-variants.json"
@@ -47,10 +48,14 @@ RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
 # (a 5xx, a second drop). Each attempt resumes from the bytes already in the cache.
 DOWNLOAD_ATTEMPTS = 3
 RETRY_DELAY_S = 2.0
+# An index entry is ~1.5 kB, so 1 MiB holds hundreds of variants; anything larger is
+# damage or an attack, refused before it is read into memory and parsed.
+MAX_INDEX_BYTES = 1024 * 1024
 _VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
 _REPO_REF_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?\Z")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}\Z")
 _QUALITY_KEYS = ("top1_agreement_vs_source", "mean_kl_vs_source", "prompt_tokens", "tensors_bit_identical")
+_REPLACE_HINT = "choose an empty or new folder with -o (pull replaces only an edgepack bundle)"
 _TOKEN_HINT = "set HF_TOKEN or pass --token (a token from https://huggingface.co/settings/tokens)"
 
 Progress = Callable[[str], None]
@@ -557,8 +562,17 @@ def _root_bundle_files(api, repo_id: str, head: str, remote: set[str]) -> list[s
 
 
 def _load_json(path: str | os.PathLike, origin: str) -> Any:
+    """An index from the Hub: size-capped before it is read, any bytes an HubError."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise HubError(f"{origin} is more than the {MAX_INDEX_BYTES} bytes an index may be",
+                       hint="push a variant again to rewrite the index")  # fmt: skip
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise HubError(f"{origin} is not valid JSON (nested too deeply)",
+                       hint="push a variant again to rewrite the index") from None  # fmt: skip
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HubError(f"{origin} is not valid JSON ({exc})", hint="push the bundle again to rewrite it") from None
     except RecursionError:
@@ -566,16 +580,14 @@ def _load_json(path: str | os.PathLike, origin: str) -> Any:
 
 
 def _manifest_from(path: str | os.PathLike, repo_id: str, prefix: str = "") -> dict[str, Any]:
+    """A manifest from the Hub, with the size cap and strict parse a local bundle's gets."""
     origin = f"{repo_id}/{prefix}{bundle_format.MANIFEST_NAME}"
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bundle_format.ManifestError(f"{origin} is not valid JSON ({exc})",
-                                          hint="push the bundle again") from None  # fmt: skip
-    except RecursionError:
-        raise bundle_format.ManifestError(f"{origin} is not valid JSON (nested too deeply)",
-                                          hint="push the bundle again") from None  # fmt: skip
-    return bundle_format.validate_manifest(data, origin=origin)
+    with open(path, "rb") as f:
+        raw = f.read(bundle_format.MAX_MANIFEST_BYTES + 1)
+    if len(raw) > bundle_format.MAX_MANIFEST_BYTES:
+        raise bundle_format.ManifestError(f"{origin} is more than the {bundle_format.MAX_MANIFEST_BYTES} bytes "
+                                          "a manifest may be", hint="push the bundle again")  # fmt: skip
+    return bundle_format.parse_manifest(raw, origin=origin)
 
 
 # --- pull ------------------------------------------------------------------------------------------------
@@ -624,6 +636,10 @@ def pull(
 def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say) -> PullResult:
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
+    if auto and profile is None:
+        from edgepack.plan.profile import DeviceProfile, probe
+
+        profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
     entry, reason = _pick(repo_id, index, variant, auto, profile)
     prefix = f"{entry['path']}/" if entry["path"] else ""
     manifest_path = _fetch(repo_id, prefix + bundle_format.MANIFEST_NAME, commit, token)
@@ -631,6 +647,8 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
         raise HubError(f"{repo_id} lists {prefix or 'a root bundle'} but has no {prefix}{bundle_format.MANIFEST_NAME}",
                        hint="push that variant again")  # fmt: skip
     manifest = _manifest_from(manifest_path, repo_id, prefix)
+    if auto:
+        _check_choice(repo_id, entry, manifest, profile)
     manifest_bytes = Path(manifest_path).read_bytes()
     target = Path(out) if out is not None else _default_dir(repo_id, commit, entry["name"])
 
@@ -651,6 +669,30 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     say(f"verifying {len(names)} files against {bundle_format.MANIFEST_NAME}")
     _materialize(snapshot / prefix if prefix else snapshot, manifest, target, repo_id)
     return PullResult(target, repo_id, commit, entry["name"], reason)
+
+
+def _check_choice(repo_id: str, entry: dict[str, Any], manifest: dict[str, Any], profile) -> None:
+    """--auto chose from the index's figures: the manifest (whose hashes vouch for every file)
+    must give the same ones, and must fit this box by its own figures too."""
+    from edgepack.hub.modelcard import entry_label
+
+    own = variant_entry(manifest, entry["name"])
+    keys = ("bits", "weight_bytes")
+    index_per_device = (entry.get("memory") or {}).get("weight_bytes_per_device")
+    differ = [k for k in keys if entry.get(k) != own[k]]
+    if index_per_device != own["memory"].get("weight_bytes_per_device"):
+        differ.append("memory.weight_bytes_per_device")
+    if differ:
+        raise VariantError(
+            f"{repo_id}: the index's figures for {entry_label(entry)} disagree with its "
+            f"{bundle_format.MANIFEST_NAME} ({', '.join(differ)}), so --auto cannot trust them",
+            hint="pull a variant by name with --variant NAME; its owner should push it again to rewrite the index",
+        )
+    checked = fit(own, profile)
+    if not checked.fits:
+        raise VariantError(f"{repo_id}: {entry_label(entry)} does not fit this box ({profile.name}) by its "
+                           f"{bundle_format.MANIFEST_NAME}: it needs {checked.describe()}",
+                           hint="free some memory, or take one anyway with --variant NAME")  # fmt: skip
 
 
 def _read_repo(repo_id: str, revision: str, token) -> tuple[dict[str, Any], str]:
@@ -732,10 +774,6 @@ def _pick(repo_id, index, variant, auto, profile) -> tuple[dict[str, Any], str]:
         raise VariantError(f"{repo_id} has no variant {variant!r}; its variants: {available}{extra}",
                            hint="pick one of them with --variant NAME, or let --auto choose for this box")  # fmt: skip
     if auto:
-        if profile is None:
-            from edgepack.plan.profile import DeviceProfile, probe
-
-            profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
         return choose_variant(index_entries(index), profile, repo_id)
     if root is not None:
         return root, "the bundle at the repo root (pass --variant NAME or --auto for a variant)" if variants else (
@@ -776,21 +814,13 @@ def _default_dir(repo_id: str, commit: str, variant: str | None) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory", hint="pick another -o DIR")
-    if out.is_dir() and any(out.iterdir()) and not (out / bundle_format.MANIFEST_NAME).is_file():
-        raise OutputExistsError(
-            f"{out} is a non-empty directory that holds no bundle; pull will not overwrite it",
-            hint="pick an empty or new -o DIR (a previously pulled bundle there is replaced)",
-        )
+    staging.check_replaceable(out, hint=_REPLACE_HINT)
 
 
 def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: str) -> None:
     """Link (or copy) the downloaded files into a plain directory, verify every hash there,
     then put it at ``target``. A damaged file is dropped from the Hub cache as well."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.pull-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging.make_temp(target)
     names = [e["path"] for e in manifest["files"]] + [bundle_format.MANIFEST_NAME]
     names += [n for n in bundle_format.UNLISTED_FILES if n not in names and (source / n).is_file()]
     try:
@@ -816,14 +846,10 @@ def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: 
                 hint="the damaged copy was removed from the cache: run the pull again to fetch it afresh. "
                 "If it fails again, the file on the Hub is damaged: push the bundle again",
             ) from None
+        staging.publish(tmp, target, hint=_REPLACE_HINT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
