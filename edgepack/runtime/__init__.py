@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from edgepack.format import bundle as bundle_format
+from edgepack.runtime.constants import NATIVE_OVERHEAD_BYTES, TORCH_OVERHEAD_BYTES
 from edgepack.errors import (
     BundleIntegrityError,
     DeviceError,
@@ -33,13 +34,6 @@ from edgepack.errors import (
 )
 
 BACKENDS = ("native", "torch")
-
-# What the process needs beyond the weights before generating: interpreter + torch +
-# transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
-RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
-# ... and with the native backend (no torch): interpreter, tokenizers and the C module
-# (~30 MiB measured), a large tokenizer (~15 MiB), KV cache and prompt scratch of a short run.
-NATIVE_OVERHEAD_BYTES = 96 * 1024 * 1024
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -86,7 +80,7 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     config = _read_config(path)
     native = _use_native(manifest, config, device_map, backend)
     if not force:
-        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
+        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else TORCH_OVERHEAD_BYTES)
     from edgepack.runtime.memory import release_freed_memory
     from edgepack.runtime.tokenizer import load_tokenizer
 
@@ -173,11 +167,11 @@ def _cuda_available() -> bool:
 
 
 def _preflight_memory(
-    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = RUNTIME_OVERHEAD_BYTES
+    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = TORCH_OVERHEAD_BYTES
 ) -> None:
     """Refuse, with numbers, rather than be OOM-killed half-way through loading.
 
-    need: the weights this box's RAM holds plus ``overhead`` (RUNTIME_OVERHEAD_BYTES: torch), the whole process
+    need: the weights this box's RAM holds plus ``overhead`` (TORCH_OVERHEAD_BYTES: torch), the whole process
     (interpreter, torch, transformers, a short run's activations). Part of that is already
     held (this process's RSS), so what must still fit is need - RSS, into what this process
     may still allocate: free RAM, or its cgroup's headroom when that is smaller (a
