@@ -733,7 +733,8 @@ def _pick(repo_id, index, variant, auto, profile) -> tuple[dict[str, Any], str]:
                            hint="pick one of them with --variant NAME, or let --auto choose for this box")  # fmt: skip
     if auto:
         if profile is None:
-            from edgepack.plan.profile import DeviceProfile, probe
+            from edgepack.plan.profile import DeviceProfile
+            from edgepack.plan.probe import probe
 
             profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
         return choose_variant(index_entries(index), profile, repo_id)
