@@ -7,10 +7,10 @@
         print(piece, end="", flush=True)
 
 Two backends run a bundle. On a CPU, Llama-family bundles at int8, int4 or 16 bits run in
-edgepack's own engine (native.py: the C module edgepack.runtime.engine._engine, no torch import: a cold
+edgepack's own engine (runtime/engine: the C module edgepack.runtime.engine._engine, no torch import: a cold
 start and a memory footprint torch's ~1 s and ~220 MiB import would dwarf). The rest (other
 architectures, nf4/fp4, GPUs, a box where the C module is not built) is built as torch
-modules (torch_model.py). This module imports neither torch nor anything from the exporter,
+modules (runtime/torch/model.py). This module imports neither torch nor anything from the exporter,
 planner or Hub code; the torch backend is imported only when a bundle needs it.
 """
 
@@ -112,9 +112,9 @@ def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backen
     cannot is an error saying why."""
     if backend == "torch":
         return False
-    from edgepack.runtime import engine as native
+    from edgepack.runtime import engine
 
-    reason = native.unavailable(config, manifest, device_map)
+    reason = engine.unavailable(config, manifest, device_map)
     if os.environ.get("EDGEPACK_LEAN", "1") == "0":
         reason = "EDGEPACK_LEAN=0 (transformers asked for)"
     if reason is not None and backend == "native":
@@ -233,7 +233,7 @@ class GenerationStep:
 
 
 class EdgeModel:
-    """A loaded bundle: ``.model`` (``native.NativeLM``, or with the torch backend a torch
+    """A loaded bundle: ``.model`` (``engine.NativeLM``, or with the torch backend a torch
     module: ``model(input_ids).logits``), ``.backend``, ``.tokenizer``, ``.generate()`` and
     ``.stream()``."""
 
