@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 from edgepack import serve  # noqa: E402
 from edgepack.errors import MissingDependencyError, SourceNotFoundError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What boils at one hundred?"}]
 
