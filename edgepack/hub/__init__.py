@@ -609,7 +609,7 @@ def pull(
 
     ``repo_ref``: ``owner/name``, ``owner/name@revision`` or ``hf://...``. ``variant`` names a
     folder of the repo; ``auto`` (or a ``profile``) picks the best variant that fits this box
-    (``edgepack.plan.profile.probe()``) or the given DeviceProfile. Neither: the root bundle, or
+    (``edgepack.plan.probe.probe()``) or the given DeviceProfile. Neither: the root bundle, or
     the only variant. ``out``: the directory to write (default: under ~/.cache/edgepack/hub,
     or $EDGEPACK_CACHE/hub). ``check_hashes="once"`` trusts a copy already pulled and hashed
     whose files are unchanged since; fresh downloads are always hashed.
@@ -637,7 +637,8 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
     if auto and profile is None:
-        from edgepack.plan.profile import DeviceProfile, probe
+        from edgepack.plan.probe import probe
+        from edgepack.plan.profile import DeviceProfile
 
         profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
     entry, reason = _pick(repo_id, index, variant, auto, profile)

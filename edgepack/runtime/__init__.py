@@ -7,10 +7,10 @@
         print(piece, end="", flush=True)
 
 Two backends run a bundle. On a CPU, Llama-family bundles at int8, int4 or 16 bits run in
-edgepack's own engine (native.py: the C module edgepack.runtime.engine._engine, no torch import: a cold
+edgepack's own engine (runtime/engine: the C module edgepack.runtime.engine._engine, no torch import: a cold
 start and a memory footprint torch's ~1 s and ~220 MiB import would dwarf). The rest (other
 architectures, nf4/fp4, GPUs, a box where the C module is not built) is built as torch
-modules (torch_model.py). This module imports neither torch nor anything from the exporter,
+modules (runtime/torch/model.py). This module imports neither torch nor anything from the exporter,
 planner or Hub code; the torch backend is imported only when a bundle needs it.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from edgepack.format import bundle as bundle_format
+from edgepack.runtime.constants import NATIVE_OVERHEAD_BYTES, TORCH_OVERHEAD_BYTES
 from edgepack.errors import (
     BundleIntegrityError,
     DeviceError,
@@ -33,13 +34,6 @@ from edgepack.errors import (
 )
 
 BACKENDS = ("native", "torch")
-
-# What the process needs beyond the weights before generating: interpreter + torch +
-# transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
-RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
-# ... and with the native backend (no torch): interpreter, tokenizers and the C module
-# (~30 MiB measured), a large tokenizer (~15 MiB), KV cache and prompt scratch of a short run.
-NATIVE_OVERHEAD_BYTES = 96 * 1024 * 1024
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -87,7 +81,7 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     why_not_native = _why_not_native(manifest, config, device_map, backend)
     native = why_not_native is None
     if not force:
-        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
+        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else TORCH_OVERHEAD_BYTES)
     from edgepack.runtime.memory import release_freed_memory
     from edgepack.runtime.tokenizer import load_tokenizer
 
@@ -121,9 +115,9 @@ def _why_not_native(manifest: dict, config: dict, device_map: dict[str, str], ba
     "native" where the engine cannot is an error saying why."""
     if backend == "torch":
         return "backend 'torch' asked for"
-    from edgepack.runtime import engine as native
+    from edgepack.runtime import engine
 
-    reason = native.unavailable(config, manifest, device_map)
+    reason = engine.unavailable(config, manifest, device_map)
     if os.environ.get("EDGEPACK_LEAN", "1") == "0":
         reason = "EDGEPACK_LEAN=0 (transformers asked for)"
     if reason is not None and backend == "native":
@@ -176,11 +170,11 @@ def _cuda_available() -> bool:
 
 
 def _preflight_memory(
-    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = RUNTIME_OVERHEAD_BYTES
+    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = TORCH_OVERHEAD_BYTES
 ) -> None:
     """Refuse, with numbers, rather than be OOM-killed half-way through loading.
 
-    need: the weights this box's RAM holds plus ``overhead`` (RUNTIME_OVERHEAD_BYTES: torch), the whole process
+    need: the weights this box's RAM holds plus ``overhead`` (TORCH_OVERHEAD_BYTES: torch), the whole process
     (interpreter, torch, transformers, a short run's activations). Part of that is already
     held (this process's RSS), so what must still fit is need - RSS, into what this process
     may still allocate: free RAM, or its cgroup's headroom when that is smaller (a
@@ -242,7 +236,7 @@ class GenerationStep:
 
 
 class EdgeModel:
-    """A loaded bundle: ``.model`` (``native.NativeLM``, or with the torch backend a torch
+    """A loaded bundle: ``.model`` (``engine.NativeLM``, or with the torch backend a torch
     module: ``model(input_ids).logits``), ``.backend`` (and ``.why_not_native``: why the torch
     one runs, or None), ``.tokenizer``, ``.generate()`` and ``.stream()``."""
 

@@ -13,7 +13,8 @@ from families import FAMILIES, make_family_model
 @pytest.mark.parametrize("kind", ["llama", "llama-untied", "gpt2"])
 def test_reference_keeps_tables_16bit_and_matches_transformers(kind):
     from edgepack.export.quantize import Settings, quantize_model
-    from edgepack.export.reference import UpcastEmbedding, UpcastLinear, dequantized_model
+    from edgepack.export.reference import dequantized_model
+    from edgepack.export.streamed import UpcastEmbedding, UpcastLinear
 
     model = make_model(kind, 300)
     settings = Settings(16)
@@ -73,7 +74,7 @@ def test_embedding_with_an_unknown_forward_is_not_replaced():
 
 
 def test_upcast_linear_in_row_blocks_equals_one_matmul(monkeypatch):
-    from edgepack.export.reference import UpcastLinear
+    from edgepack.export.streamed import UpcastLinear
 
     monkeypatch.setattr(UpcastLinear, "ROWS", 7)
     w, x = torch.randn(30, 8).bfloat16(), torch.randn(2, 3, 8)
@@ -83,7 +84,7 @@ def test_upcast_linear_in_row_blocks_equals_one_matmul(monkeypatch):
 def test_lazy_source_reads_linear_weights_per_call_unless_pinned():
     """A streamed source's linears are read on every call (one weight alive at a time);
     inside pinned(block) each is read once for any number of calls, then dropped again."""
-    from edgepack.export import reference
+    from edgepack.export import streamed
 
     model = make_model("llama", 300)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -94,7 +95,7 @@ def test_lazy_source_reads_linear_weights_per_call_unless_pinned():
         reads.append(key)
         return state[key]
 
-    lazy = reference.lazy_source_model(model.config, read, linears, list(state))
+    lazy = streamed.lazy_source_model(model.config, read, linears, list(state))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = model(ids).logits
@@ -105,7 +106,7 @@ def test_lazy_source_reads_linear_weights_per_call_unless_pinned():
         assert reads.count(q) == 2
         reads.clear()
         block = lazy.model.layers[0]
-        with reference.pinned(block):
+        with streamed.pinned(block):
             for _ in range(3):
                 got = lazy(ids).logits
         assert reads.count(q) == 1 and reads.count("model.layers.1.self_attn.q_proj.weight") == 3

@@ -26,7 +26,7 @@ from edgepack import serve  # noqa: E402
 from edgepack.errors import MissingDependencyError, SourceNotFoundError  # noqa: E402
 from edgepack.serve.guard import server_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What boils at one hundred?"}]
 
