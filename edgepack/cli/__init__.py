@@ -19,6 +19,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("edgepack.export.pack", "quantize a model once and write a verified bundle"),
     "run": ("edgepack.cli.run", "load a bundle and generate (streams to stdout)"),
+    "chat": ("edgepack.cli.chat", "talk with a bundle, turn by turn (history kept in the KV cache)"),
     "verify": ("edgepack.format.verify", "check a bundle's files, sizes and hashes"),
     "inspect": ("edgepack.format.verify", "show what is inside a bundle"),
     "plan": ("edgepack.cli.plan", "pick bits and a device_map for a target device"),
