@@ -72,12 +72,12 @@ def main(args) -> int:
         else:
             sys.stdout.write(shown(step.text))
             sys.stdout.flush()
-    report = stats(lm, step, load_seconds)
     if args.json:
-        print(json.dumps({"text": "".join(pieces), **report}))
+        print(json.dumps({"text": "".join(pieces), **stats(lm, step, load_seconds)}))
         return 0
     sys.stdout.write("\n")
     if args.stats:
+        report = stats(lm, step, load_seconds)
         print(
             f"load {report['load_seconds']:.2f} s; prompt: {report['prompt_tokens']} tokens in "
             f"{report['prompt_seconds']:.3f} s ({report['prompt_tokens_per_second']:.1f} tokens/s); generated: "
