@@ -496,9 +496,27 @@ def configure_parser(p) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
 
+def check_options(args) -> None:
+    """Refuse options that contradict each other instead of ignoring one of them."""
+    from edgepack.errors import UsageError
+
+    four_bit_only = [flag for flag, given in (("--quant-type", args.quant_type is not None),
+                     ("--double-quant", args.double_quant), ("--blocksize", args.blocksize is not None)) if given]  # fmt: skip
+    if four_bit_only and args.bits is not None and args.bits != 4:
+        raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing only, not --bits {args.bits}",
+                         hint=f"drop {four_bit_only[0]}, or pass --bits 4")  # fmt: skip
+    if four_bit_only and args.bits is None and args.profile is None:
+        raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing, and --bits defaults to 8",
+                         hint="add --bits 4")  # fmt: skip
+    if args.bits == 4 and (args.no_smoothing or args.no_gptq):
+        flag = "--no-smoothing" if args.no_smoothing else "--no-gptq"
+        raise UsageError(f"{flag} applies to 8-bit packing only, not --bits 4", hint=f"drop {flag}")
+
+
 def main(args) -> int:
     import sys
 
+    check_options(args)
     say = None if args.quiet else (lambda msg: print(f"[edgepack] {msg}", file=sys.stderr, flush=True))
     options: dict[str, Any] = {}
     bits = args.bits
@@ -529,6 +547,14 @@ def main(args) -> int:
         **options,
     )
     q, v = manifest["quantization"], manifest["verification"]
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"bundle": str(args.out), "bits": q["bits"], "scheme": q["scheme"],
+                          "weight_bytes": manifest["memory"]["weight_bytes"], "files": len(manifest["files"]),
+                          "top1_agreement_vs_source": v["top1_agreement_vs_source"],
+                          "mean_kl_vs_source": v.get("mean_kl_vs_source")}))  # fmt: skip
+        return 0
     print(
         f"packed {args.out}: {q['bits']}-bit {q['scheme']}, {manifest['memory']['weight_bytes'] / 1e6:.1f} MB weights, "
         f"{len(manifest['files'])} files; verified (tensors bit-identical, top-1 agreement with source "

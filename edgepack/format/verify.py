@@ -30,6 +30,10 @@ def main_verify(args) -> int:
     what = "sizes" if args.no_hash else "sizes and sha256"
     if getattr(args, "key", None):
         what += " and the signature of edgepack.sig"
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": True, "bundle": str(args.bundle), "files": len(manifest["files"]), "bytes": total,
+                          "hashed": not args.no_hash, "signature_checked": bool(getattr(args, "key", None))}))  # fmt: skip
+        return 0
     print(f"ok: {printable(args.bundle)}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, {what} match the manifest")
     return 0
 

@@ -35,7 +35,9 @@ from typing import Any, Callable
 
 from edgepack.format import bundle as bundle_format
 from edgepack.format import staging
-from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError, printable
+from edgepack.errors import (
+    BundleIntegrityError, EdgepackError, HubError, OutputExistsError, SignatureError, VariantError, printable,
+)
 
 INDEX_NAME = "edgepack-variants.json"
 INDEX_FORMAT = "edgepack-variants"
@@ -896,7 +898,8 @@ def configure_push_parser(p) -> None:
     p.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created from main if new)")
     p.add_argument("--variant", default=None, metavar="NAME",
                    help="push into folder NAME/ (e.g. pi5-8gb), replacing only that variant")  # fmt: skip
-    p.add_argument("--commit-message", default=None, metavar="MSG")
+    p.add_argument("--commit-message", default=None, metavar="MSG",
+                   help="the Hub commit's message (default: one naming the bundle and its variant)")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
 
 
@@ -905,6 +908,11 @@ def main_push(args) -> int:
                   commit_message=args.commit_message, token=args.token, progress=_say)  # fmt: skip
     where = f"variant {result.variant} ({result.variant}/)" if result.variant else "the repo root"
     deleted = f", {result.files_deleted} old files removed" if result.files_deleted else ""
+    if getattr(args, "json", False):
+        print(json.dumps({"bundle": str(args.bundle), "repo_id": result.repo_id, "revision": result.revision,
+                          "variant": result.variant, "files_uploaded": result.files_uploaded,
+                          "files_deleted": result.files_deleted, "commit_url": result.commit_url}))  # fmt: skip
+        return 0
     print(printable(f"pushed {args.bundle} to {result.repo_id}@{result.revision}, {where}: "
                     f"{result.files_uploaded} files{deleted}, index and model card updated"))  # fmt: skip
     print(printable(result.commit_url))
@@ -921,6 +929,8 @@ def configure_pull_parser(p) -> None:
                    help="with --auto: choose for this device profile instead of probing this box")  # fmt: skip
     p.add_argument("--revision", default=None, help="branch, tag or commit (or write REPO_ID@REVISION)")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--key", default=None, metavar="PUBKEY",
+                   help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
 
 
 def main_pull(args) -> int:
@@ -934,8 +944,24 @@ def main_pull(args) -> int:
         profile = load_profile(args.profile)
     result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
                   token=args.token, profile=profile, progress=_say)  # fmt: skip
+    key = getattr(args, "key", None) or os.environ.get("EDGEPACK_TRUSTED_KEY") or None
+    from edgepack.format import signing
+
+    if key is not None:
+        try:
+            signing.verify_signature(result.path, key)
+        except SignatureError as exc:
+            raise SignatureError(f"{exc.message}; the files pulled to {result.path} are not to be trusted",
+                                 hint=exc.hint) from None  # fmt: skip
+    elif (result.path / bundle_format.SIGNATURE_NAME).exists():
+        signing.read_signature(result.path)  # a malformed signature is refused, not ignored
     manifest = bundle_format.read_manifest(result.path)
     total = sum(e["size"] for e in manifest["files"])
+    if getattr(args, "json", False):
+        print(json.dumps({"path": str(result.path), "repo_id": result.repo_id, "commit": result.commit,
+                          "variant": result.variant, "reason": result.reason,
+                          "files": len(manifest["files"]), "bytes": total, "signature_checked": key is not None}))
+        return 0
     print(f"variant: {printable(result.reason)}", file=sys.stderr)  # names and figures from the remote index
     print(printable(f"ok: {result.repo_id}@{result.commit[:8]}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, "
                     "sizes and sha256 match the manifest"), file=sys.stderr)  # fmt: skip

@@ -46,8 +46,13 @@ def load(
     device: str | None = None,
     force: bool = False,
     backend: str | None = None,
+    key: str | os.PathLike | None = None,
+    token: str | None = None,
+    progress=None,
 ) -> "EdgeModel":
-    """Load a bundle written by ``edgepack pack``.
+    """Load a bundle written by ``edgepack pack``: a local folder, or a Hub repo as the CLI
+    takes it (``owner/name``, ``owner/name@rev``, ``hf://owner/name[@rev]``; pulled, the
+    variant that fits this box chosen, into edgepack's cache).
 
     verify: ``"once"`` (default) hashes every file on the first load and then trusts files
     whose size/mtime/inode are unchanged; ``True`` always hashes; ``False`` checks sizes
@@ -56,26 +61,70 @@ def load(
     CPU. force: load even when this box looks too small. backend: ``None`` (edgepack's
     CPU engine where it can run the bundle, else torch), ``"native"`` (that engine, or an
     error saying why not) or ``"torch"``.
+    key: an Ed25519 public key (PEM file; default: ``$EDGEPACK_TRUSTED_KEY``) that must have
+    signed the bundle: an unsigned bundle, another signer or a changed file is refused
+    before any weight is loaded. Without a key, an ``edgepack.sig`` that is not a
+    well-formed signature is refused too (a damaged signature is never ignored).
+    token: Hugging Face token for a repo reference; progress: ``callable(str)`` told what
+    a pull does.
     """
+    path = _resolve_reference(bundle_dir, token, progress)
+    if key is None:
+        key = os.environ.get("EDGEPACK_TRUSTED_KEY") or None
+    manifest_bytes = _check_signature(path, key)
     # No garbage collection while loading: it makes thousands of small objects (modules,
     # tensors) and each full collection walks everything imported so far (torch's ~150k
     # objects): ~50 ms of a 0.3 s load, for nothing to collect.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(bundle_dir, verify, device, force, backend)
+        return _load(path, verify, device, force, backend, manifest_bytes)
     finally:
         if enabled:
             gc.enable()
 
 
-def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
+def _resolve_reference(ref, token: str | None, progress) -> Path:
+    """A local path as is; a repo reference (not an existing path) pulled through the Hub
+    code, imported only then: loading a folder imports nothing from edgepack.hub."""
+    text = os.fspath(ref)
+    path = Path(text).expanduser()
+    if isinstance(text, str) and (text.startswith("hf://") or (not path.exists() and _looks_like_repo_id(text))):
+        from edgepack.hub import resolve_bundle_ref
+
+        return resolve_bundle_ref(text, token=token, progress=progress)
+    return path
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """owner/name[@revision]: one slash, no leading ./ ~ or /, as the Hub spells repo ids."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", text) is not None
+
+
+def _check_signature(path: Path, key) -> bytes | None:
+    """With a key: the manifest bytes whose signature by that key checked out (the whole
+    bundle hashed against them). Without: None, after refusing a malformed edgepack.sig."""
+    from edgepack.format import signing
+
+    if key is not None:
+        signing.verify_signature(path, key)  # signature first, then every file's sha256
+        return bundle_format.read_manifest_bytes(path)
+    if (path / bundle_format.SIGNATURE_NAME).exists() or (path / bundle_format.SIGNATURE_NAME).is_symlink():
+        signing.read_signature(path)  # its shape only: no key to check it against
+    return None
+
+
+def _load(path: Path, verify, device, force, backend, manifest_bytes: bytes | None = None) -> "EdgeModel":
     if backend not in (None, *BACKENDS):
         raise GenerationError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
     if os.environ.get("EDGEPACK_SKIP_HASH", "") not in ("", "0"):
         verify = False
-    path = Path(bundle_dir)
-    manifest = bundle_format.verify_bundle(path, check_hashes=verify)
+    if manifest_bytes is not None:  # the signed manifest, every file already hashed against it
+        manifest = bundle_format.verify_bundle(path, check_hashes=False, manifest_bytes=manifest_bytes)
+    else:
+        manifest = bundle_format.verify_bundle(path, check_hashes=verify)
     device_map, notices = _resolve_device_map(manifest, device)
     config = _read_config(path)
     why_not_native = _why_not_native(manifest, config, device_map, backend)

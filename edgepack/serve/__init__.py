@@ -655,6 +655,31 @@ class _Reply:
 # --- the command -----------------------------------------------------------------------------
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind the address once and let it go: in use, or not ours to bind, is an error now.
+    SO_REUSEADDR as uvicorn sets it, so a port in TIME_WAIT counts as free, as it will be."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise EdgepackError(f"--port must be between 0 and 65535, not {port}", hint="pass e.g. --port 8000")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise EdgepackError(f"cannot listen on {host!r}: {exc.strerror}", hint="pass --host 127.0.0.1 or an address of this box") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise EdgepackError(f"port {port} on {host} is already in use",
+                                    hint=f"stop what listens there, or pass another --port (e.g. {port + 1})") from None  # fmt: skip
+            raise EdgepackError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                hint="pass a port above 1023, or --host 127.0.0.1") from None  # fmt: skip
+
+
 def resolve_bundle(ref: str) -> Path:
     """A local bundle directory as it is; anything else is pulled from the Hub."""
     path = Path(ref).expanduser()
@@ -690,7 +715,7 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEF
 def configure_parser(p) -> None:
     p.add_argument("bundle", metavar="BUNDLE_OR_REPO", help="bundle directory, or a Hub repo id to pull")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument(
         "--max-queue",
         type=int,
@@ -707,7 +732,10 @@ def configure_parser(p) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p.add_argument("--key", default=None, metavar="PUBKEY",
+                   help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
     add_guard_arguments(p)
 
 
@@ -716,10 +744,12 @@ def main(args) -> int:
         raise EdgepackError(f"--max-queue must be at least 1, not {args.max_queue}", hint="pass --max-queue 1 or more")
     guards = guard_options(args)  # refuses an open bind without a key, before the model loads
     _require_serve_packages()
+    check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not after it
     from edgepack.runtime import load
 
     path = resolve_bundle(args.bundle)
-    lm = load(path, verify=False if args.no_verify else "once", device=args.device, force=args.force, backend=args.backend)
+    lm = load(path, verify=False if args.no_verify else "once", device=args.device, force=args.force, backend=args.backend,
+              key=getattr(args, "key", None))  # fmt: skip
     for notice in lm.notices:
         print(f"note: {notice}", file=sys.stderr)
     # a bundle pulled from the Hub is known to clients by its repo id, not its cache folder
