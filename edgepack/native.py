@@ -88,10 +88,23 @@ def unavailable(config: dict[str, Any], manifest: dict[str, Any], device_map: di
     return None
 
 
+THREADS_ENV = "EDGEPACK_THREADS"
+
+
+def asked_threads() -> int | None:
+    """The thread count EDGEPACK_THREADS (else OMP_NUM_THREADS) asks for, if any."""
+    for env in (THREADS_ENV, "OMP_NUM_THREADS"):
+        wanted = os.environ.get(env, "").strip()
+        if wanted.isdigit() and int(wanted) > 0:
+            return int(wanted)
+    return None
+
+
 def threads() -> int:
-    """Threads for the C kernels: the CPUs this process may run on, at most one per physical
-    core (its workers spin between the parts of a step; two on one core only take turns),
-    fewer if OMP_NUM_THREADS says so."""
+    """Most threads for the C kernels: the CPUs this process may run on, at most one per
+    physical core (two on one core only take turns), or the count asked for (asked_threads).
+    Unless asked, each decode step runs on the count measured fastest up to this (pool.c):
+    on a box where other programs keep cores busy, fewer threads than cores decode faster."""
     cpus = CPUS
     try:
         import psutil
@@ -99,8 +112,8 @@ def threads() -> int:
         cpus = min(cpus, psutil.cpu_count(logical=False) or cpus)
     except ImportError:
         pass
-    wanted = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, min(cpus, int(wanted))) if wanted.isdigit() and int(wanted) > 0 else cpus
+    wanted = asked_threads()
+    return max(1, min(cpus, wanted)) if wanted else cpus
 
 
 # --- where each stored tensor goes -----------------------------------------------------------
@@ -331,7 +344,8 @@ class NativeLM:
         self.max_positions = int(config.get("max_position_embeddings", 2048))
         rope = config.get("rope_parameters") or {}
         self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-        self.threads = threads()
+        self._threads = threads()
+        self.adapt = asked_threads() is None  # pick the count per step, up to self.threads
         base = _native.address(arena)
 
         def mat(m: Matrix) -> tuple:
@@ -346,6 +360,18 @@ class NativeLM:
             base + plan.norm, mat(plan.head), layers,
         )  # fmt: skip
         self.weight_bytes = plan.layout.size
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:  # a count set by hand is used as it is
+        self._threads, self.adapt = max(1, int(n)), False
+
+    def threads_in_use(self) -> int:
+        """The threads decode steps run on now (adaptive: the count last measured fastest)."""
+        return (_native.threads_in_use() or self._threads) if self.adapt else self._threads
 
     @classmethod
     def load(cls, path: Path, manifest: dict[str, Any], config: dict[str, Any]) -> "NativeLM":
@@ -394,7 +420,7 @@ class NativeLM:
             raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {cache.length + n} were asked for")
         logits = bytearray(4 * self.vocab)
         _native.forward(self._model, tokens, cache.length, cache.k, cache.v, cache.max_tokens, self.rope_theta,
-                        _native.address(logits), self.threads)  # fmt: skip
+                        _native.address(logits), self._threads, self.adapt)  # fmt: skip
         cache.length += n
         return memoryview(logits).cast("f")
 

@@ -26,12 +26,28 @@ def configure_parser(p) -> None:
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for edgepack's engine (default: EDGEPACK_THREADS, else adapted per step to the idle cores)")
+
+
+def apply_threads(n: int | None) -> None:
+    from edgepack.errors import GenerationError
+
+    if n is not None and n < 1:
+        raise GenerationError(f"--threads must be at least 1, not {n}", hint="pass --threads 1 or more")
+    if n is not None:  # read by the engine when the bundle loads (native.asked_threads)
+        os.environ["EDGEPACK_THREADS"] = str(n)
 
 
 def main(args) -> int:
     from edgepack.errors import GenerationError, printable
     from edgepack.runtime import load
 
+    apply_threads(args.threads)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise GenerationError("the prompt is empty", hint="pass a PROMPT argument or pipe text to stdin")
@@ -65,7 +81,17 @@ def main(args) -> int:
         print(
             f"prompt: {step.prompt_tokens} tokens in {step.prompt_seconds:.3f}s; "
             f"generated: {step.generated_tokens} tokens, {decode_tps:.1f} tokens/s ({step.finish_reason}; "
-            f"{lm.backend} backend)",
+            f"{engine_words(lm)})",
             file=sys.stderr,
         )
     return 0
+
+
+def engine_words(lm) -> str:
+    """'engine avx2, 2 threads' for edgepack's engine, else 'torch backend'."""
+    if lm.backend != "native":
+        return f"{lm.backend} backend"
+    from edgepack import _native
+
+    n = lm.model.threads_in_use()
+    return f"engine {_native.set_isa()}, {n} thread{'s' if n != 1 else ''}"

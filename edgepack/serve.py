@@ -722,12 +722,18 @@ def configure_parser(p) -> None:
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from edgepack.runtime_cli import add_threads_argument
+
+    add_threads_argument(p)
 
 
 def main(args) -> int:
     if args.max_queue < 1:
         raise EdgepackError(f"--max-queue must be at least 1, not {args.max_queue}", hint="pass --max-queue 1 or more")
     _require_serve_packages()  # before the model loads, not after
+    from edgepack.runtime_cli import apply_threads
+
+    apply_threads(args.threads)
     from edgepack.runtime import load
 
     path = resolve_bundle(args.bundle)
