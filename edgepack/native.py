@@ -396,10 +396,7 @@ class NativeLM:
                     f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
                     hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
                 ) from None
-            # MAP_POPULATE: the kernel faults the pages in at once (~40k page faults one by
-            # one under the reads otherwise)
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-            arena = mmap.mmap(-1, max(plan.layout.size, 1), flags=flags)
+            arena = _weight_map(plan.layout.size)
             _read_tensors(shards, header, plan, arena)
         _half_table(plan, arena)
         try:
@@ -446,6 +443,22 @@ class NativeLM:
             n += 1
             yield token
             ids = [token]
+
+
+def _weight_map(nbytes: int) -> mmap.mmap:
+    """Anonymous memory for the weights. Huge pages where the kernel gives them on request
+    (THP "madvise"): each decode step streams every weight, and 2 MiB pages take ~500x fewer
+    TLB entries than 4 KiB ones; they also come in ~500x fewer faults. Elsewhere MAP_POPULATE:
+    the kernel faults the pages in at once (~40k page faults one by one under the reads otherwise)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    huge = hasattr(mmap, "MADV_HUGEPAGE")
+    arena = mmap.mmap(-1, max(nbytes, 1), flags=flags if huge else flags | getattr(mmap, "MAP_POPULATE", 0))
+    if huge:
+        try:
+            arena.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP off in this kernel
+            pass
+    return arena
 
 
 def _read_tensors(shards: dict, header: dict, plan: _Plan, arena: mmap.mmap) -> None:
