@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from edgepack.errors import EdgepackError, MissingDependencyError, SourceNotFoundError
+from edgepack.runtime_cli import add_threads_argument, apply_threads
 
 DEFAULT_MAX_QUEUE = 8
 # OpenAI's documented default for /v1/completions; chat defaults to the rest of the context.
@@ -722,8 +723,6 @@ def configure_parser(p) -> None:
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    from edgepack.runtime_cli import add_threads_argument
-
     add_threads_argument(p)
 
 
@@ -731,8 +730,6 @@ def main(args) -> int:
     if args.max_queue < 1:
         raise EdgepackError(f"--max-queue must be at least 1, not {args.max_queue}", hint="pass --max-queue 1 or more")
     _require_serve_packages()  # before the model loads, not after
-    from edgepack.runtime_cli import apply_threads
-
     apply_threads(args.threads)
     from edgepack.runtime import load
 
