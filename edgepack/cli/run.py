@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -34,6 +35,21 @@ def configure_parser(p) -> None:
                    help="print load time, prompt and decode speed and peak memory to stderr")  # fmt: skip
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (the text, token counts, speeds, peak memory) instead of streaming")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for edgepack's engine (default: EDGEPACK_THREADS, else adapted per step to the idle cores)")
+
+
+def apply_threads(n: int | None) -> None:
+    from edgepack.errors import GenerationError
+
+    if n is not None and n < 1:
+        raise GenerationError(f"--threads must be at least 1, not {n}", hint="pass --threads 1 or more")
+    if n is not None:  # read by the engine when the bundle loads (engine.asked_threads)
+        os.environ["EDGEPACK_THREADS"] = str(n)
 
 
 def main(args) -> int:
@@ -42,6 +58,7 @@ def main(args) -> int:
 
     if args.stats and getattr(args, "quiet", False):
         raise UsageError("--stats prints to stderr, which -q silences", hint="drop -q, or use --json for the figures")
+    apply_threads(args.threads)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise GenerationError("the prompt is empty", hint="pass a PROMPT argument or pipe text to stdin")
@@ -85,7 +102,7 @@ def main(args) -> int:
             f"{report['prompt_seconds']:.3f} s ({report['prompt_tokens_per_second']:.1f} tokens/s); generated: "
             f"{report['generated_tokens']} tokens, {report['decode_tokens_per_second']:.1f} tokens/s "
             f"({report['finish_reason']}); peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB "
-            f"({lm.backend} backend{_kernels(lm)})",
+            f"({engine_words(lm)})",
             file=sys.stderr,
         )
     return 0
@@ -127,11 +144,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _kernels(lm) -> str:
-    """', NAME kernels' when the C engine runs: the instruction set its kernels use (avx512,
-    avx2, neon-dotprod, neon, generic)"""
+def engine_words(lm) -> str:
+    """'engine avx2, 2 threads' where edgepack's engine runs (its kernel set: avx512, avx2,
+    neon-dotprod, neon, generic; the threads it steps on now), else 'torch backend'."""
     if lm.backend != "native":
-        return ""
-    from edgepack.runtime.engine import _engine as _native
+        return f"{lm.backend} backend"
+    from edgepack.runtime.engine import _engine
 
-    return f", {_native.set_isa()} kernels"
+    n = lm.model.threads_in_use()
+    return f"engine {_engine.set_isa()}, {n} thread{'s' if n != 1 else ''}"

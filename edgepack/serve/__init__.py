@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from edgepack.errors import EdgepackError, MissingDependencyError, SourceNotFoundError
+from edgepack.cli.run import add_threads_argument, apply_threads
 from edgepack.serve.guard import (
     DEFAULT_MAX_BODY_BYTES, ApiError, HostPolicy, PromptGate, add_guard_arguments, guard_options, install_guards,
     refuse_unsupported,
@@ -737,6 +738,7 @@ def configure_parser(p) -> None:
     p.add_argument("--key", default=None, metavar="PUBKEY",
                    help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
     add_guard_arguments(p)
+    add_threads_argument(p)
 
 
 def main(args) -> int:
@@ -745,6 +747,7 @@ def main(args) -> int:
     guards = guard_options(args)  # refuses an open bind without a key, before the model loads
     _require_serve_packages()
     check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not after it
+    apply_threads(args.threads)
     from edgepack.runtime import load
 
     path = resolve_bundle(args.bundle)

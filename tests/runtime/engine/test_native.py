@@ -475,3 +475,37 @@ def test_convert_rounds_as_torch():
     assert not native.convert(big.data_ptr(), native.BF16, big.data_ptr(), native.F16, 2)
     assert torch.equal(big, keep)  # nothing written
     assert native.address(bytes(8)) != 0 and array("f", [1.0])
+
+
+def test_engine_adaptive_thread_count_does_not_change_the_result(packed, monkeypatch):
+    """Unless a count is asked for, each step runs on the count measured fastest (probing
+    others now and then): the logits are those of one thread, step after step."""
+    monkeypatch.delenv("EDGEPACK_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    lm = edgepack.load(packed("llama", 8))
+    assert lm.model.adapt
+    lm.model._threads = 3  # at most 3, whatever this box has
+    ids = lm.tokenizer.encode("Small boxes run small models")
+    runs = []
+    for adaptive in (True, False):
+        if not adaptive:
+            lm.model.threads = 1
+        cache = lm.model.new_cache(len(ids) + 60)
+        logits = [_logits(lm.model.forward(ids, cache))]
+        logits += [_logits(lm.model.forward([5 + i], cache)) for i in range(60)]  # probes at steps 3, 27, 51
+        runs.append(torch.stack(logits))
+        assert 1 <= lm.model.threads_in_use() <= 3
+    assert not lm.model.adapt and torch.equal(runs[0], runs[1])
+
+
+def test_run_threads_flag_and_stats_name_the_engine(capsys, packed, monkeypatch):
+    from edgepack.cli import main
+
+    monkeypatch.setenv("EDGEPACK_THREADS", "")  # restored after the test (--threads sets it)
+    bundle = str(packed("llama", 8))
+    args = ["run", bundle, "The capital", "--max-new-tokens", "3", "--temperature", "0", "--stats"]
+    assert main(args + ["--threads", "2"]) == 0
+    assert f"engine {native.set_isa()}, 2 threads)" in capsys.readouterr().err
+    assert main(args + ["--threads", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --threads must be at least 1, not 0") and "hint: " in err

@@ -209,6 +209,7 @@ extern const Kernels kernels_generic;
 #if EP_X86
 extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
+void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
@@ -229,6 +230,14 @@ extern pthread_mutex_t step_lock; /* one caller of the pool at a time: it and a 
 void pool_after_fork(void);
 int ensure_workers(int n);
 void parallel(task_fn fn, void *ctx, int nth);
+/* parallel() over `rows` shared out in chunks of whole `unit`s: a task takes them with take_rows */
+void parallel_rows(task_fn fn, void *ctx, int rows, int unit, int nth);
+int take_rows(int tid, int nth, int *lo, int *hi);
+/* the thread count for the next decode step (at most `most`), and its measured time after it */
+int adapt_threads(int most);
+void adapt_record(int nth, double seconds);
+int adapt_current(void);
+double pool_now(void);
 
 /* rows [lo, hi) of `rows` for thread tid of nth, in multiples of 4 (the kernels' unit) */
 static inline void split(int rows, int tid, int nth, int *lo, int *hi) {

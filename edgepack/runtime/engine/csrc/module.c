@@ -147,14 +147,16 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* forward(model, tokens, pos, k_cache, v_cache, max_tokens, rope_theta, logits, threads): the
- * tokens (a sequence of ints) at positions pos.. written into the KV cache, the last one's
- * logits into `logits`. One token is a decode step (run_step), more a prompt (run_prompt). */
+/* forward(model, tokens, pos, k_cache, v_cache, max_tokens, rope_theta, logits, threads[, adapt]):
+ * the tokens (a sequence of ints) at positions pos.. written into the KV cache, the last one's
+ * logits into `logits`. One token is a decode step (run_step), more a prompt (run_prompt).
+ * adapt: a decode step runs on the thread count, at most `threads`, measured fastest (pool.c). */
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     PyObject *cap, *seq_in, *kc, *vc, *logits;
-    int pos, max_tokens, threads;
+    int pos, max_tokens, threads, adapt = 0;
     float theta;
-    if (!PyArg_ParseTuple(args, "OOiOOifOi", &cap, &seq_in, &pos, &kc, &vc, &max_tokens, &theta, &logits, &threads))
+    if (!PyArg_ParseTuple(args, "OOiOOifOi|p", &cap, &seq_in, &pos, &kc, &vc, &max_tokens, &theta, &logits, &threads,
+                          &adapt))
         return NULL;
     Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
     if (!m) return NULL;
@@ -195,8 +197,11 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         ok = grow_scores(m, max_tokens) && m->head_dim <= 512;
         if (ok) {
             rope_tables(theta, m->head_dim, pos, rope, rope + m->head_dim);
+            const int nth = adapt ? adapt_threads(threads) : threads;
+            const double t0 = pool_now();
             run_step(m, tokens[0], pos, (uint16_t *)k, (uint16_t *)v, max_tokens, rope, rope + m->head_dim, (float *)out,
-                     threads);
+                     nth);
+            if (adapt) adapt_record(nth, pool_now() - t0);
         }
     } else {
         PromptScratch s;
@@ -287,12 +292,12 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
 }
 
 /* a task on `threads` threads from Python: the GIL released, one caller of the pool at a time */
-static void parallel_without_gil(task_fn task, void *ctx, int threads) {
+static void parallel_without_gil(task_fn task, void *ctx, int rows, int threads) {
     threads = threads < 1 ? 1 : threads;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_lock);
     ensure_workers(threads - 1);
-    parallel(task, ctx, threads);
+    parallel_rows(task, ctx, rows, 4, threads);
     pthread_mutex_unlock(&step_lock);
     Py_END_ALLOW_THREADS
 }
@@ -317,7 +322,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         prep_int4(&mat, xp, prep);
     }
     Job j = {.mat = &mat, .in = xp, .prep = prep, .out = yp, .add = 0};
-    parallel_without_gil(task_mat, &j, threads);
+    parallel_without_gil(task_mat, &j, mat.rows, threads);
     free(prep);
     Py_RETURN_NONE;
 }
@@ -349,7 +354,7 @@ static PyObject *py_dequant_int4(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad matrix description");
         return NULL;
     }
-    parallel_without_gil(task_dequant, &d, threads);
+    parallel_without_gil(task_dequant, &d, mat.rows, threads);
     Py_RETURN_NONE;
 }
 
@@ -412,7 +417,11 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(previous);
 }
 
+/* threads_in_use(): the thread count adaptive decode steps run on now (0 before the first) */
+static PyObject *py_threads_in_use(PyObject *self, PyObject *noargs) { return PyLong_FromLong(adapt_current()); }
+
 static PyMethodDef methods[] = {
+    {"threads_in_use", py_threads_in_use, METH_NOARGS, "Threads adaptive decode steps run on now."},
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
     {"forward", py_forward, METH_VARARGS, "Tokens through the model (a prompt or one step): KV cache and last logits."},

@@ -107,23 +107,23 @@ typedef struct {
 static void task_gemm(void *ctx, int tid, int nth) {
     Batch *b = (Batch *)ctx;
     int lo, hi;
-    split(b->mat->rows, tid, nth, &lo, &hi);
-    if (hi > lo) gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
+    while (take_rows(tid, nth, &lo, &hi))
+        gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
 }
 
 static void task_gemm_gate_up(void *ctx, int tid, int nth) {
     Batch *b = (Batch *)ctx;
     const int inter = b->m->inter;
     int lo, hi;
-    split(inter, tid, nth, &lo, &hi);
-    if (hi <= lo) return;
     float *w32 = b->w32 + tid * b->w32_floats;
-    gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, w32, b->out, 2 * inter, 0);
-    gemm_rows(b->mat, b->xt, b->ldx, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
     const silu_fn silu = kernels->silu;
-    for (int t = 0; t < b->T; t++) {
-        const float *g = b->out + (size_t)t * 2 * inter;
-        silu(g + lo, g + inter + lo, b->act + (size_t)t * inter + lo, hi - lo);
+    while (take_rows(tid, nth, &lo, &hi)) {
+        gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, w32, b->out, 2 * inter, 0);
+        gemm_rows(b->mat, b->xt, b->ldx, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
+        for (int t = 0; t < b->T; t++) {
+            const float *g = b->out + (size_t)t * 2 * inter;
+            silu(g + lo, g + inter + lo, b->act + (size_t)t * inter + lo, hi - lo);
+        }
     }
 }
 
@@ -190,7 +190,7 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
             for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->in_norm, s->h + (size_t)t * H, H, m->eps);
             transpose_inputs(s->h, n, H, s->xt, b.ldx);
             b.mat = &L->qkv, b.out = s->qkv, b.ldo = width, b.add = 0;
-            parallel(task_gemm, &b, nth);
+            parallel_rows(task_gemm, &b, L->qkv.rows, PB, nth);
             for (int t = 0; t < n; t++) {
                 float *row = s->qkv + (size_t)t * width;
                 for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos + (size_t)t * D, sin + (size_t)t * D, D);
@@ -206,14 +206,14 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
             parallel(task_attn_batch, &b, nth);
             transpose_inputs(s->att, n, qn, s->xt, b.ldx);
             b.mat = &L->o, b.out = s->x, b.ldo = H, b.add = 1;
-            parallel(task_gemm, &b, nth);
+            parallel_rows(task_gemm, &b, H, PB, nth);
             for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->post_norm, s->h + (size_t)t * H, H, m->eps);
             transpose_inputs(s->h, n, H, s->xt, b.ldx);
             b.mat = &L->gate_up, b.out = s->gu, b.act = s->act;
-            parallel(task_gemm_gate_up, &b, nth);
+            parallel_rows(task_gemm_gate_up, &b, m->inter, PB, nth);
             transpose_inputs(s->act, n, m->inter, s->xt, b.ldx);
             b.mat = &L->down, b.out = s->x, b.ldo = H, b.add = 1;
-            parallel(task_gemm, &b, nth);
+            parallel_rows(task_gemm, &b, H, PB, nth);
         }
     }
     const int last = (T - 1) % CHUNK;

@@ -34,39 +34,41 @@ static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, 
 void task_mat(void *ctx, int tid, int nth) {
     Job *j = (Job *)ctx;
     int lo, hi;
-    split(j->mat->rows, tid, nth, &lo, &hi);
-    if (!j->add) {
-        mat_rows(j->mat, j->in, j->prep, j->out, lo, hi);
-        return;
+    while (take_rows(tid, nth, &lo, &hi)) {
+        if (!j->add) {
+            mat_rows(j->mat, j->in, j->prep, j->out, lo, hi);
+            continue;
+        }
+        mat_rows(j->mat, j->in, j->prep, j->m->tmp, lo, hi);
+        for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
     }
-    mat_rows(j->mat, j->in, j->prep, j->m->tmp, lo, hi);
-    for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
 }
 
 static void task_gate_up(void *ctx, int tid, int nth) { /* gu[r] = silu(gate[r]) * up[r] */
     Job *j = (Job *)ctx;
     const int inter = j->m->inter;
     int lo, hi;
-    split(inter, tid, nth, &lo, &hi);
-    if (hi <= lo) return;
     float *g = j->m->gu;
-    mat_rows(j->mat, j->in, j->prep, g, lo, hi);
-    mat_rows(j->mat, j->in, j->prep, g, inter + lo, inter + hi);
-    kernels->silu(g + lo, g + inter + lo, j->out + lo, hi - lo);
+    while (take_rows(tid, nth, &lo, &hi)) {
+        mat_rows(j->mat, j->in, j->prep, g, lo, hi);
+        mat_rows(j->mat, j->in, j->prep, g, inter + lo, inter + hi);
+        kernels->silu(g + lo, g + inter + lo, j->out + lo, hi - lo);
+    }
 }
 
 static void task_attn(void *ctx, int tid, int nth) {
     Job *j = (Job *)ctx;
     Model *m = j->m;
     const int D = m->head_dim, group = m->heads / m->kv_heads;
-    const int lo = m->heads * tid / nth, hi = m->heads * (tid + 1) / nth;
     const float scale = 1.f / sqrtf((float)D);
     const attn_fn attn = kernels->attn;
-    for (int h = lo; h < hi; h++) {
-        const size_t base = ((size_t)j->layer * m->kv_heads + h / group) * j->max_tokens * D;
-        attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, m->scores + (size_t)h * m->scores_len,
-             m->att + (size_t)h * D);
-    }
+    int lo, hi;
+    while (take_rows(tid, nth, &lo, &hi))
+        for (int h = lo; h < hi; h++) {
+            const size_t base = ((size_t)j->layer * m->kv_heads + h / group) * j->max_tokens * D;
+            attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale,
+                 m->scores + (size_t)h * m->scores_len, m->att + (size_t)h * D);
+        }
 }
 
 /* where a step's time goes (profile(True) turns the clock on): wall time of each part on
@@ -97,7 +99,7 @@ void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, 
         prep_int4(mat, in, j->m->prep);
         j->prep = j->m->prep;
     }
-    parallel(task, j, nth);
+    parallel_rows(task, j, task == task_mat ? mat->rows : j->m->inter, 4, nth);
 }
 
 /* a model's attention weights (heads x max_tokens) grown for a cache of max_tokens; 0 if out
@@ -132,7 +134,7 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
         }
         lap(P_SERIAL, &t);
         j.layer = l;
-        parallel(task_attn, &j, nth);
+        parallel_rows(task_attn, &j, m->heads, 1, nth);
         lap(P_ATTN, &t);
         product(&j, task_mat, &L->o, m->att, m->x, 1, nth);
         lap(P_O, &t);
