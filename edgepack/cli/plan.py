@@ -126,6 +126,7 @@ def describe_model(config, name: str | None = None) -> planner.ModelDescription:
         max_position_embeddings=summary["max_position_embeddings"],
         tie_word_embeddings=tied,
         lean=_lean_supported(config),
+        **_engine_features(config),
     )
 
 
@@ -164,6 +165,17 @@ def _lean_supported(config) -> bool:
     except ImportError:
         return False
     return lean.supports(config.to_dict()) is None
+
+
+def _engine_features(config) -> dict[str, Any]:
+    """Whether edgepack's C engine runs it, and its sliding-window layers (their KV cache is a
+    ring of sliding_window positions there)."""
+    from edgepack.runtime.engine.family import features
+
+    found = features(config.to_dict())
+    if isinstance(found, str):
+        return {"engine": False}
+    return {"engine": True, "sliding_layers": sum(found.layer_sliding), "sliding_window": found.window}
 
 
 # --- for `edgepack pack --profile` -----------------------------------------------------------------

@@ -126,6 +126,9 @@ class ModelDescription:
     max_position_embeddings: int
     tie_word_embeddings: bool
     lean: bool = False  # edgepack's lean CPU decoder runs this architecture
+    engine: bool = False  # edgepack's C engine runs it (every lean architecture, and engine/family.py's)
+    sliding_layers: int = 0  # layers attending to the last sliding_window positions only
+    sliding_window: int = 0
 
     @property
     def num_parameters(self) -> int:
@@ -283,10 +286,15 @@ NATIVE_THREADS = 8
 
 def kv_cache_bytes(desc: ModelDescription, rt: RuntimeMemory, layers: int, context: int, batch: int) -> int:
     """2 (K and V) x layers x kv_heads x head_dim x context x batch x bytes; a growing cache
-    also holds one layer's old K (or V) while torch.cat builds the new one."""
+    also holds one layer's old K (or V) while torch.cat builds the new one. The C engine's
+    sliding-window layers hold min(sliding_window, context) positions (a ring)."""
     per_layer_tensor = desc.num_key_value_heads * desc.head_dim * context * batch * rt.kv_bytes
     if layers == 0:
         return 0
+    if rt is NATIVE and desc.sliding_layers:
+        sliding = min(desc.sliding_layers, layers)
+        positions = (layers - sliding) * context + sliding * min(desc.sliding_window, context)
+        return 2 * desc.num_key_value_heads * desc.head_dim * positions * batch * rt.kv_bytes
     return 2 * layers * per_layer_tensor + (0 if rt.kv_static else per_layer_tensor)
 
 
@@ -448,12 +456,14 @@ def _candidates(t: _Target, bits: int | None, quant_type: str = "nf4") -> list[t
 def _runtime_for(desc: ModelDescription, strategy: str, choice: str, arch: str = "x86_64", q: Quant | None = None) -> RuntimeMemory:
     if choice != "auto":
         return {"native": NATIVE, "lean": LEAN}.get(choice, TRANSFORMERS)
-    if strategy != "cpu" or not desc.lean:
+    if strategy != "cpu" or not (desc.lean or desc.engine):
         return TRANSFORMERS  # the runtime's own rule
     # edgepack's C engine: int8, int4 and 16-bit layers, on by default where its kernels are
     # tuned (x86-64 with AVX2, aarch64 with NEON); nf4/fp4 the lean decoder on torch
     native_format = q is None or q.bits in (8, 16) or q.quant_type == "int4"
-    return NATIVE if arch in ("x86_64", "aarch64") and native_format else LEAN
+    if arch in ("x86_64", "aarch64") and native_format:
+        return NATIVE
+    return LEAN if desc.lean else TRANSFORMERS
 
 
 def _place(s: _Setting) -> Plan:
@@ -852,8 +862,11 @@ def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> 
     kv = kv_cache_bytes(desc, rt, desc.num_hidden_layers, o.context, o.batch)
     growth = (f"preallocated by edgepack's {p.runtime} runtime" if rt.kv_static
               else "grown by concatenation, which briefly holds one layer's old and new tensor")  # fmt: skip
+    ring = ""
+    if rt is NATIVE and desc.sliding_layers:  # kv_cache_bytes: their caches are rings of the window
+        ring = f", the {desc.sliding_layers} sliding-window layers' {min(desc.sliding_window, o.context)} tokens only,"
     r.append(f"KV cache: 2 x {desc.num_hidden_layers} layers x {desc.num_key_value_heads} KV heads x "
-             f"{desc.head_dim} x {o.context} tokens x {o.batch} x {rt.kv_bytes} bytes = {human(kv)} "
+             f"{desc.head_dim} x {o.context} tokens{ring} x {o.batch} x {rt.kv_bytes} bytes = {human(kv)} "
              f"({'float32' if rt.kv_bytes == 4 else '16-bit'}, {growth}).")
     rows = f"{o.prompt_tokens} x {desc.vocab_size}" if rt.logits_all_rows else f"1 x {desc.vocab_size}"
     r.append(f"Activations: the prefill of a {o.prompt_tokens}-token prompt is the peak: residual stream, "
