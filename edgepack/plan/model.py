@@ -65,6 +65,9 @@ class ModelDescription:
     max_position_embeddings: int
     tie_word_embeddings: bool
     lean: bool = False  # edgepack's lean CPU decoder runs this architecture
+    engine: bool = False  # edgepack's C engine runs it (every lean architecture, and engine/family.py's)
+    sliding_layers: int = 0  # layers attending to the last sliding_window positions only
+    sliding_window: int = 0
 
     @property
     def num_parameters(self) -> int:
@@ -144,6 +147,7 @@ def _describe_llama(c: dict[str, Any], name: str | None) -> ModelDescription:
         num_hidden_layers=c["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, hidden_size=hidden, intermediate_size=inter, vocab_size=vocab,
         max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=tied, lean=_lean_supported(c),
+        **_engine_features(c),
     )  # fmt: skip
 
 
@@ -199,6 +203,7 @@ def _describe_meta(config, name: str | None) -> ModelDescription:
         max_position_embeddings=summary["max_position_embeddings"],
         tie_word_embeddings=tied,
         lean=_lean_supported(config.to_dict()),
+        **_engine_features(config.to_dict()),
     )
 
 
@@ -230,6 +235,17 @@ def _lean_supported(config: dict[str, Any]) -> bool:
     from edgepack.runtime.engine import supports  # no torch
 
     return supports(config) is None
+
+
+def _engine_features(config: dict[str, Any]) -> dict[str, Any]:
+    """Whether edgepack's C engine runs it, and its sliding-window layers (their KV cache is a
+    ring of sliding_window positions there)."""
+    from edgepack.runtime.engine.family import features  # no torch
+
+    found = features(config)
+    if isinstance(found, str):
+        return {"engine": False}
+    return {"engine": True, "sliding_layers": sum(found.layer_sliding), "sliding_window": found.window}
 
 
 # --- a torch model's structure (shared with the exporter) ---------------------------------------

@@ -166,12 +166,14 @@ def _candidates(t: _Target, bits: int | None, quant_type: str = "nf4") -> list[t
 def _runtime_for(desc: ModelDescription, strategy: str, choice: str, arch: str = "x86_64", q: Quant | None = None) -> RuntimeMemory:
     if choice != "auto":
         return {"native": NATIVE, "lean": LEAN}.get(choice, TRANSFORMERS)
-    if strategy != "cpu" or not desc.lean:
+    if strategy != "cpu" or not (desc.lean or desc.engine):
         return TRANSFORMERS  # the runtime's own rule
     # edgepack's C engine: int8, int4 and 16-bit layers, on by default where its kernels are
     # tuned (x86-64 with AVX2, aarch64 with NEON); nf4/fp4 the lean decoder on torch
     native_format = q is None or q.bits in (8, 16) or q.quant_type == "int4"
-    return NATIVE if arch in ("x86_64", "aarch64") and native_format else LEAN
+    if arch in ("x86_64", "aarch64") and native_format:
+        return NATIVE
+    return LEAN if desc.lean else TRANSFORMERS
 
 
 def _place(s: _Setting) -> Plan:

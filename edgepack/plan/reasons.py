@@ -100,8 +100,11 @@ def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> 
     kv = kv_cache_bytes(desc, rt, desc.num_hidden_layers, o.context, o.batch)
     growth = (f"preallocated by edgepack's {p.runtime} runtime" if rt.kv_static
               else "grown by concatenation, which briefly holds one layer's old and new tensor")  # fmt: skip
+    ring = ""
+    if rt is NATIVE and desc.sliding_layers:  # kv_cache_bytes: their caches are rings of the window
+        ring = f", the {desc.sliding_layers} sliding-window layers' {min(desc.sliding_window, o.context)} tokens only,"
     r.append(f"KV cache: 2 x {desc.num_hidden_layers} layers x {desc.num_key_value_heads} KV heads x "
-             f"{desc.head_dim} x {o.context} tokens x {o.batch} x {rt.kv_bytes} bytes = {human(kv)} "
+             f"{desc.head_dim} x {o.context} tokens{ring} x {o.batch} x {rt.kv_bytes} bytes = {human(kv)} "
              f"({'float32' if rt.kv_bytes == 4 else '16-bit'}, {growth}).")
     rows = f"{o.prompt_tokens} x {desc.vocab_size}" if rt.logits_all_rows else f"1 x {desc.vocab_size}"
     r.append(f"Activations: the prefill of a {o.prompt_tokens}-token prompt is the peak: residual stream, "

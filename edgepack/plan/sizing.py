@@ -190,10 +190,15 @@ NATIVE_THREADS = 8
 
 def kv_cache_bytes(desc: ModelDescription, rt: RuntimeMemory, layers: int, context: int, batch: int) -> int:
     """2 (K and V) x layers x kv_heads x head_dim x context x batch x bytes; a growing cache
-    also holds one layer's old K (or V) while torch.cat builds the new one."""
+    also holds one layer's old K (or V) while torch.cat builds the new one. The C engine's
+    sliding-window layers hold min(sliding_window, context) positions (a ring)."""
     per_layer_tensor = desc.num_key_value_heads * desc.head_dim * context * batch * rt.kv_bytes
     if layers == 0:
         return 0
+    if rt is NATIVE and desc.sliding_layers:
+        sliding = min(desc.sliding_layers, layers)
+        positions = (layers - sliding) * context + sliding * min(desc.sliding_window, context)
+        return 2 * desc.num_key_value_heads * desc.head_dim * positions * batch * rt.kv_bytes
     return 2 * layers * per_layer_tensor + (0 if rt.kv_static else per_layer_tensor)
 
 

@@ -253,6 +253,27 @@ def test_kv_cache_bytes(describe):
     assert sizing.kv_cache_bytes(llama, sizing.TRANSFORMERS, 2, 128, 1) == 32_768 + 8_192
 
 
+def test_kv_cache_of_sliding_window_layers_is_their_window_on_the_engine():
+    """Gemma 3's 5 sliding-window layers in 6 keep their last sliding_window positions (the C
+    engine's rings): at 8k context the cache is 1/6 of a full one plus the windows; the same
+    NativeCache the runtime allocates."""
+    from transformers import Gemma3TextConfig
+
+    from edgepack.cli.plan import describe_model
+    from edgepack.runtime.engine import NativeCache, _native
+
+    config = Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=512)  # fmt: skip
+    gemma = describe_model(config, name="tiny-gemma3")
+    assert gemma.engine and not gemma.lean and (gemma.sliding_layers, gemma.sliding_window) == (5, 512)
+    per_position = 2 * 1 * 16 * 2  # K and V, 1 KV head, 16 dims, bf16
+    got = planner.kv_cache_bytes(gemma, planner.NATIVE, 6, 8192, 1)
+    assert got == per_position * (8192 + 5 * 512)
+    assert planner.kv_cache_bytes(gemma, planner.LEAN, 6, 8192, 1) == per_position * 6 * 8192  # a full cache: 4.6x
+    if _native is not None:
+        assert len(NativeCache(6, 1, 16, 8192, sliding=5, window=512).memory) == got
+
+
 def test_activations_peak_at_the_prefill_logits(describe):
     llama = describe("llama")
     full = sizing.activation_bytes(llama, sizing.TRANSFORMERS, 100, 1, holds_layers=True, holds_output=True)

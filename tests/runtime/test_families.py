@@ -31,6 +31,9 @@ RTOL_OWN_WEIGHTS = 0.03
 # a near-tie that an error within the bound may flip.
 DECISIVE_LEAD = 4.0
 PACKINGS = {16: {}, 8: {}, 4: {"quant_type": "int4"}}
+# The families edgepack's CPU engine runs (where its C module is usable on this box); the rest
+# load through torch.
+ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "mistral-sw")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,7 @@ def compare(lm, references: dict, prompt_ids: list[int], steps: int = DECODE_STE
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_transformers(family, bits, sources, family_bundle, record_property):
     from edgepack import runtime
+    from edgepack.runtime import engine as native
 
     source = sources[family][1]
     lm = runtime.load(family_bundle(family, bits), device="cpu", force=True)
@@ -143,21 +147,28 @@ def test_family_matches_transformers(family, bits, sources, family_bundle, recor
         assert matched == decisive, (name, got)
     assert got["own"]["top1"][1] >= (DECODE_STEPS + 1) // 2, got  # the top-1 check is not vacuous
     assert (lm.backend == "native") == (lm.why_not_native is None), (lm.backend, lm.why_not_native)
+    if family in ENGINE_FAMILIES and native.c_module_unavailable() is None:
+        assert lm.backend == "native", lm.why_not_native
     record_property("backend", lm.backend)  # in --junitxml; the engine is to take these over
     record_property("why_not_native", lm.why_not_native)
     record_property("rel_error_vs_source", [round(got["source"]["prompt_rel"], 4), round(got["source"]["decode_rel"], 4)])
 
 
-def test_engine_refuses_sliding_window_layers_of_any_llama_like_type():
-    """Qwen2 with use_sliding_window marks its upper layers in layer_types; the engine, which
-    attends over the whole cache, must leave those bundles to torch."""
+def test_sliding_window_layers_of_any_llama_like_type():
+    """Qwen2 with use_sliding_window marks its upper layers in layer_types: the engine gives
+    those layers a window (and only those); lean.py, which attends over the whole cache, must
+    leave the bundle to transformers."""
     from transformers import Qwen2Config
 
     from edgepack.runtime import engine as native
+    from edgepack.runtime.engine.family import features
 
     config = Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1)
     assert native.supports(config.to_dict()) == "sliding-window attention"
+    found = features(config.to_dict())
+    assert found.layer_sliding == [False, True, True] and found.window == SLIDING_WINDOW
     assert native.supports(Qwen2Config(num_hidden_layers=3).to_dict()) is None
+    assert features(Qwen2Config(num_hidden_layers=3).to_dict()).plain
 
 
 def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, capsys):
@@ -166,15 +177,43 @@ def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, capsys):
     from edgepack.runtime import engine as native
     from edgepack.cli import main
 
-    gemma, qwen2 = family_bundle("gemma2", 16), family_bundle("qwen2", 16)
-    assert main(["run", str(gemma), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
+    phi3, qwen2 = family_bundle("phi3", 16), family_bundle("qwen2", 16)
+    assert main(["run", str(phi3), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
-    assert "backend: torch, not edgepack's CPU engine: model_type 'gemma2'\n" in err
-    assert main(["inspect", str(gemma)]) == 0
+    assert "backend: torch, not edgepack's CPU engine: model_type 'phi3'\n" in err
+    assert main(["inspect", str(phi3)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("backend:")]
-    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'gemma2'"]
+    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'phi3'"]
     if native.c_module_unavailable() is None:  # else the C module is not built or not usable here
         assert main(["inspect", str(qwen2)]) == 0
         assert "backend:       native (edgepack's CPU engine)\n" in capsys.readouterr().out
         assert main(["run", str(qwen2), "The capital", "--max-new-tokens", "2", "--stats"]) == 0
         assert "backend: torch" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral-sw"])
+def test_sliding_window_cache_across_chunks_and_calls(family, sources, family_bundle):
+    """A sliding-window layer keeps only its window (a ring of SLIDING_WINDOW positions); its
+    keys stay right past a prompt chunk's end (the engine runs 96 tokens a pass) and between
+    calls that split the same tokens differently: prompt pieces, then decode steps."""
+    from edgepack import runtime
+    from edgepack.runtime import engine as native
+
+    if native.c_module_unavailable() is not None:
+        pytest.skip(f"edgepack's CPU engine is not usable here: {native.c_module_unavailable()}")
+    lm = runtime.load(family_bundle(family, 16), device="cpu", force=True)
+    model, source = lm.model, sources[family][1]
+    ids = torch.randint(3, model.vocab, (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert len(ids) > native._native.PROMPT_CHUNK
+    with torch.no_grad():
+        want = source(input_ids=torch.tensor([ids])).logits[0, -1]
+    for parts in ([120], [5, 91, 20, 1, 1, 1, 1]):
+        cache, at = model.new_cache(len(ids)), 0
+        for n in parts:
+            got = torch.frombuffer(bytearray(model.forward(ids[at : at + n], cache)), dtype=torch.float32)
+            at += n
+        assert float((got - want).norm() / want.norm()) <= RTOL[16], parts
+    sliding = sum(model._features.layer_sliding)
+    assert sliding == (5 if family == "gemma3" else 2)
+    full_bytes = 2 * 2 * model.kv_heads * model.head_dim * len(ids)  # keys and values, bfloat16
+    assert len(cache.memory) == (model.layers - sliding) * full_bytes + sliding * full_bytes * SLIDING_WINDOW // len(ids)

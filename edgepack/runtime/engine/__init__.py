@@ -15,6 +15,9 @@ jinja2 for chat templates).
 
 What it covers is what ``unavailable()`` does not refuse; the rest (nf4/fp4 layers, other
 architectures, GPUs, an x86 box without AVX2 unless EDGEPACK_NATIVE=1) loads through torch.
+Beyond plain Llama (``supports``), the families of ``family.py`` (Llama 3's rope scaling,
+Qwen3, SmolLM3, Gemma 2 / 3, Mistral's sliding window) run with the features it derives
+from config.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Iterator, Sequence
 
 from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError
+from edgepack.runtime.engine.family import Features, features
 
 try:  # built by setup.py; absent where edgepack was installed without a C compiler
     from edgepack.runtime.engine import _engine as _native
@@ -48,7 +52,8 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os
 
 
 def supports(config: dict[str, Any]) -> str | None:
-    """None when the Llama-family decoders (this one and lean.py) can run the model, else why not."""
+    """None when the plain Llama-family decoders (lean.py, and this engine without any of
+    family.py's features) can run the model, else why not."""
     if config.get("model_type") not in SUPPORTED_TYPES:
         return f"model_type {config.get('model_type')!r}"
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -81,9 +86,9 @@ def unavailable(config: dict[str, Any], manifest: dict[str, Any], device_map: di
         return reason
     if any(v != "cpu" for v in device_map.values()):
         return "the device_map places layers on a GPU"
-    reason = supports(config)
-    if reason is not None:
-        return reason
+    found = features(config)
+    if isinstance(found, str):
+        return found
     quant = manifest["quantization"]
     if quant["bits"] == 4 and quant.get("quant_type") != "int4":
         return f"{quant.get('quant_type')} layers (int8, int4 and 16-bit only)"
@@ -241,7 +246,11 @@ class _Plan:
     embed_dtype: str
     norm: int
     head: Matrix
-    layers: list[tuple[int, int, Matrix, Matrix, Matrix, Matrix]]
+    # (in_norm, post_norm, qkv, o, gate_up, down, q_norm, k_norm, attn_out_norm, mlp_out_norm):
+    # the C module's layer, its last four None where the family has none
+    layers: list[tuple]
+    features: Features
+    norms: list[tuple[int, int]]  # (offset32, size) of every norm vector (Gemma adds 1 to each)
 
 
 def _check_config(config: dict[str, Any]) -> None:
@@ -266,18 +275,19 @@ def _check_config(config: dict[str, Any]) -> None:
             )
 
 
-def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
+def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _Plan:
     _check_config(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     dim = config.get("head_dim") or hidden // heads
     inter, vocab = config["intermediate_size"], config["vocab_size"]
-    layout, slots = _Layout(), {}
+    layout, slots, norms = _Layout(), {}, []
 
     def vector(name: str, size: int) -> int:
         _expect(header, name, [size])
         at = layout.take(size * 4)
         slots[name] = Slot((size,), offset32=at)
+        norms.append((at, size))
         return at
 
     embed_name = "model.embed_tokens.weight"
@@ -296,8 +306,17 @@ def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
         o = _plan_matrix([a + ".o_proj"], header, layout, slots, heads * dim, [hidden])
         gate_up = _plan_matrix([m + ".gate_proj", m + ".up_proj"], header, layout, slots, hidden, [inter, inter])
         down = _plan_matrix([m + ".down_proj"], header, layout, slots, inter, [hidden])
-        layers.append((vector(p + ".input_layernorm.weight", hidden), vector(p + ".post_attention_layernorm.weight", hidden),
-                       qkv, o, gate_up, down))  # fmt: skip
+        q_norm = k_norm = attn_out = mlp_out = None
+        if feats.qk_norm:
+            q_norm, k_norm = vector(a + ".q_norm.weight", dim), vector(a + ".k_norm.weight", dim)
+        if feats.sandwich:  # Gemma: post_attention_layernorm normalizes the attention's output
+            attn_out = vector(p + ".post_attention_layernorm.weight", hidden)
+            mlp_out = vector(p + ".post_feedforward_layernorm.weight", hidden)
+            pre_mlp = vector(p + ".pre_feedforward_layernorm.weight", hidden)
+        else:
+            pre_mlp = vector(p + ".post_attention_layernorm.weight", hidden)
+        layers.append((vector(p + ".input_layernorm.weight", hidden), pre_mlp, qkv, o, gate_up, down,
+                       q_norm, k_norm, attn_out, mlp_out))  # fmt: skip
     norm = vector("model.norm.weight", hidden)
     if "lm_head.weight" in header:
         head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
@@ -311,18 +330,20 @@ def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
             f"tensor {extra[0]!r} has no place in the model built from config.json",
             hint="the bundle's config and weights disagree; pack the model again",
         )
-    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers)
+    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms)
 
 
 # --- the engine -------------------------------------------------------------------------------
 
 
 class NativeCache:
-    """Keys and values of every layer for ``max_tokens`` positions (bfloat16), and how many
-    are filled. An anonymous map: pages are zero and unbacked until a position is written."""
+    """Keys and values of every layer for ``max_tokens`` positions (bfloat16), a sliding-window
+    layer's for its last ``window`` only (engine.h, kv_layer), and how many are filled. An
+    anonymous map: pages are zero and unbacked until a position is written."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_tokens: int):
-        half = layers * kv_heads * max_tokens * head_dim * 2
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_tokens: int, sliding: int = 0, window: int = 0):
+        positions = (layers - sliding) * max_tokens + sliding * min(window, max_tokens)
+        half = positions * kv_heads * head_dim * 2
         self.memory = mmap.mmap(-1, 2 * half)
         self.k = _native.address(self.memory)
         self.v = self.k + half
@@ -356,10 +377,21 @@ class NativeLM:
             return (getattr(_native, m.kind), m.rows, m.cols, base + m.weight, opt(m.scale), opt(m.bias)) + extra
 
         dims = (config["hidden_size"], self.heads, self.kv_heads, self.head_dim, config["intermediate_size"], self.vocab)
-        layers = [(base + a, base + b, mat(q), mat(o), mat(g), mat(d)) for a, b, q, o, g, d in plan.layers]
+        feats, opt = plan.features, lambda at: None if at is None else base + at  # noqa: E731
+        self._features = feats
+        self.sliding, self.window = sum(feats.layer_sliding), feats.window
+        layers, extra = [], ()
+        for i, (a, b, q, o, g, d, qn, kn, an, mn) in enumerate(plan.layers):
+            layer = (base + a, base + b, mat(q), mat(o), mat(g), mat(d))
+            if not feats.plain:
+                layer += (opt(qn), opt(kn), opt(an), opt(mn), feats.layer_rope[i], int(feats.layer_sliding[i]))
+            layers.append(layer)
+        if not feats.plain:  # new() copies the rotary tables out of `freqs`
+            *numbers, freqs = feats.c_tuple(self.head_dim)
+            extra = (tuple(numbers) + (_native.address(freqs) if freqs else None,),)
         self._model = _native.new(
             dims, float(config.get("rms_norm_eps", 1e-6)), (getattr(_native, plan.embed_dtype), base + plan.embed),
-            base + plan.norm, mat(plan.head), layers,
+            base + plan.norm, mat(plan.head), layers, *extra,
         )  # fmt: skip
         self.weight_bytes = plan.layout.size
 
@@ -390,7 +422,10 @@ class NativeLM:
                 shards[rel] = (f, data_start)
                 header.update({k: dict(v, file=rel) for k, v in part.items()})
             try:
-                plan = _plan(config, header)
+                found = features(config)
+                if isinstance(found, str):
+                    raise BundleIntegrityError(f"edgepack's CPU engine cannot run this model: {found}")
+                plan = _plan(config, header, found)
             except BundleIntegrityError:
                 raise
             except (KeyError, TypeError, ValueError) as exc:
@@ -401,6 +436,11 @@ class NativeLM:
             arena = _weight_map(plan.layout.size)
             _read_tensors(shards, header, plan, arena)
         _half_table(plan, arena)
+        if plan.features.norm_offset:  # Gemma's norms scale by (1 + w): the 1 added once here
+            for at, size in plan.norms:
+                with memoryview(arena)[at : at + 4 * size] as raw, raw.cast("f") as floats:
+                    for i in range(size):
+                        floats[i] += plan.features.norm_offset
         try:
             return cls(config, arena, plan)
         except (KeyError, TypeError, ValueError) as exc:  # dimensions the C module refuses
@@ -410,7 +450,8 @@ class NativeLM:
             ) from None
 
     def new_cache(self, max_tokens: int) -> NativeCache:
-        return NativeCache(self.layers, self.kv_heads, self.head_dim, min(max_tokens, self.max_positions))
+        max_tokens = min(max_tokens, self.max_positions)
+        return NativeCache(self.layers, self.kv_heads, self.head_dim, max_tokens, self.sliding, self.window)
 
     def forward(self, tokens: Sequence[int], cache: NativeCache) -> memoryview:
         """Run ``tokens`` after what ``cache`` holds; float32 logits of the last one."""
