@@ -276,6 +276,18 @@ int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s);
 void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, float theta,
                 float *logits, int nth, PromptScratch *s);
 
+/* ------------------------------------------------------------------ several sequences (batch.c) */
+
+typedef struct {
+    int token, pos, max_tokens; /* the token at position pos of a cache of max_tokens */
+    uint16_t *kc, *vc;
+    float *logits; /* [vocab] */
+} BatchSeq;
+
+/* one decode step of each of B sequences, bitwise run_step's for each; -1 if out of memory
+ * (called under step_lock) */
+int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth);
+
 /* ------------------------------------------------------------------ convert.c, sample.c */
 
 int fits_f16(const void *s, int st, size_t n, float divisor);
