@@ -29,7 +29,7 @@ from edgepack.serve.api import GenerationRequest, parse_chat, parse_completion
 from edgepack.serve.app import create_app
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, add_guard_arguments, guard_options
 from edgepack.serve.metrics import Metrics
-from edgepack.serve.worker import DEFAULT_MAX_QUEUE, Job, Worker
+from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, Job, Worker, default_parallel
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_QUEUE", "GenerationRequest", "Job", "Metrics", "Worker",
            "create_app", "configure_parser", "main", "parse_chat", "parse_completion", "resolve_bundle", "serve"]  # fmt: skip
@@ -70,7 +70,8 @@ def resolve_bundle(ref: str) -> Path:
     return Path(resolve_bundle_ref(ref))
 
 
-def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
+def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int | None = None,
+          cache_bytes: int = DEFAULT_CACHE_BYTES,
           model_name: str | None = None, log_level: str = "info", **guards) -> None:
     """Serve a loaded EdgeModel until interrupted (Ctrl-C, SIGTERM). ``guards``: create_app's
     max_body_bytes, api_keys, allowed_hosts, allowed_origins, docs."""
@@ -79,8 +80,10 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEF
 
     from edgepack.serve.guard import server_config
 
-    app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, **guards)
-    uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue, log_level=log_level)).run()
+    app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, parallel=parallel,
+                     cache_bytes=cache_bytes, **guards)  # fmt: skip
+    slots = app.state.worker.parallel
+    uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue + slots, log_level=log_level)).run()
 
 
 def configure_parser(p) -> None:
@@ -93,6 +96,12 @@ def configure_parser(p) -> None:
         default=DEFAULT_MAX_QUEUE,
         help=f"requests that may wait behind the one generating; more get 503 (default {DEFAULT_MAX_QUEUE})",
     )
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help=f"requests generated at once, stepped together (default {DEFAULT_PARALLEL}, fewer if memory is "
+                   "short; 1 with the torch backend)")
+    p.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
+                   help="memory for the KV caches of recent requests, reused when a prompt starts the same "
+                   f"(a chat's history); 0 turns reuse off (default {DEFAULT_CACHE_BYTES:,})")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle's directory name)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
     p.add_argument(
@@ -110,6 +119,10 @@ def configure_parser(p) -> None:
 def main(args) -> int:
     if args.max_queue < 1:
         raise EdgepackError(f"--max-queue must be at least 1, not {args.max_queue}", hint="pass --max-queue 1 or more")
+    if args.parallel is not None and args.parallel < 1:
+        raise EdgepackError(f"--parallel must be at least 1, not {args.parallel}", hint="pass --parallel 4")
+    if args.cache_bytes < 0:
+        raise EdgepackError(f"--cache-bytes must be 0 or more, not {args.cache_bytes}", hint="pass --cache-bytes 0 to turn reuse off")
     guards = guard_options(args)  # refuses an open bind without a key, before the model loads
     _require_serve_packages()
     from edgepack.runtime import load
@@ -121,6 +134,7 @@ def main(args) -> int:
     # a bundle pulled from the Hub is known to clients by its repo id, not its cache folder
     name = args.model_name or (lm.name if Path(args.bundle).expanduser().is_dir() else args.bundle)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (queue {args.max_queue})", file=sys.stderr)
-    serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, model_name=name, log_level=args.log_level,
+    serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, parallel=args.parallel,
+          cache_bytes=args.cache_bytes, model_name=name, log_level=args.log_level,
           **guards)  # fmt: skip
     return 0

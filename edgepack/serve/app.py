@@ -15,7 +15,7 @@ from edgepack.serve.api import (
 )  # fmt: skip
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiError, HostPolicy, PromptGate, install_guards
 from edgepack.serve.metrics import Metrics
-from edgepack.serve.worker import DEFAULT_MAX_QUEUE, Job, Worker
+from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, Job, Worker, default_parallel
 
 # How often a request that is waiting (queued, or in a long prefill) checks for a gone client.
 DISCONNECT_POLL_SECONDS = 0.25
@@ -26,12 +26,15 @@ class _Disconnected(Exception):
 
 
 def create_app(
-    lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None,
+    lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None, parallel: int | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_keys=(), bind_host: str = "127.0.0.1",
     allowed_hosts=(), allowed_origins=(), docs: bool = False,
 ):  # fmt: skip
     """The FastAPI app serving ``lm`` (a loaded EdgeModel), behind the guards of
-    serve/guard.py. The worker thread runs while the app's lifespan does."""
+    serve/guard.py. The worker thread runs while the app's lifespan does. ``parallel``:
+    requests generated at once (default: default_parallel); ``cache_bytes``: KV caches of
+    finished requests held for prefix reuse (0: none)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -39,14 +42,14 @@ def create_app(
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    if max_queue < 1:
-        raise ValueError(f"max_queue must be at least 1, not {max_queue}")
+    if max_queue < 1 or (parallel is not None and parallel < 1) or cache_bytes < 0:
+        raise ValueError(f"max_queue and parallel must be at least 1, cache_bytes at least 0: {max_queue, parallel, cache_bytes}")
     name = model_name or lm.name
     created = int(time.time())
     context = lm.manifest.get("architecture", {}).get("max_position_embeddings")
     gate = PromptGate(lm, context)  # counts prompt tokens off the event loop
     metrics = Metrics()
-    worker = Worker(lm, metrics, max_queue)
+    worker = Worker(lm, metrics, max_queue, parallel or default_parallel(lm), cache_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -91,8 +94,8 @@ def create_app(
     @app.get("/metrics")
     async def get_metrics(format: str = "json"):
         if format == "prometheus":
-            return PlainTextResponse(metrics.prometheus(worker.queue_depth, worker.busy))
-        return metrics.snapshot(worker.queue_depth, worker.busy)
+            return PlainTextResponse(metrics.prometheus(worker.queue_depth, worker.busy, worker.gauges()))
+        return metrics.snapshot(worker.queue_depth, worker.busy, worker.gauges())
 
     def model_card():
         return {"id": name, "object": "model", "created": created, "owned_by": "edgepack"}

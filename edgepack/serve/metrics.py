@@ -19,6 +19,8 @@ class Metrics:
         self.requests = {"ok": 0, "cancelled": 0, "rejected": 0, "invalid": 0, "error": 0}
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.prefix_reused_tokens = 0
+        self.prefix_computed_tokens = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.first_token_latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
@@ -31,6 +33,12 @@ class Metrics:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
 
+    def add_prefix(self, reused: int, computed: int) -> None:
+        """A prompt's tokens: ``reused`` from a held KV cache, ``computed`` anew."""
+        with self._lock:
+            self.prefix_reused_tokens += reused
+            self.prefix_computed_tokens += computed
+
     def finished(self, latency_seconds: float, first_token_seconds: float | None) -> None:
         with self._lock:
             self.requests["ok"] += 1
@@ -42,7 +50,8 @@ class Metrics:
         with self._lock:
             return _percentile(self.latencies, 50)
 
-    def snapshot(self, queue_depth: int, busy: bool) -> dict:
+    def snapshot(self, queue_depth: int, busy: bool, gauges: dict | None = None) -> dict:
+        """``gauges``: the worker's (slots_in_use, slots, held_caches, held_cache_bytes)."""
         with self._lock:
             return {
                 "uptime_seconds": round(time.time() - self.started, 3),
@@ -51,17 +60,22 @@ class Metrics:
                 "generated_tokens": self.generated_tokens,
                 "latency_seconds": _summary(self.latencies),
                 "first_token_seconds": _summary(self.first_token_latencies),
+                "prefix_reused_tokens": self.prefix_reused_tokens,
+                "prefix_computed_tokens": self.prefix_computed_tokens,
                 "queue_depth": queue_depth,
                 "busy": busy,
+                **(gauges or {}),
             }
 
-    def prometheus(self, queue_depth: int, busy: bool) -> str:
-        s = self.snapshot(queue_depth, busy)
+    def prometheus(self, queue_depth: int, busy: bool, gauges: dict | None = None) -> str:
+        s = self.snapshot(queue_depth, busy, gauges)
         lines = ["# TYPE edgepack_requests_total counter"]
         lines += [f'edgepack_requests_total{{outcome="{k}"}} {v}' for k, v in s["requests"].items() if k != "total"]
         lines += ["# TYPE edgepack_prompt_tokens_total counter", f"edgepack_prompt_tokens_total {s['prompt_tokens']}"]
         lines += ["# TYPE edgepack_generated_tokens_total counter",
                   f"edgepack_generated_tokens_total {s['generated_tokens']}"]  # fmt: skip
+        for name in ("prefix_reused_tokens", "prefix_computed_tokens"):
+            lines += [f"# TYPE edgepack_{name}_total counter", f"edgepack_{name}_total {s[name]}"]
         for name in ("latency_seconds", "first_token_seconds"):
             lines.append(f"# TYPE edgepack_request_{name} summary")
             for q in ("p50", "p99"):
@@ -71,6 +85,8 @@ class Metrics:
             lines.append(f"edgepack_request_{name}_count {s[name]['count']}")
         lines += ["# TYPE edgepack_queue_depth gauge", f"edgepack_queue_depth {queue_depth}"]
         lines += ["# TYPE edgepack_busy gauge", f"edgepack_busy {int(busy)}"]
+        for name, value in (gauges or {}).items():
+            lines += [f"# TYPE edgepack_{name} gauge", f"edgepack_{name} {value}"]
         return "\n".join(lines) + "\n"
 
 
