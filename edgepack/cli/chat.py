@@ -199,8 +199,7 @@ class _NativeDecoder:
         self.rng = random.Random(seed) if seed is not None else None
 
     def truncate(self, length: int) -> int:
-        self.cache.length = min(self.cache.length, length)
-        return self.cache.length
+        return self.cache.keep(length)  # a wrapped sliding-window ring keeps all or nothing
 
     def forward(self, ids: list[int]):
         return self.model.forward(ids, self.cache)

@@ -284,6 +284,55 @@ class GenerationStep:
     decode_seconds: float
 
 
+@dataclass
+class GenerationPlan:
+    prompt_ids: list[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    min_new_tokens: int
+    max_new_tokens: int
+    stops: list[str]
+
+
+class StepWriter:
+    """Generated tokens -> GenerationSteps: text pieces (held back while they may begin a
+    stop string), end of sequence, stop strings and the length limit."""
+
+    def __init__(self, lm: "EdgeModel", plan: GenerationPlan):
+        self.eos, self.plan = lm.eos_token_ids, plan
+        self.detok = _IncrementalDetokenizer(lm.tokenizer)
+        self.t0 = time.perf_counter()
+        self.prompt_seconds = 0.0
+        self.held = ""  # text that may be the start of a stop string: not emitted yet
+        self.n = 0
+
+    def add(self, token: int) -> GenerationStep:
+        self.n += 1
+        n, stops, detok = self.n, self.plan.stops, self.detok
+        if n == 1:
+            self.prompt_seconds = time.perf_counter() - self.t0
+        if token in self.eos:
+            piece, finish = "", "stop"
+        else:
+            piece, finish = detok.add(token), ("length" if n >= self.plan.max_new_tokens else None)
+        if finish is not None:
+            piece += detok.flush()  # bytes held back for an incomplete character
+        if stops:
+            self.held += piece
+            hit = _first_stop(self.held, stops)
+            if hit is not None:
+                piece, self.held, finish = self.held[:hit], "", "stop"
+            elif finish is not None:
+                piece, self.held = self.held, ""
+            else:
+                keep = _partial_stop_length(self.held, stops)
+                piece, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        elapsed = time.perf_counter() - self.t0 - self.prompt_seconds
+        return GenerationStep(piece, token, len(self.plan.prompt_ids), n, finish, self.prompt_seconds, elapsed)
+
+
 class EdgeModel:
     """A loaded bundle: ``.model`` (``engine.NativeLM``, or with the torch backend a torch
     module: ``model(input_ids).logits``), ``.backend`` (and ``.why_not_native``: why the torch
@@ -349,6 +398,23 @@ class EdgeModel:
         chat: bool | None = None,
     ) -> Iterator[GenerationStep]:
         """Generate token by token, yielding a GenerationStep per token."""
+        plan = self.plan_generation(prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, chat=chat)  # fmt: skip
+        writer = StepWriter(self, plan)
+        tokens = self._tokens(plan.prompt_ids, plan.temperature, plan.top_p, plan.top_k, plan.seed,
+                              plan.min_new_tokens, plan.max_new_tokens)  # fmt: skip
+        for token in tokens:
+            step = writer.add(token)
+            yield step
+            if step.finish_reason is not None:
+                return
+
+    def plan_generation(self, prompt: str | Sequence[dict], *, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                        seed: int | None = None, stop: Sequence[str] | str | None = None,
+                        chat: bool | None = None) -> "GenerationPlan":  # fmt: skip
+        """The prompt's token ids and the sampling settings, checked (stream_steps' first part;
+        the server drives the tokens itself)."""
         temperature, top_p, top_k = self._sampling_defaults(temperature, top_p, top_k)
         _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -361,34 +427,7 @@ class EdgeModel:
                 hint="shorten the prompt",
             )
         max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt_ids))
-        detok = _IncrementalDetokenizer(self.tokenizer)
-        t0 = time.perf_counter()
-        prompt_seconds = 0.0
-        held = ""  # text that may be the start of a stop string: not emitted yet
-        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens)
-        for n, token in enumerate(tokens, 1):
-            if n == 1:
-                prompt_seconds = time.perf_counter() - t0
-            if token in self.eos_token_ids:
-                piece, finish = "", "stop"
-            else:
-                piece, finish = detok.add(token), ("length" if n >= max_new_tokens else None)
-            if finish is not None:
-                piece += detok.flush()  # bytes held back for an incomplete character
-            if stops:
-                held += piece
-                hit = _first_stop(held, stops)
-                if hit is not None:
-                    piece, held, finish = held[:hit], "", "stop"
-                elif finish is not None:
-                    piece, held = held, ""
-                else:
-                    keep = _partial_stop_length(held, stops)
-                    piece, held = held[: len(held) - keep], held[len(held) - keep :]
-            elapsed = time.perf_counter() - t0 - prompt_seconds
-            yield GenerationStep(piece, token, len(prompt_ids), n, finish, prompt_seconds, elapsed)
-            if finish is not None:
-                return
+        return GenerationPlan(prompt_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens, stops)
 
     def stream(self, prompt: str | Sequence[dict], **sampling) -> Iterator[str]:
         """Yield one text piece per generated token."""

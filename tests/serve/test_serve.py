@@ -73,7 +73,7 @@ def lm(packed):
 
 @pytest.fixture(scope="module")
 def live(lm):
-    with LiveServer(serve.create_app(lm, max_queue=2)) as server:
+    with LiveServer(serve.create_app(lm, max_queue=2, parallel=1)) as server:  # one slot: the queue tests fill it
         yield server
 
 
@@ -92,6 +92,15 @@ def slow_down(monkeypatch, lm, seconds_per_token: float) -> None:
             yield step
 
     monkeypatch.setattr(lm, "stream_steps", stream_steps)
+    if lm.backend == "native":  # the server drives the engine itself: slow its prompt passes and steps
+        for name in ("forward", "step_batch"):
+            fn = getattr(lm.model, name)
+
+            def slowed(*args, _fn=fn, **kwargs):
+                time.sleep(seconds_per_token)
+                return _fn(*args, **kwargs)
+
+            monkeypatch.setattr(lm.model, name, slowed)
 
 
 # --- answers ---------------------------------------------------------------------------------

@@ -349,6 +349,42 @@ class NativeCache:
         self.v = self.k + half
         self.max_tokens = max_tokens
         self.length = 0
+        self.geometry = (layers, kv_heads, head_dim)
+        self.ring = min(window, max_tokens) if sliding and window < max_tokens else 0  # positions a ring holds
+
+    def keep(self, length: int) -> int:
+        """Cut the cache back to its first ``length`` positions where it still holds them, and
+        return how many it keeps: once a sliding-window ring has wrapped, position p's slot
+        holds a later position, so only the whole cache (or nothing) can be kept."""
+        length = max(0, min(length, self.length))
+        if self.ring and self.length > self.ring and length < self.length:
+            length = 0
+        self.length = length
+        return length
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions: the next token goes at ``length`` (the rest
+        is overwritten as it is reached; attention never reads past the current position)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} positions to {length}")
+        if self.keep(length) != length:
+            raise ValueError(f"a sliding-window cache that has wrapped cannot be cut back to {length} positions")
+
+    def copy_prefix(self, source: "NativeCache", length: int) -> None:
+        """This cache holds the first ``length`` positions of ``source`` (same model)."""
+        if source.ring or self.ring:
+            raise ValueError("sliding-window caches are rings: their prefixes are not copied")
+        if source.geometry != self.geometry or not 0 <= length <= min(source.length, self.max_tokens):
+            raise ValueError(f"cannot copy {length} positions between these KV caches")
+        layers, kv_heads, head_dim = self.geometry
+        row = length * head_dim * 2  # bytes of one (layer, head) row: bfloat16
+        src, dst = memoryview(source.memory), memoryview(self.memory)
+        for half in range(2):  # keys, then values
+            for lh in range(layers * kv_heads):
+                s = (half * layers * kv_heads + lh) * source.max_tokens * head_dim * 2
+                d = (half * layers * kv_heads + lh) * self.max_tokens * head_dim * 2
+                dst[d : d + row] = src[s : s + row]
+        self.length = length
 
 
 class NativeLM:
@@ -463,6 +499,29 @@ class NativeLM:
                         _native.address(logits), self._threads, self.adapt)  # fmt: skip
         cache.length += n
         return memoryview(logits).cast("f")
+
+    def step_batch(self, tokens: Sequence[int], caches: Sequence[NativeCache]) -> list[memoryview]:
+        """One decode step of each sequence: ``tokens[i]`` after what ``caches[i]`` holds
+        (distinct caches). Each weight row is read from memory once for all of them, and
+        each sequence's logits are bitwise those ``forward([token], cache)`` gives."""
+        if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("step_batch needs one distinct cache per token")
+        for cache in caches:
+            if cache.length + 1 > cache.max_tokens:
+                raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {cache.length + 1} were asked for")
+        if not self._features.plain:
+            # batch.c runs the plain Llama layer only; family features (ring caches, QK-norm,
+            # soft-caps, ...) step one sequence at a time: the same logits, weights read B times
+            return [self.forward([int(t)], c) for t, c in zip(tokens, caches)]
+        out = bytearray(4 * self.vocab * len(tokens))
+        base = _native.address(out) if tokens else 0
+        steps = [(int(t), c.length, c.k, c.v, c.max_tokens, base + 4 * self.vocab * i)
+                 for i, (t, c) in enumerate(zip(tokens, caches))]  # fmt: skip
+        _native.step_batch(self._model, steps, self.rope_theta, self.threads)
+        for cache in caches:
+            cache.length += 1
+        view = memoryview(out).cast("f")
+        return [view[i * self.vocab : (i + 1) * self.vocab] for i in range(len(tokens))]
 
     def sample(self, logits: memoryview, temperature: float, top_p: float = 1.0, top_k: int = 0,
                rng: random.Random | None = None) -> int:  # fmt: skip

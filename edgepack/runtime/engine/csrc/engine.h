@@ -325,6 +325,18 @@ void attn_capped(const float *q, const uint16_t *K, const uint16_t *V, int n, in
 void soft_cap(float *v, int n, float cap);
 void norm_add(const float *in, const float *w, float *x, float *tmp, int n, float eps); /* x += norm(in) */
 
+/* ------------------------------------------------------------------ several sequences (batch.c) */
+
+typedef struct {
+    int token, pos, max_tokens; /* the token at position pos of a cache of max_tokens */
+    uint16_t *kc, *vc;
+    float *logits; /* [vocab] */
+} BatchSeq;
+
+/* one decode step of each of B sequences, bitwise run_step's for each; -1 if out of memory
+ * (called under step_lock) */
+int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth);
+
 /* ------------------------------------------------------------------ convert.c, sample.c */
 
 int fits_f16(const void *s, int st, size_t n, float divisor);

@@ -288,6 +288,60 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* step_batch(model, steps, rope_theta, threads): one decode step of each sequence in `steps`,
+ * a sequence of (token, pos, k_cache, v_cache, max_tokens, logits) (batch.c) */
+static PyObject *py_step_batch(PyObject *self, PyObject *args) {
+    PyObject *cap, *list;
+    float theta;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOfi", &cap, &list, &theta, &threads)) return NULL;
+    Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
+    if (!m) return NULL;
+    PyObject *seq = PySequence_Fast(list, "steps must be a sequence of tuples");
+    if (!seq) return NULL;
+    const Py_ssize_t B = PySequence_Fast_GET_SIZE(seq);
+    BatchSeq *seqs = calloc(B ? (size_t)B : 1, sizeof(BatchSeq));
+    if (!seqs) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < B; i++) {
+        BatchSeq *q = &seqs[i];
+        PyObject *kc, *vc, *out;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiOOiO", &q->token, &q->pos, &kc, &vc, &q->max_tokens, &out))
+            goto fail;
+        q->kc = as_ptr(kc), q->vc = as_ptr(vc), q->logits = as_ptr(out);
+        if (PyErr_Occurred()) goto fail;
+        if (q->token < 0 || q->token >= m->vocab || q->pos < 0 || q->pos >= q->max_tokens || !q->kc || !q->vc || !q->logits) {
+            PyErr_Format(PyExc_ValueError, "step %zd: token %d at position %d is outside the model (vocab %d) or cache (%d)",
+                         i, q->token, q->pos, m->vocab, q->max_tokens);
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    if (!(theta > 0.f) || m->head_dim > 512) {
+        free(seqs);
+        PyErr_SetString(PyExc_ValueError, "step_batch: bad rope_theta or head_dim");
+        return NULL;
+    }
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock);
+    const int running = ensure_workers(threads - 1);
+    threads = running < threads ? running : threads;
+    if (B > 0) ok = run_steps(m, seqs, (int)B, theta, threads) == 0;
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+    free(seqs);
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(seq);
+    free(seqs);
+    return NULL;
+}
+
 /* address(buffer): where a buffer's bytes are (the caller keeps the object alive) */
 static PyObject *py_address(PyObject *self, PyObject *obj) {
     Py_buffer view;
@@ -494,6 +548,7 @@ static PyMethodDef methods[] = {
     {"threads_in_use", py_threads_in_use, METH_NOARGS, "Threads adaptive decode steps run on now."},
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
+    {"step_batch", py_step_batch, METH_VARARGS, "One decode step of each of several sequences, weights read once."},
     {"forward", py_forward, METH_VARARGS, "Tokens through the model (a prompt or one step): KV cache and last logits."},
     {"sample", py_sample, METH_VARARGS, "A token drawn from logits with temperature, top-k and top-p."},
     {"address", py_address, METH_O, "Where a buffer's bytes are."},
