@@ -509,3 +509,25 @@ def test_run_threads_flag_and_stats_name_the_engine(capsys, packed, monkeypatch)
     assert main(args + ["--threads", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --threads must be at least 1, not 0") and "hint: " in err
+
+
+def test_a_wrapped_sliding_window_ring_keeps_all_or_nothing():
+    """Position p of a ring of 8 lives in slot p % 8: after 10 positions, slots 0-1 hold
+    positions 8-9, so cutting back to 5 would attend to the wrong keys; before it wraps, any
+    prefix is still there."""
+    from edgepack.runtime import engine
+
+    cache = engine.NativeCache(layers=2, kv_heads=1, head_dim=4, max_tokens=32, sliding=1, window=8)
+    cache.length = 6
+    assert cache.keep(3) == 3 and cache.length == 3
+    cache.length = 10
+    assert cache.keep(10) == 10
+    assert cache.keep(5) == 0 and cache.length == 0
+    cache.length = 10
+    with pytest.raises(ValueError, match="wrapped"):
+        cache.truncate(5)
+    with pytest.raises(ValueError, match="rings"):
+        engine.NativeCache(layers=2, kv_heads=1, head_dim=4, max_tokens=32).copy_prefix(cache, 4)
+    plain = engine.NativeCache(layers=2, kv_heads=1, head_dim=4, max_tokens=32)
+    plain.length = 20
+    assert plain.keep(5) == 5
