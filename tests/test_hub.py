@@ -20,6 +20,7 @@ from hub_server import DEFAULT_TOKEN, DEFAULT_USER, hub, hub_server  # noqa: F40
 import edgepack
 from edgepack.format import bundle as bundle_format
 from edgepack import cli, hub as edgehub
+from edgepack.hub import download
 from edgepack.errors import BundleIntegrityError, HubError, OutputExistsError, VariantError
 from edgepack.hub import RUNTIME_OVERHEAD_BYTES, choose_variant, pull, push, resolve_bundle_ref
 from edgepack.plan.profile import DeviceProfile, load_profile
@@ -33,7 +34,7 @@ VARIANTS = {"pi5-8gb": ("llama", 4), "t4": ("llama", 8), "cpu-16gb": ("llama", 1
 def _own_cache(tmp_path, monkeypatch):
     """Pulled bundles land under EDGEPACK_CACHE: one per test, so no test sees another's copy."""
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "edgepack-cache"))
-    monkeypatch.setattr(edgehub, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(download, "RETRY_DELAY_S", 0.0)
 
 
 def generate(path: Path) -> str:
