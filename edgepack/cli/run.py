@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -30,13 +29,14 @@ def configure_parser(p) -> None:
 
 def main(args) -> int:
     from edgepack.errors import GenerationError, printable
+    from edgepack.format.refs import RepoRef, bundle_ref
     from edgepack.runtime import load
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise GenerationError("the prompt is empty", hint="pass a PROMPT argument or pipe text to stdin")
     bundle = args.bundle
-    if not os.path.isdir(bundle) and ("/" in bundle and not bundle.startswith((".", "/", "~")) or bundle.startswith("hf://")):
+    if isinstance(bundle_ref(bundle), RepoRef):
         from edgepack.hub import resolve_bundle_ref  # pull the variant that fits, verified
 
         bundle = resolve_bundle_ref(bundle, progress=lambda msg: print(f"[edgepack] {printable(msg)}", file=sys.stderr))

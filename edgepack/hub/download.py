@@ -20,7 +20,7 @@ from typing import Any, Callable
 from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, VariantError
 from edgepack.format import bundle as bundle_format
 from edgepack.format import staging
-from edgepack.format.refs import REPO_REF_RE, parse_repo_ref
+from edgepack.format.refs import HF_SCHEME, bundle_ref, parse_repo_ref
 from edgepack.hub.failures import hub_error, hub_exceptions, is_transient
 from edgepack.hub.variants import (
     INDEX_NAME,
@@ -55,16 +55,16 @@ class PullResult:
 
 
 def resolve_bundle_ref(ref: str | os.PathLike, *, token: str | None = None, progress: Progress | None = None) -> Path:
-    """A local bundle directory as is; ``hf://owner/name[@rev]`` or a repo id (not an existing
-    path) is pulled, variant picked for this box, verified, and its local path returned."""
+    """A local bundle directory as is; a repo reference (edgepack.format.refs.bundle_ref) is
+    pulled, the variant that fits this box chosen, verified, and its local path returned."""
+    where = bundle_ref(ref)
+    if isinstance(where, Path):
+        return where  # edgepack.load explains a missing or broken local bundle
     text = str(ref)
-    path = Path(text).expanduser()
-    if not text.startswith("hf://") and (path.exists() or not REPO_REF_RE.match(text)):
-        return path  # edgepack.load explains a missing or broken local bundle
     try:
-        pulled = pull(text, auto=True, token=token, progress=progress, check_hashes="once")
+        pulled = pull(str(where), auto=True, token=token, progress=progress, check_hashes="once")
     except HubError as exc:
-        if text.startswith("hf://"):
+        if text.startswith(HF_SCHEME):
             raise
         raise HubError(f"{exc.message} (and there is no local directory {text})", hint=exc.hint) from None
     if progress is not None:
