@@ -17,17 +17,16 @@ from typing import Any
 
 from edgepack.errors import HubError, VariantError
 from edgepack.format import bundle as bundle_format
+from edgepack.runtime.constants import NATIVE_OVERHEAD_BYTES, TORCH_OVERHEAD_BYTES
 
 INDEX_NAME = "edgepack-variants.json"
 INDEX_FORMAT = "edgepack-variants"
 INDEX_VERSION = 1
-# Same figure as edgepack.runtime.RUNTIME_OVERHEAD_BYTES (not imported: that pulls in torch):
-# interpreter + torch + transformers (~350 MiB measured on x86-64) + a short run's KV cache.
-RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
 # An index entry is ~1.5 kB, so 1 MiB holds hundreds of variants; anything larger is
 # damage or an attack, refused before it is read into memory and parsed.
 MAX_INDEX_BYTES = 1024 * 1024
 _VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+_BACKEND_NAMES = {"native": "edgepack's CPU engine", "torch": "torch"}
 _QUALITY_KEYS = ("top1_agreement_vs_source", "mean_kl_vs_source", "prompt_tokens", "tensors_bit_identical")
 
 
@@ -67,7 +66,9 @@ def variant_entry(manifest: dict[str, Any], name: str | None) -> dict[str, Any]:
         "compute_dtype": quant.get("compute_dtype"),
         "target_profile": (manifest.get("target_profile") or {}).get("name"),
         "weight_bytes": weight_bytes,
-        "memory_need_bytes": weight_bytes + RUNTIME_OVERHEAD_BYTES,
+        # with the torch backend, the most any box needs: the card's figure; fit() counts the
+        # backend the variant runs on there
+        "memory_need_bytes": weight_bytes + TORCH_OVERHEAD_BYTES,
         "memory": memory,
         "files": len(files),
         "file_bytes": sum(e["size"] for e in files),
@@ -178,6 +179,7 @@ class Fit:
     entry: dict[str, Any]
     checks: tuple[tuple[str, int, int], ...]  # (pool, bytes needed, bytes usable)
     on_gpu: bool  # its weights would live in GPU memory on this box
+    backend: str = "torch"  # what runs it there: "native" (edgepack's C engine) or "torch"
 
     @property
     def fits(self) -> bool:
@@ -200,31 +202,48 @@ def _cuda_index(device: Any) -> int | None:
     return None
 
 
+def backend_for(entry: dict[str, Any], profile, on_gpu: bool) -> str:
+    """The backend the runtime picks for this variant on this box, by its own rule
+    (edgepack.runtime.engine.unavailable) read from the index: the C engine runs Llama-family
+    models at int8, int4 or 16 bits on an x86-64 CPU with AVX2 or any aarch64 CPU; torch
+    runs the rest (nf4/fp4, other architectures, weights on a GPU)."""
+    from edgepack.runtime.engine import SUPPORTED_TYPES
+
+    cpu = profile.cpu
+    tuned = cpu.arch == "aarch64" or (cpu.arch == "x86_64" and {"avx2", "avx512f"} & set(cpu.simd))
+    model_type = (entry.get("architecture") or {}).get("model_type")
+    layers = entry["bits"] in (8, 16) or entry.get("scheme") == "int4"
+    return "native" if not on_gpu and tuned and model_type in SUPPORTED_TYPES and layers else "torch"
+
+
 def fit(entry: dict[str, Any], profile) -> Fit:
     """Where a variant's weights would live on this box and whether they fit there.
 
     The runtime follows the bundle's device_map: weights planned for a GPU go to the GPU when
     the box has one, everything else (and everything, on a box without a GPU) stays in RAM.
-    The runtime overhead is counted in RAM, where the interpreter and torch live. On a
+    The runtime overhead, the preflight's figure for the backend that will run it (96 MiB for
+    the C engine, 400 MiB with torch), is counted in RAM, where the interpreter lives. On a
     unified-memory box (Jetson) RAM and GPU are one pool, counted once.
     """
     weight = entry["weight_bytes"]
-    overhead = entry["memory_need_bytes"] - weight
     per_device = (entry.get("memory") or {}).get("weight_bytes_per_device") or {"cpu": weight}
     gpu_bytes: dict[int, int] = {}
     for device, nbytes in per_device.items():
         index = _cuda_index(device)
         if index is not None:
             gpu_bytes[index] = gpu_bytes.get(index, 0) + int(nbytes)
+    on_gpu = bool(gpu_bytes) and profile.has_gpu
+    backend = backend_for(entry, profile, on_gpu)
+    overhead = NATIVE_OVERHEAD_BYTES if backend == "native" else TORCH_OVERHEAD_BYTES
     if profile.unified_memory and profile.has_gpu:
-        return Fit(entry, (("unified memory", weight + overhead, profile.gpu_usable_bytes(0)),), bool(gpu_bytes))
-    if not gpu_bytes or not profile.has_gpu:
-        return Fit(entry, (("RAM", weight + overhead, profile.ram_usable_bytes),), False)
+        return Fit(entry, (("unified memory", weight + overhead, profile.gpu_usable_bytes(0)),), on_gpu, backend)
+    if not on_gpu:
+        return Fit(entry, (("RAM", weight + overhead, profile.ram_usable_bytes),), False, backend)
     checks = [("RAM", weight - sum(gpu_bytes.values()) + overhead, profile.ram_usable_bytes)]
     for index, nbytes in sorted(gpu_bytes.items()):
         have = profile.gpu_usable_bytes(index) if index < len(profile.gpus) else 0
         checks.append((f"GPU {index}" if index < len(profile.gpus) else f"GPU {index} (absent)", nbytes, have))
-    return Fit(entry, tuple(checks), True)
+    return Fit(entry, tuple(checks), True, backend)
 
 
 def choose_variant(entries: list[dict[str, Any]], profile, repo_id: str = "the repo") -> tuple[dict[str, Any], str]:
@@ -252,7 +271,7 @@ def choose_variant(entries: list[dict[str, Any]], profile, repo_id: str = "the r
                                     -f.entry["memory_need_bytes"], entry_label(f.entry)))  # fmt: skip
     e = best.entry
     reason = (f"{entry_label(e)} ({e['bits']}-bit {e['scheme']}) is the best fit for this box ({profile.name}): "
-              f"it needs {best.describe()}")  # fmt: skip
+              f"it needs {best.describe()}, run by {_BACKEND_NAMES[best.backend]}")  # fmt: skip
     too_big = [f for f in fits if not f.fits and f.entry["bits"] > e["bits"]]
     if too_big:
         reason += "; not " + ", ".join(
