@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("edgepack.cli.plan", "pick bits and a device_map for a target device"),
     "profile": ("edgepack.cli.profile", "probe this machine and write a device profile"),
     "profiles": ("edgepack.cli.profile", "list the built-in device profiles"),
-    "push": ("edgepack.hub", "upload a bundle to the Hugging Face Hub"),
-    "pull": ("edgepack.hub", "download a bundle from the Hub and verify it"),
+    "push": ("edgepack.cli.push", "upload a bundle to the Hugging Face Hub"),
+    "pull": ("edgepack.cli.pull", "download a bundle from the Hub and verify it"),
     "serve": ("edgepack.serve", "serve a bundle over an OpenAI-compatible HTTP API"),
     "sign": ("edgepack.format.signing", "sign a bundle's manifest"),
 }

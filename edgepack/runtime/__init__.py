@@ -85,22 +85,16 @@ def load(
 
 
 def _resolve_reference(ref, token: str | None, progress) -> Path:
-    """A local path as is; a repo reference (not an existing path) pulled through the Hub
-    code, imported only then: loading a folder imports nothing from edgepack.hub."""
-    text = os.fspath(ref)
-    path = Path(text).expanduser()
-    if isinstance(text, str) and (text.startswith("hf://") or (not path.exists() and _looks_like_repo_id(text))):
+    """A local path as is; a repo reference (format.refs decides, as the CLI does) pulled
+    through the Hub code, imported only then: loading a folder imports nothing from edgepack.hub."""
+    from edgepack.format.refs import RepoRef, bundle_ref
+
+    found = bundle_ref(ref)
+    if isinstance(found, RepoRef):
         from edgepack.hub import resolve_bundle_ref
 
-        return resolve_bundle_ref(text, token=token, progress=progress)
-    return path
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    """owner/name[@revision]: one slash, no leading ./ ~ or /, as the Hub spells repo ids."""
-    import re
-
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", text) is not None
+        return resolve_bundle_ref(os.fspath(ref), token=token, progress=progress)
+    return Path(found).expanduser()
 
 
 def _check_signature(path: Path, key) -> bytes | None:

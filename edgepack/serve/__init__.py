@@ -78,11 +78,13 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def resolve_bundle(ref: str) -> Path:
-    """A local bundle directory as it is; anything else is pulled from the Hub."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or ref.startswith((".", "/", "~")):
+    """A local bundle directory as it is; a repo reference is pulled from the Hub."""
+    from edgepack.format.refs import bundle_ref
+
+    path = bundle_ref(ref)
+    if isinstance(path, Path):
+        if path.is_dir():
+            return path
         raise SourceNotFoundError(
             f"{ref!r} is not a bundle directory", hint="give a directory written by `edgepack pack`, or a Hub repo id"
         )

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from edgepack.format import bundle
+from edgepack.format import manifest as manifest_format
+from edgepack.format import safetensors as safetensors_format
 from edgepack.errors import BundleIntegrityError, BundleNotFoundError, EdgepackError, ManifestError
 
 from crafting import edit_manifest, load_manifest, reseal, write_shard  # tests/crafting.py
@@ -105,7 +107,7 @@ def test_manifest_duplicate_keys_and_deep_nesting_are_refused():
 
 def test_manifest_too_large_is_refused_before_reading(bundle_copy, monkeypatch):
     b = bundle_copy("llama", 8)
-    monkeypatch.setattr(bundle, "MAX_MANIFEST_BYTES", 1000)
+    monkeypatch.setattr(manifest_format, "MAX_MANIFEST_BYTES", 1000)
     with pytest.raises(ManifestError, match="more than the 1000 bytes"):
         bundle.read_manifest(b)
 
@@ -233,7 +235,7 @@ def test_hashes_are_checked_before_headers_are_parsed(bundle_copy, monkeypatch):
     with open(b / "model.safetensors", "r+b") as f:
         f.write(struct.pack("<Q", 2**40))
     parsed = []
-    monkeypatch.setattr(bundle, "read_shard_header", lambda *a, **k: parsed.append(a))
+    monkeypatch.setattr(safetensors_format, "read_shard_header", lambda *a, **k: parsed.append(a))
     with pytest.raises(BundleIntegrityError, match="does not match its sha256"):
         bundle.verify_bundle(b)
     assert parsed == []

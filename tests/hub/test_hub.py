@@ -1,7 +1,8 @@
 """edgepack push / pull against the fake Hub (tests/hub_server.py), with the real huggingface_hub client.
 
 Bundles come from the session's `packed` fixture (tiny models, a few hundred kB each), so every figure
-below is small: a variant "needs" its weight bytes + the 400 MiB runtime overhead.
+below is small: a variant "needs" its weight bytes + the overhead of the backend that runs it
+(edgepack.runtime.constants: 96 MiB for the C engine, 400 MiB with torch).
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ from hub_server import DEFAULT_TOKEN, DEFAULT_USER, hub, hub_server  # noqa: F40
 import edgepack
 from edgepack.format import bundle as bundle_format
 from edgepack import cli, hub as edgehub
+from edgepack.hub import download
 from edgepack.errors import BundleIntegrityError, HubError, OutputExistsError, VariantError
-from edgepack.hub import RUNTIME_OVERHEAD_BYTES, choose_variant, pull, push, resolve_bundle_ref
+from edgepack.hub import choose_variant, pull, push, resolve_bundle_ref
 from edgepack.plan.profile import DeviceProfile, load_profile
+from edgepack.runtime.constants import NATIVE_OVERHEAD_BYTES, TORCH_OVERHEAD_BYTES
 
 REPO = f"{DEFAULT_USER}/tiny-edge"
 PROMPT = "The capital"
 VARIANTS = {"pi5-8gb": ("llama", 4), "t4": ("llama", 8), "cpu-16gb": ("llama", 16)}
+OPTIONS = {"pi5-8gb": {"quant_type": "int4"}}  # edgepack's CPU int4: the C engine runs all three
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     """Pulled bundles land under EDGEPACK_CACHE: one per test, so no test sees another's copy."""
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "edgepack-cache"))
-    monkeypatch.setattr(edgehub, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(download, "RETRY_DELAY_S", 0.0)
 
 
 def generate(path: Path) -> str:
@@ -64,7 +68,9 @@ def profile_with_ram(usable_bytes: int) -> DeviceProfile:
 
 
 def need(bundle: Path) -> int:
-    return bundle_format.read_manifest(bundle)["memory"]["weight_bytes"] + RUNTIME_OVERHEAD_BYTES
+    """RAM a Llama variant at int8, int4 or 16 bits needs on cpu-laptop-8gb (x86-64, AVX2): its
+    weights and the C engine's overhead."""
+    return bundle_format.read_manifest(bundle)["memory"]["weight_bytes"] + NATIVE_OVERHEAD_BYTES
 
 
 def commits(server) -> list:
@@ -74,7 +80,7 @@ def commits(server) -> list:
 @pytest.fixture
 def three_variants(hub, packed) -> dict[str, Path]:
     """REPO with pi5-8gb (4-bit), t4 (8-bit) and cpu-16gb (16-bit), each pushed as a variant."""
-    bundles = {name: packed(kind, bits) for name, (kind, bits) in VARIANTS.items()}
+    bundles = {name: packed(kind, bits, **OPTIONS.get(name, {})) for name, (kind, bits) in VARIANTS.items()}
     for name, path in bundles.items():
         push(path, REPO, variant=name)
     return bundles
@@ -155,7 +161,7 @@ def test_three_variants_index_pull_and_run(three_variants, hub, tmp_path):
         manifest = bundle_format.read_manifest(three_variants[v["name"]])
         assert v["path"] == v["name"] and v["bits"] == VARIANTS[v["name"]][1]
         assert v["scheme"] == manifest["quantization"]["scheme"] and v["memory"] == manifest["memory"]
-        assert v["memory_need_bytes"] == manifest["memory"]["weight_bytes"] + RUNTIME_OVERHEAD_BYTES
+        assert v["memory_need_bytes"] == manifest["memory"]["weight_bytes"] + TORCH_OVERHEAD_BYTES
         assert v["created_at"] == manifest["created_at"] and "target_profile" in v
     files = HfApi().list_repo_files(REPO)
     assert {f.split("/")[0] for f in files if "/" in f} == set(VARIANTS)
@@ -264,7 +270,7 @@ def test_auto_on_the_command_line_prints_path_and_reason(three_variants, tmp_pat
 def _entry(name: str, bits: int, per_device: dict[str, int]) -> dict:
     weight = sum(per_device.values())
     return {"name": name, "path": name, "bits": bits, "scheme": "x", "target_profile": None,
-            "weight_bytes": weight, "memory_need_bytes": weight + RUNTIME_OVERHEAD_BYTES,
+            "weight_bytes": weight, "memory_need_bytes": weight + TORCH_OVERHEAD_BYTES,
             "memory": {"weight_bytes": weight, "weight_bytes_per_device": per_device}}  # fmt: skip
 
 
@@ -287,10 +293,37 @@ def test_choose_variant_counts_gpu_and_unified_memory():
     # Unified memory (Jetson): one pool, counted once
     jetson = load_profile("jetson-orin-nano-8gb")
     pool = jetson.gpu_usable_bytes(0)
-    fits = [e for e in entries if e["weight_bytes"] + RUNTIME_OVERHEAD_BYTES <= pool]
+    fits = [e for e in entries if e["weight_bytes"] + TORCH_OVERHEAD_BYTES <= pool]
     chosen, reason = choose_variant(entries, jetson)
     assert chosen == max(fits, key=lambda e: (bool(e["memory"]["weight_bytes_per_device"].get("cuda:0")), e["bits"]))
     assert "unified memory" in reason
+
+
+def test_choose_variant_counts_the_overhead_of_the_backend_that_runs_it():
+    """An int8 Llama variant that fits a small CPU box only with the C engine's overhead is chosen
+    there; the same sizes on torch (another architecture, nf4, a CPU without AVX2) do not fit."""
+    mib = 2**20
+    entry = _entry("rpi", 8, {"cpu": 300 * mib})
+    entry["architecture"] = {"model_type": "llama"}
+    d = load_profile("rpi4-4gb").to_dict()  # aarch64, no GPU
+    d["ram_bytes"] = d["ram_reserved_bytes"] + 300 * mib + NATIVE_OVERHEAD_BYTES  # 396 MiB usable
+    small = DeviceProfile.from_dict(d)
+    assert NATIVE_OVERHEAD_BYTES < 100 * mib < TORCH_OVERHEAD_BYTES  # fits with the engine, not with torch
+    chosen, reason = choose_variant([entry], small)
+    assert chosen is entry and "edgepack's CPU engine" in reason and "396.0 MiB of RAM (396.0 MiB usable)" in reason
+
+    gpt2 = {**entry, "architecture": {"model_type": "gpt2"}}
+    nf4 = {**entry, "bits": 4, "scheme": "nf4"}
+    for torch_only in (gpt2, nf4):
+        with pytest.raises(VariantError, match="700.0 MiB of RAM"):
+            choose_variant([torch_only], small)
+    int4 = {**entry, "bits": 4, "scheme": "int4"}
+    assert choose_variant([int4], small)[0] is int4
+    d["cpu"] = {**d["cpu"], "arch": "x86_64", "simd": ["avx", "f16c"]}  # the engine is off without AVX2
+    with pytest.raises(VariantError, match="700.0 MiB of RAM"):
+        choose_variant([entry], DeviceProfile.from_dict(d))
+    d["cpu"]["simd"] = ["avx", "avx2"]
+    assert choose_variant([entry], DeviceProfile.from_dict(d))[0] is entry
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -556,7 +589,7 @@ def test_oversized_or_deeply_nested_index_is_refused_before_parsing(hub, packed,
 def test_auto_checks_the_index_figures_against_the_pulled_manifest(three_variants, tmp_path):
     index = json.loads(Path(hf_hub_download(REPO, edgehub.INDEX_NAME)).read_text())
     [entry] = [v for v in index["variants"] if v["name"] == "cpu-16gb"]
-    entry.update(weight_bytes=1, memory_need_bytes=1 + RUNTIME_OVERHEAD_BYTES)  # "the 16-bit one fits anywhere"
+    entry.update(weight_bytes=1, memory_need_bytes=1 + TORCH_OVERHEAD_BYTES)  # "the 16-bit one fits anywhere"
     entry["memory"]["weight_bytes_per_device"] = {"cpu": 1}
     _upload_index(json.dumps(index).encode())
     box = profile_with_ram(need(three_variants["pi5-8gb"]))  # in truth only the 4-bit variant fits

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from crafting import craft_shard, edit_manifest, load_manifest, read_shard, reseal, save_manifest, write_shard
 
 from edgepack.format import bundle
+from edgepack.format import manifest as manifest_format
 from edgepack import cli
 from edgepack.errors import BundleIntegrityError, EdgepackError, SignatureError
 
@@ -245,6 +246,7 @@ def test_truncated_while_reading_tensors_raises(bundle_copy, monkeypatch):
 TRUNCATE_IN_A_PROCESS = """
 import sys
 from edgepack.format import bundle
+from edgepack.format import manifest as manifest_format
 from edgepack import cli
 verify, read_header = bundle.verify_bundle, bundle.read_shard_header
 def header_then_truncate(f, *args, **kwargs):
@@ -299,7 +301,7 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
     max_leaves=30,
 )
-MANIFEST_KEYS = [*bundle._TOP_LEVEL, "path", "size", "sha256", "file", "dtype", "shape", "bits", "weight_bytes"]
+MANIFEST_KEYS = [*manifest_format._TOP_LEVEL, "path", "size", "sha256", "file", "dtype", "shape", "bits", "weight_bytes"]
 
 
 @settings(max_examples=250, **FUZZ)
