@@ -85,6 +85,8 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
     device_map, notices = _resolve_device_map(manifest, device)
     config = _read_config(path)
     native = _use_native(manifest, config, device_map, backend)
+    if not native:
+        _require_torch(manifest, config, device_map, backend)
     if not force:
         _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
     from edgepack.runtime.memory import release_freed_memory
@@ -129,6 +131,22 @@ def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backen
             hint="load it with backend='torch' (CLI: --backend torch)",
         )
     return reason is None
+
+
+def _require_torch(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> None:
+    """On a minimal install (no torch extra), say why this bundle needs it, before loading."""
+    from edgepack import extras
+    from edgepack.runtime import engine as native
+
+    if backend == "torch":
+        because = "backend torch was asked for"
+    else:
+        reason = native.unavailable(config, manifest, device_map) or "EDGEPACK_LEAN=0"
+        because = f"edgepack's CPU engine cannot run it: {reason}"
+    # torch alone: the lean Llama decoder needs nothing else; transformers, accelerate and
+    # bitsandbytes are imported only for other architectures and GPUs (the CLI still names
+    # the extra when one of them is missing: edgepack.extras.for_import_error).
+    extras.require("torch", "this bundle", because, packages=("torch",))
 
 
 def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:

@@ -21,6 +21,10 @@ from edgepack.errors import BundleIntegrityError, ChatTemplateError, EdgepackErr
 def load_tokenizer(bundle: Path):
     if (bundle / "tokenizer.json").is_file():
         return BundleTokenizer(bundle)
+    from edgepack import extras
+
+    extras.require("torch", "this bundle's tokenizer", "it has no tokenizer.json, so transformers reads it",
+                   packages=("transformers",))  # fmt: skip
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(bundle))
