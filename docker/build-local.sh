@@ -149,8 +149,10 @@ podman rm -f "$NAME" >/dev/null 2>&1 || true
 log "running $IMAGE on $BUNDLE, port $PORT"
 cleanup() { [ "${KEEP_RUNNING:-0}" = 1 ] || podman rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT  # also when `podman run` fails after creating the container
+# The image binds 0.0.0.0, where serve refuses to start without a key.
+KEY=${EDGEPACK_API_KEY:-sk-local-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}
 podman run -d --name "$NAME" --network host -v "$BUNDLE:/bundle:ro" -e EDGEPACK_PORT="$PORT" \
-    -e EDGEPACK_MODEL=/bundle "$IMAGE" >/dev/null
+    -e EDGEPACK_MODEL=/bundle -e EDGEPACK_API_KEY="$KEY" "$IMAGE" >/dev/null
 for _ in $(seq 1 120); do
     curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
     if [ "$(podman inspect -f '{{.State.Running}}' "$NAME" 2>/dev/null)" != true ]; then
@@ -164,6 +166,6 @@ curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null || { podman logs "$NAME" >&
 # Without systemd podman cannot schedule HEALTHCHECK (it logs an error and runs on); run it once.
 log "HEALTHCHECK: $(podman healthcheck run "$NAME" && echo healthy)"
 log "POST /v1/completions"
-curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' \
+curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' -H "Authorization: Bearer $KEY" \
     -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
 echo

@@ -24,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 
 from edgepack import serve  # noqa: E402
 from edgepack.errors import MissingDependencyError, SourceNotFoundError  # noqa: E402
+from edgepack.serve.guard import server_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
@@ -37,7 +38,9 @@ class LiveServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        config = server_config(app, host="127.0.0.1", port=0, max_queue=8, log_level="warning")
+        config.timeout_graceful_shutdown = 2
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -203,7 +206,7 @@ def test_malformed_json_is_400(live, content):
 
 
 def test_oversized_body_is_413(live):
-    body = b'{"prompt": "' + b"x" * (serve.MAX_BODY_BYTES + 1) + b'"}'
+    body = b'{"prompt": "' + b"x" * (serve.DEFAULT_MAX_BODY_BYTES + 1) + b'"}'
     _assert_openai_error(httpx.post(live.url + "/v1/completions", content=body, timeout=30), 413)
 
 

@@ -65,7 +65,17 @@ def main(args) -> int:
         print(
             f"prompt: {step.prompt_tokens} tokens in {step.prompt_seconds:.3f}s; "
             f"generated: {step.generated_tokens} tokens, {decode_tps:.1f} tokens/s ({step.finish_reason}; "
-            f"{lm.backend} backend)",
+            f"{lm.backend} backend{_kernels(lm)})",
             file=sys.stderr,
         )
     return 0
+
+
+def _kernels(lm) -> str:
+    """', NAME kernels' when the C engine runs: the instruction set its kernels use (avx512,
+    avx2, neon-dotprod, neon, generic)"""
+    if lm.backend != "native":
+        return ""
+    from edgepack.runtime.engine import _engine as _native
+
+    return f", {_native.set_isa()} kernels"

@@ -451,9 +451,9 @@ def _runtime_for(desc: ModelDescription, strategy: str, choice: str, arch: str =
     if strategy != "cpu" or not desc.lean:
         return TRANSFORMERS  # the runtime's own rule
     # edgepack's C engine: int8, int4 and 16-bit layers, on by default where its kernels are
-    # tuned (x86-64 with AVX2); elsewhere (aarch64, nf4/fp4) the lean decoder on torch
+    # tuned (x86-64 with AVX2, aarch64 with NEON); nf4/fp4 the lean decoder on torch
     native_format = q is None or q.bits in (8, 16) or q.quant_type == "int4"
-    return NATIVE if arch == "x86_64" and native_format else LEAN
+    return NATIVE if arch in ("x86_64", "aarch64") and native_format else LEAN
 
 
 def _place(s: _Setting) -> Plan:

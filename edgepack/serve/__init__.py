@@ -21,7 +21,6 @@ module: ``edgepack run`` and ``import edgepack`` never pay for them.
 # (`request: Request`) at runtime, and Request is imported inside create_app.
 
 import asyncio
-import copy
 import json
 import math
 import queue
@@ -35,6 +34,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from edgepack.errors import EdgepackError, MissingDependencyError, SourceNotFoundError
+from edgepack.serve.guard import (
+    DEFAULT_MAX_BODY_BYTES, ApiError, HostPolicy, PromptGate, add_guard_arguments, guard_options, install_guards,
+    refuse_unsupported,
+)  # fmt: skip
 
 DEFAULT_MAX_QUEUE = 8
 # OpenAI's documented default for /v1/completions; chat defaults to the rest of the context.
@@ -43,8 +46,6 @@ NO_CONTEXT_DEFAULT_MAX_TOKENS = 1024  # when the manifest does not say how long 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 # How often a request that is waiting (queued, or in a long prefill) checks for a gone client.
 DISCONNECT_POLL_SECONDS = 0.25
-# A 128k-token prompt is about 0.5 MiB of text; a body far past that is refused.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 LATENCY_WINDOW = 1024  # p50/p99 are over the last this-many finished requests
 SERVE_HINT = "pip install 'edgepack[serve]'"
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -62,18 +63,6 @@ def _require_serve_packages() -> None:
 
 
 # --- requests --------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An error answered as JSON in the OpenAI shape: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers: dict[str, str] = {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -126,6 +115,7 @@ def _object(body: Any) -> dict:
         raise ApiError(400, "only n=1 is supported", param="n")
     if body.get("logprobs") not in (None, False, 0):
         raise ApiError(400, "`logprobs` is not supported", param="logprobs")
+    refuse_unsupported(body)
     return body
 
 
@@ -366,9 +356,13 @@ class _Disconnected(Exception):
     pass
 
 
-def create_app(lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None):
-    """The FastAPI app serving ``lm`` (a loaded EdgeModel). The worker thread runs while
-    the app's lifespan does."""
+def create_app(
+    lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_keys=(), bind_host: str = "127.0.0.1",
+    allowed_hosts=(), allowed_origins=(), docs: bool = False,
+):  # fmt: skip
+    """The FastAPI app serving ``lm`` (a loaded EdgeModel), behind the guards of
+    serve/guard.py. The worker thread runs while the app's lifespan does."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -381,10 +375,7 @@ def create_app(lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None
     name = model_name or lm.name
     created = int(time.time())
     context = lm.manifest.get("architecture", {}).get("max_position_embeddings")
-    # The event loop counts prompt tokens while the worker decodes: each gets its own
-    # tokenizer, since a Rust tokenizer used from two threads can fail ("Already borrowed").
-    front = copy.copy(lm)
-    front.tokenizer = copy.deepcopy(lm.tokenizer)
+    gate = PromptGate(lm, context)  # counts prompt tokens off the event loop
     metrics = Metrics()
     worker = Worker(lm, metrics, max_queue)
 
@@ -395,8 +386,11 @@ def create_app(lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None
             yield
         finally:
             worker.stop()
+            gate.close()
 
-    app = FastAPI(title="edgepack", lifespan=lifespan)
+    no_docs = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="edgepack", lifespan=lifespan, **no_docs)
+    install_guards(app, api_keys, max_body_bytes, HostPolicy(bind_host, allowed_hosts, allowed_origins))
     app.state.metrics, app.state.worker, app.state.model_name = metrics, worker, name
 
     def error_response(err: ApiError):
@@ -446,16 +440,16 @@ def create_app(lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, parse_chat(await _json(request)))
+        return await complete(request, await gate.decode(await request.body(), parse_chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, parse_completion(await _json(request)))
+        return await complete(request, await gate.decode(await request.body(), parse_completion))
 
     async def complete(request, req: GenerationRequest):
         if req.model is not None and req.model != name:
             raise _unknown_model(req.model, name)
-        job = admit(req)
+        job = await admit(req)
         try:
             first = await _next_event(job, request)
         except _Disconnected:  # the client left while the request waited: drop it
@@ -485,9 +479,11 @@ def create_app(lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None
         metrics.finished(time.perf_counter() - job.arrived, reply.first_token_seconds)
         return reply.whole()
 
-    def admit(req: GenerationRequest) -> Job:
+    async def admit(req: GenerationRequest) -> Job:
         try:
-            prompt_tokens = len(front.encode_prompt(req.prompt, chat=req.chat))
+            prompt_tokens = await gate.count(req.prompt, req.chat)
+        except ApiError:
+            raise
         except Exception as exc:  # no chat template, or the template refuses these messages
             message = exc.message if isinstance(exc, EdgepackError) else f"the prompt cannot be encoded: {exc}"
             raise ApiError(400, message, param="messages" if req.chat else "prompt") from None
@@ -548,19 +544,6 @@ def create_app(lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None
                 metrics.count(outcome)
 
     return app
-
-
-async def _json(request) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:  # chunked uploads declare no length
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
 
 def _unknown_model(asked: str, served: str) -> ApiError:
@@ -692,13 +675,16 @@ def resolve_bundle(ref: str) -> Path:
 
 
 def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
-          model_name: str | None = None, log_level: str = "info") -> None:
-    """Serve a loaded EdgeModel until interrupted (Ctrl-C, SIGTERM)."""
+          model_name: str | None = None, log_level: str = "info", **guards) -> None:
+    """Serve a loaded EdgeModel until interrupted (Ctrl-C, SIGTERM). ``guards``: create_app's
+    max_body_bytes, api_keys, allowed_hosts, allowed_origins, docs."""
     _require_serve_packages()
     import uvicorn
 
-    app = create_app(lm, max_queue=max_queue, model_name=model_name)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    from edgepack.serve.guard import server_config
+
+    app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, **guards)
+    uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue, log_level=log_level)).run()
 
 
 def configure_parser(p) -> None:
@@ -722,12 +708,14 @@ def configure_parser(p) -> None:
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_guard_arguments(p)
 
 
 def main(args) -> int:
     if args.max_queue < 1:
         raise EdgepackError(f"--max-queue must be at least 1, not {args.max_queue}", hint="pass --max-queue 1 or more")
-    _require_serve_packages()  # before the model loads, not after
+    guards = guard_options(args)  # refuses an open bind without a key, before the model loads
+    _require_serve_packages()
     from edgepack.runtime import load
 
     path = resolve_bundle(args.bundle)
@@ -737,5 +725,6 @@ def main(args) -> int:
     # a bundle pulled from the Hub is known to clients by its repo id, not its cache folder
     name = args.model_name or (lm.name if Path(args.bundle).expanduser().is_dir() else args.bundle)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (queue {args.max_queue})", file=sys.stderr)
-    serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, model_name=name, log_level=args.log_level)
+    serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, model_name=name, log_level=args.log_level,
+          **guards)  # fmt: skip
     return 0

@@ -14,7 +14,7 @@ jinja2 for chat templates).
     token = lm.sample(logits, temperature=0.0)
 
 What it covers is what ``unavailable()`` does not refuse; the rest (nf4/fp4 layers, other
-architectures, GPUs, a box without AVX2 unless EDGEPACK_NATIVE=1) loads through torch.
+architectures, GPUs, an x86 box without AVX2 unless EDGEPACK_NATIVE=1) loads through torch.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ except ImportError:
     _native = None
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-# EDGEPACK_NATIVE=0 turns the C code off (torch runs everything); on CPUs without AVX2 it is
-# off unless EDGEPACK_NATIVE=1 (its portable kernels are untuned: 28 ms a SmolLM2 step on
-# x86-64 without AVX2, against torch's 18).
+# EDGEPACK_NATIVE=0 turns the C code off (torch runs everything). It is on where it has tuned
+# kernels: x86-64 with AVX2 or AVX-512, every aarch64 CPU (NEON; sdot where the CPU has it);
+# elsewhere off unless EDGEPACK_NATIVE=1 (its portable kernels are untuned: 28 ms a SmolLM2
+# step on x86-64 without AVX2, against torch's 18).
 NATIVE_ENV = "EDGEPACK_NATIVE"
 ALIGN = 64  # every tensor starts on a cache line
 FLOATS = ("BF16", "F16", "F32")  # stored dtypes read as floats (16-bit weights, tables, norms, biases)

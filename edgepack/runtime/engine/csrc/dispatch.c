@@ -2,11 +2,22 @@
  * one (tests compare every instruction set against the others on the same machine). */
 #include "engine.h"
 
+#if EP_ARM && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20) /* the kernel's bit for sdot/udot (asm/hwcap.h) */
+#endif
+#endif
+
 /* best first */
 static const Kernels *const tables[] = {
 #if EP_X86
     &kernels_avx512,
     &kernels_avx2,
+#endif
+#if EP_ARM
+    &kernels_neon_dotprod,
+    &kernels_neon,
 #endif
     &kernels_generic,
 };
@@ -23,6 +34,11 @@ void detect_isa(void) {
         best = 0;
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         best = 1;
+#elif EP_ARM && defined(__linux__)
+    /* every aarch64 CPU has NEON; the kernel says whether it has sdot */
+    best = getauxval(AT_HWCAP) & HWCAP_ASIMDDP ? 0 : 1;
+#elif EP_ARM
+    best = 1; /* no getauxval: NEON, which every aarch64 CPU has */
 #endif
     kernels = tables[best];
 }

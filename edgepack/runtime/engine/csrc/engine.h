@@ -33,6 +33,11 @@
 #else
 #define EP_X86 0
 #endif
+#if defined(__aarch64__)
+#define EP_ARM 1
+#else
+#define EP_ARM 0
+#endif
 
 enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3, W_INT4 = 4 };
 
@@ -204,6 +209,12 @@ extern const Kernels kernels_generic;
 #if EP_X86
 extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
+#endif
+#if EP_ARM
+extern const Kernels kernels_neon, kernels_neon_dotprod;
+/* arch/arm/dotprod.c: the integer kernels of kernels_neon_dotprod (their signatures are gemv_fn's, int4_fn's) */
+void gemv_int8_dotprod(const void *W, const float *x, int K, int r0, int r1, float *y);
+void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float *y);
 #endif
 extern const Kernels *kernels; /* the table in use */
 void detect_isa(void);

@@ -1,0 +1,153 @@
+/* NEON kernels with float32 activations (every aarch64 CPU: Raspberry Pi 4's Cortex-A72 on):
+ * 4 float32 lanes, 32 registers. Weights are widened to float32 in registers and meet the
+ * activations in FMAs, so results are the x86 kernels' to float32 rounding. The dot-product
+ * set (dotprod.c) takes the 16-bit float rows, attention and the prompt tiles from here. */
+#include "../../kernels.h"
+
+#if EP_ARM
+#include <arm_neon.h>
+
+/* 16 weights from element i of row-major W as four float32x4 */
+static inline __attribute__((always_inline)) void ld16_int8(const void *p, size_t i, float32x4_t v[4]) {
+    const int8x16_t b = vld1q_s8((const int8_t *)p + i);
+    const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_high_s8(b);
+    v[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+    v[1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+    v[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+    v[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+}
+static inline __attribute__((always_inline)) void ld16_bf16(const void *p, size_t i, float32x4_t v[4]) {
+    const uint16x8_t a = vld1q_u16((const uint16_t *)p + i), b = vld1q_u16((const uint16_t *)p + i + 8);
+    v[0] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(a), 16));
+    v[1] = vreinterpretq_f32_u32(vshll_high_n_u16(a, 16));
+    v[2] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16));
+    v[3] = vreinterpretq_f32_u32(vshll_high_n_u16(b, 16));
+}
+static inline __attribute__((always_inline)) void ld16_f16(const void *p, size_t i, float32x4_t v[4]) {
+    const float16x8_t a = vreinterpretq_f16_u16(vld1q_u16((const uint16_t *)p + i));
+    const float16x8_t b = vreinterpretq_f16_u16(vld1q_u16((const uint16_t *)p + i + 8));
+    v[0] = vcvt_f32_f16(vget_low_f16(a)); /* exact, subnormals included (FZ is off) */
+    v[1] = vcvt_high_f32_f16(a);
+    v[2] = vcvt_f32_f16(vget_low_f16(b));
+    v[3] = vcvt_high_f32_f16(b);
+}
+static inline __attribute__((always_inline)) void ld16_f32(const void *p, size_t i, float32x4_t v[4]) {
+    const float *f = (const float *)p + i;
+    v[0] = vld1q_f32(f), v[1] = vld1q_f32(f + 4), v[2] = vld1q_f32(f + 8), v[3] = vld1q_f32(f + 12);
+}
+
+/* NR rows from row r: 16 columns a step, each load of x shared by the rows; two accumulators
+ * a row (an FMA's latency is 4 cycles on the A76, 7 on the A72, each one's chain is half as long) */
+#define EP_NEON_RUN(T, NR)                                                                    \
+    {                                                                                         \
+        float32x4_t a[NR][2];                                                                 \
+        for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = vdupq_n_f32(0.f);                     \
+        for (int k = 0; k < kv; k += 16) {                                                    \
+            const float32x4_t x0 = vld1q_f32(x + k), x1 = vld1q_f32(x + k + 4);                \
+            const float32x4_t x2 = vld1q_f32(x + k + 8), x3 = vld1q_f32(x + k + 12);           \
+            for (int i = 0; i < NR; i++) {                                                    \
+                const size_t at = (size_t)(r + i) * K + k;                                    \
+                float32x4_t w[4];                                                             \
+                EP_PREFETCH(T, W, at);                                                        \
+                ld16_##T(W, at, w);                                                           \
+                a[i][0] = vfmaq_f32(a[i][0], w[0], x0);                                       \
+                a[i][1] = vfmaq_f32(a[i][1], w[1], x1);                                       \
+                a[i][0] = vfmaq_f32(a[i][0], w[2], x2);                                       \
+                a[i][1] = vfmaq_f32(a[i][1], w[3], x3);                                       \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < NR; i++) {                                                        \
+            float sum = vaddvq_f32(vaddq_f32(a[i][0], a[i][1]));                              \
+            for (int k = kv; k < K; k++) sum += load_value(TYPE_##T, W, (size_t)(r + i) * K + k) * x[k]; \
+            y[r + i] = sum;                                                                   \
+        }                                                                                     \
+    }
+#define EP_NEON_ROWS(T)                                                             \
+    static void gemv_##T(const void *W, const float *x, int K, int r0, int r1, float *y) { \
+        const int kv = K & ~15;                                                     \
+        int r = r0;                                                                 \
+        for (; r + 4 <= r1; r += 4) EP_NEON_RUN(T, 4)                               \
+        for (; r < r1; r++) EP_NEON_RUN(T, 1)                                       \
+    }
+EP_NEON_ROWS(int8)
+EP_NEON_ROWS(bf16)
+EP_NEON_ROWS(f16)
+EP_NEON_ROWS(f32)
+
+/* int4 rows (kernels.h explains the sum): a group's 32 codes per 16 bytes, low nibbles by
+ * mask, high ones by shift, each widened to float32 (codes 0..15 are exact) */
+static void int4_rows(const Mat *m, const float *prep, int r0, int r1, float *y) {
+    const int K = m->cols, half = K / 2, G = m->group, ng = K / G, gb = G / 2;
+    const float *xe = prep, *xo = prep + half, *xs = prep + K;
+    const uint8x16_t nib = vdupq_n_u8(15);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
+        const uint16_t *sz = m->sz + (size_t)r * ng * 2;
+        prefetch_row(c, half);
+        prefetch_row(sz, (size_t)ng * 4);
+        float32x4_t acc = vdupq_n_f32(0.f);
+        float cst = 0.f;
+        for (int g = 0; g < ng; g++) {
+            float32x4_t t0 = vdupq_n_f32(0.f), t1 = t0;
+            for (int j = g * gb; j < (g + 1) * gb; j += 16) {
+                const uint8x16_t v = vld1q_u8(c + j);
+                const uint16x8_t l0 = vmovl_u8(vget_low_u8(vandq_u8(v, nib))), l1 = vmovl_high_u8(vandq_u8(v, nib));
+                const uint16x8_t h0 = vmovl_u8(vget_low_u8(vshrq_n_u8(v, 4))), h1 = vmovl_high_u8(vshrq_n_u8(v, 4));
+                t0 = vfmaq_f32(t0, vcvtq_f32_u32(vmovl_u16(vget_low_u16(l0))), vld1q_f32(xe + j));
+                t1 = vfmaq_f32(t1, vcvtq_f32_u32(vmovl_high_u16(l0)), vld1q_f32(xe + j + 4));
+                t0 = vfmaq_f32(t0, vcvtq_f32_u32(vmovl_u16(vget_low_u16(l1))), vld1q_f32(xe + j + 8));
+                t1 = vfmaq_f32(t1, vcvtq_f32_u32(vmovl_high_u16(l1)), vld1q_f32(xe + j + 12));
+                t0 = vfmaq_f32(t0, vcvtq_f32_u32(vmovl_u16(vget_low_u16(h0))), vld1q_f32(xo + j));
+                t1 = vfmaq_f32(t1, vcvtq_f32_u32(vmovl_high_u16(h0)), vld1q_f32(xo + j + 4));
+                t0 = vfmaq_f32(t0, vcvtq_f32_u32(vmovl_u16(vget_low_u16(h1))), vld1q_f32(xo + j + 8));
+                t1 = vfmaq_f32(t1, vcvtq_f32_u32(vmovl_high_u16(h1)), vld1q_f32(xo + j + 12));
+            }
+            const float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
+            acc = vfmaq_n_f32(acc, vaddq_f32(t0, t1), s);
+            cst += (z - 8.f * s) * xs[g];
+        }
+        y[r] = vaddvq_f32(acc) + cst;
+    }
+}
+
+static void attn(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
+    attn_head_body(q, K, V, n, D, sc, s, o);
+}
+
+static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
+
+/* prompt tiles: 8 rows x 3 registers of 4 tokens = 24 accumulators, 3 input loads and 8
+ * broadcast loads (ld1r) of 32 registers */
+static inline float32x4_t zero4(void) { return vdupq_n_f32(0.f); }
+static inline float32x4_t bcast4(float v) { return vdupq_n_f32(v); }
+static inline float32x4_t fma4(float32x4_t a, float32x4_t b, float32x4_t c) { return vfmaq_f32(c, a, b); }
+#define EP_TILE_NEON(RB, TV) \
+    EP_GEMM_TILE(tile_##RB##_##TV, , float32x4_t, 4, RB, TV, zero4, vld1q_f32, bcast4, fma4, vst1q_f32)
+EP_TILE_NEON(8, 1)
+EP_TILE_NEON(8, 2)
+EP_TILE_NEON(8, 3)
+EP_TILE_NEON(4, 1)
+EP_TILE_NEON(4, 2)
+EP_TILE_NEON(4, 3)
+EP_TILE_NEON(1, 1)
+EP_TILE_NEON(1, 2)
+EP_TILE_NEON(1, 3)
+static const Tiles tiles_neon = {4, 3, 3, {8, 4, 1}, {{NULL, tile_8_1, tile_8_2, tile_8_3},
+                                               {NULL, tile_4_1, tile_4_2, tile_4_3},
+                                               {NULL, tile_1_1, tile_1_2, tile_1_3}}};
+
+/* the scalar conversion's rounding and NaNs exactly (a loader-time cost, not a step's) */
+static void bf16_to_f16_neon(const uint16_t *s, uint16_t *d, size_t n) {
+    for (size_t i = 0; i < n; i++) d[i] = f32_to_f16(bf16_to_f32(s[i]));
+}
+
+const Kernels kernels_neon = {
+    "neon", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles_neon, bf16_to_f16_neon,
+};
+
+/* the dot-product set: its own integer kernels (dotprod.c), the rest as above */
+const Kernels kernels_neon_dotprod = {
+    "neon-dotprod", {gemv_int8_dotprod, gemv_bf16, gemv_f16, gemv_f32}, int4_rows_dotprod, attn, silu, &tiles_neon,
+    bf16_to_f16_neon,
+};
+#endif
