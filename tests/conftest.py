@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (hub_server) import by name
+# helpers imported by name: conftest's builders from tests/, the fake Hub from tests/hub/ (cli tests use it too)
+sys.path.insert(0, str(Path(__file__).parent / "hub"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",

@@ -3,9 +3,10 @@
     edgepack plan smollm2-135m --profile rpi4-4gb
     edgepack plan ./my-model --profile mybox.json --context 4096 --json
 
-No weights are read or downloaded: the model is built on the meta device from its config
-(config.json, a GGUF file's header, or a Hub repo's config.json) and measured there; the
-decision itself is edgepack.plan.planner's, which is pure. ``plan_for_pack`` is what
+No weights are read or downloaded: the model is described from its config (config.json, a
+GGUF file's header, or a Hub repo's config.json) by edgepack.plan.model, from its numbers
+for the Llama family, else built on the meta device; the decision itself is
+edgepack.plan.planner's, which is pure. ``plan_for_pack`` is what
 ``edgepack pack --profile`` calls.
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.plan import planner
+from edgepack.plan.model import ModelDescription, describe_model
+from edgepack.plan.sizing import GIB, MIB
 from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModelError, printable
 
 
@@ -24,9 +27,9 @@ from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModel
 
 
 def load_config(source: str, revision: str | None = None, gguf_file: str | None = None):
-    """The transformers config of SOURCE (local dir, .gguf, alias or Hub id), weights untouched."""
-    from transformers import AutoConfig
-
+    """The config of SOURCE (local dir, .gguf, alias or Hub id), weights untouched: config.json's
+    dict (a GGUF file's numbers for a Llama-family one) where edgepack.plan.model can describe
+    it without torch, else a transformers config."""
     from edgepack.export import sources
 
     path = Path(source).expanduser()
@@ -34,9 +37,15 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
     try:
         if local:
             resolved = sources.resolve_source(source, revision=revision, gguf_file=gguf_file)
-            kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-            return AutoConfig.from_pretrained(str(resolved.path), **kwargs)
-        return AutoConfig.from_pretrained(_hub_config(source, revision, gguf_file))
+            folder, gguf = str(resolved.path), resolved.gguf_file
+        else:
+            folder, gguf = _hub_config(source, revision, gguf_file), None
+        quick = _config_dict(Path(folder), gguf)
+        if quick is not None:
+            return quick
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
     except EdgepackError:
         raise
     except (ValueError, KeyError, RecursionError) as exc:  # RecursionError: a config nested too deeply
@@ -44,6 +53,24 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
             f"cannot read the model config of {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="is this a Hugging Face transformers model?",
         ) from None
+
+
+def _config_dict(folder: Path, gguf_file: str | None) -> dict[str, Any] | None:
+    """config.json (or a Llama GGUF header) as a dict when describe_model needs no torch for
+    it; None sends the caller to transformers, which also reports what is wrong with a file."""
+    import struct
+
+    from edgepack.plan import gguf
+    from edgepack.plan.model import config_only
+
+    try:
+        if gguf_file:
+            config = gguf.llama_config(folder / gguf_file)
+        else:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return config if isinstance(config, dict) and config_only(config) else None
 
 
 def _hub_config(repo_id: str, revision: str | None, gguf_file: str | None) -> str:
@@ -67,103 +94,6 @@ def _hub_config(repo_id: str, revision: str | None, gguf_file: str | None) -> st
     except (hub_errors.LocalEntryNotFoundError, OSError) as exc:
         raise HubError(f"could not fetch {repo_id}'s config.json ({type(exc).__name__})",
                        hint="check the network, or plan from a local model folder") from None
-
-
-def describe_model(config, name: str | None = None) -> planner.ModelDescription:
-    """Per-block tensor sizes of the model ``config`` describes, built on the meta device,
-    split the way the exporter stores them (edgepack.export.quantize: every linear layer but the
-    output layer is quantized; everything else stays 16-bit; tied tensors stored once)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from edgepack.export import quantize
-
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise UnsupportedModelError(
-            f"{config.model_type!r} models are not causal language models transformers can generate with",
-            hint="edgepack packs decoder-only LMs (Llama, GPT-2, Qwen, Mistral, Phi, ...)",
-        )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = quantize.module_blocks(model)
-    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = output is not None and output.weight is embeddings.weight
-    module_names = {m: n for n, m in model.named_modules()}
-    output_name, embeddings_name = module_names.get(output), module_names.get(embeddings)
-    linears = {n: m for n, m in model.named_modules() if quantize.is_linear(m) and m is not output}
-    sizes: dict[str, dict[str, Any]] = {n: _empty_sizes() for n in names}
-    for key, tensor in quantize.unique_tensors(model):
-        owner, _, attr = key.rpartition(".")
-        block = _block_of(key, names)
-        entry = sizes.setdefault(block, _empty_sizes())
-        if owner in linears and attr == "weight":
-            out_f, in_f = _out_in(linears[owner])
-            entry["linears"].append((owner[len(block) + 1 :], out_f, in_f))
-        elif owner in linears and attr == "bias":
-            entry["bias_params"] += tensor.numel()
-        elif tensor.is_floating_point():
-            entry["kept_params"] += tensor.numel()
-        else:
-            entry["other_bytes"] += tensor.numel() * tensor.element_size()
-    blocks = []
-    for block_name, entry in sizes.items():
-        kind = _kind(block_name, model, output_name, embeddings_name)
-        tied_to = embeddings_name if tied and block_name == output_name else None
-        blocks.append(planner.Block(block_name, kind, tuple(entry["linears"]), entry["kept_params"],
-                                    entry["bias_params"], entry["other_bytes"], tied_to))  # fmt: skip
-    summary = quantize.architecture_summary(model)
-    return planner.ModelDescription(
-        name=name or getattr(config, "name_or_path", "") or config.model_type,
-        model_type=config.model_type,
-        blocks=tuple(blocks),
-        num_hidden_layers=summary["num_hidden_layers"],
-        num_attention_heads=summary["num_attention_heads"],
-        num_key_value_heads=summary["num_key_value_heads"],
-        head_dim=summary["head_dim"],
-        hidden_size=summary["hidden_size"],
-        intermediate_size=summary["intermediate_size"] or getattr(config, "n_inner", None) or 4 * summary["hidden_size"],
-        vocab_size=summary["vocab_size"],
-        max_position_embeddings=summary["max_position_embeddings"],
-        tie_word_embeddings=tied,
-        lean=_lean_supported(config),
-    )
-
-
-def _empty_sizes() -> dict[str, Any]:
-    return {"linears": [], "kept_params": 0, "bias_params": 0, "other_bytes": 0}
-
-
-def _block_of(key: str, names: list[str]) -> str:
-    match = [n for n in names if key.startswith(n + ".")]
-    return max(match, key=len) if match else key.split(".")[0]
-
-
-def _out_in(module) -> tuple[int, int]:
-    """(out, in) as bitsandbytes stores it; GPT-2's Conv1D keeps its weight as [in, out]."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
-
-
-def _kind(block: str, model, output_name: str | None, embeddings_name: str | None) -> str:
-    if block == output_name:
-        return "output"
-    if block == embeddings_name:
-        return "embedding"
-    if block.rpartition(".")[2].isdigit():
-        return "layer"
-    if "rotary" in block:
-        return "rotary"
-    module = model.get_submodule(block)
-    return "norm" if "norm" in type(module).__name__.lower() else "other"
-
-
-def _lean_supported(config) -> bool:
-    """Whether edgepack's lean CPU decoder runs it (else the runtime uses transformers)."""
-    try:
-        from edgepack.runtime.torch import llama as lean
-    except ImportError:
-        return False
-    return lean.supports(config.to_dict()) is None
 
 
 # --- for `edgepack pack --profile` -----------------------------------------------------------------
@@ -254,7 +184,7 @@ def main(args) -> int:
     return 0 if p.fits else 1
 
 
-def render(p: planner.Plan, desc: planner.ModelDescription) -> str:
+def render(p: planner.Plan, desc: ModelDescription) -> str:
     """The decision, a per-device table and the reasons, for a terminal."""
     head = "fits" if p.fits else "DOES NOT FIT"
     setting = f"{p.bits}-bit" + (f" {p.quant_type}" if p.quant_type else "") + (" + double quant" if p.double_quant else "")
@@ -290,7 +220,7 @@ def _placement(p: planner.Plan) -> str:
 def _short(n: int) -> str:
     if n == 0:
         return "-"
-    return f"{n / planner.GIB:.2f} GiB" if n >= planner.GIB else f"{n / planner.MIB:.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
 def _device_map_text(device_map: dict[str, str]) -> str:

@@ -124,7 +124,7 @@ class LayerwiseCalibration:
 
     @torch.inference_mode()
     def _advance(self) -> None:
-        from edgepack.export.reference import pinned
+        from edgepack.export.streamed import pinned
 
         i = self.layer + 1
         block = self.layers[i]

@@ -6,8 +6,9 @@
 The bundle is written into a temporary directory beside OUT, verified by reloading it
 with the edgepack runtime (tensors bit-identical to the ones quantized in memory, logits
 on a fixed prompt matching a reference computed from bitsandbytes' own dequantization),
-and only then renamed to OUT. An interrupted pack leaves no directory that looks like a
-bundle; the next pack removes what it left.
+and only then swapped in at OUT (staging.py). An interrupted pack leaves no directory that
+verify accepts; the next pack removes what it left. ``--force`` replaces an edgepack bundle
+or an empty folder, never anything else.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from edgepack import extras
 from edgepack.format import bundle as bundle_format
+from edgepack.format import staging
 from edgepack.errors import (
     DiskFullError,
     EdgepackError,
@@ -45,6 +47,8 @@ CHECK_PROMPT = "The capital of France is Paris. Water boils at one hundred degre
 # Relative L2 error allowed between runtime logits and the bitsandbytes reference: bf16
 # rounding over a few dozen layers stays under ~2%; a corrupted absmax gives ~100%.
 LOGITS_RTOL = 0.05
+
+_REPLACE_HINT = "choose an empty or new folder with -o (--force replaces only an edgepack bundle)"
 
 Progress = Callable[[str], None]
 
@@ -106,7 +110,7 @@ def pack(
     calibration = None
     src.model = structure = None  # the full-precision weights are no longer needed
     reference_logits = quantize.logits(reference.dequantized_model(src.config, result, settings), check_ids)
-    tmp = _temp_dir(out)
+    tmp = staging.make_temp(out)
     try:
         say(f"writing bundle to {tmp.name}")
         shards = _write_weights(tmp, result.tensors, max_shard_bytes)
@@ -120,7 +124,7 @@ def pack(
         manifest["verification"]["pack_seconds"] = round(time.perf_counter() - started, 2)
         bundle_format.write_json_atomic(tmp / bundle_format.MANIFEST_NAME, manifest)
         _fsync_tree(tmp)
-        _publish(tmp, out)
+        staging.publish(tmp, out, hint=_REPLACE_HINT)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(exc):
@@ -229,51 +233,11 @@ def parse_size(text: str) -> int:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise OutputExistsError(
-            f"output {out} already exists", hint="choose another -o, or pass --force to replace it"
+            f"output {out} already exists", hint="choose another -o, or pass --force to replace the bundle there"
         )
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is not a directory", hint="choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-
-
-def _temp_dir(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Remove what a killed pack of the same OUT left behind (its process is gone)."""
-    for path in out.parent.glob(f".{out.name}.*-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old OUT (with --force) is removed only
-    after the new one is there."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    staging.check_replaceable(out, hint=_REPLACE_HINT)
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -444,7 +408,7 @@ def _manifest(resolved, architecture, settings, result, shards, device_map, targ
     }  # fmt: skip
     weight_bytes = sum(t.numel() * t.element_size() for t in result.tensors.values())
     rel_files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
-    rel_files = [r for r in rel_files if r not in bundle_format.UNLISTED_FILES]
+    rel_files = [r for r in rel_files if r not in (*bundle_format.UNLISTED_FILES, bundle_format.UNFINISHED_NAME)]
     return {
         "format": bundle_format.FORMAT_NAME,
         "format_version": bundle_format.FORMAT_VERSION,
@@ -534,9 +498,27 @@ def configure_parser(p) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
 
+def check_options(args) -> None:
+    """Refuse options that contradict each other instead of ignoring one of them."""
+    from edgepack.errors import UsageError
+
+    four_bit_only = [flag for flag, given in (("--quant-type", args.quant_type is not None),
+                     ("--double-quant", args.double_quant), ("--blocksize", args.blocksize is not None)) if given]  # fmt: skip
+    if four_bit_only and args.bits is not None and args.bits != 4:
+        raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing only, not --bits {args.bits}",
+                         hint=f"drop {four_bit_only[0]}, or pass --bits 4")  # fmt: skip
+    if four_bit_only and args.bits is None and args.profile is None:
+        raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing, and --bits defaults to 8",
+                         hint="add --bits 4")  # fmt: skip
+    if args.bits == 4 and (args.no_smoothing or args.no_gptq):
+        flag = "--no-smoothing" if args.no_smoothing else "--no-gptq"
+        raise UsageError(f"{flag} applies to 8-bit packing only, not --bits 4", hint=f"drop {flag}")
+
+
 def main(args) -> int:
     import sys
 
+    check_options(args)
     say = None if args.quiet else (lambda msg: print(f"[edgepack] {msg}", file=sys.stderr, flush=True))
     options: dict[str, Any] = {}
     bits = args.bits
@@ -567,6 +549,14 @@ def main(args) -> int:
         **options,
     )
     q, v = manifest["quantization"], manifest["verification"]
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"bundle": str(args.out), "bits": q["bits"], "scheme": q["scheme"],
+                          "weight_bytes": manifest["memory"]["weight_bytes"], "files": len(manifest["files"]),
+                          "top1_agreement_vs_source": v["top1_agreement_vs_source"],
+                          "mean_kl_vs_source": v.get("mean_kl_vs_source")}))  # fmt: skip
+        return 0
     print(
         f"packed {args.out}: {q['bits']}-bit {q['scheme']}, {manifest['memory']['weight_bytes'] / 1e6:.1f} MB weights, "
         f"{len(manifest['files'])} files; verified (tensors bit-identical, top-1 agreement with source "

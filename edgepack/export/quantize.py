@@ -23,7 +23,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgepack.plan.model import is_linear, out_in, unique_tensors
 from edgepack.runtime.torch.linear import int4_fits
+
+# pack.py describes the model through this module's names
+from edgepack.plan.model import architecture_summary, module_blocks  # noqa: F401
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
@@ -93,10 +97,6 @@ class Result:
     gptq: dict[str, Any] | None = None  # how 8-bit rows were rounded, when not to nearest (gptq.py)
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def quantize_model(
     model: nn.Module,
     settings: Settings,
@@ -126,7 +126,7 @@ def quantize_model(
             tied = output.weight is model.get_input_embeddings().weight
             result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
         elif settings.bits < 16:
-            out_f, in_f = _out_in(module)
+            out_f, in_f = out_in(module)
             if settings.method == "edgepack" and not int4_fits(out_f, in_f, settings.blocksize):
                 result.kept_modules[name] = INT4_SHAPE_REASON
             else:
@@ -168,22 +168,6 @@ def _hessian(owner: str, calibration: Any, smoothing: Any, read: Callable[[str],
         return h
     d = d.to(h.dtype)
     return (h / d[:, None]).div_(d[None, :])  # one new [in, in] matrix, no outer product
-
-
-def unique_tensors(model: nn.Module):
-    """(key, tensor) of the model's state dict, each tensor once: a tied weight (the same
-    parameter under two names, e.g. lm_head.weight) is stored under its first name only."""
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield key, tensor
-
-
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-        return module.weight.shape[1], module.weight.shape[0]
-    return module.out_features, module.in_features
 
 
 def _get(model: nn.Module, key: str) -> torch.Tensor:
@@ -275,50 +259,7 @@ def transformers_quantization_config(settings: Settings, result: Result) -> dict
     return config.to_dict()
 
 
-# --- model description ---------------------------------------------------------------------
-
-
-def module_blocks(model: nn.Module) -> list[str]:
-    """The units a device_map places, in forward order: each decoder layer, and every other
-    top-level piece that holds tensors (embeddings, final norm, rotary tables, lm_head)."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    layers_name = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))[0] if lists else None
-    blocks: list[str] = []
-
-    def holds_tensors(module: nn.Module) -> bool:
-        return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        for child_name, child in module.named_children():
-            full = f"{prefix}.{child_name}" if prefix else child_name
-            if full == layers_name:
-                blocks.extend(f"{full}.{i}" for i in range(len(child)))
-            elif layers_name and layers_name.startswith(full + "."):
-                visit(full, child)
-            elif holds_tensors(child):
-                blocks.append(full)
-
-    visit("", model)
-    return blocks
-
-
-def architecture_summary(model: nn.Module) -> dict[str, Any]:
-    config = model.config
-    heads = getattr(config, "num_attention_heads", None)
-    return {
-        "model_type": config.model_type,
-        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-        "hidden_size": getattr(config, "hidden_size", None),
-        "intermediate_size": getattr(config, "intermediate_size", None),
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None),
-        "vocab_size": getattr(config, "vocab_size", None),
-        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
-        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-    }
+# --- manifest sections --------------------------------------------------------------------------
 
 
 def bytes_per_device(tensors: dict[str, torch.Tensor], device_map: dict[str, Any]) -> dict[str, int]:

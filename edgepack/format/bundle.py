@@ -20,8 +20,8 @@ import json
 import os
 import re
 import stat
+import secrets
 import struct
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterable
 
@@ -35,6 +35,9 @@ SIGNATURE_NAME = "edgepack.sig"
 CONFIG_NAME = "config.json"
 # Files that may sit beside the listed ones without being listed themselves.
 UNLISTED_FILES = (MANIFEST_NAME, SIGNATURE_NAME)
+# Written first into the temporary folder a pack or pull fills, removed just before it is
+# renamed into place: a folder holding it is unfinished, never a bundle (see staging.py).
+UNFINISHED_NAME = ".edgepack-unfinished"
 # safetensors allows 100 MB headers; ours hold a few hundred tensor entries (~100 kB), so
 # anything past 16 MiB is damage or an attack, refused before it is read into memory.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -114,9 +117,12 @@ def file_entries(root: Path, rel_paths: Iterable[str]) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    """Write JSON so that a reader sees the old file or the new one, never half of one. The
+    file gets the umask's mode (0644 under umask 022), as open() would give it: mkstemp's
+    0600 would lock the runtime's user out of a bundle packed by someone else."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False)
@@ -125,7 +131,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -418,7 +424,7 @@ def check_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], check_h
     on_disk, odd = _bundle_files_on_disk(bundle)
     problems = [f"{rel} is a symlink or not a regular file" for rel in sorted(odd)]
     problems += [f"{rel} is missing" for rel in sorted(set(listed) - on_disk - set(odd))]
-    extra = sorted(on_disk - set(listed) - set(UNLISTED_FILES))
+    extra = sorted(on_disk - set(listed) - set(UNLISTED_FILES) - {UNFINISHED_NAME})  # verify_bundle gates it
     problems += [f"{rel} is not listed in the manifest" for rel in extra]
     if problems:
         raise BundleIntegrityError(
@@ -630,8 +636,30 @@ def _file_stats(bundle: Path, manifest: dict[str, Any]) -> dict[str, list[int]]:
     stats = {}
     for entry in manifest["files"]:
         st = (bundle / entry["path"]).lstat()
-        stats[entry["path"]] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        # ctime too: an in-place edit can keep size, inode and (utime) mtime, but no user
+        # can set the inode change time back
+        stats[entry["path"]] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     return stats
+
+
+def _check_finished(bundle: Path) -> None:
+    """Refuse a folder a pack or pull is still writing, or died writing: it may hold a
+    manifest and every listed file before it was verified. Only the process named in the
+    marker, the one writing it, may verify it (that is how it checks its own work)."""
+    marker = bundle / UNFINISHED_NAME
+    if not marker.exists() and not marker.is_symlink():
+        return
+    try:
+        with open_regular(marker) as f:
+            writer = json.loads(f.read(4096)).get("pid")
+    except (OSError, ValueError, AttributeError):
+        writer = None
+    if writer != os.getpid():
+        raise BundleIntegrityError(
+            f"{bundle} is an unfinished bundle: an edgepack pack or pull was writing it "
+            f"(it holds {UNFINISHED_NAME}) and stopped before it was complete and verified",
+            hint="use the folder given with -o; pack or pull again, and the next run removes this one",
+        )
 
 
 def verify_bundle(
@@ -640,7 +668,7 @@ def verify_bundle(
     """Run every check on a bundle and return its manifest.
 
     ``check_hashes``: True hashes every file; False checks sizes only; ``"once"`` hashes on
-    the first load and then trusts files whose size, mtime and inode are unchanged (a record
+    the first load and then trusts files whose size, mtime, inode and ctime are unchanged (a record
     kept under ~/.cache/edgepack/verified, or $EDGEPACK_CACHE). ``manifest_bytes``: verify
     against these bytes of edgepack.json (already read, e.g. to check a signature over
     them) instead of reading it again. Every failure, an unreadable file included, is an
@@ -650,6 +678,7 @@ def verify_bundle(
     try:
         raw = manifest_bytes if manifest_bytes is not None else read_manifest_bytes(bundle)
         manifest = parse_manifest(raw, origin=str(bundle / MANIFEST_NAME))
+        _check_finished(bundle)
         stamp = None
         if check_hashes == "once":
             stamp = _verified_stamp_path(bundle, raw)

@@ -231,6 +231,9 @@ def configure_parser(p) -> None:
 def main(args) -> int:
     if args.generate_key:
         private_path, public_path, kid = generate_key(args.generate_key)
+        if getattr(args, "json", False) and not args.bundle:
+            print(json.dumps({"private_key": str(private_path), "public_key": str(public_path), "key_id": kid}))
+            return 0
         print(f"wrote {private_path} (private: keep it secret) and {public_path} (public); key id {kid}")
         if not args.bundle:
             return 0
@@ -241,5 +244,9 @@ def main(args) -> int:
             hint="edgepack sign BUNDLE --key mykey.pem; make a key with edgepack sign --generate-key mykey.pem",
         )
     signature = sign(args.bundle, args.key)
+    if getattr(args, "json", False):
+        print(json.dumps({"bundle": str(args.bundle), "signature": str(Path(args.bundle) / bundle_format.SIGNATURE_NAME),
+                          "key_id": signature["key_id"], "manifest_sha256": signature["manifest_sha256"]}))  # fmt: skip
+        return 0
     print(f"signed {args.bundle}: {bundle_format.SIGNATURE_NAME} with key {signature['key_id']}")
     return 0

@@ -30,6 +30,10 @@ def main_verify(args) -> int:
     what = "sizes" if args.no_hash else "sizes and sha256"
     if getattr(args, "key", None):
         what += " and the signature of edgepack.sig"
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": True, "bundle": str(args.bundle), "files": len(manifest["files"]), "bytes": total,
+                          "hashed": not args.no_hash, "signature_checked": bool(getattr(args, "key", None))}))  # fmt: skip
+        return 0
     print(f"ok: {printable(args.bundle)}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, {what} match the manifest")
     return 0
 
@@ -45,7 +49,28 @@ def main_inspect(args) -> int:
         print(json.dumps({k: v for k, v in manifest.items() if k != "tensors"}, indent=2))
         return 0
     print(describe(manifest))
+    print(backend_line(args.bundle, manifest))
     return 0
+
+
+def backend_line(bundle_dir, manifest: dict) -> str:
+    """Which backend ``edgepack run`` would pick on this box for the bundle's device_map, and
+    why not edgepack's CPU engine where it cannot run it (config.json read; no torch import)."""
+    from pathlib import Path
+
+    from edgepack.runtime import engine as native
+    from edgepack.errors import EdgepackError
+    from edgepack.runtime import _read_config
+
+    try:
+        config = _read_config(Path(bundle_dir))
+    except EdgepackError as exc:
+        return f"backend:       unknown ({exc.message})"
+    device_map = {k: str(v) if not isinstance(v, int) else f"cuda:{v}" for k, v in manifest["device_map"].items()}
+    reason = native.unavailable(config, manifest, device_map)
+    if reason is None:
+        return "backend:       native (edgepack's CPU engine)"
+    return f"backend:       torch; edgepack's CPU engine cannot run it: {reason}"
 
 
 def describe(manifest: dict) -> str:

@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.format import bundle as bundle_format
-from edgepack.errors import BundleIntegrityError, EdgepackError, HubError, OutputExistsError, VariantError, printable
+from edgepack.format import staging
+from edgepack.errors import (
+    BundleIntegrityError, EdgepackError, HubError, OutputExistsError, SignatureError, VariantError, printable,
+)
 
 INDEX_NAME = "edgepack-variants.json"
 INDEX_FORMAT = "edgepack-variants"
@@ -47,10 +50,14 @@ RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
 # (a 5xx, a second drop). Each attempt resumes from the bytes already in the cache.
 DOWNLOAD_ATTEMPTS = 3
 RETRY_DELAY_S = 2.0
+# An index entry is ~1.5 kB, so 1 MiB holds hundreds of variants; anything larger is
+# damage or an attack, refused before it is read into memory and parsed.
+MAX_INDEX_BYTES = 1024 * 1024
 _VARIANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
 _REPO_REF_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?\Z")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}\Z")
 _QUALITY_KEYS = ("top1_agreement_vs_source", "mean_kl_vs_source", "prompt_tokens", "tensors_bit_identical")
+_REPLACE_HINT = "choose an empty or new folder with -o (pull replaces only an edgepack bundle)"
 _TOKEN_HINT = "set HF_TOKEN or pass --token (a token from https://huggingface.co/settings/tokens)"
 
 Progress = Callable[[str], None]
@@ -557,8 +564,17 @@ def _root_bundle_files(api, repo_id: str, head: str, remote: set[str]) -> list[s
 
 
 def _load_json(path: str | os.PathLike, origin: str) -> Any:
+    """An index from the Hub: size-capped before it is read, any bytes an HubError."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise HubError(f"{origin} is more than the {MAX_INDEX_BYTES} bytes an index may be",
+                       hint="push a variant again to rewrite the index")  # fmt: skip
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise HubError(f"{origin} is not valid JSON (nested too deeply)",
+                       hint="push a variant again to rewrite the index") from None  # fmt: skip
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HubError(f"{origin} is not valid JSON ({exc})", hint="push the bundle again to rewrite it") from None
     except RecursionError:
@@ -566,16 +582,14 @@ def _load_json(path: str | os.PathLike, origin: str) -> Any:
 
 
 def _manifest_from(path: str | os.PathLike, repo_id: str, prefix: str = "") -> dict[str, Any]:
+    """A manifest from the Hub, with the size cap and strict parse a local bundle's gets."""
     origin = f"{repo_id}/{prefix}{bundle_format.MANIFEST_NAME}"
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bundle_format.ManifestError(f"{origin} is not valid JSON ({exc})",
-                                          hint="push the bundle again") from None  # fmt: skip
-    except RecursionError:
-        raise bundle_format.ManifestError(f"{origin} is not valid JSON (nested too deeply)",
-                                          hint="push the bundle again") from None  # fmt: skip
-    return bundle_format.validate_manifest(data, origin=origin)
+    with open(path, "rb") as f:
+        raw = f.read(bundle_format.MAX_MANIFEST_BYTES + 1)
+    if len(raw) > bundle_format.MAX_MANIFEST_BYTES:
+        raise bundle_format.ManifestError(f"{origin} is more than the {bundle_format.MAX_MANIFEST_BYTES} bytes "
+                                          "a manifest may be", hint="push the bundle again")  # fmt: skip
+    return bundle_format.parse_manifest(raw, origin=origin)
 
 
 # --- pull ------------------------------------------------------------------------------------------------
@@ -597,7 +611,7 @@ def pull(
 
     ``repo_ref``: ``owner/name``, ``owner/name@revision`` or ``hf://...``. ``variant`` names a
     folder of the repo; ``auto`` (or a ``profile``) picks the best variant that fits this box
-    (``edgepack.plan.profile.probe()``) or the given DeviceProfile. Neither: the root bundle, or
+    (``edgepack.plan.probe.probe()``) or the given DeviceProfile. Neither: the root bundle, or
     the only variant. ``out``: the directory to write (default: under ~/.cache/edgepack/hub,
     or $EDGEPACK_CACHE/hub). ``check_hashes="once"`` trusts a copy already pulled and hashed
     whose files are unchanged since; fresh downloads are always hashed.
@@ -624,6 +638,11 @@ def pull(
 def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say) -> PullResult:
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
+    if auto and profile is None:
+        from edgepack.plan.probe import probe
+        from edgepack.plan.profile import DeviceProfile
+
+        profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
     entry, reason = _pick(repo_id, index, variant, auto, profile)
     prefix = f"{entry['path']}/" if entry["path"] else ""
     manifest_path = _fetch(repo_id, prefix + bundle_format.MANIFEST_NAME, commit, token)
@@ -631,6 +650,8 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
         raise HubError(f"{repo_id} lists {prefix or 'a root bundle'} but has no {prefix}{bundle_format.MANIFEST_NAME}",
                        hint="push that variant again")  # fmt: skip
     manifest = _manifest_from(manifest_path, repo_id, prefix)
+    if auto:
+        _check_choice(repo_id, entry, manifest, profile)
     manifest_bytes = Path(manifest_path).read_bytes()
     target = Path(out) if out is not None else _default_dir(repo_id, commit, entry["name"])
 
@@ -651,6 +672,30 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     say(f"verifying {len(names)} files against {bundle_format.MANIFEST_NAME}")
     _materialize(snapshot / prefix if prefix else snapshot, manifest, target, repo_id)
     return PullResult(target, repo_id, commit, entry["name"], reason)
+
+
+def _check_choice(repo_id: str, entry: dict[str, Any], manifest: dict[str, Any], profile) -> None:
+    """--auto chose from the index's figures: the manifest (whose hashes vouch for every file)
+    must give the same ones, and must fit this box by its own figures too."""
+    from edgepack.hub.modelcard import entry_label
+
+    own = variant_entry(manifest, entry["name"])
+    keys = ("bits", "weight_bytes")
+    index_per_device = (entry.get("memory") or {}).get("weight_bytes_per_device")
+    differ = [k for k in keys if entry.get(k) != own[k]]
+    if index_per_device != own["memory"].get("weight_bytes_per_device"):
+        differ.append("memory.weight_bytes_per_device")
+    if differ:
+        raise VariantError(
+            f"{repo_id}: the index's figures for {entry_label(entry)} disagree with its "
+            f"{bundle_format.MANIFEST_NAME} ({', '.join(differ)}), so --auto cannot trust them",
+            hint="pull a variant by name with --variant NAME; its owner should push it again to rewrite the index",
+        )
+    checked = fit(own, profile)
+    if not checked.fits:
+        raise VariantError(f"{repo_id}: {entry_label(entry)} does not fit this box ({profile.name}) by its "
+                           f"{bundle_format.MANIFEST_NAME}: it needs {checked.describe()}",
+                           hint="free some memory, or take one anyway with --variant NAME")  # fmt: skip
 
 
 def _read_repo(repo_id: str, revision: str, token) -> tuple[dict[str, Any], str]:
@@ -732,10 +777,6 @@ def _pick(repo_id, index, variant, auto, profile) -> tuple[dict[str, Any], str]:
         raise VariantError(f"{repo_id} has no variant {variant!r}; its variants: {available}{extra}",
                            hint="pick one of them with --variant NAME, or let --auto choose for this box")  # fmt: skip
     if auto:
-        if profile is None:
-            from edgepack.plan.profile import DeviceProfile, probe
-
-            profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
         return choose_variant(index_entries(index), profile, repo_id)
     if root is not None:
         return root, "the bundle at the repo root (pass --variant NAME or --auto for a variant)" if variants else (
@@ -776,21 +817,13 @@ def _default_dir(repo_id: str, commit: str, variant: str | None) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory", hint="pick another -o DIR")
-    if out.is_dir() and any(out.iterdir()) and not (out / bundle_format.MANIFEST_NAME).is_file():
-        raise OutputExistsError(
-            f"{out} is a non-empty directory that holds no bundle; pull will not overwrite it",
-            hint="pick an empty or new -o DIR (a previously pulled bundle there is replaced)",
-        )
+    staging.check_replaceable(out, hint=_REPLACE_HINT)
 
 
 def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: str) -> None:
     """Link (or copy) the downloaded files into a plain directory, verify every hash there,
     then put it at ``target``. A damaged file is dropped from the Hub cache as well."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.pull-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging.make_temp(target)
     names = [e["path"] for e in manifest["files"]] + [bundle_format.MANIFEST_NAME]
     names += [n for n in bundle_format.UNLISTED_FILES if n not in names and (source / n).is_file()]
     try:
@@ -816,14 +849,10 @@ def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: 
                 hint="the damaged copy was removed from the cache: run the pull again to fetch it afresh. "
                 "If it fails again, the file on the Hub is damaged: push the bundle again",
             ) from None
+        staging.publish(tmp, target, hint=_REPLACE_HINT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
@@ -869,7 +898,8 @@ def configure_push_parser(p) -> None:
     p.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created from main if new)")
     p.add_argument("--variant", default=None, metavar="NAME",
                    help="push into folder NAME/ (e.g. pi5-8gb), replacing only that variant")  # fmt: skip
-    p.add_argument("--commit-message", default=None, metavar="MSG")
+    p.add_argument("--commit-message", default=None, metavar="MSG",
+                   help="the Hub commit's message (default: one naming the bundle and its variant)")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
 
 
@@ -878,6 +908,11 @@ def main_push(args) -> int:
                   commit_message=args.commit_message, token=args.token, progress=_say)  # fmt: skip
     where = f"variant {result.variant} ({result.variant}/)" if result.variant else "the repo root"
     deleted = f", {result.files_deleted} old files removed" if result.files_deleted else ""
+    if getattr(args, "json", False):
+        print(json.dumps({"bundle": str(args.bundle), "repo_id": result.repo_id, "revision": result.revision,
+                          "variant": result.variant, "files_uploaded": result.files_uploaded,
+                          "files_deleted": result.files_deleted, "commit_url": result.commit_url}))  # fmt: skip
+        return 0
     print(printable(f"pushed {args.bundle} to {result.repo_id}@{result.revision}, {where}: "
                     f"{result.files_uploaded} files{deleted}, index and model card updated"))  # fmt: skip
     print(printable(result.commit_url))
@@ -894,6 +929,8 @@ def configure_pull_parser(p) -> None:
                    help="with --auto: choose for this device profile instead of probing this box")  # fmt: skip
     p.add_argument("--revision", default=None, help="branch, tag or commit (or write REPO_ID@REVISION)")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--key", default=None, metavar="PUBKEY",
+                   help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
 
 
 def main_pull(args) -> int:
@@ -907,8 +944,24 @@ def main_pull(args) -> int:
         profile = load_profile(args.profile)
     result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
                   token=args.token, profile=profile, progress=_say)  # fmt: skip
+    key = getattr(args, "key", None) or os.environ.get("EDGEPACK_TRUSTED_KEY") or None
+    from edgepack.format import signing
+
+    if key is not None:
+        try:
+            signing.verify_signature(result.path, key)
+        except SignatureError as exc:
+            raise SignatureError(f"{exc.message}; the files pulled to {result.path} are not to be trusted",
+                                 hint=exc.hint) from None  # fmt: skip
+    elif (result.path / bundle_format.SIGNATURE_NAME).exists():
+        signing.read_signature(result.path)  # a malformed signature is refused, not ignored
     manifest = bundle_format.read_manifest(result.path)
     total = sum(e["size"] for e in manifest["files"])
+    if getattr(args, "json", False):
+        print(json.dumps({"path": str(result.path), "repo_id": result.repo_id, "commit": result.commit,
+                          "variant": result.variant, "reason": result.reason,
+                          "files": len(manifest["files"]), "bytes": total, "signature_checked": key is not None}))
+        return 0
     print(f"variant: {printable(result.reason)}", file=sys.stderr)  # names and figures from the remote index
     print(printable(f"ok: {result.repo_id}@{result.commit[:8]}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, "
                     "sizes and sha256 match the manifest"), file=sys.stderr)  # fmt: skip

@@ -6,346 +6,64 @@
     p.bits, p.device_map, p.devices["cpu"].total_bytes, p.reasons
 
 Pure code: it never imports torch and never reads hardware. ``description`` is a
-``ModelDescription`` (per-block tensor sizes and config numbers; ``edgepack.cli.plan.
-describe_model`` builds one from a config on the meta device) and the profile says what
-the box has. The plan holds the chosen bits, an explicit device_map over the units
-``edgepack.export.quantize.module_blocks`` lists, and the bytes each device needs:
+``ModelDescription`` (per-block tensor sizes and config numbers; ``edgepack.plan.model.
+describe_model`` builds one from a config) and the profile says what the box has. The
+plan holds the chosen bits, an explicit device_map over the model's blocks (the units
+``edgepack.plan.model.module_blocks`` lists), and the bytes each device needs:
 
     peak = baseline + weights + cuda_context + max(loading, allocator + kv_cache + activations)
     total = peak + headroom
 
-Every figure is bytes. Weights use bitsandbytes' real storage layout, so the planned
-weight bytes equal the bundle's ``memory.weight_bytes`` exactly (tested). How the runtime
-spends memory beyond the weights depends on its code path; ``RuntimeMemory`` holds those
-choices in one place (cache dtype and growth, logits rows, copies made while loading),
-so a runtime change is a one-line change here, checked by tests/bench/plan_accuracy.py.
+Every figure is bytes; sizing.py computes them, reasons.py explains the choice in words.
+This module places whole blocks on devices, in forward order, and picks the setting.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from edgepack.errors import PlanError
-
-MIB = 1 << 20
-GIB = 1 << 30
-BITS = (16, 8, 4)  # best quality first
-DEFAULT_CONTEXT = 2048  # tokens, capped by the model's max_position_embeddings
-BLOCKSIZE = 64  # bitsandbytes' 4-bit block; transformers reads only 64
-# edgepack's CPU int4 (qlinear.Int4Linear): groups of 32 inputs share a 16-bit scale and
-# zero; torch's kernel needs out_features % 16 == 0 and in_features % group == 0
-INT4_GROUP = 32
-INT4_ROW_MULTIPLE = 16
-QUANT_TYPES = ("nf4", "fp4", "int4")
-NESTED_BLOCKSIZE = 256  # double quant: one float32 absmax per 256 uint8 block scales
-# double quant's nested_offset is a float32 mean printed by json.dumps: ~19 characters
-# ("0.04861259460449219"); the only storage byte count the planner cannot know exactly.
-NESTED_OFFSET_CHARS = 19
-
-# --- what the process costs before any weight: measured, per platform --------------------
-# x86_64: measured by tests/bench/plan_accuracy.py on 2026-11-24 (torch 2.13.0+cpu,
-# transformers 5.23.0, Python 3.11, glibc): peak RSS of `edgepack run` on a tiny bundle,
-# whose weights, KV cache and activations are under 1 MiB, minus its tokenizer. That is
-# the interpreter, torch, the runtime's imports and torch's CPU kernels initialised by the
-# first forward pass; the transformers path adds transformers and the modeling code.
-# aarch64: estimated, not measured: torch's aarch64 wheels map less kernel code than
-# x86-64's (no AVX-512 variants), so ~10% below.
-BASELINE_BYTES = {
-    ("x86_64", "native"): 30 * MIB,  # no torch: the interpreter, tokenizers, psutil, edgepack.runtime.engine._engine
-    ("x86_64", "lean"): 247 * MIB,
-    ("x86_64", "transformers"): 357 * MIB,
-    ("aarch64", "native"): 28 * MIB,  # estimated
-    ("aarch64", "lean"): 225 * MIB,  # estimated
-    ("aarch64", "transformers"): 320 * MIB,  # estimated
-}
-BASELINE_SOURCE = {
-    "x86_64": "measured on x86-64 Linux by tests/bench/plan_accuracy.py, 2026-11-24, torch 2.13 CPU",
-    "aarch64": "estimated for aarch64 from the x86-64 measurement, not measured on an ARM board",
-}
-# The tokenizer the runtime loads (`tokenizers` from tokenizer.json, freed heap trimmed
-# after): RSS grows ~320 bytes per vocabulary entry (measured by the bench: SmolLM2's
-# 49,152 entries -> 15 MiB).
-TOKENIZER_BYTES_PER_TOKEN = 323
-# A CUDA build of torch on the host: CUDA runtime, cuBLAS and kernel images mapped and
-# initialised in host RAM. Estimated (no GPU here): torch 2.x with CUDA 12 lazy loading
-# shows ~0.5 GiB more RSS after the first CUDA op than the CPU build.
-CUDA_HOST_BYTES = 512 * MIB
-# The CUDA context on each GPU: ~300-500 MiB (torch 2.x, CUDA 12 lazy loading: context +
-# cuBLAS workspace + kernels loaded on first use; the figure in the built-in profiles'
-# reserved_note). Profiles count it in gpus[i].reserved_bytes, so only what a profile's
-# reserve lacks of it is added.
-CUDA_CONTEXT_BYTES = 450 * MIB
-# Kept free on each device: allocator fragmentation, a longer prompt than planned, what
-# the estimates above miss. 10% of the peak, at least 64 MiB.
-HEADROOM_FRACTION = 0.10
-HEADROOM_MIN_BYTES = 64 * MIB
-
-
-# --- the model -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Block:
-    """One device_map unit (embeddings, a decoder layer, the final norm, lm_head, ...).
-
-    linears: (name, out_features, in_features) of each linear weight the exporter would
-    quantize. kept_params: elements of the floating tensors stored 16-bit (embeddings,
-    norms, an untied output layer); bias_params: the quantized linears' biases, 16-bit
-    too. other_bytes: non-floating tensors, stored as they are. tied_to: the block whose
-    weight this one shares (a tied lm_head), which must sit on the same device.
-    """
-
-    name: str
-    kind: str = "other"  # embedding | layer | norm | rotary | output | other
-    linears: tuple[tuple[str, int, int], ...] = ()
-    kept_params: int = 0
-    bias_params: int = 0
-    other_bytes: int = 0
-    tied_to: str | None = None
-
-    @property
-    def linear_params(self) -> int:
-        return sum(o * i for _, o, i in self.linears)
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    name: str
-    model_type: str
-    blocks: tuple[Block, ...]
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    lean: bool = False  # edgepack's lean CPU decoder runs this architecture
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(b.kept_params + b.bias_params + b.linear_params for b in self.blocks)
-
-    @property
-    def qkv_width(self) -> int:
-        """Outputs of the attention's q, k and v projections together."""
-        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
-
-    @property
-    def gated_mlp(self) -> bool:
-        """Llama-style gate/up/down (two intermediate-wide outputs) vs GPT-2's fc/proj."""
-        layer = next((b for b in self.blocks if b.kind == "layer"), None)
-        return layer is not None and sum(o == self.intermediate_size for _, o, _ in layer.linears) >= 2
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["blocks"] = [asdict(b) for b in self.blocks]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelDescription:
-        blocks = tuple(
-            Block(**{**b, "linears": tuple(tuple(x) for x in b.get("linears", ()))}) for b in d["blocks"]
-        )
-        return cls(**{**d, "blocks": blocks})
-
-
-# --- storage layout ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Quant:
-    bits: int
-    quant_type: str = "nf4"
-    double_quant: bool = False
-    dtype: str = "bfloat16"  # what stays 16-bit
-
-    @property
-    def label(self) -> str:
-        if self.bits == 4 and self.quant_type == "int4":
-            return "4-bit int4 (CPU)"
-        if self.bits == 4:
-            return f"4-bit {self.quant_type}" + (" + double quant" if self.double_quant else "")
-        return {16: "16-bit", 8: "8-bit int8"}[self.bits]
-
-
-def quant_state_bytes(out_features: int, in_features: int, q: Quant) -> int:
-    """The JSON bitsandbytes packs into a uint8 tensor beside each 4-bit weight
-    (``weight.quant_state.bitsandbytes__nf4``), written as json.dumps writes it."""
-    state: dict[str, Any] = {"quant_type": q.quant_type, "blocksize": BLOCKSIZE, "dtype": q.dtype,
-                             "shape": [out_features, in_features]}  # fmt: skip
-    extra = 0
-    if q.double_quant:
-        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0)
-        extra = NESTED_OFFSET_CHARS - 1  # "0" stands for the offset's digits
-    return len(json.dumps(state)) + extra
-
-
-def linear_weight_bytes(out_features: int, in_features: int, q: Quant) -> int:
-    """Bytes the bundle stores for one linear weight (its bias is counted apart)."""
-    n = out_features * in_features
-    if q.bits == 16:
-        return 2 * n
-    if q.bits == 8:
-        return n + 4 * out_features  # int8 codes + float32 SCB, the absmax of each row
-    if q.quant_type == "int4":
-        if out_features % INT4_ROW_MULTIPLE or in_features % INT4_GROUP:
-            return 2 * n  # kept in 16-bit
-        return n // 2 + 2 * 2 * (in_features // INT4_GROUP) * out_features  # codes + scale and zero per group
-    blocks = math.ceil(n / BLOCKSIZE)
-    if q.double_quant:  # uint8 block scales + float32 per 256 of them + their 256-entry map
-        absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256
-    else:
-        absmax = 4 * blocks  # float32 per block of 64
-    # two codes per byte + scales + the 16-entry nf4/fp4 map + the packed quant_state
-    return math.ceil(n / 2) + absmax + 4 * 16 + quant_state_bytes(out_features, in_features, q)
-
-
-def block_weight_bytes(block: Block, q: Quant, fp32_linears: bool = False) -> int:
-    """Stored bytes of one block. fp32_linears: 8-bit layers bitsandbytes offloads to the
-    CPU beside a GPU run in float32 there (llm_int8_enable_fp32_cpu_offload)."""
-    plain = 2 * (block.kept_params + block.bias_params) + block.other_bytes
-    if fp32_linears:
-        return plain + 4 * block.linear_params
-    return plain + sum(linear_weight_bytes(o, i, q) for _, o, i in block.linears)
-
-
-def weight_bytes(desc: ModelDescription, q: Quant) -> int:
-    """What the bundle's manifest will call memory.weight_bytes."""
-    return sum(block_weight_bytes(b, q) for b in desc.blocks)
-
-
-# --- how the runtime spends memory beyond the weights ---------------------------------------
-
-
-@dataclass(frozen=True)
-class RuntimeMemory:
-    """What one runtime code path allocates; change here when the runtime changes."""
-
-    name: str
-    kv_bytes: int  # per cached value
-    kv_static: bool  # preallocated for the context; else grown by torch.cat (old + new at once)
-    activation_bytes: int  # residual stream, norms, rotary, attention
-    logits_all_rows: bool  # the prefill computes logits for every prompt position
-    fused_copies_at_load: bool  # one layer's q/k/v and gate/up copied into fused tensors at a time
-    stages_on_cpu: bool  # every tensor is attached on the CPU before moving to its device
-    # Heap that glibc keeps after the per-call dequantization of 4-bit layers on the CPU
-    # (its transients are reused imperfectly across layers and tokens), per weight of the
-    # largest 4-bit layer. Measured by tests/bench/plan_accuracy.py on smollm2-135m
-    # (0.88M-weight layers): the transformers path's peak varies by +-30 MiB run to run
-    # around +20 MiB; the lean path stays within its 16 bytes per weight of workspace.
-    heap_growth_per_4bit_weight: int = 0
-
-
-# edgepack.runtime.engine (Llama family at int8, int4 or 16 bits on an x86-64 CPU: the C engine, no
-# torch): a static bf16 KV cache, tensors read in place (no fused copies), float32 activations
-# of at most NATIVE_CHUNK prompt tokens at a time, float32 logits of the last position.
-NATIVE = RuntimeMemory("native", 2, True, 4, False, False, False)
-# edgepack.runtime.torch.llama (Llama family on CPU): float32 activations and a static bf16 KV cache
-# (lean.KV_DTYPE), logits of the last position only, fused int8/16-bit projections built at load.
-LEAN = RuntimeMemory("lean", 2, True, 4, False, True, False)
-# transformers modules (other architectures, and every GPU): DynamicCache in the compute
-# dtype, grown by concatenation; logits [batch, prompt, vocab] in the compute dtype.
-TRANSFORMERS = RuntimeMemory("transformers", 2, False, 2, True, False, True, heap_growth_per_4bit_weight=24)
-COMPUTE_BYTES = 2  # bf16/fp16 matmul inputs and outputs
-RESIDUAL_COPIES = 4  # hidden state, normed copy, attention output, residual sum
-# int4 at load: a fused layer's codes concatenated and repacked for the kernel (256 rows
-# of int32 at a time), one layer at a time: the concatenated codes + the repacked copy
-INT4_REPACK_BYTES_PER_WEIGHT = 1
-# edgepack.runtime.torch.linear dequantizes 4-bit layers on the CPU at most this many weights at a time
-DEQUANT_CHUNK_WEIGHTS = 1 << 18
-DEQUANT_BYTES_PER_WEIGHT = {"cpu": 16, "cuda": 2}  # CPU: long codes + float32 values; bnb: fp16
-# ... and multiplies a prompt of WIDE_ROWS tokens or more in float32 (16-bit layers on the
-# CPU): a buffer of WIDE_CHUNK_WEIGHTS float32 weights kept for the process, the float32
-# input and one chunk's float32 output (edgepack.runtime.torch.linear.wide_matmul)
-WIDE_ROWS = 32
-WIDE_CHUNK_WEIGHTS = 1 << 20
-# ... and int8 layers from INT8_WIDE_ROWS tokens through int8 GEMMs on two-digit activations
-# (edgepack.runtime.torch.linear.int8_wide_matmul): the int8 digits, float32 work on INT8_DIGIT_ROWS rows,
-# one chunk's int32 products and float32 result
-INT8_WIDE_ROWS = 8
-INT8_WIDE_CHUNK = 1 << 19
-INT8_DIGIT_ROWS = 64
-INT8_TWO_DIGITS_MAX_IN = 126**2  # wider inputs get a third digit
-FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-# edgepack.runtime.engine._engine's prompt pass (its CHUNK, PB): activations of NATIVE_CHUNK tokens at a time,
-# and per thread NATIVE_ROWS weight rows in float32 and a row of attention scores; threads:
-# one per core, counted for NATIVE_THREADS (more cores add ~100 KiB each)
-NATIVE_CHUNK = 96
-NATIVE_ROWS = 16
-NATIVE_THREADS = 8
-
-
-def kv_cache_bytes(desc: ModelDescription, rt: RuntimeMemory, layers: int, context: int, batch: int) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x context x batch x bytes; a growing cache
-    also holds one layer's old K (or V) while torch.cat builds the new one."""
-    per_layer_tensor = desc.num_key_value_heads * desc.head_dim * context * batch * rt.kv_bytes
-    if layers == 0:
-        return 0
-    return 2 * layers * per_layer_tensor + (0 if rt.kv_static else per_layer_tensor)
-
-
-def activation_bytes(desc: ModelDescription, rt: RuntimeMemory, tokens: int, batch: int, *,
-                     holds_layers: bool, holds_output: bool) -> dict[str, int]:
-    """Peak transient bytes of the prefill of ``tokens`` prompt tokens, by part."""
-    bt = batch * tokens
-    parts: dict[str, int] = {}
-    if holds_layers:
-        residual = RESIDUAL_COPIES * bt * desc.hidden_size * rt.activation_bytes
-        # projections in the compute dtype + rotated q, k and the attention output in the
-        # activation dtype; scaled_dot_product_attention (CPU flash / CUDA mem-efficient
-        # kernels) never materialises [heads, prompt, context] scores
-        attention = bt * desc.qkv_width * (COMPUTE_BYTES + 2 * rt.activation_bytes)
-        # gated: gate and up outputs, act(gate), their product; else fc output and act
-        mlp = bt * desc.intermediate_size * COMPUTE_BYTES * (4 if desc.gated_mlp else 3)
-        parts["layer"] = residual + max(attention, mlp)
-    if holds_output:
-        rows = tokens if rt.logits_all_rows else 1
-        parts["logits"] = batch * rows * desc.vocab_size * COMPUTE_BYTES + 2 * bt * desc.hidden_size * rt.activation_bytes
-    return parts
-
-
-# --- devices ---------------------------------------------------------------------------------
-
-
-@dataclass
-class DeviceBudget:
-    device: str  # cpu, cuda:0, ...
-    capacity_bytes: int
-    weights_bytes: int = 0
-    kv_cache_bytes: int = 0
-    activations_bytes: int = 0
-    loading_bytes: int = 0  # held only while loading: staged or fused copies
-    allocator_bytes: int = 0  # heap the allocator keeps from freed transients
-    baseline_bytes: int = 0
-    cuda_context_bytes: int = 0
-    headroom_bytes: int = 0
-    label: str = ""  # "NVIDIA Tesla T4", "RAM", "shared RAM + GPU"
-
-    @property
-    def peak_bytes(self) -> int:
-        running = self.allocator_bytes + self.kv_cache_bytes + self.activations_bytes
-        return self.baseline_bytes + self.cuda_context_bytes + self.weights_bytes + max(self.loading_bytes, running)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.peak_bytes + self.headroom_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.capacity_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity_bytes, "weights": self.weights_bytes, "kv_cache": self.kv_cache_bytes,
-                "activations": self.activations_bytes, "loading": self.loading_bytes, "allocator": self.allocator_bytes,
-                "baseline": self.baseline_bytes, "cuda_context": self.cuda_context_bytes,
-                "headroom": self.headroom_bytes, "peak": self.peak_bytes, "total": self.total_bytes,
-                "fits": self.fits, "label": self.label}  # fmt: skip
+from edgepack.plan.model import Block, ModelDescription
+from edgepack.plan.reasons import explain, need_text, parts_text, setting_text, size_text
+from edgepack.plan.sizing import (
+    BITS,
+    CUDA_CONTEXT_BYTES,
+    COMPUTE_BYTES,
+    CUDA_HOST_BYTES,
+    DEFAULT_CONTEXT,
+    DEQUANT_BYTES_PER_WEIGHT,
+    FUSED,
+    HEADROOM_FRACTION,
+    HEADROOM_MIN_BYTES,
+    INT4_REPACK_BYTES_PER_WEIGHT,
+    LEAN,
+    NATIVE,
+    NATIVE_THREADS,
+    QUANT_TYPES,
+    TRANSFORMERS,
+    DeviceBudget,
+    Quant,
+    RuntimeMemory,
+    activation_bytes,
+    baseline_bytes,
+    block_weight_bytes,
+    human,
+    kv_cache_bytes,
+    linear_weight_bytes,
+    weight_bytes,
+)
+from edgepack.runtime.constants import (
+    DEQUANT_CHUNK_WEIGHTS,
+    INT8_DIGIT_ROWS,
+    INT8_TWO_DIGITS_MAX_IN,
+    INT8_WIDE_CHUNK,
+    INT8_WIDE_ROWS,
+    PROMPT_CHUNK,
+    PROMPT_ROWS,
+    WIDE_CHUNK_WEIGHTS,
+    WIDE_ROWS,
+)
 
 
 @dataclass
@@ -448,12 +166,14 @@ def _candidates(t: _Target, bits: int | None, quant_type: str = "nf4") -> list[t
 def _runtime_for(desc: ModelDescription, strategy: str, choice: str, arch: str = "x86_64", q: Quant | None = None) -> RuntimeMemory:
     if choice != "auto":
         return {"native": NATIVE, "lean": LEAN}.get(choice, TRANSFORMERS)
-    if strategy != "cpu" or not desc.lean:
+    if strategy != "cpu" or not (desc.lean or desc.engine):
         return TRANSFORMERS  # the runtime's own rule
     # edgepack's C engine: int8, int4 and 16-bit layers, on by default where its kernels are
     # tuned (x86-64 with AVX2, aarch64 with NEON); nf4/fp4 the lean decoder on torch
     native_format = q is None or q.bits in (8, 16) or q.quant_type == "int4"
-    return NATIVE if arch in ("x86_64", "aarch64") and native_format else LEAN
+    if arch in ("x86_64", "aarch64") and native_format:
+        return NATIVE
+    return LEAN if desc.lean else TRANSFORMERS
 
 
 def _place(s: _Setting) -> Plan:
@@ -504,11 +224,6 @@ def _empty_device(s: _Setting, device: str, host: str) -> DeviceBudget:
         if s.strategy != "cpu" and not t.unified:
             budget.baseline_bytes += CUDA_HOST_BYTES
     return budget
-
-
-def baseline_bytes(desc: ModelDescription, arch: str, rt: RuntimeMemory) -> int:
-    """The process before any weight: interpreter, torch, the runtime's imports, the tokenizer."""
-    return BASELINE_BYTES[(arch, rt.name)] + TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
 
 
 @dataclass(frozen=True)
@@ -590,13 +305,13 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
 def _native_budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     """edgepack's C engine: the stored tensors in one map (norms widened to float32, int8 row
     scales divided in place), the KV cache, and its prompt scratch: the activations of
-    NATIVE_CHUNK tokens, their transposed input, and per thread float32 weight rows and a row
+    PROMPT_CHUNK tokens, their transposed input, and per thread float32 weight rows and a row
     of attention scores; logits float32, this step's and the last."""
     d, o = s.desc, s.options
-    chunk = min(NATIVE_CHUNK, o.batch * o.prompt_tokens)
+    chunk = min(PROMPT_CHUNK, o.batch * o.prompt_tokens)
     widest = max(d.hidden_size, d.intermediate_size, d.num_attention_heads * d.head_dim)
     per_token = 2 * d.hidden_size + d.qkv_width + d.num_attention_heads * d.head_dim + 3 * d.intermediate_size
-    scratch = 4 * (chunk * per_token + widest * (chunk + 16) + NATIVE_THREADS * (NATIVE_ROWS * widest + o.context))
+    scratch = 4 * (chunk * per_token + widest * (chunk + 16) + NATIVE_THREADS * (PROMPT_ROWS * widest + o.context))
     norms = 2 * 2 * d.hidden_size * held.layers + (2 * d.hidden_size if held.output else 0)
     logits = 2 * 4 * d.vocab_size if held.output else 0
     budget = replace(
@@ -653,7 +368,7 @@ def plan(
         raise _nothing_fits(desc, t, o, tried, alternatives)
     if chosen is None:  # the forced setting: report how far it is from fitting
         chosen = min(tried, key=_overflow)
-    chosen.reasons = _reasons(desc, t, o, chosen, tried, bits)
+    chosen.reasons = explain(desc, t, o, chosen, tried, bits)
     if not chosen.fits:
         chosen.instead = _nearest(desc, t, o, alternatives, bits)
     return chosen
@@ -734,7 +449,7 @@ def _nearest(desc: ModelDescription, t: _Target, o: Options, alternatives: Seque
     out = []
     for b in BITS:
         if bits is not None and b < bits and (p := _fits_at(desc, t, o, b)):
-            out.append(f"{_setting_text(p)} would fit ({_need_text(p)}).")
+            out.append(f"{setting_text(p)} would fit ({need_text(p)}).")
             break
     shortest = replace(o, context=1, prompt_tokens=1)
     if _fits_at(desc, t, shortest, bits):
@@ -749,7 +464,7 @@ def _nearest(desc: ModelDescription, t: _Target, o: Options, alternatives: Seque
         out.append(f"A context of up to {lo} tokens fits at {p.bits}-bit (--context {lo}).")
     for alt in sorted((_Target.of(a) for a in alternatives), key=lambda a: a.size_bytes):
         if alt != t and _fits_at(desc, alt, o, bits):
-            out.append(f"The smallest built-in profile that fits is {alt.name} ({_size_text(alt)}).")
+            out.append(f"The smallest built-in profile that fits is {alt.name} ({size_text(alt)}).")
             break
     return out
 
@@ -759,125 +474,8 @@ def _nothing_fits(desc, t: _Target, o: Options, tried: list[Plan], alternatives)
     worst = max(best.devices.values(), key=lambda b: b.total_bytes / b.capacity_bytes)
     nearest = _nearest(desc, t, o, alternatives, None)
     message = (
-        f"{desc.name} does not fit {t.name} at a context of {o.context} tokens: even {_setting_text(best)} "
-        f"needs {human(worst.total_bytes)} on {worst.device} ({_parts_text(worst)}) "
+        f"{desc.name} does not fit {t.name} at a context of {o.context} tokens: even {setting_text(best)} "
+        f"needs {human(worst.total_bytes)} on {worst.device} ({parts_text(worst)}) "
         f"but {worst.device} has {human(worst.capacity_bytes)} usable"
     )
     return PlanError(message, hint=" ".join(nearest) if nearest else "use a device with more memory")
-
-
-# --- reasons ------------------------------------------------------------------------------------
-
-
-def human(n: int) -> str:
-    """1.23 GiB / 456.7 MiB / 12 KiB."""
-    if abs(n) >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    if abs(n) >= MIB:
-        return f"{n / MIB:.1f} MiB"
-    return f"{n / 1024:.0f} KiB"
-
-
-def _size_text(t: _Target) -> str:
-    gpus = " + ".join(f"{human(g[1])} {g[0]}" for g in t.gpus)
-    if t.unified:
-        return f"{human(t.ram_bytes)} usable, shared by CPU and GPU"
-    return f"{human(t.ram_bytes)} RAM" + (f", {gpus}" if gpus else "") + " usable"
-
-
-def _where_text(p: Plan) -> str:
-    devices = list(dict.fromkeys(p.device_map.values()))
-    if p.strategy == "offload":
-        layers = [n for n, d in p.device_map.items() if d == "cpu"]
-        return f"split between {', '.join(d for d in devices if d != 'cpu')} and the CPU ({len(layers)} blocks on the CPU)"
-    return "all on " + " and ".join(devices)
-
-
-def _setting_text(p: Plan) -> str:
-    q = Quant(p.bits, p.quant_type or "nf4", p.double_quant)
-    return f"{q.label} {_where_text(p)}"
-
-
-def _need_text(p: Plan) -> str:
-    return "; ".join(f"{d}: {human(b.total_bytes)} of {human(b.capacity_bytes)}" for d, b in p.devices.items())
-
-
-def _parts_text(b: DeviceBudget) -> str:
-    running = b.allocator_bytes + b.kv_cache_bytes + b.activations_bytes
-    loading = b.loading_bytes > running
-    parts = [("weights", b.weights_bytes), ("loading copies", b.loading_bytes if loading else 0),
-             ("allocator", 0 if loading else b.allocator_bytes), ("KV cache", 0 if loading else b.kv_cache_bytes),
-             ("activations", 0 if loading else b.activations_bytes), ("baseline", b.baseline_bytes),
-             ("CUDA context", b.cuda_context_bytes), ("headroom", b.headroom_bytes)]  # fmt: skip
-    return " + ".join(f"{name} {human(v)}" for name, v in parts if v)
-
-
-def _reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan, tried: list[Plan], bits: int | None) -> list[str]:
-    r = []
-    verdict = "fits" if p.fits else "does NOT fit"
-    chosen_by = f"bits forced to {bits}" if bits else "the best quality that fits"
-    r.append(f"{_setting_text(p)} {verdict} {t.name} ({_size_text(t)}) at a context of {o.context} tokens: "
-             f"{_need_text(p)}; {chosen_by}.")
-    better = tried[: tried.index(p)] if p in tried else [x for x in tried if x is not p]
-    for x in better:  # every better setting that was tried and missed, best first
-        worst = max(x.devices.values(), key=lambda d: d.total_bytes / d.capacity_bytes)
-        r.append(f"{_setting_text(x)} would need {human(worst.total_bytes)} on {worst.device}, "
-                 f"which has {human(worst.capacity_bytes)} usable.")
-    if p.strategy == "gpu" and p.bits < 16:
-        offloads = [x for x in tried if x.strategy == "offload" and x.bits > p.bits and x.fits]
-        if offloads:
-            x = offloads[0]
-            r.append(f"{_setting_text(x)} would also fit, but {p.bits}-bit entirely on the GPU is preferred: "
-                     "offloaded layers cross PCIe on every token, many times slower.")
-    if p.strategy == "offload":
-        r.append("4-bit layers cannot be offloaded to the CPU beside a GPU (bitsandbytes), so offloading is "
-                 "16- or 8-bit; offloaded 8-bit layers are kept in float32 on the CPU (4 bytes per weight).")
-    if p.strategy == "cpu" and t.gpus and not t.unified:
-        r.append("The GPU cannot hold the model at any bit-width, even with offloading; it runs on the CPU.")
-    if t.gpus and p.strategy != "cpu" and p.bits < 16 and t.bnb_cuda is None:
-        r.append("bitsandbytes' CUDA kernels are unverified on this device (the profile says unknown).")
-    if t.unified:
-        r.append("Unified memory: CPU and GPU share one pool, counted once; the process's baseline "
-                 "comes out of the GPU's share.")
-    for block in desc.blocks:
-        if block.tied_to:
-            r.append(f"{block.name} is tied to {block.tied_to}: one tensor, both on {p.device_map[block.name]}.")
-    r.extend(_memory_reasons(desc, t, o, p))
-    return r
-
-
-def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> list[str]:
-    rt = {"native": NATIVE, "lean": LEAN}.get(p.runtime, TRANSFORMERS)
-    r = []
-    kv = kv_cache_bytes(desc, rt, desc.num_hidden_layers, o.context, o.batch)
-    growth = (f"preallocated by edgepack's {p.runtime} runtime" if rt.kv_static
-              else "grown by concatenation, which briefly holds one layer's old and new tensor")  # fmt: skip
-    r.append(f"KV cache: 2 x {desc.num_hidden_layers} layers x {desc.num_key_value_heads} KV heads x "
-             f"{desc.head_dim} x {o.context} tokens x {o.batch} x {rt.kv_bytes} bytes = {human(kv)} "
-             f"({'float32' if rt.kv_bytes == 4 else '16-bit'}, {growth}).")
-    rows = f"{o.prompt_tokens} x {desc.vocab_size}" if rt.logits_all_rows else f"1 x {desc.vocab_size}"
-    r.append(f"Activations: the prefill of a {o.prompt_tokens}-token prompt is the peak: residual stream, "
-             f"attention projections, the MLP's {desc.intermediate_size}-wide intermediates, logits of {rows}"
-             + (" and 4-bit layers dequantized one at a time" if p.bits == 4 and p.quant_type != "int4" else "") + ".")
-    base = p.devices.get("cuda:0" if t.unified and p.strategy != "cpu" else "cpu")
-    if base is not None:
-        tokenizer = TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
-        what = "without torch" if p.runtime == "native" else "with torch"
-        text = (f"Baseline {human(base.baseline_bytes)}: the process {what} and edgepack's {p.runtime} "
-                f"runtime ({BASELINE_SOURCE[t.arch]}) and its {desc.vocab_size}-token tokenizer (~{human(tokenizer)})")
-        if p.strategy != "cpu" and not t.unified:
-            text += f", plus ~{human(CUDA_HOST_BYTES)} of CUDA libraries in host RAM (estimated)"
-        r.append(text + ".")
-    if p.strategy != "cpu" and not t.unified:
-        r.append(f"CUDA context (~{human(CUDA_CONTEXT_BYTES)} per GPU: torch 2.x, CUDA 12, cuBLAS workspace) is "
-                 "inside each GPU's reserved_bytes in the profile, so it is counted only where the reserve is smaller.")
-    if any(b.loading_bytes for b in p.devices.values()):
-        if rt.fused_copies_at_load:
-            r.append("Loading: the lean decoder copies one layer's q/k/v and gate/up into fused tensors at a time.")
-        else:
-            r.append("Loading: weights for the GPU are read into RAM before they move.")
-    if any(b.allocator_bytes for b in p.devices.values()):
-        r.append("Allocator: 4-bit layers dequantized on every call leave glibc heap behind "
-                 f"(~{rt.heap_growth_per_4bit_weight} bytes per weight of the largest layer, measured).")
-    r.append(f"Headroom: {HEADROOM_FRACTION:.0%} of each device's peak, at least {human(HEADROOM_MIN_BYTES)}.")
-    return r

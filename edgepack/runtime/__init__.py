@@ -7,10 +7,10 @@
         print(piece, end="", flush=True)
 
 Two backends run a bundle. On a CPU, Llama-family bundles at int8, int4 or 16 bits run in
-edgepack's own engine (native.py: the C module edgepack.runtime.engine._engine, no torch import: a cold
+edgepack's own engine (runtime/engine: the C module edgepack.runtime.engine._engine, no torch import: a cold
 start and a memory footprint torch's ~1 s and ~220 MiB import would dwarf). The rest (other
 architectures, nf4/fp4, GPUs, a box where the C module is not built) is built as torch
-modules (torch_model.py). This module imports neither torch nor anything from the exporter,
+modules (runtime/torch/model.py). This module imports neither torch nor anything from the exporter,
 planner or Hub code; the torch backend is imported only when a bundle needs it.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from edgepack.format import bundle as bundle_format
+from edgepack.runtime.constants import NATIVE_OVERHEAD_BYTES, TORCH_OVERHEAD_BYTES
 from edgepack.errors import (
     BundleIntegrityError,
     DeviceError,
@@ -33,13 +34,6 @@ from edgepack.errors import (
 )
 
 BACKENDS = ("native", "torch")
-
-# What the process needs beyond the weights before generating: interpreter + torch +
-# transformers (~350 MiB measured on x86-64 CPU), KV cache and activations of a short run.
-RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
-# ... and with the native backend (no torch): interpreter, tokenizers and the C module
-# (~30 MiB measured), a large tokenizer (~15 MiB), KV cache and prompt scratch of a short run.
-NATIVE_OVERHEAD_BYTES = 96 * 1024 * 1024
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -52,8 +46,13 @@ def load(
     device: str | None = None,
     force: bool = False,
     backend: str | None = None,
+    key: str | os.PathLike | None = None,
+    token: str | None = None,
+    progress=None,
 ) -> "EdgeModel":
-    """Load a bundle written by ``edgepack pack``.
+    """Load a bundle written by ``edgepack pack``: a local folder, or a Hub repo as the CLI
+    takes it (``owner/name``, ``owner/name@rev``, ``hf://owner/name[@rev]``; pulled, the
+    variant that fits this box chosen, into edgepack's cache).
 
     verify: ``"once"`` (default) hashes every file on the first load and then trusts files
     whose size/mtime/inode are unchanged; ``True`` always hashes; ``False`` checks sizes
@@ -62,33 +61,78 @@ def load(
     CPU. force: load even when this box looks too small. backend: ``None`` (edgepack's
     CPU engine where it can run the bundle, else torch), ``"native"`` (that engine, or an
     error saying why not) or ``"torch"``.
+    key: an Ed25519 public key (PEM file; default: ``$EDGEPACK_TRUSTED_KEY``) that must have
+    signed the bundle: an unsigned bundle, another signer or a changed file is refused
+    before any weight is loaded. Without a key, an ``edgepack.sig`` that is not a
+    well-formed signature is refused too (a damaged signature is never ignored).
+    token: Hugging Face token for a repo reference; progress: ``callable(str)`` told what
+    a pull does.
     """
+    path = _resolve_reference(bundle_dir, token, progress)
+    if key is None:
+        key = os.environ.get("EDGEPACK_TRUSTED_KEY") or None
+    manifest_bytes = _check_signature(path, key)
     # No garbage collection while loading: it makes thousands of small objects (modules,
     # tensors) and each full collection walks everything imported so far (torch's ~150k
     # objects): ~50 ms of a 0.3 s load, for nothing to collect.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(bundle_dir, verify, device, force, backend)
+        return _load(path, verify, device, force, backend, manifest_bytes)
     finally:
         if enabled:
             gc.enable()
 
 
-def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
+def _resolve_reference(ref, token: str | None, progress) -> Path:
+    """A local path as is; a repo reference (not an existing path) pulled through the Hub
+    code, imported only then: loading a folder imports nothing from edgepack.hub."""
+    text = os.fspath(ref)
+    path = Path(text).expanduser()
+    if isinstance(text, str) and (text.startswith("hf://") or (not path.exists() and _looks_like_repo_id(text))):
+        from edgepack.hub import resolve_bundle_ref
+
+        return resolve_bundle_ref(text, token=token, progress=progress)
+    return path
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """owner/name[@revision]: one slash, no leading ./ ~ or /, as the Hub spells repo ids."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", text) is not None
+
+
+def _check_signature(path: Path, key) -> bytes | None:
+    """With a key: the manifest bytes whose signature by that key checked out (the whole
+    bundle hashed against them). Without: None, after refusing a malformed edgepack.sig."""
+    from edgepack.format import signing
+
+    if key is not None:
+        signing.verify_signature(path, key)  # signature first, then every file's sha256
+        return bundle_format.read_manifest_bytes(path)
+    if (path / bundle_format.SIGNATURE_NAME).exists() or (path / bundle_format.SIGNATURE_NAME).is_symlink():
+        signing.read_signature(path)  # its shape only: no key to check it against
+    return None
+
+
+def _load(path: Path, verify, device, force, backend, manifest_bytes: bytes | None = None) -> "EdgeModel":
     if backend not in (None, *BACKENDS):
         raise GenerationError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
     if os.environ.get("EDGEPACK_SKIP_HASH", "") not in ("", "0"):
         verify = False
-    path = Path(bundle_dir)
-    manifest = bundle_format.verify_bundle(path, check_hashes=verify)
+    if manifest_bytes is not None:  # the signed manifest, every file already hashed against it
+        manifest = bundle_format.verify_bundle(path, check_hashes=False, manifest_bytes=manifest_bytes)
+    else:
+        manifest = bundle_format.verify_bundle(path, check_hashes=verify)
     device_map, notices = _resolve_device_map(manifest, device)
     config = _read_config(path)
-    native = _use_native(manifest, config, device_map, backend)
+    why_not_native = _why_not_native(manifest, config, device_map, backend)
+    native = why_not_native is None
     if not native:
-        _require_torch(manifest, config, device_map, backend)
+        _require_torch(why_not_native)
     if not force:
-        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else RUNTIME_OVERHEAD_BYTES)
+        _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else TORCH_OVERHEAD_BYTES)
     from edgepack.runtime.memory import release_freed_memory
     from edgepack.runtime.tokenizer import load_tokenizer
 
@@ -112,17 +156,19 @@ def _load(bundle_dir, verify, device, force, backend) -> "EdgeModel":
         from edgepack.runtime.torch import model as torch_model
 
         model = torch_model.build_model(path, manifest, config, device_map)
-    return EdgeModel(model, tokenizer, manifest, path, device_map, notices)
+    lm = EdgeModel(model, tokenizer, manifest, path, device_map, notices)
+    lm.why_not_native = why_not_native
+    return lm
 
 
-def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> bool:
-    """Whether edgepack's C engine runs the bundle (else torch); backend "native" where it
-    cannot is an error saying why."""
+def _why_not_native(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> str | None:
+    """None when edgepack's C engine runs the bundle, else why torch runs it instead; backend
+    "native" where the engine cannot is an error saying why."""
     if backend == "torch":
-        return False
-    from edgepack.runtime import engine as native
+        return "backend 'torch' asked for"
+    from edgepack.runtime import engine
 
-    reason = native.unavailable(config, manifest, device_map)
+    reason = engine.unavailable(config, manifest, device_map)
     if os.environ.get("EDGEPACK_LEAN", "1") == "0":
         reason = "EDGEPACK_LEAN=0 (transformers asked for)"
     if reason is not None and backend == "native":
@@ -130,19 +176,15 @@ def _use_native(manifest: dict, config: dict, device_map: dict[str, str], backen
             f"edgepack's CPU engine cannot run this bundle: {reason}",
             hint="load it with backend='torch' (CLI: --backend torch)",
         )
-    return reason is None
+    return reason
 
 
-def _require_torch(manifest: dict, config: dict, device_map: dict[str, str], backend: str | None) -> None:
+def _require_torch(why_not_native: str) -> None:
     """On a minimal install (no torch extra), say why this bundle needs it, before loading."""
     from edgepack import extras
-    from edgepack.runtime import engine as native
 
-    if backend == "torch":
-        because = "backend torch was asked for"
-    else:
-        reason = native.unavailable(config, manifest, device_map) or "EDGEPACK_LEAN=0"
-        because = f"edgepack's CPU engine cannot run it: {reason}"
+    because = why_not_native if why_not_native.startswith("backend") else (
+        f"edgepack's CPU engine cannot run it: {why_not_native}")  # fmt: skip
     # torch alone: the lean Llama decoder needs nothing else; transformers, accelerate and
     # bitsandbytes are imported only for other architectures and GPUs (the CLI still names
     # the extra when one of them is missing: edgepack.extras.for_import_error).
@@ -191,11 +233,11 @@ def _cuda_available() -> bool:
 
 
 def _preflight_memory(
-    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = RUNTIME_OVERHEAD_BYTES
+    manifest: dict, device_map: dict[str, str], path: Path | None = None, overhead: int = TORCH_OVERHEAD_BYTES
 ) -> None:
     """Refuse, with numbers, rather than be OOM-killed half-way through loading.
 
-    need: the weights this box's RAM holds plus ``overhead`` (RUNTIME_OVERHEAD_BYTES: torch), the whole process
+    need: the weights this box's RAM holds plus ``overhead`` (TORCH_OVERHEAD_BYTES: torch), the whole process
     (interpreter, torch, transformers, a short run's activations). Part of that is already
     held (this process's RSS), so what must still fit is need - RSS, into what this process
     may still allocate: free RAM, or its cgroup's headroom when that is smaller (a
@@ -256,10 +298,61 @@ class GenerationStep:
     decode_seconds: float
 
 
+@dataclass
+class GenerationPlan:
+    prompt_ids: list[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    min_new_tokens: int
+    max_new_tokens: int
+    stops: list[str]
+
+
+class StepWriter:
+    """Generated tokens -> GenerationSteps: text pieces (held back while they may begin a
+    stop string), end of sequence, stop strings and the length limit."""
+
+    def __init__(self, lm: "EdgeModel", plan: GenerationPlan):
+        self.eos, self.plan = lm.eos_token_ids, plan
+        self.detok = _IncrementalDetokenizer(lm.tokenizer)
+        self.t0 = time.perf_counter()
+        self.prompt_seconds = 0.0
+        self.held = ""  # text that may be the start of a stop string: not emitted yet
+        self.n = 0
+
+    def add(self, token: int) -> GenerationStep:
+        self.n += 1
+        n, stops, detok = self.n, self.plan.stops, self.detok
+        if n == 1:
+            self.prompt_seconds = time.perf_counter() - self.t0
+        if token in self.eos:
+            piece, finish = "", "stop"
+        else:
+            piece, finish = detok.add(token), ("length" if n >= self.plan.max_new_tokens else None)
+        if finish is not None:
+            piece += detok.flush()  # bytes held back for an incomplete character
+        if stops:
+            self.held += piece
+            hit = _first_stop(self.held, stops)
+            if hit is not None:
+                piece, self.held, finish = self.held[:hit], "", "stop"
+            elif finish is not None:
+                piece, self.held = self.held, ""
+            else:
+                keep = _partial_stop_length(self.held, stops)
+                piece, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        elapsed = time.perf_counter() - self.t0 - self.prompt_seconds
+        return GenerationStep(piece, token, len(self.plan.prompt_ids), n, finish, self.prompt_seconds, elapsed)
+
+
 class EdgeModel:
-    """A loaded bundle: ``.model`` (``native.NativeLM``, or with the torch backend a torch
-    module: ``model(input_ids).logits``), ``.backend``, ``.tokenizer``, ``.generate()`` and
-    ``.stream()``."""
+    """A loaded bundle: ``.model`` (``engine.NativeLM``, or with the torch backend a torch
+    module: ``model(input_ids).logits``), ``.backend`` (and ``.why_not_native``: why the torch
+    one runs, or None), ``.tokenizer``, ``.generate()`` and ``.stream()``."""
+
+    why_not_native: str | None = None
 
     def __init__(self, model, tokenizer, manifest, path, device_map, notices):
         self.model = model
@@ -319,6 +412,23 @@ class EdgeModel:
         chat: bool | None = None,
     ) -> Iterator[GenerationStep]:
         """Generate token by token, yielding a GenerationStep per token."""
+        plan = self.plan_generation(prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, chat=chat)  # fmt: skip
+        writer = StepWriter(self, plan)
+        tokens = self._tokens(plan.prompt_ids, plan.temperature, plan.top_p, plan.top_k, plan.seed,
+                              plan.min_new_tokens, plan.max_new_tokens)  # fmt: skip
+        for token in tokens:
+            step = writer.add(token)
+            yield step
+            if step.finish_reason is not None:
+                return
+
+    def plan_generation(self, prompt: str | Sequence[dict], *, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                        seed: int | None = None, stop: Sequence[str] | str | None = None,
+                        chat: bool | None = None) -> "GenerationPlan":  # fmt: skip
+        """The prompt's token ids and the sampling settings, checked (stream_steps' first part;
+        the server drives the tokens itself)."""
         temperature, top_p, top_k = self._sampling_defaults(temperature, top_p, top_k)
         _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -331,34 +441,7 @@ class EdgeModel:
                 hint="shorten the prompt",
             )
         max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt_ids))
-        detok = _IncrementalDetokenizer(self.tokenizer)
-        t0 = time.perf_counter()
-        prompt_seconds = 0.0
-        held = ""  # text that may be the start of a stop string: not emitted yet
-        tokens = self._tokens(prompt_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens)
-        for n, token in enumerate(tokens, 1):
-            if n == 1:
-                prompt_seconds = time.perf_counter() - t0
-            if token in self.eos_token_ids:
-                piece, finish = "", "stop"
-            else:
-                piece, finish = detok.add(token), ("length" if n >= max_new_tokens else None)
-            if finish is not None:
-                piece += detok.flush()  # bytes held back for an incomplete character
-            if stops:
-                held += piece
-                hit = _first_stop(held, stops)
-                if hit is not None:
-                    piece, held, finish = held[:hit], "", "stop"
-                elif finish is not None:
-                    piece, held = held, ""
-                else:
-                    keep = _partial_stop_length(held, stops)
-                    piece, held = held[: len(held) - keep], held[len(held) - keep :]
-            elapsed = time.perf_counter() - t0 - prompt_seconds
-            yield GenerationStep(piece, token, len(prompt_ids), n, finish, prompt_seconds, elapsed)
-            if finish is not None:
-                return
+        return GenerationPlan(prompt_ids, temperature, top_p, top_k, seed, min_new_tokens, max_new_tokens, stops)
 
     def stream(self, prompt: str | Sequence[dict], **sampling) -> Iterator[str]:
         """Yield one text piece per generated token."""

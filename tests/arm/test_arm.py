@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,7 @@ def calls(ids: list[int]) -> tuple[bytes, list[int]]:
 def bundles(llama, tmp_path_factory):
     """{name: (model file, calls file, float64 logits the calls must give)}"""
     from edgepack.export.pack import pack
+    sys.path.insert(0, str(HERE.parent / "runtime" / "engine"))  # the float64 Llama of the x86 engine tests
     from test_native import _float64_logits
 
     root = tmp_path_factory.mktemp("arm-bundles")

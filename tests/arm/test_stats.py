@@ -16,4 +16,4 @@ def test_stats_name_the_kernel_set(capsys, packed, backend):
                  "--temperature", "0", "--stats", "--backend", backend])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 0 and f"{backend} backend" in err
-    assert (f", {native.set_isa()} kernels)" in err) == (backend == "native"), err
+    assert (f"engine {native.set_isa()}, " in err) == (backend == "native"), err

@@ -252,32 +252,32 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     lm = edgepack.load(bundle, verify=False)
     if lm.backend == "native":
-        from edgepack.runtime.engine import _engine as _native
+        from edgepack.runtime.engine import _engine
 
         cache = lm.model.new_cache(512)
         lm.model.forward(heldout_ids(lm.tokenizer, 64), cache)
         for _ in range(5):
             lm.model.forward([42], cache)
-        _native.profile(True)
+        _engine.profile(True)
         start = time.perf_counter()
         for _ in range(100):
             lm.model.forward([42], cache)
         wall = (time.perf_counter() - start) / 100
-        return _profile_lines(_native, wall, "edgepack's CPU engine")
+        return _profile_lines(_engine, wall, "edgepack's CPU engine")
     cache = lm.model.new_cache(512)
     lm.model.logits_last(torch.tensor([heldout_ids(lm.tokenizer, 64)]), cache)
     token = torch.tensor([[42]])
     for _ in range(5):
         lm.model.logits_last(token, cache)
     if getattr(lm.model, "native_off", "") is None:
-        from edgepack.runtime.engine import _engine as _native
+        from edgepack.runtime.engine import _engine
 
-        _native.profile(True)
+        _engine.profile(True)
         start = time.perf_counter()
         for _ in range(100):
             lm.model.logits_last(token, cache)
         wall = (time.perf_counter() - start) / 100
-        return _profile_lines(_native, wall, "the torch backend's C step")
+        return _profile_lines(_engine, wall, "the torch backend's C step")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -286,10 +286,10 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
-def _profile_lines(_native, wall: float, what: str) -> str:
-    parts = _native.profile(False)
+def _profile_lines(_engine, wall: float, what: str) -> str:
+    parts = _engine.profile(False)
     steps = parts.pop("steps")
-    lines = [f"{what} ({_native.set_isa()} kernels), 100 steps at positions 69-168: {wall * 1e3:.2f} ms a step"]
+    lines = [f"{what} ({_engine.set_isa()} kernels), 100 steps at positions 69-168: {wall * 1e3:.2f} ms a step"]
     lines += [f"  {name:<28}{sec / steps * 1e3:>7.3f} ms {sec / steps / wall:>6.1%}" for name, sec in parts.items()]
     rest = wall - sum(parts.values()) / steps
     lines.append(f"  {'Python, call, logits buffer':<28}{rest * 1e3:>7.3f} ms {rest / wall:>6.1%}")

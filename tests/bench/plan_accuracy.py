@@ -12,7 +12,7 @@ use). Llama-family models run every runtime path: edgepack's C engine (native: i
 and 16-bit), its lean decoder on torch and transformers (EDGEPACK_LEAN=0). Exit status 1 if any
 prediction is off by more than 10%.
 
-It first measures what planner.BASELINE_BYTES and TOKENIZER_BYTES_PER_TOKEN hold: the
+It first measures what sizing.BASELINE_BYTES and TOKENIZER_BYTES_PER_TOKEN hold: the
 process of `edgepack run` on a tiny bundle (weights, KV cache and activations under 1 MiB:
 what remains is interpreter + torch + the runtime's imports + a 400-token tokenizer), and
 the RSS a fresh process gains loading SmolLM2's 49,152-token tokenizer.json.
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edgepack.plan import planner  # noqa: E402
+from edgepack.plan import planner, sizing  # noqa: E402
 
 MIB = 1 << 20
 TOLERANCE = 0.10
@@ -157,7 +157,7 @@ def measure_baselines(tiny_llama: dict[int, Path]) -> dict[str, int]:
                 for _ in range(3)]  # fmt: skip
         p = planner.plan(desc, _profile(), context=16, prompt_tokens=8, bits=16, runtime=path)
         rest = p.devices["cpu"].peak_bytes - p.devices["cpu"].baseline_bytes
-        tokenizer = planner.TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
+        tokenizer = sizing.TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
         out[path] = min(runs) - rest - tokenizer
     return out
 
@@ -239,16 +239,16 @@ def main() -> int:
     print(f"platform: {platform.machine()} {platform.system()}, python {platform.python_version()}")
     baselines = measure_baselines(tiny["tiny-llama"][1])
     for path, measured in baselines.items():
-        held = planner.BASELINE_BYTES[(platform.machine(), path)]
+        held = sizing.BASELINE_BYTES[(platform.machine(), path)]
         print(f"baseline ({path} runtime, no tokenizer): measured {measured / MIB:.1f} MiB, "
-              f"planner.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")  # fmt: skip
+              f"sizing.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")  # fmt: skip
     models = [("tiny-gpt2", *tiny["tiny-gpt2"], (64, 128), 8, ("transformers",)),
               ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("native", "lean", "transformers"))]  # fmt: skip
     if not args.tiny_only:
         smol = bundles_for(DEFAULT_MODEL, DEFAULT_MODEL, root)
         per_token = measure_tokenizer(smol[16])
         print(f"tokenizer: {per_token:.0f} bytes per vocabulary entry measured, "
-              f"planner.TOKENIZER_BYTES_PER_TOKEN has {planner.TOKENIZER_BYTES_PER_TOKEN}")
+              f"sizing.TOKENIZER_BYTES_PER_TOKEN has {sizing.TOKENIZER_BYTES_PER_TOKEN}")
         models.append((DEFAULT_MODEL, DEFAULT_MODEL, smol, (256, 1024), 16, ("native", "lean", "transformers")))
     print()
     print(HEADER)

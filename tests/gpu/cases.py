@@ -121,7 +121,7 @@ def floating_dtypes(model) -> dict[str, int]:
 
 def case_probe(ctx: Ctx, _spec: dict) -> dict:
     """edgepack's own probe of this box (GPU, compute capability, bf16, bitsandbytes)."""
-    from edgepack.plan.profile import probe
+    from edgepack.plan.probe import probe
 
     return {"profile": probe("gpu-check", check_bitsandbytes=True)}
 

@@ -126,7 +126,7 @@ def card_rows(table, dry: bool, name: str, r: dict, b: dict) -> None:
 def gpu_context_missing(manifest: dict) -> int:
     """gtx1650-4gb's 1 GiB reserve holds the CUDA context, so its plan leaves the context
     out of cuda:0's peak; the process total here includes it: add the planner's estimate."""
-    from edgepack.plan import planner
+    from edgepack.plan import sizing
 
     gpu = manifest["plan"]["devices"]["cuda:0"]
-    return planner.CUDA_CONTEXT_BYTES - gpu["cuda_context"]
+    return sizing.CUDA_CONTEXT_BYTES - gpu["cuda_context"]

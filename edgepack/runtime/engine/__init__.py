@@ -15,6 +15,9 @@ jinja2 for chat templates).
 
 What it covers is what ``unavailable()`` does not refuse; the rest (nf4/fp4 layers, other
 architectures, GPUs, an x86 box without AVX2 unless EDGEPACK_NATIVE=1) loads through torch.
+Beyond plain Llama (``supports``), the families of ``family.py`` (Llama 3's rope scaling,
+Qwen3, SmolLM3, Gemma 2 / 3, Mistral's sliding window) run with the features it derives
+from config.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Iterator, Sequence
 
 from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError
+from edgepack.runtime.engine.family import Features, features
 
 try:  # built by setup.py; absent where edgepack was installed without a C compiler
     from edgepack.runtime.engine import _engine as _native
@@ -48,13 +52,15 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os
 
 
 def supports(config: dict[str, Any]) -> str | None:
-    """None when the Llama-family decoders (this one and lean.py) can run the model, else why not."""
+    """None when the plain Llama-family decoders (lean.py, and this engine without any of
+    family.py's features) can run the model, else why not."""
     if config.get("model_type") not in SUPPORTED_TYPES:
         return f"model_type {config.get('model_type')!r}"
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         return f"rope type {rope.get('rope_type')!r}"
-    if config.get("model_type") == "mistral" and config.get("sliding_window"):
+    sliding = "sliding_attention" in (config.get("layer_types") or [])  # Qwen2 with use_sliding_window
+    if sliding or (config.get("model_type") == "mistral" and config.get("sliding_window")):
         return "sliding-window attention"
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
         return "MLP variant"
@@ -80,19 +86,32 @@ def unavailable(config: dict[str, Any], manifest: dict[str, Any], device_map: di
         return reason
     if any(v != "cpu" for v in device_map.values()):
         return "the device_map places layers on a GPU"
-    reason = supports(config)
-    if reason is not None:
-        return reason
+    found = features(config)
+    if isinstance(found, str):
+        return found
     quant = manifest["quantization"]
     if quant["bits"] == 4 and quant.get("quant_type") != "int4":
         return f"{quant.get('quant_type')} layers (int8, int4 and 16-bit only)"
     return None
 
 
+THREADS_ENV = "EDGEPACK_THREADS"
+
+
+def asked_threads() -> int | None:
+    """The thread count EDGEPACK_THREADS (else OMP_NUM_THREADS) asks for, if any."""
+    for env in (THREADS_ENV, "OMP_NUM_THREADS"):
+        wanted = os.environ.get(env, "").strip()
+        if wanted.isdigit() and int(wanted) > 0:
+            return int(wanted)
+    return None
+
+
 def threads() -> int:
-    """Threads for the C kernels: the CPUs this process may run on, at most one per physical
-    core (its workers spin between the parts of a step; two on one core only take turns),
-    fewer if OMP_NUM_THREADS says so."""
+    """Most threads for the C kernels: the CPUs this process may run on, at most one per
+    physical core (two on one core only take turns), or the count asked for (asked_threads).
+    Unless asked, each decode step runs on the count measured fastest up to this (pool.c):
+    on a box where other programs keep cores busy, fewer threads than cores decode faster."""
     cpus = CPUS
     try:
         import psutil
@@ -100,8 +119,8 @@ def threads() -> int:
         cpus = min(cpus, psutil.cpu_count(logical=False) or cpus)
     except ImportError:
         pass
-    wanted = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, min(cpus, int(wanted))) if wanted.isdigit() and int(wanted) > 0 else cpus
+    wanted = asked_threads()
+    return max(1, min(cpus, wanted)) if wanted else cpus
 
 
 # --- where each stored tensor goes -----------------------------------------------------------
@@ -227,7 +246,11 @@ class _Plan:
     embed_dtype: str
     norm: int
     head: Matrix
-    layers: list[tuple[int, int, Matrix, Matrix, Matrix, Matrix]]
+    # (in_norm, post_norm, qkv, o, gate_up, down, q_norm, k_norm, attn_out_norm, mlp_out_norm):
+    # the C module's layer, its last four None where the family has none
+    layers: list[tuple]
+    features: Features
+    norms: list[tuple[int, int]]  # (offset32, size) of every norm vector (Gemma adds 1 to each)
 
 
 def _check_config(config: dict[str, Any]) -> None:
@@ -252,18 +275,19 @@ def _check_config(config: dict[str, Any]) -> None:
             )
 
 
-def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
+def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _Plan:
     _check_config(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     dim = config.get("head_dim") or hidden // heads
     inter, vocab = config["intermediate_size"], config["vocab_size"]
-    layout, slots = _Layout(), {}
+    layout, slots, norms = _Layout(), {}, []
 
     def vector(name: str, size: int) -> int:
         _expect(header, name, [size])
         at = layout.take(size * 4)
         slots[name] = Slot((size,), offset32=at)
+        norms.append((at, size))
         return at
 
     embed_name = "model.embed_tokens.weight"
@@ -282,8 +306,17 @@ def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
         o = _plan_matrix([a + ".o_proj"], header, layout, slots, heads * dim, [hidden])
         gate_up = _plan_matrix([m + ".gate_proj", m + ".up_proj"], header, layout, slots, hidden, [inter, inter])
         down = _plan_matrix([m + ".down_proj"], header, layout, slots, inter, [hidden])
-        layers.append((vector(p + ".input_layernorm.weight", hidden), vector(p + ".post_attention_layernorm.weight", hidden),
-                       qkv, o, gate_up, down))  # fmt: skip
+        q_norm = k_norm = attn_out = mlp_out = None
+        if feats.qk_norm:
+            q_norm, k_norm = vector(a + ".q_norm.weight", dim), vector(a + ".k_norm.weight", dim)
+        if feats.sandwich:  # Gemma: post_attention_layernorm normalizes the attention's output
+            attn_out = vector(p + ".post_attention_layernorm.weight", hidden)
+            mlp_out = vector(p + ".post_feedforward_layernorm.weight", hidden)
+            pre_mlp = vector(p + ".pre_feedforward_layernorm.weight", hidden)
+        else:
+            pre_mlp = vector(p + ".post_attention_layernorm.weight", hidden)
+        layers.append((vector(p + ".input_layernorm.weight", hidden), pre_mlp, qkv, o, gate_up, down,
+                       q_norm, k_norm, attn_out, mlp_out))  # fmt: skip
     norm = vector("model.norm.weight", hidden)
     if "lm_head.weight" in header:
         head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
@@ -297,23 +330,61 @@ def _plan(config: dict[str, Any], header: dict[str, dict]) -> _Plan:
             f"tensor {extra[0]!r} has no place in the model built from config.json",
             hint="the bundle's config and weights disagree; pack the model again",
         )
-    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers)
+    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms)
 
 
 # --- the engine -------------------------------------------------------------------------------
 
 
 class NativeCache:
-    """Keys and values of every layer for ``max_tokens`` positions (bfloat16), and how many
-    are filled. An anonymous map: pages are zero and unbacked until a position is written."""
+    """Keys and values of every layer for ``max_tokens`` positions (bfloat16), a sliding-window
+    layer's for its last ``window`` only (engine.h, kv_layer), and how many are filled. An
+    anonymous map: pages are zero and unbacked until a position is written."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_tokens: int):
-        half = layers * kv_heads * max_tokens * head_dim * 2
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_tokens: int, sliding: int = 0, window: int = 0):
+        positions = (layers - sliding) * max_tokens + sliding * min(window, max_tokens)
+        half = positions * kv_heads * head_dim * 2
         self.memory = mmap.mmap(-1, 2 * half)
         self.k = _native.address(self.memory)
         self.v = self.k + half
         self.max_tokens = max_tokens
         self.length = 0
+        self.geometry = (layers, kv_heads, head_dim)
+        self.ring = min(window, max_tokens) if sliding and window < max_tokens else 0  # positions a ring holds
+
+    def keep(self, length: int) -> int:
+        """Cut the cache back to its first ``length`` positions where it still holds them, and
+        return how many it keeps: once a sliding-window ring has wrapped, position p's slot
+        holds a later position, so only the whole cache (or nothing) can be kept."""
+        length = max(0, min(length, self.length))
+        if self.ring and self.length > self.ring and length < self.length:
+            length = 0
+        self.length = length
+        return length
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions: the next token goes at ``length`` (the rest
+        is overwritten as it is reached; attention never reads past the current position)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} positions to {length}")
+        if self.keep(length) != length:
+            raise ValueError(f"a sliding-window cache that has wrapped cannot be cut back to {length} positions")
+
+    def copy_prefix(self, source: "NativeCache", length: int) -> None:
+        """This cache holds the first ``length`` positions of ``source`` (same model)."""
+        if source.ring or self.ring:
+            raise ValueError("sliding-window caches are rings: their prefixes are not copied")
+        if source.geometry != self.geometry or not 0 <= length <= min(source.length, self.max_tokens):
+            raise ValueError(f"cannot copy {length} positions between these KV caches")
+        layers, kv_heads, head_dim = self.geometry
+        row = length * head_dim * 2  # bytes of one (layer, head) row: bfloat16
+        src, dst = memoryview(source.memory), memoryview(self.memory)
+        for half in range(2):  # keys, then values
+            for lh in range(layers * kv_heads):
+                s = (half * layers * kv_heads + lh) * source.max_tokens * head_dim * 2
+                d = (half * layers * kv_heads + lh) * self.max_tokens * head_dim * 2
+                dst[d : d + row] = src[s : s + row]
+        self.length = length
 
 
 class NativeLM:
@@ -332,7 +403,8 @@ class NativeLM:
         self.max_positions = int(config.get("max_position_embeddings", 2048))
         rope = config.get("rope_parameters") or {}
         self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-        self.threads = threads()
+        self._threads = threads()
+        self.adapt = asked_threads() is None  # pick the count per step, up to self.threads
         base = _native.address(arena)
 
         def mat(m: Matrix) -> tuple:
@@ -341,12 +413,35 @@ class NativeLM:
             return (getattr(_native, m.kind), m.rows, m.cols, base + m.weight, opt(m.scale), opt(m.bias)) + extra
 
         dims = (config["hidden_size"], self.heads, self.kv_heads, self.head_dim, config["intermediate_size"], self.vocab)
-        layers = [(base + a, base + b, mat(q), mat(o), mat(g), mat(d)) for a, b, q, o, g, d in plan.layers]
+        feats, opt = plan.features, lambda at: None if at is None else base + at  # noqa: E731
+        self._features = feats
+        self.sliding, self.window = sum(feats.layer_sliding), feats.window
+        layers, extra = [], ()
+        for i, (a, b, q, o, g, d, qn, kn, an, mn) in enumerate(plan.layers):
+            layer = (base + a, base + b, mat(q), mat(o), mat(g), mat(d))
+            if not feats.plain:
+                layer += (opt(qn), opt(kn), opt(an), opt(mn), feats.layer_rope[i], int(feats.layer_sliding[i]))
+            layers.append(layer)
+        if not feats.plain:  # new() copies the rotary tables out of `freqs`
+            *numbers, freqs = feats.c_tuple(self.head_dim)
+            extra = (tuple(numbers) + (_native.address(freqs) if freqs else None,),)
         self._model = _native.new(
             dims, float(config.get("rms_norm_eps", 1e-6)), (getattr(_native, plan.embed_dtype), base + plan.embed),
-            base + plan.norm, mat(plan.head), layers,
+            base + plan.norm, mat(plan.head), layers, *extra,
         )  # fmt: skip
         self.weight_bytes = plan.layout.size
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:  # a count set by hand is used as it is
+        self._threads, self.adapt = max(1, int(n)), False
+
+    def threads_in_use(self) -> int:
+        """The threads decode steps run on now (adaptive: the count last measured fastest)."""
+        return (_native.threads_in_use() or self._threads) if self.adapt else self._threads
 
     @classmethod
     def load(cls, path: Path, manifest: dict[str, Any], config: dict[str, Any]) -> "NativeLM":
@@ -363,7 +458,10 @@ class NativeLM:
                 shards[rel] = (f, data_start)
                 header.update({k: dict(v, file=rel) for k, v in part.items()})
             try:
-                plan = _plan(config, header)
+                found = features(config)
+                if isinstance(found, str):
+                    raise BundleIntegrityError(f"edgepack's CPU engine cannot run this model: {found}")
+                plan = _plan(config, header, found)
             except BundleIntegrityError:
                 raise
             except (KeyError, TypeError, ValueError) as exc:
@@ -371,12 +469,14 @@ class NativeLM:
                     f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
                     hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",
                 ) from None
-            # MAP_POPULATE: the kernel faults the pages in at once (~40k page faults one by
-            # one under the reads otherwise)
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-            arena = mmap.mmap(-1, max(plan.layout.size, 1), flags=flags)
+            arena = _weight_map(plan.layout.size)
             _read_tensors(shards, header, plan, arena)
         _half_table(plan, arena)
+        if plan.features.norm_offset:  # Gemma's norms scale by (1 + w): the 1 added once here
+            for at, size in plan.norms:
+                with memoryview(arena)[at : at + 4 * size] as raw, raw.cast("f") as floats:
+                    for i in range(size):
+                        floats[i] += plan.features.norm_offset
         try:
             return cls(config, arena, plan)
         except (KeyError, TypeError, ValueError) as exc:  # dimensions the C module refuses
@@ -386,7 +486,8 @@ class NativeLM:
             ) from None
 
     def new_cache(self, max_tokens: int) -> NativeCache:
-        return NativeCache(self.layers, self.kv_heads, self.head_dim, min(max_tokens, self.max_positions))
+        max_tokens = min(max_tokens, self.max_positions)
+        return NativeCache(self.layers, self.kv_heads, self.head_dim, max_tokens, self.sliding, self.window)
 
     def forward(self, tokens: Sequence[int], cache: NativeCache) -> memoryview:
         """Run ``tokens`` after what ``cache`` holds; float32 logits of the last one."""
@@ -395,9 +496,32 @@ class NativeLM:
             raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {cache.length + n} were asked for")
         logits = bytearray(4 * self.vocab)
         _native.forward(self._model, tokens, cache.length, cache.k, cache.v, cache.max_tokens, self.rope_theta,
-                        _native.address(logits), self.threads)  # fmt: skip
+                        _native.address(logits), self._threads, self.adapt)  # fmt: skip
         cache.length += n
         return memoryview(logits).cast("f")
+
+    def step_batch(self, tokens: Sequence[int], caches: Sequence[NativeCache]) -> list[memoryview]:
+        """One decode step of each sequence: ``tokens[i]`` after what ``caches[i]`` holds
+        (distinct caches). Each weight row is read from memory once for all of them, and
+        each sequence's logits are bitwise those ``forward([token], cache)`` gives."""
+        if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("step_batch needs one distinct cache per token")
+        for cache in caches:
+            if cache.length + 1 > cache.max_tokens:
+                raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {cache.length + 1} were asked for")
+        if not self._features.plain:
+            # batch.c runs the plain Llama layer only; family features (ring caches, QK-norm,
+            # soft-caps, ...) step one sequence at a time: the same logits, weights read B times
+            return [self.forward([int(t)], c) for t, c in zip(tokens, caches)]
+        out = bytearray(4 * self.vocab * len(tokens))
+        base = _native.address(out) if tokens else 0
+        steps = [(int(t), c.length, c.k, c.v, c.max_tokens, base + 4 * self.vocab * i)
+                 for i, (t, c) in enumerate(zip(tokens, caches))]  # fmt: skip
+        _native.step_batch(self._model, steps, self.rope_theta, self.threads)
+        for cache in caches:
+            cache.length += 1
+        view = memoryview(out).cast("f")
+        return [view[i * self.vocab : (i + 1) * self.vocab] for i in range(len(tokens))]
 
     def sample(self, logits: memoryview, temperature: float, top_p: float = 1.0, top_k: int = 0,
                rng: random.Random | None = None) -> int:  # fmt: skip
@@ -421,6 +545,22 @@ class NativeLM:
             n += 1
             yield token
             ids = [token]
+
+
+def _weight_map(nbytes: int) -> mmap.mmap:
+    """Anonymous memory for the weights. Huge pages where the kernel gives them on request
+    (THP "madvise"): each decode step streams every weight, and 2 MiB pages take ~500x fewer
+    TLB entries than 4 KiB ones; they also come in ~500x fewer faults. Elsewhere MAP_POPULATE:
+    the kernel faults the pages in at once (~40k page faults one by one under the reads otherwise)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    huge = hasattr(mmap, "MADV_HUGEPAGE")
+    arena = mmap.mmap(-1, max(nbytes, 1), flags=flags if huge else flags | getattr(mmap, "MAP_POPULATE", 0))
+    if huge:
+        try:
+            arena.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP off in this kernel
+            pass
+    return arena
 
 
 def _read_tensors(shards: dict, header: dict, plan: _Plan, arena: mmap.mmap) -> None:

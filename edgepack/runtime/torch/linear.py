@@ -29,17 +29,19 @@ import json
 import torch
 from torch import nn
 
+# chunk sizes and the row counts where a prompt takes the wide paths: one home shared with
+# the planner, which counts their memory (each is explained there)
+from edgepack.runtime.constants import (
+    DEQUANT_CHUNK_WEIGHTS,
+    INT8_DIGIT_ROWS,
+    INT8_TWO_DIGITS_MAX_IN,
+    INT8_WIDE_CHUNK,
+    INT8_WIDE_ROWS,
+    WIDE_CHUNK_WEIGHTS,
+    WIDE_ROWS,  # noqa: F401 (llama.py takes it from here)
+)
+
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"  # + "nf4" / "fp4"
-# 4-bit layers are dequantized at most this many weights at a time (the planner counts it).
-DEQUANT_CHUNK_WEIGHTS = 1 << 18
-# From this many rows (a prompt, not a decode step) a 16-bit layer multiplies in float32 with
-# its weights converted on the fly: oneDNN's fp32 GEMM beats its bf16 GEMM there (2-core
-# AVX-512 box: [256, 576] x [576, 6144] 6.4 ms fp32, 10.7 ms bf16). Int8 layers take their
-# own path from INT8_WIDE_ROWS (below).
-WIDE_ROWS = 32
-# ... converting this many weights at a time into one float32 buffer kept for the process
-# (4 MiB): no per-call allocation of a layer's float32 copy for the heap to hold on to.
-WIDE_CHUNK_WEIGHTS = 1 << 20
 _wide_buffer = torch.empty(0)
 
 
@@ -72,22 +74,7 @@ def wide_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return float32_matmul(x, weight.shape[0], weight.shape[1], lambda r, w: w.copy_(weight[r : r + w.shape[0]]))
 
 
-# From this many rows an int8 layer multiplies int8 x int8 -> int32 (torch._int_mm: oneDNN's
-# VNNI GEMM, ~4x the float32 GEMM's rate here) with each activation row written as int8
-# digits: x ~= s * (q1 + q2 / 254 [+ q3 / 254**2]), s = the row's absmax / 127. This is
-# weight-only int8 math, not activation quantization (one digit, W8A8 style, measured mean
-# KL 0.0083 against 0.0016 on SmolLM2). Two digits round each value to a step of max/32258;
-# a row's max being at most sqrt(in) times its rms, the rounding error over a row is then no
-# larger than bf16 rounding's (what the decode kernel's inputs get) up to
-# INT8_TWO_DIGITS_MAX_IN inputs; wider layers get a third digit. 2-core AVX-512 box, one
-# SmolLM2 layer's int8 matmuls: 256 rows 11.6 -> 7.0 ms against float32 GEMM on converted
-# weights, 8 rows 0.77 -> 0.63 ms against int8pack; under 8 rows int8pack is faster.
-INT8_WIDE_ROWS = 8
-# ... a chunk of weight rows at a time, so the int32 products stay this many values.
-INT8_WIDE_CHUNK = 1 << 19
-INT8_DIGIT = 254.0
-INT8_DIGIT_ROWS = 64  # activation rows turned into digits at a time
-INT8_TWO_DIGITS_MAX_IN = 126**2  # sqrt(in) / (32258 * sqrt(12)) <= 2**-9 / sqrt(3)
+INT8_DIGIT = 254.0  # an activation digit's range: -127..127
 
 
 def int8_wide_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,16 @@ typedef struct {
 } Mat;
 
 typedef struct {
-    const float *in_norm, *post_norm;
+    const float *in_norm, *post_norm; /* before attention, before the MLP */
     Mat qkv, o, gate_up, down;
+    /* what other families add (family.c); NULL / 0 where the layer has none */
+    const float *q_norm, *k_norm;              /* RMSNorm of each q and k head before rotary, [head_dim] */
+    const float *attn_out_norm, *mlp_out_norm; /* RMSNorm of the attention's and the MLP's outputs (Gemma) */
+    int rope;    /* the model's rotary table this layer uses; -1: no rotary (SmolLM3's no_rope_layers) */
+    int sliding; /* attends to the last `window` positions only, its KV cache a ring of that many */
 } Layer;
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, n_layers, vocab;
@@ -69,6 +76,13 @@ typedef struct {
     const float *norm;
     Mat head;
     Layer *layers;
+    /* family features (family.c); a plain Llama has n_ropes 0 (one table from the caller's
+     * rope_theta), embed_scale 1, attn_scale 0 (1 / sqrt(head_dim)), no caps, SiLU, no window */
+    int n_ropes;         /* rotary tables: inv_freq [n_ropes, head_dim / 2] */
+    float *inv_freq, *rope; /* rope: this step's cos | sin of each table, [n_ropes, 2, head_dim] */
+    float embed_scale, attn_scale, attn_softcap, final_softcap;
+    int act, window, n_sliding;
+    int *sliding_before; /* sliding-window layers below each layer: where its KV cache starts */
     /* scratch */
     float *x, *h, *qkv, *att, *gu, *tmp, *prep;
     float *scores; /* heads x scores_len: attention weights, grown with the cache */
@@ -76,6 +90,18 @@ typedef struct {
 } Model;
 
 /* ------------------------------------------------------------------ scalar helpers */
+
+/* The KV cache: per layer [kv_heads, positions, head_dim] keys (and as much values), a layer
+ * holding max_tokens positions, or min(window, max_tokens) for a sliding-window layer (a
+ * ring: position p in slot p % that). Where layer l's keys start and how many positions it holds: */
+static inline size_t kv_layer(const Model *m, int l, int max_tokens) {
+    if (!m->n_sliding) return (size_t)l * m->kv_heads * max_tokens * m->head_dim;
+    const size_t s = (size_t)m->sliding_before[l], cap = (size_t)(m->window < max_tokens ? m->window : max_tokens);
+    return (((size_t)l - s) * max_tokens + s * cap) * m->kv_heads * m->head_dim;
+}
+static inline int kv_positions(const Model *m, int l, int max_tokens) {
+    return m->layers[l].sliding && m->window < max_tokens ? m->window : max_tokens;
+}
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -209,6 +235,7 @@ extern const Kernels kernels_generic;
 #if EP_X86
 extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
+void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
@@ -229,6 +256,14 @@ extern pthread_mutex_t step_lock; /* one caller of the pool at a time: it and a 
 void pool_after_fork(void);
 int ensure_workers(int n);
 void parallel(task_fn fn, void *ctx, int nth);
+/* parallel() over `rows` shared out in chunks of whole `unit`s: a task takes them with take_rows */
+void parallel_rows(task_fn fn, void *ctx, int rows, int unit, int nth);
+int take_rows(int tid, int nth, int *lo, int *hi);
+/* the thread count for the next decode step (at most `most`), and its measured time after it */
+int adapt_threads(int most);
+void adapt_record(int nth, double seconds);
+int adapt_current(void);
+double pool_now(void);
 
 /* rows [lo, hi) of `rows` for thread tid of nth, in multiples of 4 (the kernels' unit) */
 static inline void split(int rows, int tid, int nth, int *lo, int *hi) {
@@ -247,6 +282,8 @@ typedef struct {
     /* attention */
     const uint16_t *kc, *vc;
     int n, max_tokens, layer;
+    int cap;         /* positions the layer's cache holds (kv_positions) */
+    size_t layer_at; /* where its keys / values start (kv_layer) */
 } Job;
 
 enum { P_SERIAL, P_QKV, P_ATTN, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_PARTS };
@@ -268,6 +305,7 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *w32, *scores, *rope, *xt;
     size_t w32_floats;
+    uint16_t *win; /* sliding-window layers: the keys | values a chunk attends to, in order (prompt.c) */
 } PromptScratch;
 
 void rope_tables(float theta, int D, int pos, float *cos, float *sin);
@@ -275,6 +313,29 @@ void int4_rows_f32(const Mat *m, int r0, int r1, float *out);
 int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s);
 void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, float theta,
                 float *logits, int nth, PromptScratch *s);
+
+/* ------------------------------------------------------------------ other families (family.c) */
+
+void rope_from_freqs(const float *inv_freq, int D, int pos, float *cos, float *sin);
+void model_rope(Model *m, int pos, float *cos, float *sin); /* each table's cos | sin, [n_ropes, 2, D] */
+void qk_norm(const Model *m, const Layer *L, float *qkv);
+void act_mul(const Model *m, const float *gate, const float *up, float *out, int n);
+void attn_capped(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float cap, float *s,
+                 float *out);
+void soft_cap(float *v, int n, float cap);
+void norm_add(const float *in, const float *w, float *x, float *tmp, int n, float eps); /* x += norm(in) */
+
+/* ------------------------------------------------------------------ several sequences (batch.c) */
+
+typedef struct {
+    int token, pos, max_tokens; /* the token at position pos of a cache of max_tokens */
+    uint16_t *kc, *vc;
+    float *logits; /* [vocab] */
+} BatchSeq;
+
+/* one decode step of each of B sequences, bitwise run_step's for each; -1 if out of memory
+ * (called under step_lock) */
+int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth);
 
 /* ------------------------------------------------------------------ convert.c, sample.c */
 

@@ -46,21 +46,78 @@ static void free_model(Model *m) {
     free(m->x);
     free(m->prep);
     free(m->scores);
+    free(m->inv_freq);
+    free(m->rope);
+    free(m->sliding_before);
     free(m);
 }
 
 static void capsule_free(PyObject *cap) { free_model((Model *)PyCapsule_GetPointer(cap, CAPSULE)); }
 
-/* new(dims, eps, (embed_type, embed), norm, head, layers)
+/* new(dims, eps, (embed_type, embed), norm, head, layers[, features])
  *   dims = (hidden, heads, kv_heads, head_dim, inter, vocab)
  *   head / a layer's matrices = (type, rows, cols, weight, scale or None, bias or None)
- *   layers = [(in_norm, post_norm, qkv, o, gate_up, down), ...] */
+ *   layers = [(in_norm, post_norm, qkv, o, gate_up, down[, q_norm, k_norm, attn_out_norm,
+ *              mlp_out_norm, rope, sliding]), ...]: norms are addresses or None, rope the
+ *              table the layer uses (-1: none), sliding 1 for a sliding-window layer
+ *   features = (embed_scale, attn_scale, attn_softcap, final_softcap, act, window, n_ropes,
+ *               inv_freq): inv_freq the address of n_ropes x head_dim / 2 float32 (copied);
+ *              n_ropes 0: the one table forward() makes from its rope_theta (engine.h, Model) */
+static int parse_features(PyObject *t, Model *m) {
+    PyObject *freqs;
+    m->embed_scale = 1.f;
+    if (!t) return 0;
+    if (!PyArg_ParseTuple(t, "ffffiiiO", &m->embed_scale, &m->attn_scale, &m->attn_softcap, &m->final_softcap, &m->act,
+                          &m->window, &m->n_ropes, &freqs))
+        return -1;
+    const float *inv = as_ptr(freqs);
+    if (PyErr_Occurred()) return -1;
+    if (!(m->embed_scale > 0.f) || m->attn_scale < 0.f || m->attn_softcap < 0.f || m->final_softcap < 0.f ||
+        (m->act != ACT_SILU && m->act != ACT_GELU_TANH) || m->window < 0 || m->n_ropes < 0 || m->n_ropes > 16 ||
+        (m->n_ropes && !inv)) {
+        PyErr_SetString(PyExc_ValueError, "bad model features");
+        return -1;
+    }
+    if (!m->n_ropes) return 0;
+    const size_t half = (size_t)m->n_ropes * m->head_dim / 2;
+    m->inv_freq = malloc(half * sizeof(float));
+    m->rope = malloc(4 * half * sizeof(float));
+    if (!m->inv_freq || !m->rope) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(m->inv_freq, inv, half * sizeof(float));
+    return 0;
+}
+
+/* a layer's features after its six required items (see new()) */
+static int parse_layer_features(PyObject *t, Model *m, Layer *L, int i) {
+    PyObject *qn = Py_None, *kn = Py_None, *an = Py_None, *mn = Py_None;
+    L->rope = 0, L->sliding = 0;
+    if (PyTuple_GET_SIZE(t) <= 6) return 0;
+    PyObject *rest = PyTuple_GetSlice(t, 6, PyTuple_GET_SIZE(t));
+    if (!rest) return -1;
+    const int ok = PyArg_ParseTuple(rest, "OOOOii", &qn, &kn, &an, &mn, &L->rope, &L->sliding);
+    Py_DECREF(rest);
+    if (!ok) return -1;
+    L->q_norm = as_ptr(qn), L->k_norm = as_ptr(kn), L->attn_out_norm = as_ptr(an), L->mlp_out_norm = as_ptr(mn);
+    if (PyErr_Occurred()) return -1;
+    const int tables = m->n_ropes ? m->n_ropes : 1;
+    if (!L->q_norm != !L->k_norm || L->rope < -1 || L->rope >= tables || (L->sliding && m->window <= 0)) {
+        PyErr_Format(PyExc_ValueError, "layer %d: bad features", i);
+        return -1;
+    }
+    L->sliding = L->sliding != 0;
+    m->n_sliding += L->sliding;
+    return 0;
+}
+
 static PyObject *py_new(PyObject *self, PyObject *args) {
     int hidden, heads, kv_heads, head_dim, inter, vocab, embed_type;
     float eps;
-    PyObject *embed, *norm, *head, *layers;
-    if (!PyArg_ParseTuple(args, "(iiiiii)f(iO)OOO", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
-                          &embed_type, &embed, &norm, &head, &layers))
+    PyObject *embed, *norm, *head, *layers, *features = NULL;
+    if (!PyArg_ParseTuple(args, "(iiiiii)f(iO)OOO|O", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
+                          &embed_type, &embed, &norm, &head, &layers, &features))
         return NULL;
     if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim % 2 || inter <= 0 ||
         vocab <= 0 || embed_type < W_INT8 + 1 || embed_type > W_F32) {
@@ -87,10 +144,18 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
     if (!m->layers || !m->x || !m->prep) goto nomem;
     m->h = m->x + hidden, m->qkv = m->h + hidden, m->att = m->qkv + qkv, m->gu = m->att + (size_t)heads * head_dim;
     m->tmp = m->gu + 2 * (size_t)inter;
+    if (parse_features(features, m)) goto fail;
     for (int i = 0; i < m->n_layers; i++) {
         Layer *L = &m->layers[i];
-        PyObject *in_norm, *post_norm, *a, *b, *c, *d;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOOOOO", &in_norm, &post_norm, &a, &b, &c, &d)) goto fail;
+        PyObject *in_norm, *post_norm, *a, *b, *c, *d, *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 6) {
+            PyErr_Format(PyExc_TypeError, "layer %d: a tuple of 6 or 12 items was expected", i);
+            goto fail;
+        }
+        PyObject *six = PyTuple_GetSlice(item, 0, 6);
+        const int parsed = six && PyArg_ParseTuple(six, "OOOOOO", &in_norm, &post_norm, &a, &b, &c, &d);
+        Py_XDECREF(six);
+        if (!parsed || parse_layer_features(item, m, L, i)) goto fail;
         L->in_norm = as_ptr(in_norm), L->post_norm = as_ptr(post_norm);
         if (PyErr_Occurred() || parse_mat(a, &L->qkv) || parse_mat(b, &L->o) || parse_mat(c, &L->gate_up) ||
             parse_mat(d, &L->down))
@@ -100,6 +165,11 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "layer %d: matrix shapes do not match the model's dimensions", i);
             goto fail;
         }
+    }
+    if (m->n_sliding) {
+        m->sliding_before = malloc((size_t)m->n_layers * sizeof(int));
+        if (!m->sliding_before) goto nomem;
+        for (int i = 0, below = 0; i < m->n_layers; below += m->layers[i++].sliding) m->sliding_before[i] = below;
     }
     if (m->head.rows != vocab || m->head.cols != hidden || !m->embed || !m->norm) {
         PyErr_SetString(PyExc_ValueError, "head, embedding or norm do not match the model's dimensions");
@@ -147,14 +217,16 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* forward(model, tokens, pos, k_cache, v_cache, max_tokens, rope_theta, logits, threads): the
- * tokens (a sequence of ints) at positions pos.. written into the KV cache, the last one's
- * logits into `logits`. One token is a decode step (run_step), more a prompt (run_prompt). */
+/* forward(model, tokens, pos, k_cache, v_cache, max_tokens, rope_theta, logits, threads[, adapt]):
+ * the tokens (a sequence of ints) at positions pos.. written into the KV cache, the last one's
+ * logits into `logits`. One token is a decode step (run_step), more a prompt (run_prompt).
+ * adapt: a decode step runs on the thread count, at most `threads`, measured fastest (pool.c). */
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     PyObject *cap, *seq_in, *kc, *vc, *logits;
-    int pos, max_tokens, threads;
+    int pos, max_tokens, threads, adapt = 0;
     float theta;
-    if (!PyArg_ParseTuple(args, "OOiOOifOi", &cap, &seq_in, &pos, &kc, &vc, &max_tokens, &theta, &logits, &threads))
+    if (!PyArg_ParseTuple(args, "OOiOOifOi|p", &cap, &seq_in, &pos, &kc, &vc, &max_tokens, &theta, &logits, &threads,
+                          &adapt))
         return NULL;
     Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
     if (!m) return NULL;
@@ -195,8 +267,11 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         ok = grow_scores(m, max_tokens) && m->head_dim <= 512;
         if (ok) {
             rope_tables(theta, m->head_dim, pos, rope, rope + m->head_dim);
+            const int nth = adapt ? adapt_threads(threads) : threads;
+            const double t0 = pool_now();
             run_step(m, tokens[0], pos, (uint16_t *)k, (uint16_t *)v, max_tokens, rope, rope + m->head_dim, (float *)out,
-                     threads);
+                     nth);
+            if (adapt) adapt_record(nth, pool_now() - t0);
         }
     } else {
         PromptScratch s;
@@ -211,6 +286,60 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     free(tokens);
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* step_batch(model, steps, rope_theta, threads): one decode step of each sequence in `steps`,
+ * a sequence of (token, pos, k_cache, v_cache, max_tokens, logits) (batch.c) */
+static PyObject *py_step_batch(PyObject *self, PyObject *args) {
+    PyObject *cap, *list;
+    float theta;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOfi", &cap, &list, &theta, &threads)) return NULL;
+    Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
+    if (!m) return NULL;
+    PyObject *seq = PySequence_Fast(list, "steps must be a sequence of tuples");
+    if (!seq) return NULL;
+    const Py_ssize_t B = PySequence_Fast_GET_SIZE(seq);
+    BatchSeq *seqs = calloc(B ? (size_t)B : 1, sizeof(BatchSeq));
+    if (!seqs) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < B; i++) {
+        BatchSeq *q = &seqs[i];
+        PyObject *kc, *vc, *out;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiOOiO", &q->token, &q->pos, &kc, &vc, &q->max_tokens, &out))
+            goto fail;
+        q->kc = as_ptr(kc), q->vc = as_ptr(vc), q->logits = as_ptr(out);
+        if (PyErr_Occurred()) goto fail;
+        if (q->token < 0 || q->token >= m->vocab || q->pos < 0 || q->pos >= q->max_tokens || !q->kc || !q->vc || !q->logits) {
+            PyErr_Format(PyExc_ValueError, "step %zd: token %d at position %d is outside the model (vocab %d) or cache (%d)",
+                         i, q->token, q->pos, m->vocab, q->max_tokens);
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    if (!(theta > 0.f) || m->head_dim > 512) {
+        free(seqs);
+        PyErr_SetString(PyExc_ValueError, "step_batch: bad rope_theta or head_dim");
+        return NULL;
+    }
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_lock);
+    const int running = ensure_workers(threads - 1);
+    threads = running < threads ? running : threads;
+    if (B > 0) ok = run_steps(m, seqs, (int)B, theta, threads) == 0;
+    pthread_mutex_unlock(&step_lock);
+    Py_END_ALLOW_THREADS
+    free(seqs);
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(seq);
+    free(seqs);
+    return NULL;
 }
 
 /* address(buffer): where a buffer's bytes are (the caller keeps the object alive) */
@@ -287,12 +416,12 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
 }
 
 /* a task on `threads` threads from Python: the GIL released, one caller of the pool at a time */
-static void parallel_without_gil(task_fn task, void *ctx, int threads) {
+static void parallel_without_gil(task_fn task, void *ctx, int rows, int threads) {
     threads = threads < 1 ? 1 : threads;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_lock);
     ensure_workers(threads - 1);
-    parallel(task, ctx, threads);
+    parallel_rows(task, ctx, rows, 4, threads);
     pthread_mutex_unlock(&step_lock);
     Py_END_ALLOW_THREADS
 }
@@ -317,7 +446,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         prep_int4(&mat, xp, prep);
     }
     Job j = {.mat = &mat, .in = xp, .prep = prep, .out = yp, .add = 0};
-    parallel_without_gil(task_mat, &j, threads);
+    parallel_without_gil(task_mat, &j, mat.rows, threads);
     free(prep);
     Py_RETURN_NONE;
 }
@@ -349,7 +478,7 @@ static PyObject *py_dequant_int4(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad matrix description");
         return NULL;
     }
-    parallel_without_gil(task_dequant, &d, threads);
+    parallel_without_gil(task_dequant, &d, mat.rows, threads);
     Py_RETURN_NONE;
 }
 
@@ -412,9 +541,14 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(previous);
 }
 
+/* threads_in_use(): the thread count adaptive decode steps run on now (0 before the first) */
+static PyObject *py_threads_in_use(PyObject *self, PyObject *noargs) { return PyLong_FromLong(adapt_current()); }
+
 static PyMethodDef methods[] = {
+    {"threads_in_use", py_threads_in_use, METH_NOARGS, "Threads adaptive decode steps run on now."},
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
+    {"step_batch", py_step_batch, METH_VARARGS, "One decode step of each of several sequences, weights read once."},
     {"forward", py_forward, METH_VARARGS, "Tokens through the model (a prompt or one step): KV cache and last logits."},
     {"sample", py_sample, METH_VARARGS, "A token drawn from logits with temperature, top-k and top-p."},
     {"address", py_address, METH_O, "Where a buffer's bytes are."},

@@ -1,21 +1,58 @@
-/* The engine's thread pool. Workers spin briefly between the parallel parts of a step
- * (microseconds apart) and sleep on a condition variable between steps, so they hold no
- * core while Python or torch runs. Dekker-style handshake: the caller bumps the generation,
- * then wakes sleepers; a worker announces it sleeps, then re-checks the generation under
- * the mutex. */
+/* The engine's thread pool, built for boxes where other programs run too.
+ *
+ * Waiting: a thread spins at most SPIN_NS for the next part of a step (they come
+ * microseconds apart), then sleeps on a futex (Linux; a condition variable elsewhere). A
+ * worker that spins for long burns its share of a core it shares with another program, and
+ * the scheduler then preempts it in the middle of its rows while every other thread waits:
+ * with 20,000 spins (60 us to 1.4 ms by CPU) and one busy core beside it, SmolLM2-135M fell
+ * from ~108 to 22 tok/s on a 2-core box.
+ *
+ * Rows: each thread first takes its own contiguous region of a matrix's rows (so the threads
+ * stream disjoint memory), a chunk at a time, then takes chunks left in the others' regions:
+ * a thread slowed by another program leaves its rows to the rest. Which thread computes a row
+ * does not change its value, so results are bit-identical for any thread count.
+ *
+ * Thread count: adapt_threads picks it per decode step from measured step times (below). */
+#include <limits.h>
+#include <time.h>
+
 #include "engine.h"
 
-#define SPIN_LIMIT 20000
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#ifndef SPIN_NS
+#define SPIN_NS 50000
+#endif
+
+/* one cache line per worker: its wake-up word and whether it sleeps on it */
+typedef struct {
+    _Alignas(64) atomic_int go;
+    atomic_int sleeping;
+} Slot;
+
+/* one cache line per region of rows: the next row to take and the region's end */
+typedef struct {
+    _Alignas(64) atomic_int next;
+    int end, chunk;
+} Region;
 
 static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    atomic_int gen, pending, sleeping;
-    int workers, active;
+    Slot slot[MAX_THREADS];
+    Region region[MAX_THREADS];
+    _Alignas(64) atomic_int pending, caller_sleeping;
+    int workers, active, gen;
     task_fn fn;
     void *ctx;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} pool;
 pthread_mutex_t step_lock = PTHREAD_MUTEX_INITIALIZER;
+#ifndef __linux__
+static pthread_mutex_t wait_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wait_cv = PTHREAD_COND_INITIALIZER;
+#endif
 
 static inline void cpu_relax(void) {
 #if EP_X86
@@ -25,28 +62,60 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static int start_gen[MAX_THREADS]; /* the generation a worker was created at */
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* sleep while *w == v (returns at once if it differs, or spuriously) */
+static void sleep_on(atomic_int *w, int v) {
+#ifdef __linux__
+    syscall(SYS_futex, (int *)w, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+#else
+    pthread_mutex_lock(&wait_mu);
+    if (atomic_load(w) == v) pthread_cond_wait(&wait_cv, &wait_mu);
+    pthread_mutex_unlock(&wait_mu);
+#endif
+}
+
+static void wake(atomic_int *w) {
+#ifdef __linux__
+    syscall(SYS_futex, (int *)w, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)w;
+    pthread_mutex_lock(&wait_mu);
+    pthread_cond_broadcast(&wait_cv);
+    pthread_mutex_unlock(&wait_mu);
+#endif
+}
+
+/* spin up to SPIN_NS while *w == v; 1 if it changed meanwhile */
+static int spin_while(atomic_int *w, int v) {
+    const double until = now_s() + SPIN_NS * 1e-9;
+    for (int i = 1;; i++) {
+        if (atomic_load_explicit(w, memory_order_acquire) != v) return 1;
+        cpu_relax();
+        if (!(i & 63) && now_s() > until) return 0;
+    }
+}
+
+static int start_go[MAX_THREADS]; /* a worker's word when it was created: a job may be posted before it runs */
 
 static void *worker_main(void *arg) {
     const int tid = (int)(intptr_t)arg;
-    int seen = start_gen[tid]; /* not pool.gen now: a job may have been posted since */
+    Slot *s = &pool.slot[tid];
+    int seen = start_go[tid];
     for (;;) {
-        int g, spins = 0;
-        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_LIMIT) {
-                cpu_relax();
-                continue;
-            }
-            pthread_mutex_lock(&pool.mu);
-            atomic_fetch_add(&pool.sleeping, 1);
-            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
-            atomic_fetch_sub(&pool.sleeping, 1);
-            pthread_mutex_unlock(&pool.mu);
-            break;
+        if (!spin_while(&s->go, seen)) {
+            /* Dekker with parallel(): announce the sleep, then re-check the word */
+            atomic_store(&s->sleeping, 1);
+            while (atomic_load(&s->go) == seen) sleep_on(&s->go, seen);
+            atomic_store(&s->sleeping, 0);
         }
-        seen = g;
-        if (tid < pool.active) pool.fn(pool.ctx, tid, pool.active);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel);
+        seen = atomic_load_explicit(&s->go, memory_order_acquire);
+        pool.fn(pool.ctx, tid, pool.active);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_sleeping)) wake(&pool.pending);
     }
     return NULL;
 }
@@ -54,10 +123,13 @@ static void *worker_main(void *arg) {
 void pool_after_fork(void) { /* threads do not survive fork(): start afresh */
     pool.workers = 0;
     atomic_store(&pool.pending, 0);
-    atomic_store(&pool.sleeping, 0);
-    pthread_mutex_init(&pool.mu, NULL);
-    pthread_cond_init(&pool.cv, NULL);
+    atomic_store(&pool.caller_sleeping, 0);
+    for (int i = 0; i < MAX_THREADS; i++) atomic_store(&pool.slot[i].sleeping, 0);
     pthread_mutex_init(&step_lock, NULL);
+#ifndef __linux__
+    pthread_mutex_init(&wait_mu, NULL);
+    pthread_cond_init(&wait_cv, NULL);
+#endif
 }
 
 /* at least n workers besides the caller, as far as the system allows; the threads there are */
@@ -68,7 +140,7 @@ int ensure_workers(int n) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        start_gen[pool.workers + 1] = atomic_load(&pool.gen);
+        start_go[pool.workers + 1] = atomic_load(&pool.slot[pool.workers + 1].go);
         int rc = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool.workers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
@@ -87,13 +159,109 @@ void parallel(task_fn fn, void *ctx, int nth) {
     pool.fn = fn;
     pool.ctx = ctx;
     pool.active = nth;
-    atomic_store(&pool.pending, pool.workers);
-    atomic_fetch_add(&pool.gen, 1); /* seq_cst: publishes fn/ctx/active */
-    if (atomic_load(&pool.sleeping) > 0) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.mu);
+    atomic_store(&pool.pending, nth - 1);
+    pool.gen++;
+    for (int t = 1; t < nth; t++) { /* seq_cst stores: publish fn/ctx/active first */
+        atomic_store(&pool.slot[t].go, pool.gen);
+        if (atomic_load(&pool.slot[t].sleeping)) wake(&pool.slot[t].go);
     }
     fn(ctx, 0, nth);
+    int left = atomic_load_explicit(&pool.pending, memory_order_acquire);
+    if (left > 0 && !spin_while(&pool.pending, left)) {
+        atomic_store(&pool.caller_sleeping, 1);
+        while ((left = atomic_load(&pool.pending)) > 0) sleep_on(&pool.pending, left);
+        atomic_store(&pool.caller_sleeping, 0);
+    }
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
 }
+
+/* ------------------------------------------------------------------ rows shared out */
+
+/* split `rows` into nth regions for the next parallel() (split() gives the bounds), taken
+ * `unit` rows at a time at least: chunks of ~1/8 of a region, so a slowed thread holds few rows */
+static void share_rows(int rows, int nth, int unit) {
+    if (nth > pool.workers + 1) nth = pool.workers + 1;
+    if (nth < 1) nth = 1;
+    for (int t = 0; t < nth; t++) {
+        int lo, hi;
+        split(rows, t, nth, &lo, &hi);
+        if (unit > 1 && t > 0) lo = lo / unit * unit;
+        if (unit > 1 && t < nth - 1) hi = hi / unit * unit;
+        int chunk = (hi - lo) / 8;
+        chunk = unit > 1 ? (chunk < 4 * unit ? 4 * unit : chunk / unit * unit) : (chunk < 1 ? 1 : chunk);
+        atomic_store_explicit(&pool.region[t].next, lo, memory_order_relaxed);
+        pool.region[t].end = hi;
+        pool.region[t].chunk = chunk;
+    }
+}
+
+/* the next rows [lo, hi) for thread tid of nth: its own region first, then the others'; 0 when none are left */
+int take_rows(int tid, int nth, int *lo, int *hi) {
+    for (int i = 0; i < nth; i++) {
+        Region *r = &pool.region[(tid + i) % nth];
+        if (atomic_load_explicit(&r->next, memory_order_relaxed) >= r->end) continue;
+        const int at = atomic_fetch_add_explicit(&r->next, r->chunk, memory_order_relaxed);
+        if (at >= r->end) continue;
+        *lo = at;
+        *hi = at + r->chunk < r->end ? at + r->chunk : r->end;
+        return 1;
+    }
+    return 0;
+}
+
+void parallel_rows(task_fn fn, void *ctx, int rows, int unit, int nth) {
+    share_rows(rows, nth, unit);
+    parallel(fn, ctx, nth);
+}
+
+/* ------------------------------------------------------------------ thread count per step
+ *
+ * A step's time with n threads, averaged (EMA) per n. The count in use is the fastest known;
+ * every PROBE_EVERY steps one step runs with a neighbouring count (one fewer, then one more,
+ * alternately) to refresh its figure: another program may have started or stopped. A count is
+ * kept over a smaller one only when more than MARGIN faster (a thread costs a core). */
+#define PROBE_EVERY 24
+#define MARGIN 0.03
+
+static struct {
+    double ema[MAX_THREADS + 1];
+    int current, most, steps, probe_up;
+} adapt;
+
+void adapt_reset(void) { memset(&adapt, 0, sizeof adapt); }
+
+int adapt_threads(int most) {
+    if (most < 1) most = 1;
+    if (adapt.most != most || adapt.current < 1 || adapt.current > most) {
+        adapt_reset();
+        adapt.most = most;
+        adapt.current = most;
+    }
+    adapt.steps++;
+    if (adapt.steps % PROBE_EVERY == 3) { /* the first at step 3: the first step warms the cache pages */
+        const int up = adapt.current + 1, down = adapt.current - 1;
+        adapt.probe_up = !adapt.probe_up;
+        if (adapt.probe_up && up <= most) return up;
+        if (down >= 1) return down;
+        if (up <= most) return up;
+    }
+    return adapt.current;
+}
+
+void adapt_record(int nth, double seconds) {
+    if (nth < 1 || nth > MAX_THREADS || !(seconds > 0.0)) return;
+    double *e = &adapt.ema[nth];
+    *e = *e > 0.0 ? 0.75 * *e + 0.25 * seconds : seconds;
+    /* the fastest of the current count and its neighbours, fewer threads on near-ties */
+    int best = adapt.current;
+    for (int n = adapt.current - 1; n <= adapt.current + 1; n++) {
+        if (n < 1 || n > adapt.most || adapt.ema[n] <= 0.0 || n == best) continue;
+        const double b = adapt.ema[best], c = adapt.ema[n];
+        if (n < best ? c < b * (1.0 + MARGIN) : c < b * (1.0 - MARGIN)) best = n;
+    }
+    adapt.current = best;
+}
+
+int adapt_current(void) { return adapt.current; }
+
+double pool_now(void) { return now_s(); }

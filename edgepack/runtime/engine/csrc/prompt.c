@@ -102,28 +102,31 @@ typedef struct {
     float *q, *att, *scores;
     const uint16_t *kc, *vc;
     int pos, max_tokens, layer, qkv_width;
+    int cap;         /* positions the layer's cache holds (kv_positions) */
+    size_t layer_at; /* where its keys / values start (kv_layer) */
+    int win_len, win_prev; /* a sliding-window layer: keys | values in s->win, win_prev of them before the chunk */
+    const uint16_t *win;
 } Batch;
 
 static void task_gemm(void *ctx, int tid, int nth) {
     Batch *b = (Batch *)ctx;
     int lo, hi;
-    split(b->mat->rows, tid, nth, &lo, &hi);
-    if (hi > lo) gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
+    while (take_rows(tid, nth, &lo, &hi))
+        gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, b->w32 + tid * b->w32_floats, b->out, b->ldo, b->add);
 }
 
 static void task_gemm_gate_up(void *ctx, int tid, int nth) {
     Batch *b = (Batch *)ctx;
     const int inter = b->m->inter;
     int lo, hi;
-    split(inter, tid, nth, &lo, &hi);
-    if (hi <= lo) return;
     float *w32 = b->w32 + tid * b->w32_floats;
-    gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, w32, b->out, 2 * inter, 0);
-    gemm_rows(b->mat, b->xt, b->ldx, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
-    const silu_fn silu = kernels->silu;
-    for (int t = 0; t < b->T; t++) {
-        const float *g = b->out + (size_t)t * 2 * inter;
-        silu(g + lo, g + inter + lo, b->act + (size_t)t * inter + lo, hi - lo);
+    while (take_rows(tid, nth, &lo, &hi)) {
+        gemm_rows(b->mat, b->xt, b->ldx, b->T, lo, hi, w32, b->out, 2 * inter, 0);
+        gemm_rows(b->mat, b->xt, b->ldx, b->T, inter + lo, inter + hi, w32, b->out, 2 * inter, 0);
+        for (int t = 0; t < b->T; t++) {
+            const float *g = b->out + (size_t)t * 2 * inter;
+            act_mul(b->m, g + lo, g + inter + lo, b->act + (size_t)t * inter + lo, hi - lo);
+        }
     }
 }
 
@@ -133,14 +136,27 @@ static void task_attn_batch(void *ctx, int tid, int nth) {
     Model *m = b->m;
     const int D = m->head_dim, group = m->heads / m->kv_heads, pairs = b->T * m->heads;
     const int lo = (int)((long long)pairs * tid / nth), hi = (int)((long long)pairs * (tid + 1) / nth);
-    const float scale = 1.f / sqrtf((float)D);
+    const float scale = m->attn_scale > 0.f ? m->attn_scale : 1.f / sqrtf((float)D);
     const attn_fn attn = kernels->attn;
     float *s = b->scores + (size_t)tid * b->max_tokens;
     for (int p = lo; p < hi; p++) {
         const int t = p / m->heads, h = p % m->heads;
-        const size_t base = ((size_t)b->layer * m->kv_heads + h / group) * b->max_tokens * D;
-        attn(b->q + (size_t)t * b->qkv_width + (size_t)h * D, b->kc + base, b->vc + base, b->pos + t + 1, D, scale, s,
-             b->att + (size_t)t * m->heads * D + (size_t)h * D);
+        const uint16_t *K, *V;
+        int n = b->pos + t + 1;
+        if (b->win) { /* the last `window` positions up to this token's, in order in s->win */
+            const int first = n > m->window ? n - m->window : 0; /* the first position it sees */
+            const size_t at = ((size_t)(h / group) * b->win_len + first - (b->pos - b->win_prev)) * D;
+            K = b->win + at, V = b->win + (size_t)m->kv_heads * b->win_len * D + at, n -= first;
+        } else {
+            const size_t base = b->layer_at + (size_t)(h / group) * b->cap * D;
+            K = b->kc + base, V = b->vc + base;
+        }
+        const float *q = b->q + (size_t)t * b->qkv_width + (size_t)h * D;
+        float *out = b->att + (size_t)t * m->heads * D + (size_t)h * D;
+        if (m->attn_softcap > 0.f)
+            attn_capped(q, K, V, n, D, scale, m->attn_softcap, s, out);
+        else
+            attn(q, K, V, n, D, scale, s, out);
     }
 }
 
@@ -160,15 +176,59 @@ int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s) {
     s->w32_floats = (size_t)PB * (widest > qn ? widest : qn);
     const size_t per_token = (size_t)2 * H + qkv + qn + 2 * (size_t)m->inter + m->inter;
     const size_t xt_floats = (size_t)(widest > qn ? widest : qn) * (CHUNK + 16);
-    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens + 2 * (size_t)CHUNK * m->head_dim + xt_floats;
+    const size_t ropes = m->n_ropes > 1 ? (size_t)m->n_ropes : 1;
+    /* a sliding-window layer's keys and values (bfloat16, two a float) for a chunk and the window before it */
+    const int window = m->window < max_tokens ? m->window : max_tokens;
+    const size_t win_floats = m->n_sliding ? (size_t)m->kv_heads * (window - 1 + CHUNK) * m->head_dim : 0;
+    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens +
+                          2 * ropes * CHUNK * m->head_dim + xt_floats + win_floats;
     s->x = malloc(floats * sizeof(float));
     if (!s->x) return -1;
     s->h = s->x + (size_t)CHUNK * H, s->qkv = s->h + (size_t)CHUNK * H, s->att = s->qkv + (size_t)CHUNK * qkv;
     s->gu = s->att + (size_t)CHUNK * qn, s->act = s->gu + (size_t)CHUNK * 2 * m->inter;
     s->w32 = s->act + (size_t)CHUNK * m->inter, s->scores = s->w32 + nth * s->w32_floats;
     s->rope = s->scores + (size_t)nth * max_tokens;
-    s->xt = s->rope + 2 * (size_t)CHUNK * m->head_dim;
+    s->xt = s->rope + 2 * ropes * CHUNK * m->head_dim;
+    s->win = (uint16_t *)(s->xt + xt_floats);
     return 0;
+}
+
+/* a chunk's keys and values (row t of qkv: position p0 + t) into layer l's cache; for a layer
+ * whose ring is shorter than the cache, also the chunk and the window before it, in order,
+ * into s->win for the chunk's attention (the ring would overwrite positions the chunk's first
+ * tokens still see) */
+static void write_kv(Model *m, int l, Batch *b, PromptScratch *s, int n, int width) {
+    const int D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D, p0 = b->pos;
+    const int cap = b->cap;
+    uint16_t *kc = (uint16_t *)b->kc, *vc = (uint16_t *)b->vc;
+    b->win = NULL;
+    if (m->layers[l].sliding && cap < b->max_tokens) {
+        const int prev = p0 < m->window - 1 ? p0 : m->window - 1, len = prev + n;
+        uint16_t *wk = s->win, *wv = s->win + (size_t)m->kv_heads * len * D;
+        for (int g = 0; g < m->kv_heads; g++) {
+            for (int i = 0; i < prev; i++) { /* position p0 - prev + i, from its slot in the ring */
+                const size_t from = b->layer_at + ((size_t)g * cap + (p0 - prev + i) % cap) * D;
+                memcpy(wk + ((size_t)g * len + i) * D, kc + from, (size_t)D * 2);
+                memcpy(wv + ((size_t)g * len + i) * D, vc + from, (size_t)D * 2);
+            }
+            for (int t = 0; t < n; t++) {
+                const float *row = s->qkv + (size_t)t * width;
+                uint16_t *k = wk + ((size_t)g * len + prev + t) * D, *v = wv + ((size_t)g * len + prev + t) * D;
+                for (int d = 0; d < D; d++) k[d] = f32_to_bf16(row[qn + g * D + d]), v[d] = f32_to_bf16(row[qn + kn + g * D + d]);
+            }
+        }
+        b->win = s->win, b->win_len = len, b->win_prev = prev;
+    }
+    for (int t = 0; t < n; t++) {
+        const float *row = s->qkv + (size_t)t * width;
+        for (int g = 0; g < m->kv_heads; g++) {
+            const size_t at = b->layer_at + ((size_t)g * cap + (p0 + t) % cap) * D;
+            for (int d = 0; d < D; d++) {
+                kc[at + d] = f32_to_bf16(row[qn + g * D + d]);
+                vc[at + d] = f32_to_bf16(row[qn + kn + g * D + d]);
+            }
+        }
+    }
 }
 
 /* tokens [0, T) at positions pos.. through the model in chunks; the logits of the last */
@@ -177,48 +237,56 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D, width = qn + 2 * kn;
     Batch b = {.m = m, .w32 = s->w32, .w32_floats = s->w32_floats, .kc = kc, .vc = vc, .max_tokens = max_tokens,
                .scores = s->scores, .qkv_width = width, .q = s->qkv, .att = s->att};
-    float *cos = s->rope, *sin = s->rope + (size_t)CHUNK * D; /* the chunk's positions, [CHUNK, D] */
+    const size_t rope_floats = 2 * (size_t)CHUNK * D; /* a table's cos | sin for the chunk's positions, [2, CHUNK, D] */
     const int lanes = kernels->tiles->lanes;
     for (int c0 = 0; c0 < T; c0 += CHUNK) {
         const int n = T - c0 < CHUNK ? T - c0 : CHUNK, p0 = pos + c0;
         for (int t = 0; t < n; t++)
             for (int i = 0; i < H; i++) s->x[(size_t)t * H + i] = load_value(m->embed_type, m->embed, (size_t)tokens[c0 + t] * H + i);
-        for (int t = 0; t < n; t++) rope_tables(theta, D, p0 + t, cos + (size_t)t * D, sin + (size_t)t * D);
+        if (m->embed_scale != 1.f)
+            for (size_t i = 0; i < (size_t)n * H; i++) s->x[i] *= m->embed_scale;
+        for (int t = 0; t < n; t++) {
+            float *cos = s->rope + (size_t)t * D, *sin = cos + (size_t)CHUNK * D;
+            if (!m->n_ropes) rope_tables(theta, D, p0 + t, cos, sin);
+            for (int r = 0; r < m->n_ropes; r++)
+                rope_from_freqs(m->inv_freq + (size_t)r * D / 2, D, p0 + t, cos + r * rope_floats, sin + r * rope_floats);
+        }
         b.T = n, b.pos = p0, b.ldx = (n + lanes - 1) / lanes * lanes, b.xt = s->xt;
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = &m->layers[l];
             for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->in_norm, s->h + (size_t)t * H, H, m->eps);
             transpose_inputs(s->h, n, H, s->xt, b.ldx);
             b.mat = &L->qkv, b.out = s->qkv, b.ldo = width, b.add = 0;
-            parallel(task_gemm, &b, nth);
+            parallel_rows(task_gemm, &b, L->qkv.rows, PB, nth);
             for (int t = 0; t < n; t++) {
                 float *row = s->qkv + (size_t)t * width;
-                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos + (size_t)t * D, sin + (size_t)t * D, D);
-                for (int g = 0; g < m->kv_heads; g++) {
-                    const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + p0 + t) * D;
-                    for (int d = 0; d < D; d++) {
-                        kc[at + d] = f32_to_bf16(row[qn + g * D + d]);
-                        vc[at + d] = f32_to_bf16(row[qn + kn + g * D + d]);
-                    }
-                }
+                if (L->q_norm) qk_norm(m, L, row);
+                if (L->rope < 0) continue;
+                const float *cos = s->rope + L->rope * rope_floats + (size_t)t * D, *sin = cos + (size_t)CHUNK * D;
+                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos, sin, D);
             }
-            b.layer = l;
+            b.layer = l, b.cap = kv_positions(m, l, max_tokens), b.layer_at = kv_layer(m, l, max_tokens);
+            write_kv(m, l, &b, s, n, width);
             parallel(task_attn_batch, &b, nth);
             transpose_inputs(s->att, n, qn, s->xt, b.ldx);
-            b.mat = &L->o, b.out = s->x, b.ldo = H, b.add = 1;
-            parallel(task_gemm, &b, nth);
+            b.mat = &L->o, b.out = L->attn_out_norm ? s->h : s->x, b.ldo = H, b.add = !L->attn_out_norm;
+            parallel_rows(task_gemm, &b, H, PB, nth);
+            if (L->attn_out_norm)
+                for (int t = 0; t < n; t++) norm_add(s->h + (size_t)t * H, L->attn_out_norm, s->x + (size_t)t * H, s->h + (size_t)t * H, H, m->eps);
             for (int t = 0; t < n; t++) rms_norm(s->x + (size_t)t * H, L->post_norm, s->h + (size_t)t * H, H, m->eps);
             transpose_inputs(s->h, n, H, s->xt, b.ldx);
             b.mat = &L->gate_up, b.out = s->gu, b.act = s->act;
-            parallel(task_gemm_gate_up, &b, nth);
+            parallel_rows(task_gemm_gate_up, &b, m->inter, PB, nth);
             transpose_inputs(s->act, n, m->inter, s->xt, b.ldx);
-            b.mat = &L->down, b.out = s->x, b.ldo = H, b.add = 1;
-            parallel(task_gemm, &b, nth);
+            b.mat = &L->down, b.out = L->mlp_out_norm ? s->h : s->x, b.ldo = H, b.add = !L->mlp_out_norm;
+            parallel_rows(task_gemm, &b, H, PB, nth);
+            if (L->mlp_out_norm)
+                for (int t = 0; t < n; t++) norm_add(s->h + (size_t)t * H, L->mlp_out_norm, s->x + (size_t)t * H, s->h + (size_t)t * H, H, m->eps);
         }
     }
     const int last = (T - 1) % CHUNK;
     rms_norm(s->x + (size_t)last * H, m->norm, m->h, H, m->eps);
     Job j = {.m = m};
     product(&j, task_mat, &m->head, m->h, logits, 0, nth);
+    if (m->final_softcap > 0.f) soft_cap(logits, m->vocab, m->final_softcap);
 }
-

@@ -34,39 +34,45 @@ static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, 
 void task_mat(void *ctx, int tid, int nth) {
     Job *j = (Job *)ctx;
     int lo, hi;
-    split(j->mat->rows, tid, nth, &lo, &hi);
-    if (!j->add) {
-        mat_rows(j->mat, j->in, j->prep, j->out, lo, hi);
-        return;
+    while (take_rows(tid, nth, &lo, &hi)) {
+        if (!j->add) {
+            mat_rows(j->mat, j->in, j->prep, j->out, lo, hi);
+            continue;
+        }
+        mat_rows(j->mat, j->in, j->prep, j->m->tmp, lo, hi);
+        for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
     }
-    mat_rows(j->mat, j->in, j->prep, j->m->tmp, lo, hi);
-    for (int r = lo; r < hi; r++) j->out[r] += j->m->tmp[r];
 }
 
 static void task_gate_up(void *ctx, int tid, int nth) { /* gu[r] = silu(gate[r]) * up[r] */
     Job *j = (Job *)ctx;
     const int inter = j->m->inter;
     int lo, hi;
-    split(inter, tid, nth, &lo, &hi);
-    if (hi <= lo) return;
     float *g = j->m->gu;
-    mat_rows(j->mat, j->in, j->prep, g, lo, hi);
-    mat_rows(j->mat, j->in, j->prep, g, inter + lo, inter + hi);
-    kernels->silu(g + lo, g + inter + lo, j->out + lo, hi - lo);
+    while (take_rows(tid, nth, &lo, &hi)) {
+        mat_rows(j->mat, j->in, j->prep, g, lo, hi);
+        mat_rows(j->mat, j->in, j->prep, g, inter + lo, inter + hi);
+        act_mul(j->m, g + lo, g + inter + lo, j->out + lo, hi - lo);
+    }
 }
 
 static void task_attn(void *ctx, int tid, int nth) {
     Job *j = (Job *)ctx;
     Model *m = j->m;
     const int D = m->head_dim, group = m->heads / m->kv_heads;
-    const int lo = m->heads * tid / nth, hi = m->heads * (tid + 1) / nth;
-    const float scale = 1.f / sqrtf((float)D);
+    const float scale = m->attn_scale > 0.f ? m->attn_scale : 1.f / sqrtf((float)D);
     const attn_fn attn = kernels->attn;
-    for (int h = lo; h < hi; h++) {
-        const size_t base = ((size_t)j->layer * m->kv_heads + h / group) * j->max_tokens * D;
-        attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, m->scores + (size_t)h * m->scores_len,
-             m->att + (size_t)h * D);
-    }
+    int lo, hi;
+    while (take_rows(tid, nth, &lo, &hi))
+        for (int h = lo; h < hi; h++) {
+            const size_t base = j->layer_at + (size_t)(h / group) * j->cap * D;
+            float *s = m->scores + (size_t)h * m->scores_len, *out = m->att + (size_t)h * D;
+            if (m->attn_softcap > 0.f)
+                attn_capped(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, m->attn_softcap, s,
+                            out);
+            else
+                attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, s, out);
+        }
 }
 
 /* where a step's time goes (profile(True) turns the clock on): wall time of each part on
@@ -97,7 +103,7 @@ void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, 
         prep_int4(mat, in, j->m->prep);
         j->prep = j->m->prep;
     }
-    parallel(task, j, nth);
+    parallel_rows(task, j, task == task_mat ? mat->rows : j->m->inter, 4, nth);
 }
 
 /* a model's attention weights (heads x max_tokens) grown for a cache of max_tokens; 0 if out
@@ -115,16 +121,25 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
     double t = profiling ? now() : 0.0;
     for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
-    Job j = {.m = m, .kc = kc, .vc = vc, .n = pos + 1, .max_tokens = max_tokens};
+    if (m->embed_scale != 1.f)
+        for (int i = 0; i < H; i++) m->x[i] *= m->embed_scale;
+    if (m->n_ropes) model_rope(m, pos, m->rope, m->rope + D);
+    Job j = {.m = m, .kc = kc, .vc = vc, .max_tokens = max_tokens};
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *L = &m->layers[l];
         rms_norm(m->x, L->in_norm, m->h, H, m->eps);
         lap(P_SERIAL, &t);
         product(&j, task_mat, &L->qkv, m->h, m->qkv, 0, nth);
         lap(P_QKV, &t);
-        for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, cos, sin, D);
+        if (L->q_norm) qk_norm(m, L, m->qkv);
+        if (L->rope >= 0) {
+            const float *c = m->n_ropes ? m->rope + (size_t)L->rope * 2 * D : cos, *s = m->n_ropes ? c + D : sin;
+            for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, c, s, D);
+        }
+        j.cap = kv_positions(m, l, max_tokens), j.layer_at = kv_layer(m, l, max_tokens);
+        j.n = pos + 1 < j.cap ? pos + 1 : j.cap; /* a ring holds the last cap positions */
         for (int g = 0; g < m->kv_heads; g++) {
-            const size_t at = (((size_t)l * m->kv_heads + g) * max_tokens + pos) * D;
+            const size_t at = j.layer_at + ((size_t)g * j.cap + pos % j.cap) * D;
             for (int d = 0; d < D; d++) {
                 kc[at + d] = f32_to_bf16(m->qkv[qn + g * D + d]);
                 vc[at + d] = f32_to_bf16(m->qkv[qn + kn + g * D + d]);
@@ -132,20 +147,31 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
         }
         lap(P_SERIAL, &t);
         j.layer = l;
-        parallel(task_attn, &j, nth);
+        parallel_rows(task_attn, &j, m->heads, 1, nth);
         lap(P_ATTN, &t);
-        product(&j, task_mat, &L->o, m->att, m->x, 1, nth);
+        if (L->attn_out_norm) {
+            product(&j, task_mat, &L->o, m->att, m->h, 0, nth);
+            norm_add(m->h, L->attn_out_norm, m->x, m->h, H, m->eps);
+        } else {
+            product(&j, task_mat, &L->o, m->att, m->x, 1, nth);
+        }
         lap(P_O, &t);
         rms_norm(m->x, L->post_norm, m->h, H, m->eps);
         lap(P_SERIAL, &t);
         product(&j, task_gate_up, &L->gate_up, m->h, m->tmp + H, 0, nth); /* tmp: [H | inter] */
         lap(P_GATE_UP, &t);
-        product(&j, task_mat, &L->down, m->tmp + H, m->x, 1, nth);
+        if (L->mlp_out_norm) {
+            product(&j, task_mat, &L->down, m->tmp + H, m->h, 0, nth);
+            norm_add(m->h, L->mlp_out_norm, m->x, m->h, H, m->eps);
+        } else {
+            product(&j, task_mat, &L->down, m->tmp + H, m->x, 1, nth);
+        }
         lap(P_DOWN, &t);
     }
     rms_norm(m->x, m->norm, m->h, H, m->eps);
     lap(P_SERIAL, &t);
     product(&j, task_mat, &m->head, m->h, logits, 0, nth);
+    if (m->final_softcap > 0.f) soft_cap(logits, m->vocab, m->final_softcap);
     lap(P_HEAD, &t);
     profiled_steps += profiling != 0;
 }

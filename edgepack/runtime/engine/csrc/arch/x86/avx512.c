@@ -63,10 +63,6 @@ T512 static void int4_rows(const Mat *m, const float *prep, int r0, int r1, floa
     }
 }
 
-T512 static void attn(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
-    attn_head_body(q, K, V, n, D, sc, s, o);
-}
-
 T512 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 
 T512 static inline __m512 bcast512(float v) { return _mm512_set1_ps(v); }
@@ -87,6 +83,6 @@ static const Tiles tiles = {16, 3, 3, {8, 4, 1}, {{NULL, tile_8_1, tile_8_2, til
                                                  {NULL, tile_1_1, tile_1_2, tile_1_3}}};
 
 const Kernels kernels_avx512 = {
-    "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles, bf16_to_f16_f16c,
+    "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
 };
 #endif

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bundle import edit_manifest, reseal
+from crafting import edit_manifest, reseal
 
 from edgepack.cli import main
 from edgepack.errors import printable

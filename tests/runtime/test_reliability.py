@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bundle import craft_shard, edit_manifest, load_manifest, read_shard, reseal, save_manifest, write_shard
+from crafting import craft_shard, edit_manifest, load_manifest, read_shard, reseal, save_manifest, write_shard
 
 from edgepack.format import bundle
 from edgepack import cli

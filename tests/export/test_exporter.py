@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -173,24 +174,36 @@ def test_sharded_bundle_loads_and_generates_the_same(packed, tiny_models, tmp_pa
     assert edgepack.load(out).generate("The capital", max_new_tokens=6, temperature=0) == one
 
 
-def test_out_exists_needs_force_and_force_replaces(tiny_models, tmp_path):
+def test_out_exists_needs_force_and_force_replaces_only_a_bundle(tiny_models, tmp_path):
     out = tmp_path / "b"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="already exists"):
         pack(str(tiny_models["llama"]), out, bits=8)
+    with pytest.raises(OutputExistsError, match="not an edgepack bundle") as err:
+        pack(str(tiny_models["llama"]), out, bits=8, force=True)
+    assert "choose an empty or new folder" in err.value.hint
     assert (out / "keep.txt").read_text() == "mine"  # nothing lost
-    pack(str(tiny_models["llama"]), out, bits=8, force=True)
-    assert not (out / "keep.txt").exists() and (out / "edgepack.json").is_file()
+    (out / "keep.txt").unlink()
+    pack(str(tiny_models["llama"]), out, bits=16, force=True)  # an empty folder is taken
+    pack(str(tiny_models["llama"]), out, bits=8, force=True)  # and a bundle replaced
+    assert bundle_format.read_manifest(out)["quantization"]["bits"] == 8
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp or old dirs left
 
 
-def test_stale_temp_of_dead_pack_is_removed(tiny_models, tmp_path):
-    stale = tmp_path / ".b.tmp-999999"
+def test_stale_temp_of_dead_pack_is_removed_a_folder_of_yours_is_not(tiny_models, tmp_path):
+    dead, other = subprocess.Popen(["true"]), subprocess.Popen(["true"])
+    dead.wait(), other.wait()
+    stale = tmp_path / f".b.tmp-{dead.pid}"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
+    (stale / bundle_format.UNFINISHED_NAME).write_text(json.dumps({"pid": dead.pid}))
+    yours = tmp_path / f".b.old-{other.pid}"  # named like a temporary, not marked as one
+    yours.mkdir()
+    (yours / "thesis.tex").write_text("mine")
     pack(str(tiny_models["llama"]), tmp_path / "b", bits=16)
     assert not stale.exists()
+    assert (yours / "thesis.tex").read_text() == "mine"
 
 
 def test_failed_verification_publishes_nothing(tiny_models, tmp_path, monkeypatch):
@@ -330,3 +343,19 @@ def test_int4_keeps_layers_the_kernel_cannot_run_in_16bit():
     kept = {k: v for k, v in result.kept_modules.items() if k != "lm_head"}
     assert len(kept) == 6 and set(kept.values()) == {INT4_SHAPE_REASON}
     assert result.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_bundle_files_get_the_umask_modes(tiny_models, tmp_path, umask, file_mode, dir_mode):
+    """A bundle packed by one user must be readable by the runtime's user in the Docker image
+    (uid 10001) under the usual umask 022: no file may come out 0600."""
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "b"
+        pack(str(tiny_models["llama"]), out, bits=8)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert bundle_format.MANIFEST_NAME in modes
+    assert modes == {p.name: dir_mode if p.is_dir() else file_mode for p in out.rglob("*")}, modes
+    assert out.stat().st_mode & 0o777 == dir_mode

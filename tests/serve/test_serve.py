@@ -26,7 +26,7 @@ from edgepack import serve  # noqa: E402
 from edgepack.errors import MissingDependencyError, SourceNotFoundError  # noqa: E402
 from edgepack.serve.guard import server_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What boils at one hundred?"}]
 
@@ -73,7 +73,7 @@ def lm(packed):
 
 @pytest.fixture(scope="module")
 def live(lm):
-    with LiveServer(serve.create_app(lm, max_queue=2)) as server:
+    with LiveServer(serve.create_app(lm, max_queue=2, parallel=1)) as server:  # one slot: the queue tests fill it
         yield server
 
 
@@ -92,6 +92,15 @@ def slow_down(monkeypatch, lm, seconds_per_token: float) -> None:
             yield step
 
     monkeypatch.setattr(lm, "stream_steps", stream_steps)
+    if lm.backend == "native":  # the server drives the engine itself: slow its prompt passes and steps
+        for name in ("forward", "step_batch"):
+            fn = getattr(lm.model, name)
+
+            def slowed(*args, _fn=fn, **kwargs):
+                time.sleep(seconds_per_token)
+                return _fn(*args, **kwargs)
+
+            monkeypatch.setattr(lm.model, name, slowed)
 
 
 # --- answers ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,11 +81,11 @@ def test_head_runs_in_float16_with_the_stored_values(packed, kind):
 
 
 def test_head_out_of_float16_range_stays_bfloat16(packed):
-    from edgepack.runtime.torch import llama as lean
+    from edgepack.runtime.torch import llama
 
     model = edgepack.load(packed("llama-untied", 8), backend="torch").model
     big = (torch.randn(8, model.cfg.hidden) * 0.05).to(torch.bfloat16)
-    big[5, 1] = 2 * lean.FLOAT16_MAX
+    big[5, 1] = 2 * llama.FLOAT16_MAX
     model.lm_head.weight = torch.nn.Parameter(big.clone(), requires_grad=False)
     model._half_head()
     assert model.lm_head.weight.dtype == torch.bfloat16 and torch.equal(model.lm_head.weight, big)
@@ -196,9 +197,9 @@ def test_int8_kernel_prompt_path_computes_the_stored_formula(rows, monkeypatch):
     """From INT8_WIDE_ROWS rows the int8 kernel runs int8 x int8 GEMMs on two-digit
     activations in chunks of weight rows (a ragged last one included); below it, torch's
     int8pack kernel. Both compute W = weight * SCB/127."""
-    import edgepack.runtime.torch.linear as qlinear
+    from edgepack.runtime.torch import linear
 
-    monkeypatch.setattr(qlinear, "INT8_WIDE_CHUNK", 2 * 300 * 20)  # 300 rows: chunks of 20, 20, 8 weight rows
+    monkeypatch.setattr(linear, "INT8_WIDE_CHUNK", 2 * 300 * 20)  # 300 rows: chunks of 20, 20, 8 weight rows
     torch.manual_seed(0)
     cb = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
     scb = torch.rand(48) * 3
@@ -209,7 +210,7 @@ def test_int8_kernel_prompt_path_computes_the_stored_formula(rows, monkeypatch):
     y = layer.cpu_kernel()(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
     err = ((y.double() - expected).norm() / expected.norm()).item()
-    if rows >= qlinear.INT8_WIDE_ROWS:  # ~15-bit inputs, float32 scales: the output's bf16 rounding
+    if rows >= linear.INT8_WIDE_ROWS:  # ~15-bit inputs, float32 scales: the output's bf16 rounding
         assert err < 3e-3
     else:
         assert err < 1e-2
@@ -220,7 +221,7 @@ def test_int8_digit_activations_are_as_precise_as_bf16_inputs(inputs, digits, mo
     """Rows with a massive outlier channel, as LLMs have: one int8 digit per activation (W8A8)
     loses the small values; the digits keep the result as close as bf16 inputs would (the
     decode kernel's), with a third digit for very wide layers."""
-    import edgepack.runtime.torch.linear as qlinear
+    from edgepack.runtime.torch import linear
 
     calls = []
     real = torch._int_mm
@@ -233,7 +234,7 @@ def test_int8_digit_activations_are_as_precise_as_bf16_inputs(inputs, digits, mo
     scales = torch.rand(32) * 0.01
     w = weight.double() * scales.double()[:, None]
     expected = x.double() @ w.T
-    y = qlinear.int8_wide_matmul(x, weight, scales)
+    y = linear.int8_wide_matmul(x, weight, scales)
     assert y.dtype == torch.float32 and calls == [digits * 16]
     assert torch.equal(x, keep)  # the input is not modified
 
@@ -255,9 +256,9 @@ def test_16bit_linear_prompt_path_matches_bf16_linear():
     layer.bias = torch.nn.Parameter(torch.randn(40).bfloat16(), requires_grad=False)
     x = torch.randn(100, 64)
     expected = x.bfloat16().double() @ layer.weight.double().T + layer.bias.double()
-    import edgepack.runtime.torch.linear as qlinear
+    from edgepack.runtime.torch import linear
 
-    qlinear._wide_buffer = torch.empty(0)
+    linear._wide_buffer = torch.empty(0)
     with torch.inference_mode():  # the buffer made in inference mode (a model's forward) ...
         layer(torch.randn(300, 64))
     y = layer(x)  # ... is still writable outside it
@@ -272,11 +273,11 @@ def test_lean_load_reads_fused_rows_in_place(packed, bits, monkeypatch):
     (and garbage collection is back on afterwards)."""
     import gc
 
-    from edgepack.runtime.torch import llama as lean
+    from edgepack.runtime.torch import llama
 
     made = {}
-    real = lean.fused_destinations
-    monkeypatch.setattr(lean, "fused_destinations", lambda skeleton: made.setdefault("d", real(skeleton)))
+    real = llama.fused_destinations
+    monkeypatch.setattr(llama, "fused_destinations", lambda skeleton: made.setdefault("d", real(skeleton)))
     lm = edgepack.load(packed("llama", bits), backend="torch")
     assert gc.isenabled()
     dest = made["d"]
@@ -499,7 +500,7 @@ def test_import_edgepack_is_cheap():
 def test_4bit_forward_in_row_chunks_matches_whole_matrix(monkeypatch):
     import bitsandbytes.functional as F
 
-    from edgepack.runtime.torch import linear as qlinear
+    from edgepack.runtime.torch import linear
 
     torch.manual_seed(0)
     w, x = torch.randn(96, 128, dtype=torch.bfloat16), torch.randn(3, 128)
@@ -507,7 +508,28 @@ def test_4bit_forward_in_row_chunks_matches_whole_matrix(monkeypatch):
     layer = Linear4bit(128, 96, False, torch.float32, 64)
     layer.attach({"weight": packed_w, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
     whole = layer(x)
-    monkeypatch.setattr(qlinear, "DEQUANT_CHUNK_WEIGHTS", 128 * 5)  # 5 rows a chunk, last one partial
+    monkeypatch.setattr(linear, "DEQUANT_CHUNK_WEIGHTS", 128 * 5)  # 5 rows a chunk, last one partial
     assert torch.allclose(layer(x), whole, rtol=1e-5, atol=1e-4)  # same weights, per-chunk matmuls
     ref = x @ F.dequantize_4bit(packed_w, state).float().T  # bnb rounds the weights to bf16; we keep fp32
     assert (whole - ref).norm() / ref.norm() < 5e-3
+
+
+def test_verified_once_record_notices_an_edit_with_its_mtime_put_back(bundle_copy):
+    """Size, mtime and inode can all be kept by an in-place edit (`touch -d` sets mtime back);
+    the inode change time cannot be set by a user, so the record keys on it too."""
+    from edgepack.errors import BundleIntegrityError
+
+    bundle = bundle_copy("llama", 8)
+    edgepack.load(bundle)  # hashed once; the record now trusts these files
+    shard = bundle / "model.safetensors"
+    before = shard.stat()
+    with open(shard, "r+b") as f:  # same inode, same size
+        f.seek(before.st_size - 7)
+        byte = f.read(1)
+        f.seek(before.st_size - 7)
+        f.write(bytes([byte[0] ^ 0x40]))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    with pytest.raises(BundleIntegrityError, match="model.safetensors does not match its sha256"):
+        edgepack.load(bundle)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edgepack
-from edgepack.runtime.torch import llama as lean
+from edgepack.runtime.torch import llama
 
 native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
 
@@ -34,7 +34,7 @@ ISAS = _available_isas()
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv(lean.NATIVE_ENV, "1")  # the portable kernels too
+    monkeypatch.setenv(llama.NATIVE_ENV, "1")  # the portable kernels too
     previous = native.set_isa(request.param)
     yield request.param
     native.set_isa(previous)
@@ -114,7 +114,7 @@ def test_bad_matrix_is_refused():
 # --- whole decode steps -----------------------------------------------------------------------
 
 
-def _float64_logits(model: lean.LeanLM, ids: list[int]) -> torch.Tensor:
+def _float64_logits(model: llama.LeanLM, ids: list[int]) -> torch.Tensor:
     """Logits at every position of ``ids``, a Llama forward in float64 from the model's own
     tensors (int8 rows times their scales), keys and values rounded to bfloat16 as the KV
     cache stores them."""
@@ -213,9 +213,9 @@ def test_generate_uses_the_c_step_and_agrees_with_torch(packed, monkeypatch):
     monkeypatch.setattr(lm.model, "native_step", lambda *a: calls.append(1) or real(*a))
     text = lm.generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0)
     assert len(calls) == 5  # the prompt by torch, then one C step per further token
-    monkeypatch.setenv(lean.NATIVE_ENV, "0")
+    monkeypatch.setenv(llama.NATIVE_ENV, "0")
     plain = edgepack.load(bundle, backend="torch")
-    assert plain.model.native_off == f"{lean.NATIVE_ENV}=0"
+    assert plain.model.native_off == f"{llama.NATIVE_ENV}=0"
     assert plain.generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0) == text
 
 
@@ -226,7 +226,7 @@ def test_int4_prompt_path_and_torch_fallback_agree(packed, monkeypatch):
     ids = torch.tensor([edgepack.load(bundle, backend="torch").tokenizer.encode("The capital of France is Paris")])
     ours = edgepack.load(bundle, backend="torch").model
     assert ours.native_off is None and ours.blocks[0].qkv_proj._kernel_weight is None
-    monkeypatch.setenv(lean.NATIVE_ENV, "0")
+    monkeypatch.setenv(llama.NATIVE_ENV, "0")
     plain = edgepack.load(bundle, backend="torch").model
     assert plain.blocks[0].qkv_proj._kernel_weight is not None and plain.blocks[0].qkv_proj._row_pairs is None
     a, b = ours(ids).logits.float(), plain(ids).logits.float()
@@ -245,9 +245,9 @@ def test_layers_the_c_step_cannot_run_fall_back_to_torch(packed):
 def test_portable_kernels_only_when_asked(packed, monkeypatch):
     previous = native.set_isa("generic")
     try:
-        monkeypatch.delenv(lean.NATIVE_ENV, raising=False)
+        monkeypatch.delenv(llama.NATIVE_ENV, raising=False)
         assert "no AVX2 or AVX-512" in edgepack.load(packed("llama", 8), backend="torch").model.native_off
-        monkeypatch.setenv(lean.NATIVE_ENV, "1")
+        monkeypatch.setenv(llama.NATIVE_ENV, "1")
         assert edgepack.load(packed("llama", 8), backend="torch").model.native_off is None
     finally:
         native.set_isa(previous)
@@ -256,7 +256,7 @@ def test_portable_kernels_only_when_asked(packed, monkeypatch):
 def test_argmax_is_torchs():
     for values in (torch.randn(49152), torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([5.0, float("nan"), 7.0]),
                    torch.full((3,), float("-inf")), torch.tensor([2.0])):  # fmt: skip
-        assert lean.argmax(values) == int(torch.argmax(values))
+        assert llama.argmax(values) == int(torch.argmax(values))
 
 
 def test_step_errors(packed):
@@ -371,13 +371,13 @@ def test_engine_backend_choice_and_fallbacks(packed, monkeypatch):
     with pytest.raises(GenerationError, match="unknown backend"):
         edgepack.load(nf4, backend="cuda")
     assert edgepack.load(packed("gpt2", 8)).backend == "torch"  # not a Llama-family model
-    monkeypatch.setenv(lean.NATIVE_ENV, "0")
+    monkeypatch.setenv(llama.NATIVE_ENV, "0")
     assert edgepack.load(packed("llama", 8)).backend == "torch"
-    monkeypatch.delenv(lean.NATIVE_ENV)
+    monkeypatch.delenv(llama.NATIVE_ENV)
     previous = native.set_isa("generic")
     try:
         assert edgepack.load(packed("llama", 8)).backend == "torch"  # untuned portable kernels: off
-        monkeypatch.setenv(lean.NATIVE_ENV, "1")
+        monkeypatch.setenv(llama.NATIVE_ENV, "1")
         assert edgepack.load(packed("llama", 8)).backend == "native"
     finally:
         native.set_isa(previous)
@@ -475,3 +475,37 @@ def test_convert_rounds_as_torch():
     assert not native.convert(big.data_ptr(), native.BF16, big.data_ptr(), native.F16, 2)
     assert torch.equal(big, keep)  # nothing written
     assert native.address(bytes(8)) != 0 and array("f", [1.0])
+
+
+def test_engine_adaptive_thread_count_does_not_change_the_result(packed, monkeypatch):
+    """Unless a count is asked for, each step runs on the count measured fastest (probing
+    others now and then): the logits are those of one thread, step after step."""
+    monkeypatch.delenv("EDGEPACK_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    lm = edgepack.load(packed("llama", 8))
+    assert lm.model.adapt
+    lm.model._threads = 3  # at most 3, whatever this box has
+    ids = lm.tokenizer.encode("Small boxes run small models")
+    runs = []
+    for adaptive in (True, False):
+        if not adaptive:
+            lm.model.threads = 1
+        cache = lm.model.new_cache(len(ids) + 60)
+        logits = [_logits(lm.model.forward(ids, cache))]
+        logits += [_logits(lm.model.forward([5 + i], cache)) for i in range(60)]  # probes at steps 3, 27, 51
+        runs.append(torch.stack(logits))
+        assert 1 <= lm.model.threads_in_use() <= 3
+    assert not lm.model.adapt and torch.equal(runs[0], runs[1])
+
+
+def test_run_threads_flag_and_stats_name_the_engine(capsys, packed, monkeypatch):
+    from edgepack.cli import main
+
+    monkeypatch.setenv("EDGEPACK_THREADS", "")  # restored after the test (--threads sets it)
+    bundle = str(packed("llama", 8))
+    args = ["run", bundle, "The capital", "--max-new-tokens", "3", "--temperature", "0", "--stats"]
+    assert main(args + ["--threads", "2"]) == 0
+    assert f"engine {native.set_isa()}, 2 threads)" in capsys.readouterr().err
+    assert main(args + ["--threads", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --threads must be at least 1, not 0") and "hint: " in err

@@ -20,7 +20,7 @@ from hub_server import DEFAULT_TOKEN, DEFAULT_USER, hub, hub_server  # noqa: F40
 import edgepack
 from edgepack.format import bundle as bundle_format
 from edgepack import cli, hub as edgehub
-from edgepack.errors import BundleIntegrityError, HubError, VariantError
+from edgepack.errors import BundleIntegrityError, HubError, OutputExistsError, VariantError
 from edgepack.hub import RUNTIME_OVERHEAD_BYTES, choose_variant, pull, push, resolve_bundle_ref
 from edgepack.plan.profile import DeviceProfile, load_profile
 
@@ -409,7 +409,7 @@ def test_download_that_fails_is_retried_then_reported(hub, packed, tmp_path):
 def test_pull_refuses_to_overwrite_a_directory_that_is_not_a_bundle(hub, packed, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="holds no bundle"):
+    with pytest.raises(FileExistsError, match="not an edgepack bundle"):
         pull(REPO, out=tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -491,3 +491,76 @@ def test_model_card_of_an_int4_variant_does_not_promise_transformers(hub, packed
     push(packed("llama", 8), REPO, variant="t4")
     body = Path(hf_hub_download(REPO, "README.md")).read_text().split("---\n", 2)[2]
     assert "Every other variant is also an ordinary transformers checkpoint" in body and 'subfolder="t4"' in body
+
+
+# --- folders that are not edgepack's, and indexes that lie ------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def _upload_index(data: bytes) -> None:
+    HfApi().upload_file(path_or_fileobj=data, path_in_repo=edgehub.INDEX_NAME, repo_id=REPO)
+
+
+def test_pull_refuses_a_folder_with_a_fake_manifest_and_deletes_nothing(three_variants, tmp_path, capsys):
+    victim = tmp_path / "victim"  # a file named edgepack.json does not make a folder a bundle
+    (victim / "projects").mkdir(parents=True)
+    (victim / "thesis.tex").write_text("x")
+    (victim / "edgepack.json").write_text("{}")
+    before = _snapshot(victim)
+    rc = cli.main(["pull", REPO, "--variant", "pi5-8gb", "-o", str(victim)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    [error] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "not an edgepack bundle" in error and "hint: choose an empty or new folder" in err, err
+    assert _snapshot(victim) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    out = pull(REPO, variant="t4", out=tmp_path / "b").path
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(OutputExistsError, match="notes.md is not part of it"):
+        pull(REPO, variant="pi5-8gb", out=out)
+    assert (out / "notes.md").read_text() == "mine"
+    (out / "notes.md").unlink()
+    assert pull(REPO, variant="pi5-8gb", out=out).variant == "pi5-8gb"  # a bundle is replaced
+    assert bundle_format.verify_bundle(out)["quantization"]["bits"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_pulled_files_get_the_umask_modes(hub, packed, tmp_path):
+    push(packed("llama", 8), REPO)
+    old = os.umask(0o027)
+    try:
+        pulled = pull(REPO, out=tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in pulled.path.rglob("*")}
+    assert modes and set(modes.values()) == {0o640}, modes
+    assert pulled.path.stat().st_mode & 0o777 == 0o750
+
+
+def test_oversized_or_deeply_nested_index_is_refused_before_parsing(hub, packed, tmp_path):
+    push(packed("llama", 8), REPO, variant="t4")
+    index = json.loads(Path(hf_hub_download(REPO, edgehub.INDEX_NAME)).read_text())
+    index["padding"] = "x" * edgehub.MAX_INDEX_BYTES
+    _upload_index(json.dumps(index).encode())
+    with pytest.raises(HubError, match=f"more than the {edgehub.MAX_INDEX_BYTES} bytes"):
+        pull(REPO, out=tmp_path / "a")
+    _upload_index(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(HubError, match="nested too deeply"):
+        pull(REPO, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_auto_checks_the_index_figures_against_the_pulled_manifest(three_variants, tmp_path):
+    index = json.loads(Path(hf_hub_download(REPO, edgehub.INDEX_NAME)).read_text())
+    [entry] = [v for v in index["variants"] if v["name"] == "cpu-16gb"]
+    entry.update(weight_bytes=1, memory_need_bytes=1 + RUNTIME_OVERHEAD_BYTES)  # "the 16-bit one fits anywhere"
+    entry["memory"]["weight_bytes_per_device"] = {"cpu": 1}
+    _upload_index(json.dumps(index).encode())
+    box = profile_with_ram(need(three_variants["pi5-8gb"]))  # in truth only the 4-bit variant fits
+    with pytest.raises(VariantError, match="cpu-16gb .*disagree") as err:
+        pull(REPO, auto=True, profile=box, out=tmp_path / "out")
+    assert "--variant" in err.value.hint
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.format import bundle
-from edgepack.errors import DiskFullError, EdgepackError
+from edgepack.errors import BundleIntegrityError, DiskFullError, EdgepackError, ExportVerificationError, OutputExistsError
 
 KILL_TRIALS = 20  # in forked processes, plus REAL_PROCESS_TRIALS below
 REAL_PROCESS_TRIALS = 2
@@ -243,3 +243,129 @@ def test_disk_full_is_recognised_through_wrappers():
     except ValueError as exc:
         assert _is_disk_full(exc)
     assert not _is_disk_full(EdgepackError("other"))
+
+
+# --- folders that are not edgepack's --------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``folder``."""
+    return {p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def _pack_child_killed_while_verifying(argv: list[str]) -> None:
+    """A pack that dies (SIGKILL) the moment it starts verifying what it wrote."""
+    from edgepack import cli
+    from edgepack.export import pack as exporter
+
+    exporter._verify_written = lambda *_args: os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(cli.main(argv))
+
+
+def test_force_refuses_a_folder_that_is_not_a_bundle_and_deletes_nothing(tiny_models, tmp_path, capsys):
+    from edgepack import cli
+
+    plain = tmp_path / "nb"
+    plain.mkdir()
+    (plain / "important.txt").write_text("keep")
+    fake = tmp_path / "victim"  # a file named edgepack.json does not make a folder a bundle
+    (fake / "projects").mkdir(parents=True)
+    (fake / "thesis.tex").write_text("x")
+    (fake / "edgepack.json").write_text("{}")
+    for out in (plain, fake):
+        before = _snapshot(out)
+        rc = cli.main(["pack", str(tiny_models["llama"]), "-o", str(out), "-q", "--force"])
+        err = capsys.readouterr().err
+        assert rc == 1 and "Traceback" not in err, err
+        [error] = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "not an edgepack bundle" in error and "hint: choose an empty or new folder" in err, err
+        assert _snapshot(out) == before and _leftovers(out) == []
+
+
+def test_force_refuses_a_bundle_holding_anything_it_does_not_list(packed, tiny_models, tmp_path):
+    from edgepack.export.pack import pack
+
+    out = tmp_path / "b"
+    shutil.copytree(packed("llama", 8), out)
+    for extra in ("notes.md", "projects/"):
+        (out / extra.rstrip("/")).mkdir() if extra.endswith("/") else (out / extra).write_text("mine")
+        before = _snapshot(out)
+        with pytest.raises(OutputExistsError, match=f"{extra} is not part of it"):
+            pack(str(tiny_models["llama"]), out, bits=16, force=True)
+        assert _snapshot(out) == before
+        shutil.rmtree(out / extra) if extra.endswith("/") else (out / extra).unlink()
+
+
+def test_force_keeps_the_old_bundle_until_the_new_one_is_verified(packed, tiny_models, tmp_path, monkeypatch):
+    from edgepack.export import pack as exporter
+
+    src, out = str(tiny_models["llama"]), tmp_path / "b"
+    shutil.copytree(packed("llama", 16), out)
+    before = _snapshot(out)
+
+    def fail(*_args):
+        raise ExportVerificationError("logits differ")
+
+    monkeypatch.setattr(exporter, "_verify_written", fail)
+    with pytest.raises(ExportVerificationError):
+        exporter.pack(src, out, bits=8, force=True)
+    assert _snapshot(out) == before and _leftovers(out) == []
+
+    monkeypatch.undo()
+    real = exporter._verify_written
+
+    def sneak_a_file_in(*args):  # the user saves a file into OUT while the pack runs
+        (out / "added.txt").write_text("mine")
+        return real(*args)
+
+    monkeypatch.setattr(exporter, "_verify_written", sneak_a_file_in)
+    with pytest.raises(OutputExistsError, match="added.txt is not part of it"):
+        exporter.pack(src, out, bits=8, force=True)
+    assert (out / "added.txt").read_text() == "mine" and _leftovers(out) == []
+    (out / "added.txt").unlink()
+    assert _snapshot(out) == before
+    monkeypatch.undo()
+    exporter.pack(src, out, bits=8, force=True)
+    assert bundle.verify_bundle(out)["quantization"]["bits"] == 8 and _leftovers(out) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
+def test_swap_replaces_a_bundle_and_leaves_nothing_behind(packed, tmp_path, monkeypatch, exchange):
+    from edgepack.format import staging
+
+    if not exchange:
+        monkeypatch.setattr(staging, "_exchange", lambda a, b: False)
+    out = tmp_path / "b"
+    shutil.copytree(packed("llama", 16), out)
+    tmp = staging.make_temp(out)
+    assert (tmp / bundle.UNFINISHED_NAME).is_file() and tmp.name == f".b.tmp-{os.getpid()}"
+    shutil.copytree(packed("llama", 8), tmp, dirs_exist_ok=True)
+    staging.publish(tmp, out, hint="choose an empty or new folder")
+    assert bundle.verify_bundle(out)["quantization"]["bits"] == 8 and _leftovers(out) == []
+
+
+def test_pack_killed_while_verifying_leaves_a_temp_that_verify_refuses(tiny_models, tmp_path, forkserver, capsys):
+    from edgepack import cli
+
+    src, out = tiny_models["llama"], tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    yours = tmp_path / f".out.tmp-{dead.pid}"  # a user's folder that happens to look like a temporary
+    yours.mkdir()
+    (yours / "thesis.tex").write_text("mine")
+    process = forkserver.Process(target=_pack_child_killed_while_verifying, args=(["pack", str(src), "-o", str(out), "-q"],))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -signal.SIGKILL
+    [left] = [p for p in tmp_path.glob(".out.tmp-*") if p != yours]
+    assert (left / bundle.MANIFEST_NAME).is_file()  # written before the verification it died in
+    with pytest.raises(BundleIntegrityError, match="unfinished"):
+        bundle.verify_bundle(left)
+    assert cli.main(["verify", str(left)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "unfinished" in err and "Traceback" not in err
+
+    exitcode, _ = _run_forked(forkserver, ["pack", str(src), "-o", str(out), "-q"])
+    assert exitcode == 0 and _state(out) == "bundle"
+    assert not left.exists()  # the dead pack's temporary is gone
+    assert (yours / "thesis.tex").read_text() == "mine"  # the look-alike is not edgepack's: kept

@@ -16,7 +16,7 @@ Scope, on purpose:
 - Like the real Hub, a new repo starts with one commit holding `.gitattributes`, and committing to a branch
   that does not exist is an error: call `create_branch` first.
 
-What the client raises (checked in tests/test_hub_server.py):
+What the client raises (checked in tests/hub/test_hub_server.py):
 - unknown repo                      -> RepositoryNotFoundError (401 anonymous, 404 with a token)
 - private repo without a token      -> RepositoryNotFoundError (401 + X-Error-Code RepoNotFound, as the Hub)
 - unknown revision                  -> RevisionNotFoundError (404 + X-Error-Code RevisionNotFound)

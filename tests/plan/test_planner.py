@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from edgepack.plan import planner
 from edgepack.cli import main as cli_main
 from edgepack.errors import PlanError
-from edgepack.plan.planner import Quant
+from edgepack.plan import planner, sizing
+from edgepack.plan.model import ModelDescription
+from edgepack.plan.sizing import Quant
 from edgepack.plan.profile import DeviceProfile, list_profiles, load_profile
 
 MIB = 1 << 20
@@ -23,7 +24,7 @@ def describe(tiny_models):
 
     cache = {}
 
-    def get(kind: str) -> planner.ModelDescription:
+    def get(kind: str) -> ModelDescription:
         if kind not in cache:
             cache[kind] = describe_model(load_config(str(tiny_models[kind])), name=f"tiny-{kind}")
         return cache[kind]
@@ -86,7 +87,7 @@ HAND_COUNTED = {
 
 @pytest.mark.parametrize("kind,bits", sorted(HAND_COUNTED))
 def test_weight_bytes_by_hand(describe, kind, bits):
-    assert planner.weight_bytes(describe(kind), Quant(bits)) == HAND_COUNTED[(kind, bits)]
+    assert sizing.weight_bytes(describe(kind), Quant(bits)) == HAND_COUNTED[(kind, bits)]
 
 
 @pytest.mark.parametrize("kind,bits", sorted(HAND_COUNTED))
@@ -95,7 +96,7 @@ def test_weight_bytes_equal_the_bundles(describe, packed, kind, bits):
     from edgepack.format import bundle as bundle_format
 
     manifest = bundle_format.read_manifest(packed(kind, bits))
-    assert planner.weight_bytes(describe(kind), Quant(bits)) == manifest["memory"]["weight_bytes"]
+    assert sizing.weight_bytes(describe(kind), Quant(bits)) == manifest["memory"]["weight_bytes"]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -106,7 +107,7 @@ def test_double_quant_within_the_offset_digits(describe, packed, kind):
 
     manifest = bundle_format.read_manifest(packed(kind, 4, quant_type="fp4", double_quant=True))
     layers = len(manifest["quantization"]["quantized_modules"])
-    got = planner.weight_bytes(describe(kind), Quant(4, "fp4", double_quant=True))
+    got = sizing.weight_bytes(describe(kind), Quant(4, "fp4", double_quant=True))
     assert abs(got - manifest["memory"]["weight_bytes"]) <= 6 * layers
 
 
@@ -115,7 +116,7 @@ def test_int4_weight_bytes_equal_the_bundles(describe, packed, kind):
     from edgepack.format import bundle as bundle_format
 
     manifest = bundle_format.read_manifest(packed(kind, 4, quant_type="int4"))
-    assert planner.weight_bytes(describe(kind), Quant(4, "int4")) == manifest["memory"]["weight_bytes"]
+    assert sizing.weight_bytes(describe(kind), Quant(4, "int4")) == manifest["memory"]["weight_bytes"]
 
 
 def test_int4_is_a_cpu_format(describe, tiny_models):
@@ -123,8 +124,8 @@ def test_int4_is_a_cpu_format(describe, tiny_models):
 
     llama = describe("llama")
     # 4096x4096 int4: 8,388,608 codes + 128 groups x 4096 rows x (scale + zero) x 2 bytes
-    assert planner.linear_weight_bytes(4096, 4096, Quant(4, "int4")) == 8_388_608 + 2_097_152
-    assert planner.linear_weight_bytes(40, 4096, Quant(4, "int4")) == 2 * 40 * 4096  # 40 rows: kept 16-bit
+    assert sizing.linear_weight_bytes(4096, 4096, Quant(4, "int4")) == 8_388_608 + 2_097_152
+    assert sizing.linear_weight_bytes(40, 4096, Quant(4, "int4")) == 2 * 40 * 4096  # 40 rows: kept 16-bit
     p = planner.plan(llama, load_profile("t4"), context=128, bits=4, quant_type="int4")
     assert (p.strategy, set(p.device_map.values())) == ("cpu", {"cpu"})  # never on the GPU
     with pytest.raises(PlanError, match="int4 is edgepack's CPU format"):
@@ -140,20 +141,20 @@ def test_int4_is_a_cpu_format(describe, tiny_models):
 
 def test_linear_weight_bytes_layouts():
     # 8-bit 4096x4096: 16,777,216 int8 + 4*4,096 SCB = 16,793,600
-    assert planner.linear_weight_bytes(4096, 4096, Quant(8)) == 16_793_600
+    assert sizing.linear_weight_bytes(4096, 4096, Quant(8)) == 16_793_600
     # 4-bit 4096x4096: 8,388,608 packed + 4*262,144 absmax + 64 + 82 (JSON, "[4096, 4096]}")
-    assert planner.linear_weight_bytes(4096, 4096, Quant(4)) == 8_388_608 + 1_048_576 + 64 + 82
+    assert sizing.linear_weight_bytes(4096, 4096, Quant(4)) == 8_388_608 + 1_048_576 + 64 + 82
     # double quant: 262,144 uint8 scales + 4*1,024 nested + 256*4 nested map + 64 + JSON
     dq = Quant(4, double_quant=True)
-    json_bytes = planner.quant_state_bytes(4096, 4096, dq)
-    assert planner.linear_weight_bytes(4096, 4096, dq) == 8_388_608 + 262_144 + 4_096 + 1_024 + 64 + json_bytes
+    json_bytes = sizing.quant_state_bytes(4096, 4096, dq)
+    assert sizing.linear_weight_bytes(4096, 4096, dq) == 8_388_608 + 262_144 + 4_096 + 1_024 + 64 + json_bytes
     assert json_bytes == 82 + len(', "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": ') + 19
 
 
 def test_8bit_offloaded_to_cpu_counts_float32(describe):
     layer = next(b for b in describe("llama").blocks if b.kind == "layer")
     # 2*128 norms + 4*36,864 float32 weights = 147,712
-    assert planner.block_weight_bytes(layer, Quant(8), fp32_linears=True) == 147_712
+    assert sizing.block_weight_bytes(layer, Quant(8), fp32_linears=True) == 147_712
 
 
 def test_describe_model_blocks(describe, tiny_models):
@@ -168,8 +169,78 @@ def test_describe_model_blocks(describe, tiny_models):
     assert (llama.num_key_value_heads, llama.head_dim, llama.vocab_size) == (2, 16, 400)
     assert llama.gated_mlp and not gpt2.gated_mlp
     assert llama.lean and not gpt2.lean
-    assert planner.ModelDescription.from_dict(json.loads(json.dumps(llama.to_dict()))) == llama
+    assert ModelDescription.from_dict(json.loads(json.dumps(llama.to_dict()))) == llama
 
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-untied", "qwen2", "mistral"])
+def test_llama_family_described_from_numbers_as_on_the_meta_device(tiny_models, kind):
+    """config.json's numbers alone (no torch) give the blocks the meta-device model has."""
+    from transformers import AutoConfig, MistralConfig, Qwen2Config
+
+    from edgepack.plan.model import config_only, describe_model
+
+    if kind in tiny_models:
+        config = AutoConfig.from_pretrained(tiny_models[kind])
+    else:  # biases on q/k/v (qwen2), or none and no mlp_bias option (mistral)
+        cls = Qwen2Config if kind == "qwen2" else MistralConfig
+        config = cls(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    raw = json.loads(config.to_json_string())
+    assert config_only(raw)
+    assert describe_model(raw, name="m") == describe_model(config, name="m")
+
+
+def test_gguf_header_gives_transformers_config(tmp_path):
+    """The planner's GGUF header reader gives the numbers transformers reads from the file,
+    skipping the tokenizer's strings; a file of another architecture is left to transformers."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from transformers import AutoConfig
+
+    from edgepack.plan.gguf import llama_config
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_block_count(2)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_dimension_count(16)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(400)])
+    w.add_tensor("token_embd.weight", np.zeros((400, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = llama_config(path)
+    want = AutoConfig.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert got == {"model_type": "llama", "max_position_embeddings": 256, "num_hidden_layers": 2,
+                   "intermediate_size": 96, "hidden_size": 64, "head_dim": 16, "rope_theta": 10000.0,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": pytest.approx(1e-5),
+                   "vocab_size": 400, "tie_word_embeddings": True}  # fmt: skip
+    for key in ("max_position_embeddings", "num_hidden_layers", "intermediate_size", "hidden_size", "head_dim",
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(want, key) == got[key], key
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # no tensors, no keys
+    assert llama_config(other) is None
+
+
+def test_plan_command_reads_no_torch_for_a_llama_config(tiny_models):
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib; from edgepack.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['plan', sys.argv[1], '--profile', 'rpi5-4gb'])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_models["llama"])], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
 
 # --- memory model ----------------------------------------------------------------------------
 
@@ -177,15 +248,36 @@ def test_describe_model_blocks(describe, tiny_models):
 def test_kv_cache_bytes(describe):
     llama = describe("llama")
     # static bf16: 2 (K, V) * 2 layers * 2 KV heads * 16 dims * 128 tokens * 2 bytes = 32,768
-    assert planner.kv_cache_bytes(llama, planner.LEAN, 2, 128, 1) == 32_768
+    assert sizing.kv_cache_bytes(llama, sizing.LEAN, 2, 128, 1) == 32_768
     # growing 16-bit: 32,768, plus one layer's K in transit during torch.cat: 2*16*128*2 = 8,192
-    assert planner.kv_cache_bytes(llama, planner.TRANSFORMERS, 2, 128, 1) == 32_768 + 8_192
+    assert sizing.kv_cache_bytes(llama, sizing.TRANSFORMERS, 2, 128, 1) == 32_768 + 8_192
+
+
+def test_kv_cache_of_sliding_window_layers_is_their_window_on_the_engine():
+    """Gemma 3's 5 sliding-window layers in 6 keep their last sliding_window positions (the C
+    engine's rings): at 8k context the cache is 1/6 of a full one plus the windows; the same
+    NativeCache the runtime allocates."""
+    from transformers import Gemma3TextConfig
+
+    from edgepack.cli.plan import describe_model
+    from edgepack.runtime.engine import NativeCache, _native
+
+    config = Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=512)  # fmt: skip
+    gemma = describe_model(config, name="tiny-gemma3")
+    assert gemma.engine and not gemma.lean and (gemma.sliding_layers, gemma.sliding_window) == (5, 512)
+    per_position = 2 * 1 * 16 * 2  # K and V, 1 KV head, 16 dims, bf16
+    got = planner.kv_cache_bytes(gemma, planner.NATIVE, 6, 8192, 1)
+    assert got == per_position * (8192 + 5 * 512)
+    assert planner.kv_cache_bytes(gemma, planner.LEAN, 6, 8192, 1) == per_position * 6 * 8192  # a full cache: 4.6x
+    if _native is not None:
+        assert len(NativeCache(6, 1, 16, 8192, sliding=5, window=512).memory) == got
 
 
 def test_activations_peak_at_the_prefill_logits(describe):
     llama = describe("llama")
-    full = planner.activation_bytes(llama, planner.TRANSFORMERS, 100, 1, holds_layers=True, holds_output=True)
-    last = planner.activation_bytes(llama, planner.LEAN, 100, 1, holds_layers=True, holds_output=True)
+    full = sizing.activation_bytes(llama, sizing.TRANSFORMERS, 100, 1, holds_layers=True, holds_output=True)
+    last = sizing.activation_bytes(llama, sizing.LEAN, 100, 1, holds_layers=True, holds_output=True)
     # transformers: logits [1, 100, 400] 16-bit = 80,000 + the final hidden states 2*100*64*2
     assert full["logits"] == 80_000 + 25_600
     # lean: logits of the last row only, 400*2, + float32 hidden states 2*100*64*4
@@ -282,8 +374,8 @@ def test_two_gpus_split_whole_blocks_and_keep_tied_weights_together(describe):
     assert (p.bits, p.strategy) == (16, "gpu")
     assert {n: p.device_map[n] for n in first} == {n: "cuda:0" for n in first}
     assert p.device_map["model.layers.1"] == p.device_map["model.norm"] == "cuda:1"
-    assert p.devices["cuda:0"].activations_bytes >= planner.activation_bytes(
-        llama, planner.TRANSFORMERS, 128, 1, holds_layers=True, holds_output=True)["logits"]  # fmt: skip
+    assert p.devices["cuda:0"].activations_bytes >= sizing.activation_bytes(
+        llama, sizing.TRANSFORMERS, 128, 1, holds_layers=True, holds_output=True)["logits"]  # fmt: skip
 
 
 def test_4bit_never_mixes_gpu_and_cpu(describe):
@@ -353,9 +445,9 @@ def test_cpu_only_x86_runs_the_c_engine(describe):
     lean8 = planner.place(llama, laptop, 8, "cpu", runtime="lean", **short)
     native, lean = p8.devices["cpu"], lean8.devices["cpu"]
     assert native.weights_bytes == lean.weights_bytes and native.kv_cache_bytes == lean.kv_cache_bytes
-    assert native.baseline_bytes == planner.BASELINE_BYTES[("x86_64", "native")] + planner.TOKENIZER_BYTES_PER_TOKEN * llama.vocab_size
+    assert native.baseline_bytes == sizing.BASELINE_BYTES[("x86_64", "native")] + sizing.TOKENIZER_BYTES_PER_TOKEN * llama.vocab_size
     assert native.baseline_bytes < lean.baseline_bytes - 200 * MIB and native.loading_bytes == 0
-    # a prompt runs NATIVE_CHUNK tokens at a time: a longer one adds only its attention scores
+    # a prompt runs PROMPT_CHUNK tokens at a time: a longer one adds only its attention scores
     longer = planner.place(llama, laptop, 8, "cpu", context=128, prompt_tokens=120).devices["cpu"]
     assert longer.activations_bytes == native.activations_bytes
     shorter = planner.place(llama, laptop, 8, "cpu", context=128, prompt_tokens=50).devices["cpu"]
@@ -413,7 +505,7 @@ def test_planner_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from edgepack import planner; from edgepack.plan.profile import load_profile; "
+    code = ("import sys; from edgepack.plan import planner; from edgepack.plan.profile import load_profile; "
             "planner._Target.of(load_profile('t4')); print('torch' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
@@ -508,15 +600,3 @@ def test_pack_with_a_profile_records_the_plan(tiny_models, tmp_path):
     assert set(manifest["device_map"].values()) == {"cuda:0"}
     assert manifest["target_profile"]["name"] == "t4" and manifest["plan"]["fits"]
     assert manifest["plan"]["weight_bytes"] == manifest["memory"]["weight_bytes"]
-
-
-def test_runtime_constants_the_planner_mirrors_agree():
-    """The planner keeps its own copies (it must not import the runtime's torch code paths);
-    they must say what the runtime does."""
-    from edgepack.runtime.torch import linear as qlinear
-
-    for name in ("WIDE_ROWS", "WIDE_CHUNK_WEIGHTS", "INT8_WIDE_ROWS", "INT8_WIDE_CHUNK", "INT8_DIGIT_ROWS",
-                 "INT8_TWO_DIGITS_MAX_IN", "DEQUANT_CHUNK_WEIGHTS"):  # fmt: skip
-        assert getattr(planner, name) == getattr(qlinear, name), name
-    native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
-    assert (planner.NATIVE_CHUNK, planner.NATIVE_ROWS) == (native.PROMPT_CHUNK, native.PROMPT_ROWS)

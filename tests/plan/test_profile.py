@@ -9,10 +9,11 @@ import shutil
 import psutil
 import pytest
 
-from edgepack.plan import profile as prof
+from edgepack.plan import probe as probing, profile as prof
 from edgepack.cli import main
 from edgepack.errors import ProfileError
-from edgepack.plan.profile import DeviceProfile, list_profiles, load_profile, probe, profiles_dir
+from edgepack.plan.probe import probe
+from edgepack.plan.profile import DeviceProfile, list_profiles, load_profile, profiles_dir
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -188,14 +189,14 @@ def test_parse_cpuinfo_raspberry_pi_5():
             "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
             "asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU part\t: 0xd0b\n"
             "Model\t\t: Raspberry Pi 5 Model B Rev 1.0\n")
-    model, simd = prof._parse_cpuinfo(text, "aarch64")
+    model, simd = probing._parse_cpuinfo(text, "aarch64")
     assert model == "Cortex-A76 (Raspberry Pi 5 Model B Rev 1.0)"
     assert simd == ["neon", "asimd", "dotprod"]
 
 
 def test_parse_cpuinfo_x86():
     text = "model name\t: Intel(R) Core(TM) i5-1235U\nmodel\t\t: 154\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
-    assert prof._parse_cpuinfo(text, "x86_64") == ("Intel(R) Core(TM) i5-1235U", ["avx", "avx2", "f16c", "fma"])
+    assert probing._parse_cpuinfo(text, "x86_64") == ("Intel(R) Core(TM) i5-1235U", ["avx", "avx2", "f16c", "fma"])
 
 
 # --- probing ----------------------------------------------------------------------------------
@@ -216,8 +217,8 @@ def test_probe_round_trips_through_a_file(probed, tmp_path):
 
 
 def test_probe_records_bitsandbytes_failure(monkeypatch):
-    monkeypatch.setattr(prof, "_BNB_CHECK", "import sys; sys.exit('ImportError: no bnb here')")
-    ok_cpu, ok_cuda, error = prof._bitsandbytes_works(False, timeout_s=30)
+    monkeypatch.setattr(probing, "_BNB_CHECK", "import sys; sys.exit('ImportError: no bnb here')")
+    ok_cpu, ok_cuda, error = probing._bitsandbytes_works(False, timeout_s=30)
     assert (ok_cpu, ok_cuda) == (False, None)
     assert "ImportError: no bnb here" in error
 
@@ -231,7 +232,7 @@ def test_probe_rejects_a_bad_name():
 
 
 def test_cli_profile_writes_a_loadable_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prof, "_bitsandbytes_works", lambda with_cuda, timeout_s: (True, None, None))
+    monkeypatch.setattr(probing, "_bitsandbytes_works", lambda with_cuda, timeout_s: (True, None, None))
     out = tmp_path / "box.json"
     assert main(["profile", "--out", str(out), "--name", "my-box"]) == 0
     p = load_profile(str(out))
@@ -242,7 +243,7 @@ def test_cli_profile_writes_a_loadable_file(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_profile_to_stdout(monkeypatch, capsys):
-    monkeypatch.setattr(prof, "_bitsandbytes_works", lambda with_cuda, timeout_s: (True, None, None))
+    monkeypatch.setattr(probing, "_bitsandbytes_works", lambda with_cuda, timeout_s: (True, None, None))
     assert main(["profile"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert DeviceProfile.from_dict(d).ram_bytes == psutil.virtual_memory().total

@@ -1,0 +1,171 @@
+/* Decode steps of several sequences in one pass (continuous batching in `edgepack serve`).
+ * Decoding is bound by reading the weights: a step of one sequence reads every weight row
+ * once to use it once. Here each thread takes its rows of a matrix in blocks small enough
+ * to stay in cache (BLOCK_BYTES) and runs the step's own matrix-vector kernel over a block
+ * for every sequence in turn: the block comes from memory once and from cache B - 1 times.
+ * Each sequence has its own token, position and KV cache; norms, rotary, attention and
+ * SiLU are run_step's, sequence by sequence.
+ *
+ * The kernels are the step's (the dispatch table's gemv / int4), applied per row as in
+ * run_step, so every sequence's logits are bitwise those of run_step: greedy decoding gives
+ * the same tokens batched or alone. */
+#include <stdlib.h>
+
+#include "engine.h"
+
+/* rows of a matrix read as one block: SmolLM2-135M 8-bit, 2 threads, 4 sequences: 32 KiB
+ * (L1) and 128 KiB (L2) came within noise; 64 KiB leaves room for the inputs */
+#ifndef EP_BLOCK_BYTES
+#define EP_BLOCK_BYTES 65536
+#endif
+
+/* a sequence's scratch: x[H] h[H] qkv[Q] att[qn] gu[2 inter] act[inter] tmp[widest] prep[widest + widest / 32 + 1] rope[2 D] */
+enum { S_X, S_H, S_QKV, S_ATT, S_GU, S_ACT, S_TMP, S_PREP, S_ROPE, S_PARTS, S_LOGITS = -1 };
+
+typedef struct {
+    Model *m;
+    const BatchSeq *seqs;
+    int B, layer, scores_len;
+    const Mat *mat;
+    float *scratch, *scores;
+    size_t off[S_PARTS + 1]; /* where each part starts in a sequence's scratch; its size last */
+    int in, out, add;        /* parts: the input, the output (S_LOGITS: each sequence's logits) */
+} Steps;
+
+static void offsets(const Model *m, size_t *at) {
+    const int qn = m->heads * m->head_dim, q = qn + 2 * m->kv_heads * m->head_dim;
+    const int widest = m->hidden > m->inter ? (m->hidden > qn ? m->hidden : qn) : (m->inter > qn ? m->inter : qn);
+    const size_t sizes[S_PARTS] = {m->hidden, m->hidden, q, qn, 2 * (size_t)m->inter, m->inter, widest,
+                                   widest + widest / 32 + 1, 2 * (size_t)m->head_dim};
+    size_t total = 0;
+    for (int i = 0; i < S_PARTS; i++) at[i] = total, total += (sizes[i] + 15) & ~(size_t)15; /* 64-byte aligned */
+    at[S_PARTS] = total;
+}
+
+static float *part(const Steps *s, int b, int which) {
+    return which == S_LOGITS ? s->seqs[b].logits : s->scratch + (size_t)b * s->off[S_PARTS] + s->off[which];
+}
+
+/* y[r] for rows [r0, r1) of every sequence: the block read once, then once more per
+ * sequence from cache; the row's scale and bias as mat_rows (step.c) applies them, and
+ * with `add` the result added to y as task_mat does */
+static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, int out, int add) {
+    const size_t row_bytes = mt->type == W_INT4 ? (size_t)mt->cols / 2 + (size_t)mt->cols / mt->group * 4
+                             : (size_t)mt->cols * (mt->type == W_INT8 ? 1 : mt->type == W_F32 ? 4 : 2);
+    int rows = (int)(EP_BLOCK_BYTES / row_bytes) & ~3;
+    rows = rows < 4 ? 4 : rows;
+    for (int rb = r0; rb < r1; rb += rows) {
+        const int re = rb + rows < r1 ? rb + rows : r1;
+        for (int b = 0; b < s->B; b++) {
+            float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
+            if (mt->type == W_INT4)
+                kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
+            else
+                kernels->gemv[mt->type](mt->w, part(s, b, in), mt->cols, rb, re, t);
+            if (mt->scale)
+                for (int r = rb; r < re; r++) t[r] *= mt->scale[r];
+            if (mt->bias)
+                for (int r = rb; r < re; r++) t[r] += mt->bias[r];
+            if (add)
+                for (int r = rb; r < re; r++) y[r] += t[r];
+        }
+    }
+}
+
+static void task_rows(void *ctx, int tid, int nth) {
+    const Steps *s = (const Steps *)ctx;
+    int lo, hi;
+    split(s->mat->rows, tid, nth, &lo, &hi);
+    if (hi > lo) block_rows(s, s->mat, lo, hi, s->in, s->out, s->add);
+}
+
+static void task_gate_up_rows(void *ctx, int tid, int nth) { /* act = silu(gate) * up, as task_gate_up (step.c) */
+    const Steps *s = (const Steps *)ctx;
+    const int inter = s->m->inter;
+    int lo, hi;
+    split(inter, tid, nth, &lo, &hi);
+    if (hi <= lo) return;
+    block_rows(s, s->mat, lo, hi, S_H, S_GU, 0);
+    block_rows(s, s->mat, inter + lo, inter + hi, S_H, S_GU, 0);
+    for (int b = 0; b < s->B; b++) {
+        const float *g = part(s, b, S_GU);
+        kernels->silu(g + lo, g + inter + lo, part(s, b, S_ACT) + lo, hi - lo);
+    }
+}
+
+static void task_attn_seqs(void *ctx, int tid, int nth) { /* (sequence, head) pairs split between threads */
+    const Steps *s = (const Steps *)ctx;
+    const Model *m = s->m;
+    const int D = m->head_dim, group = m->heads / m->kv_heads, pairs = s->B * m->heads;
+    const int lo = (int)((long long)pairs * tid / nth), hi = (int)((long long)pairs * (tid + 1) / nth);
+    const float scale = 1.f / sqrtf((float)D);
+    float *sc = s->scores + (size_t)tid * s->scores_len;
+    for (int p = lo; p < hi; p++) {
+        const int b = p / m->heads, h = p % m->heads;
+        const BatchSeq *q = &s->seqs[b];
+        const size_t base = ((size_t)s->layer * m->kv_heads + h / group) * q->max_tokens * D;
+        kernels->attn(part(s, b, S_QKV) + (size_t)h * D, q->kc + base, q->vc + base, q->pos + 1, D, scale, sc,
+                      part(s, b, S_ATT) + (size_t)h * D);
+    }
+}
+
+static void rows(Steps *s, task_fn task, const Mat *mat, int in, int out, int add, int nth) {
+    s->mat = mat, s->in = in, s->out = out, s->add = add;
+    if (mat->type == W_INT4)
+        for (int b = 0; b < s->B; b++) prep_int4(mat, part(s, b, in), part(s, b, S_PREP));
+    parallel(task, s, nth);
+}
+
+static float *scratch_floats;
+static size_t scratch_size;
+
+/* grown as needed, kept between calls (called under step_lock); 0 if out of memory */
+static int grow(size_t floats) {
+    if (floats <= scratch_size) return 1;
+    float *p = malloc(floats * sizeof(float));
+    if (!p) return 0;
+    free(scratch_floats);
+    scratch_floats = p, scratch_size = floats;
+    return 1;
+}
+
+int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
+    const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
+    Steps s = {.m = m, .seqs = seqs, .B = B};
+    offsets(m, s.off);
+    int longest = 1;
+    for (int b = 0; b < B; b++) longest = seqs[b].max_tokens > longest ? seqs[b].max_tokens : longest;
+    if (!grow(s.off[S_PARTS] * B + (size_t)nth * longest)) return -1;
+    s.scratch = scratch_floats, s.scores = scratch_floats + s.off[S_PARTS] * B, s.scores_len = longest;
+    for (int b = 0; b < B; b++) {
+        float *x = part(&s, b, S_X), *rope = part(&s, b, S_ROPE);
+        for (int i = 0; i < H; i++) x[i] = load_value(m->embed_type, m->embed, (size_t)seqs[b].token * H + i);
+        rope_tables(theta, D, seqs[b].pos, rope, rope + D);
+    }
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        for (int b = 0; b < B; b++) rms_norm(part(&s, b, S_X), L->in_norm, part(&s, b, S_H), H, m->eps);
+        rows(&s, task_rows, &L->qkv, S_H, S_QKV, 0, nth);
+        for (int b = 0; b < B; b++) {
+            float *qkv = part(&s, b, S_QKV), *rope = part(&s, b, S_ROPE);
+            const BatchSeq *q = &seqs[b];
+            for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(qkv + (size_t)h * D, rope, rope + D, D);
+            for (int g = 0; g < m->kv_heads; g++) {
+                const size_t at = (((size_t)l * m->kv_heads + g) * q->max_tokens + q->pos) * D;
+                for (int d = 0; d < D; d++) {
+                    q->kc[at + d] = f32_to_bf16(qkv[qn + g * D + d]);
+                    q->vc[at + d] = f32_to_bf16(qkv[qn + kn + g * D + d]);
+                }
+            }
+        }
+        s.layer = l;
+        parallel(task_attn_seqs, &s, nth);
+        rows(&s, task_rows, &L->o, S_ATT, S_X, 1, nth);
+        for (int b = 0; b < B; b++) rms_norm(part(&s, b, S_X), L->post_norm, part(&s, b, S_H), H, m->eps);
+        rows(&s, task_gate_up_rows, &L->gate_up, S_H, S_GU, 0, nth);
+        rows(&s, task_rows, &L->down, S_ACT, S_X, 1, nth);
+    }
+    for (int b = 0; b < B; b++) rms_norm(part(&s, b, S_X), m->norm, part(&s, b, S_H), H, m->eps);
+    rows(&s, task_rows, &m->head, S_H, S_LOGITS, 0, nth);
+    return 0;
+}

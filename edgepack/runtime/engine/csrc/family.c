@@ -1,0 +1,81 @@
+/* What families other than Llama add to a layer (the Model's and Layer's feature fields):
+ * rotary tables from per-frequency inverse frequencies (Llama 3's scaling, two bases in
+ * Gemma 3), RMSNorm of each q / k head (Qwen3, Gemma 3), GeGLU with tanh-GELU and
+ * soft-capped attention scores and logits (Gemma 2), norms of the attention's and MLP's
+ * outputs (Gemma). Scalar code: these run once per token and head, not per weight. */
+#include "engine.h"
+
+void rope_from_freqs(const float *inv_freq, int D, int pos, float *cos, float *sin) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float f = (float)pos * inv_freq[i]; /* float32, as transformers' freqs = inv_freq @ positions */
+        cos[i] = cos[i + half] = cosf(f);
+        sin[i] = sin[i + half] = sinf(f);
+    }
+}
+
+void model_rope(Model *m, int pos, float *cos, float *sin) {
+    const int D = m->head_dim;
+    for (int r = 0; r < m->n_ropes; r++)
+        rope_from_freqs(m->inv_freq + (size_t)r * D / 2, D, pos, cos + (size_t)r * 2 * D, sin + (size_t)r * 2 * D);
+}
+
+/* q heads then k heads of one token's q/k/v row, each normalized over head_dim */
+void qk_norm(const Model *m, const Layer *L, float *qkv) {
+    const int D = m->head_dim;
+    for (int h = 0; h < m->heads; h++) rms_norm(qkv + (size_t)h * D, L->q_norm, qkv + (size_t)h * D, D, m->eps);
+    float *k = qkv + (size_t)m->heads * D;
+    for (int g = 0; g < m->kv_heads; g++) rms_norm(k + (size_t)g * D, L->k_norm, k + (size_t)g * D, D, m->eps);
+}
+
+/* gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh(u) = 1 - 2 / (e^2u + 1) */
+static void gelu_tanh_mul(const float *gate, const float *up, float *out, int n) {
+#pragma omp simd
+    for (int r = 0; r < n; r++) {
+        const float x = gate[r], u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        const float t = 1.f - 2.f / (ep_exp(2.f * u) + 1.f);
+        out[r] = 0.5f * x * (1.f + t) * up[r];
+    }
+}
+
+void act_mul(const Model *m, const float *gate, const float *up, float *out, int n) {
+    if (m->act == ACT_GELU_TANH)
+        gelu_tanh_mul(gate, up, out, n);
+    else
+        kernels->silu(gate, up, out, n);
+}
+
+void soft_cap(float *v, int n, float cap) { /* cap tanh(v / cap) */
+    for (int i = 0; i < n; i++) v[i] = cap * tanhf(v[i] / cap);
+}
+
+/* one query head over positions [0, n) of its key/value head, each score capped at cap
+ * (Gemma 2: cap tanh(score / cap) before the softmax) */
+void attn_capped(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float cap, float *s,
+                 float *out) {
+    float top = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        const uint16_t *k = K + (size_t)t * D;
+        float acc = 0.f;
+        for (int d = 0; d < D; d++) acc += q[d] * bf16_to_f32(k[d]);
+        s[t] = cap * tanhf(acc * scale / cap);
+        top = s[t] > top ? s[t] : top;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) {
+        s[t] = ep_exp(s[t] - top);
+        sum += s[t];
+    }
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (int t = 0; t < n; t++) {
+        const uint16_t *v = V + (size_t)t * D;
+        for (int d = 0; d < D; d++) out[d] += s[t] * bf16_to_f32(v[d]);
+    }
+    const float inv = 1.f / sum;
+    for (int d = 0; d < D; d++) out[d] *= inv;
+}
+
+void norm_add(const float *in, const float *w, float *x, float *tmp, int n, float eps) {
+    rms_norm(in, w, tmp, n, eps);
+    for (int i = 0; i < n; i++) x[i] += tmp[i];
+}

@@ -1,0 +1,249 @@
+"""The generation worker: one thread that owns the model and answers admitted requests
+through each request's asyncio queue.
+
+With edgepack's CPU engine it serves up to ``parallel`` requests at once by continuous
+batching: between two decode steps, waiting requests take free slots (their prompts are
+computed then, reusing held KV caches, see prefix.py) and finished ones leave; each step
+advances every active request by one token in a single call that reads the weights once
+(NativeLM.step_batch). Each request samples with its own settings and random generator;
+greedy answers are bitwise those of serving it alone. The torch backend serves one request
+at a time through EdgeModel.stream_steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgepack.serve.api import GenerationRequest
+from edgepack.serve.metrics import Metrics
+from edgepack.serve.prefix import PrefixStore
+
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_PARALLEL = 4  # slots where memory allows: 4 streams get ~3x one's tokens/s (SmolLM2 8-bit)
+DEFAULT_CACHE_BYTES = 512 << 20  # held prompt caches: ~22k tokens of SmolLM2-135M, ~4k of a 1B model
+
+
+def default_parallel(lm) -> int:
+    """DEFAULT_PARALLEL slots, fewer where the memory this process may still take would not
+    hold each slot's KV cache at full context (half of it, for the held caches and the rest)."""
+    if lm.backend != "native":
+        return 1
+    from edgepack.runtime.memory import budget
+
+    m = lm.model
+    per_slot = 2 * m.layers * m.kv_heads * m.head_dim * 2 * lm.max_positions
+    return max(1, min(DEFAULT_PARALLEL, budget().available_bytes // 2 // max(per_slot, 1)))
+
+
+@dataclass
+class Job:
+    """One admitted request. The worker sends GenerationSteps, an exception, then None."""
+
+    request: GenerationRequest
+    max_tokens: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """One thread that owns the model; requests wait in a queue of at most ``max_queue``
+    for one of ``parallel`` slots."""
+
+    def __init__(self, lm, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):  # fmt: skip
+        self.lm, self.metrics, self.max_queue = lm, metrics, max_queue
+        self.batched = lm.backend == "native"
+        self.parallel = parallel if self.batched else 1
+        # a sliding-window layer's cache is a ring: its prefixes cannot be cut back or copied,
+        # so such models get no reuse budget
+        if getattr(lm.model, "sliding", 0):
+            cache_bytes = 0
+        self.prefixes = PrefixStore(lm.model, cache_bytes, lm.max_positions) if self.batched else None
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.active: list[_Slot] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return self._waiting
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    def gauges(self) -> dict:
+        """/metrics' view of the slots and the held prompt caches (read from another thread:
+        each value is one read of a list or an int)."""
+        held = list(self.prefixes.held) if self.prefixes else []
+        per_token = self.prefixes.bytes_per_token if self.prefixes else 0
+        return {"slots_in_use": len(self.active), "slots": self.parallel, "held_caches": len(held),
+                "held_cache_bytes": sum(h.cache.length for h in held) * per_token}  # fmt: skip
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edgepack-generate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> bool:
+        """Admit a job, or return False when the queue is full."""
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                return False
+            self._waiting += 1
+        self._jobs.put(job)
+        return True
+
+    def _take(self, block: bool) -> Job | None:
+        """The next waiting job still wanted; None when there is none (or the server stops)."""
+        while not self._stopping:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return None
+            if job is None:
+                self._stopping = True
+                return None
+            with self._lock:
+                self._waiting -= 1
+            if not job.cancelled.is_set():  # else its client left while it waited
+                return job
+        return None
+
+    def _run(self) -> None:
+        if not self.batched:
+            while (job := self._take(block=True)) is not None:
+                self.active = [_Slot(job, None, None, [])]
+                try:
+                    self._generate_alone(job)
+                finally:
+                    self.active = []
+            return
+        while not self._stopping:
+            while len(self.active) < self.parallel and (job := self._take(block=False)) is not None:
+                self._join(job)
+            if self.active:
+                self._step()
+            elif self._jobs.empty() and self.prefixes.refresh():
+                continue  # idle: make a finished reply reusable, a chunk at a time
+            elif (job := self._take(block=True)) is not None:
+                self._join(job)
+
+    # one request at a time (the torch backend) ---------------------------------------------
+
+    def _generate_alone(self, job: Job) -> None:
+        req = job.request
+        try:
+            steps = self.lm.stream_steps(
+                req.prompt,
+                chat=req.chat,
+                max_new_tokens=job.max_tokens,
+                min_new_tokens=req.min_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=req.stop,
+            )
+            for step in steps:
+                self.metrics.add_tokens(prompt=step.prompt_tokens if step.generated_tokens == 1 else 0, generated=1)
+                if job.cancelled.is_set() or not _send(job, step):
+                    steps.close()
+                    return
+        except Exception as exc:  # handed to the request, which answers it; the worker lives on
+            _send(job, exc)
+        _send(job, None)
+
+    # continuous batching (edgepack's CPU engine) -------------------------------------------
+
+    def _join(self, job: Job) -> None:
+        """Compute the job's prompt (what no held cache has) and emit its first token."""
+        from edgepack.runtime import StepWriter
+
+        req = job.request
+        try:
+            plan = self.lm.plan_generation(req.prompt, chat=req.chat, max_new_tokens=job.max_tokens,
+                                           min_new_tokens=req.min_tokens, temperature=req.temperature,
+                                           top_p=req.top_p, seed=req.seed, stop=req.stop)  # fmt: skip
+            writer = StepWriter(self.lm, plan)
+            ids = plan.prompt_ids
+            cache, reused = self.prefixes.take(ids, len(ids) + plan.max_new_tokens)
+            slot = _Slot(job, plan, writer, [], cache, random.Random(plan.seed) if plan.seed is not None else None)
+            logits = self.lm.model.forward(ids[reused:], cache)
+        except Exception as exc:  # handed to the request, which answers it; the worker lives on
+            _send(job, exc)
+            _send(job, None)
+            return
+        self.metrics.add_prefix(reused=reused, computed=len(ids) - reused)
+        self.active.append(slot)
+        self._emit(slot, logits)
+
+    def _step(self) -> None:
+        slots = list(self.active)
+        try:
+            logits = self.lm.model.step_batch([s.generated[-1] for s in slots], [s.cache for s in slots])
+        except Exception as exc:
+            for s in slots:
+                _send(s.job, exc)
+                _send(s.job, None)
+                self._leave(s, keep=False)
+            return
+        for s, lg in zip(slots, logits):
+            self._emit(s, lg)
+
+    def _emit(self, slot: _Slot, logits) -> None:
+        """Sample the slot's next token, send its step; the slot leaves when it is done."""
+        plan, model = slot.plan, self.lm.model
+        if slot.writer.n < plan.min_new_tokens:
+            for eos in self.lm.eos_token_ids:
+                logits[eos] = float("-inf")
+        token = model.sample(logits, plan.temperature, plan.top_p, plan.top_k, slot.rng)
+        slot.generated.append(token)
+        step = slot.writer.add(token)
+        self.metrics.add_tokens(prompt=step.prompt_tokens if step.generated_tokens == 1 else 0, generated=1)
+        if slot.job.cancelled.is_set() or not _send(slot.job, step):
+            self._leave(slot, keep=True)
+        elif step.finish_reason is not None:
+            _send(slot.job, None)
+            self._leave(slot, keep=True)
+
+    def _leave(self, slot: _Slot, keep: bool) -> None:
+        if slot in self.active:
+            self.active.remove(slot)
+        if keep:
+            self.prefixes.give(slot.cache, slot.plan.prompt_ids, slot.generated)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A request being served: its settings, text so far, KV cache and generated tokens."""
+
+    job: Job
+    plan: Any  # runtime.GenerationPlan
+    writer: Any  # runtime.StepWriter
+    generated: list[int]
+    cache: Any = None  # NativeCache
+    rng: random.Random | None = None
+
+
+def _send(job: Job, item: Any) -> bool:
+    try:
+        job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        return True
+    except RuntimeError:  # the event loop is closed: the server is shutting down
+        job.cancelled.set()
+        return False

@@ -1,0 +1,127 @@
+"""Continuous batching and prefix reuse of `edgepack serve`, measured on loopback.
+
+    .venv/bin/python tests/bench/serve_batch.py /tmp/serving-8 [--rounds 2]
+
+Prints, per round (A/B alternated, the box may be noisy):
+- 4 greedy streams one at a time vs together (--parallel 4): aggregate decode tokens/s, the
+  ratio, p50/p99 time to first token under load, and whether the texts are identical;
+- a 10-turn chat (~1,500 tokens of history at the last turn): the last turn's time to first
+  token with prefix reuse vs without (--cache-bytes 0).
+"""
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from edgepack import serve
+from edgepack.runtime import load
+from edgepack.serve.guard import server_config
+
+PROMPTS = ["Write a story about a dragon.", "Explain how a CPU cache works.", "List ten fruits and their colors.",
+           "Describe the city of Paris."]  # fmt: skip
+FILLER = ("Here is some background about my project: I am building a small garden with tomatoes, basil, "
+          "peppers and a few herbs; the soil is sandy and the summers are hot and dry. ")  # fmt: skip
+
+
+class Live:
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.server = uvicorn.Server(server_config(app, host="127.0.0.1", port=0, max_queue=8, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def stream(url, path, body):
+    """(text, seconds to first token, seconds in all, completion tokens)"""
+    t0, first, pieces, usage = time.perf_counter(), None, [], 0
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", url + path, json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            for c in chunk.get("choices", []):
+                piece = c.get("text") or (c.get("delta") or {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                pieces.append(piece)
+    return "".join(pieces), first, time.perf_counter() - t0, usage
+
+
+def streams(lm, n_tokens, together):
+    bodies = [{"prompt": p, "max_tokens": n_tokens, "min_tokens": n_tokens, "temperature": 0} for p in PROMPTS]
+    with Live(serve.create_app(lm, parallel=4 if together else 1, cache_bytes=0)) as live:
+        results = [None] * len(bodies)
+        t0 = time.perf_counter()
+        if together:
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(live.url, "/v1/completions", bodies[i])))
+                       for i in range(len(bodies))]  # fmt: skip
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        else:
+            for i, b in enumerate(bodies):
+                results[i] = stream(live.url, "/v1/completions", b)
+        wall = time.perf_counter() - t0
+    tokens = sum(r[3] for r in results)
+    return [r[0] for r in results], tokens / wall, [r[1] for r in results]
+
+
+def chat(lm, cache_bytes, turns=10, words=110):
+    messages, ttft = [{"role": "system", "content": "You are a helpful gardening assistant."}], None
+    with Live(serve.create_app(lm, parallel=1, cache_bytes=cache_bytes)) as live:
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"Turn {turn}. " + " ".join((FILLER * 4).split()[:words])})
+            text, ttft, _, _ = stream(live.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 24,
+                                                                        "temperature": 0})  # fmt: skip
+            messages.append({"role": "assistant", "content": text})
+            time.sleep(0.3)  # a user reads and types; the server recomputes the reply meanwhile
+        metrics = httpx.get(live.url + "/metrics").json()
+    return ttft, len(lm.encode_prompt(messages[:-1])), metrics["prefix_reused_tokens"], text
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--skip", choices=["chat", "streams"], default=None)
+    args = p.parse_args()
+    lm = load(args.bundle)
+    for r in range(args.rounds):
+        if args.skip != "streams":
+            texts1, rate1, _ = streams(lm, args.tokens, together=False)
+            texts4, rate4, firsts = streams(lm, args.tokens, together=True)
+            firsts = sorted(firsts)
+            print(f"round {r}: one at a time {rate1:.1f} tok/s, 4 together {rate4:.1f} tok/s, ratio {rate4 / rate1:.2f}, "
+                  f"identical {texts1 == texts4}, TTFT p50 {statistics.median(firsts):.3f} s p99 {firsts[-1]:.3f} s", flush=True)
+        if args.skip != "chat":
+            off = chat(lm, 0)
+            on = chat(lm, 512 << 20)
+            print(f"round {r}: chat last turn ({on[1]} prompt tokens): TTFT without reuse {off[0]:.3f} s, with "
+                  f"{on[0]:.3f} s, ratio {on[0] / off[0]:.3f}, reused {on[2]} tokens, same last reply {on[3] == off[3]}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

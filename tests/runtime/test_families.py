@@ -1,0 +1,219 @@
+"""Each family of issue 17's table, packed at 16, 8 and int4 bits, loaded by edgepack's runtime
+and compared with transformers' float32 forward of the source: the prompt pass and greedy
+decode steps through the KV cache, at a length past the sliding window. ``lm.backend`` says
+which backend ran each case (the CPU engine where native.supports allows, else torch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+from families import FAMILIES, SLIDING_WINDOW, make_family_model
+
+PROMPT = "Quantization stores weights in eight or four bits instead of sixteen. The capital of Italy is Rome."
+DECODE_STEPS = 6
+# Relative L2 error of the last-token logits against transformers' float32 forward of the
+# source, per packing. 16 bits: bf16 rounding of weights and activations. 8 bits: per-row int8.
+# int4 (groups of 32): 16 levels per group of these random, unclustered weights are ~8% error
+# per matrix, compounded over 2-6 layers to 0.1-0.4 (measured); that bound is loose, so int4
+# leans on the next check.
+RTOL = {16: 0.02, 8: 0.08, 4: 0.45}
+# The torch backend runs transformers in bfloat16. transformers' own bf16 forward of the
+# 6-layer Gemma 3 (sandwich norms) is 0.017 mean, up to 0.026, off its float32 forward with
+# the same bf16-rounded weights (measured), so there 16 bits is held to 0.03.
+TORCH_RTOL_16 = {"gemma3": 0.03}
+# ... and against transformers' float32 forward over the bundle's own (dequantized) weights:
+# what is left is the runtime's arithmetic (bf16 activations on the torch backend, as above).
+RTOL_OWN_WEIGHTS = 0.03
+# A top-1 choice counts where the reference's lead over its runner-up is more than this many
+# times the per-logit error its bound allows (tolerance x rms of the logits); a smaller lead is
+# a near-tie that an error within the bound may flip.
+DECISIVE_LEAD = 4.0
+PACKINGS = {16: {}, 8: {}, 4: {"quant_type": "int4"}}
+# The families edgepack's CPU engine runs (where its C module is usable on this box); the rest
+# load through torch.
+ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "mistral-sw")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """family -> (local model directory, the float32 model it holds)."""
+    root = tmp_path_factory.mktemp("family-models")
+    tokenizer = make_tokenizer()
+    out = {}
+    for family in FAMILIES:
+        model = make_family_model(family, len(tokenizer))
+        model.save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
+        out[family] = (root / family, model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_bundle(sources, tmp_path_factory):
+    """bundle(family, bits) -> bundle dir, packed once per module."""
+    from edgepack.export.pack import pack
+
+    root, done = tmp_path_factory.mktemp("family-bundles"), {}
+
+    def get(family: str, bits: int):
+        if (family, bits) not in done:
+            out = root / f"{family}-{bits}"
+            pack(str(sources[family][0]), out, bits=bits, **PACKINGS[bits])
+            done[family, bits] = out
+        return done[family, bits]
+
+    return get
+
+
+def _stepper(lm, max_tokens: int):
+    """step(token ids) -> float32 logits of the last one, each call continuing the cache."""
+    model = lm.model
+    if lm.backend == "native":
+        cache = model.new_cache(max_tokens)
+        return lambda ids: torch.frombuffer(bytearray(model.forward(ids, cache)), dtype=torch.float32)
+    from edgepack.runtime.torch.model import _hf_step, _lean_step
+
+    step = _lean_step(model, max_tokens) if hasattr(model, "logits_last") else _hf_step(model)
+    return lambda ids: step(torch.tensor([ids])).float()
+
+
+def own_weights_model(lm):
+    """transformers' float32 model over the bundle's stored tensors, each quantized layer
+    dequantized (the exporter's reference, reference.dequantized_model)."""
+    from transformers import AutoConfig
+
+    from edgepack.export import reference
+    from edgepack.export.quantize import Result, Settings
+    from edgepack.runtime.torch.model import read_shard
+
+    q = lm.manifest["quantization"]
+    config = AutoConfig.from_pretrained(str(lm.path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tensors = {}
+    for rel in sorted({info["file"] for info in lm.manifest["tensors"].values()}):
+        tensors.update(read_shard(lm.path / rel, lm.manifest, rel))
+    settings = Settings(q["bits"], q.get("quant_type", "nf4"), q.get("double_quant", False), q.get("blocksize", 64))
+    return reference.dequantized_model(config, Result(tensors, q["quantized_modules"]), settings)
+
+
+def compare(lm, references: dict, prompt_ids: list[int], steps: int = DECODE_STEPS) -> dict:
+    """Prompt pass, then ``steps`` greedy decode steps through the runtime's cache (the first
+    reference's choice of token fed to all), each step's last-token logits against each
+    reference model's full forward of the sequence. ``references``: name -> (model, rtol).
+    Per reference: the worst relative L2 error of the prompt and of the decode steps, and top-1
+    agreements out of the positions where the reference's choice is decisive."""
+    step = _stepper(lm, len(prompt_ids) + steps)
+    ids, rows = list(prompt_ids), {name: [] for name in references}
+    got = step(ids)
+    for n in range(steps + 1):
+        for name, (model, rtol) in references.items():
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            top2 = want.topk(2).values
+            decisive = float(top2[0] - top2[1]) > DECISIVE_LEAD * rtol * float(want.pow(2).mean().sqrt())
+            rows[name].append((float((got - want).norm() / want.norm()), decisive, int(got.argmax()) == int(want.argmax())))
+            if n < steps and name == next(iter(references)):
+                next_token = int(want.argmax())
+        if n < steps:
+            ids.append(next_token)
+            got = step([next_token])
+    out = {"backend": lm.backend, "tokens": len(ids)}
+    for name, row in rows.items():
+        out[name] = {"prompt_rel": row[0][0], "decode_rel": max(r[0] for r in row[1:]),
+                     "top1": (sum(d and same for _e, d, same in row), sum(d for _e, d, _s in row))}  # fmt: skip
+    return out
+
+
+# 8 bits calibrates (smoothing and GPTQ on the Llama-like families: ~4x a 16-bit pack), so
+# those cases run in the slow tier; 16 bits and int4 cover every family in the fast one.
+@pytest.mark.parametrize("bits", [16, pytest.param(8, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_transformers(family, bits, sources, family_bundle, record_property):
+    from edgepack import runtime
+    from edgepack.runtime import engine as native
+
+    source = sources[family][1]
+    lm = runtime.load(family_bundle(family, bits), device="cpu", force=True)
+    prompt_ids = lm.tokenizer.encode(PROMPT)
+    assert len(prompt_ids) > 2 * SLIDING_WINDOW
+    rtol = TORCH_RTOL_16.get(family, RTOL[bits]) if bits == 16 and lm.backend == "torch" else RTOL[bits]
+    got = compare(lm, {"source": (source, rtol), "own": (own_weights_model(lm), RTOL_OWN_WEIGHTS)}, prompt_ids)
+    for name, rtol in (("source", rtol), ("own", RTOL_OWN_WEIGHTS)):
+        assert got[name]["prompt_rel"] <= rtol and got[name]["decode_rel"] <= rtol, (name, got)
+        matched, decisive = got[name]["top1"]
+        assert matched == decisive, (name, got)
+    assert got["own"]["top1"][1] >= (DECODE_STEPS + 1) // 2, got  # the top-1 check is not vacuous
+    assert (lm.backend == "native") == (lm.why_not_native is None), (lm.backend, lm.why_not_native)
+    if family in ENGINE_FAMILIES and native.c_module_unavailable() is None:
+        assert lm.backend == "native", lm.why_not_native
+    record_property("backend", lm.backend)  # in --junitxml; the engine is to take these over
+    record_property("why_not_native", lm.why_not_native)
+    record_property("rel_error_vs_source", [round(got["source"]["prompt_rel"], 4), round(got["source"]["decode_rel"], 4)])
+
+
+def test_sliding_window_layers_of_any_llama_like_type():
+    """Qwen2 with use_sliding_window marks its upper layers in layer_types: the engine gives
+    those layers a window (and only those); lean.py, which attends over the whole cache, must
+    leave the bundle to transformers."""
+    from transformers import Qwen2Config
+
+    from edgepack.runtime import engine as native
+    from edgepack.runtime.engine.family import features
+
+    config = Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1)
+    assert native.supports(config.to_dict()) == "sliding-window attention"
+    found = features(config.to_dict())
+    assert found.layer_sliding == [False, True, True] and found.window == SLIDING_WINDOW
+    assert native.supports(Qwen2Config(num_hidden_layers=3).to_dict()) is None
+    assert features(Qwen2Config(num_hidden_layers=3).to_dict()).plain
+
+
+def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, capsys):
+    """Where the engine cannot run a bundle, `run --stats` and `inspect` say so in one line,
+    with the reason and the backend that runs instead; where it can, inspect says native."""
+    from edgepack.runtime import engine as native
+    from edgepack.cli import main
+
+    phi3, qwen2 = family_bundle("phi3", 16), family_bundle("qwen2", 16)
+    assert main(["run", str(phi3), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "backend: torch, not edgepack's CPU engine: model_type 'phi3'\n" in err
+    assert main(["inspect", str(phi3)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("backend:")]
+    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'phi3'"]
+    if native.c_module_unavailable() is None:  # else the C module is not built or not usable here
+        assert main(["inspect", str(qwen2)]) == 0
+        assert "backend:       native (edgepack's CPU engine)\n" in capsys.readouterr().out
+        assert main(["run", str(qwen2), "The capital", "--max-new-tokens", "2", "--stats"]) == 0
+        assert "backend: torch" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral-sw"])
+def test_sliding_window_cache_across_chunks_and_calls(family, sources, family_bundle):
+    """A sliding-window layer keeps only its window (a ring of SLIDING_WINDOW positions); its
+    keys stay right past a prompt chunk's end (the engine runs 96 tokens a pass) and between
+    calls that split the same tokens differently: prompt pieces, then decode steps."""
+    from edgepack import runtime
+    from edgepack.runtime import engine as native
+
+    if native.c_module_unavailable() is not None:
+        pytest.skip(f"edgepack's CPU engine is not usable here: {native.c_module_unavailable()}")
+    lm = runtime.load(family_bundle(family, 16), device="cpu", force=True)
+    model, source = lm.model, sources[family][1]
+    ids = torch.randint(3, model.vocab, (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert len(ids) > native._native.PROMPT_CHUNK
+    with torch.no_grad():
+        want = source(input_ids=torch.tensor([ids])).logits[0, -1]
+    for parts in ([120], [5, 91, 20, 1, 1, 1, 1]):
+        cache, at = model.new_cache(len(ids)), 0
+        for n in parts:
+            got = torch.frombuffer(bytearray(model.forward(ids[at : at + n], cache)), dtype=torch.float32)
+            at += n
+        assert float((got - want).norm() / want.norm()) <= RTOL[16], parts
+    sliding = sum(model._features.layer_sliding)
+    assert sliding == (5 if family == "gemma3" else 2)
+    full_bytes = 2 * 2 * model.kv_heads * model.head_dim * len(ids)  # keys and values, bfloat16
+    assert len(cache.memory) == (model.layers - sliding) * full_bytes + sliding * full_bytes * SLIDING_WINDOW // len(ids)

@@ -1,0 +1,132 @@
+"""Continuous batching and prefix reuse in `edgepack serve`: concurrent streams and reused
+KV caches give exactly the answers of serving each request alone from scratch."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from edgepack import serve  # noqa: E402
+from edgepack.runtime.engine import c_module_unavailable  # noqa: E402
+from edgepack.serve.guard import server_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(c_module_unavailable() is not None, reason="the C engine cannot run here")
+PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at one"]
+
+
+class Live:
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        config = server_config(app, host="127.0.0.1", port=0, max_queue=8, log_level="warning")
+        config.timeout_graceful_shutdown = 2
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the test server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    def post(self, path, body):
+        response = httpx.post(self.url + path, json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def lm(packed):
+    from edgepack.runtime import load
+
+    lm = load(packed("llama", 8))
+    assert lm.backend == "native"
+    return lm
+
+
+def test_concurrent_streams_equal_alone(lm, monkeypatch):
+    bodies = [{"prompt": p, "max_tokens": 24, "temperature": 0} for p in PROMPTS]
+    bodies.append({"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 1.0, "top_p": 0.9, "seed": 5})
+    expected = [lm.generate(p, max_new_tokens=24, temperature=0) for p in PROMPTS]
+    expected.append(lm.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5))
+    widths = []
+    step_batch = lm.model.step_batch
+
+    def recording(tokens, caches):
+        widths.append(len(tokens))
+        time.sleep(0.01)  # so the requests overlap
+        return step_batch(tokens, caches)
+
+    monkeypatch.setattr(lm.model, "step_batch", recording)
+    with Live(serve.create_app(lm, parallel=4, cache_bytes=0)) as live:
+        replies = [None] * len(bodies)
+
+        def ask(i):
+            replies[i] = live.post("/v1/completions", bodies[i])["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = httpx.get(live.url + "/metrics").json()
+    assert replies == expected
+    assert max(widths) == 4, "four requests should have been stepped together"
+    assert metrics["slots"] == 4 and metrics["slots_in_use"] == 0
+
+
+def _chat(live, turns, max_tokens=6):  # the tiny model has a 128-token context
+    messages, replies = [{"role": "system", "content": "Be terse."}], []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        reply = live.post("/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        text = reply["choices"][0]["message"]["content"]
+        replies.append(text)
+        messages.append({"role": "assistant", "content": text})
+    return replies, messages
+
+
+def test_prefix_reuse_gives_the_same_answers(lm):
+    turns = ["Hi", "Paris?", "Rome?", "Bye"]
+    with Live(serve.create_app(lm, parallel=2, cache_bytes=0)) as live:
+        plain, _ = _chat(live, turns)
+        assert httpx.get(live.url + "/metrics").json()["prefix_reused_tokens"] == 0
+    with Live(serve.create_app(lm, parallel=2)) as live:
+        reused, messages = _chat(live, turns)
+        metrics = httpx.get(live.url + "/metrics").json()
+    assert reused == plain
+    # each later turn reuses at least the system prompt and the first turn
+    assert metrics["prefix_reused_tokens"] >= 3 * len(lm.encode_prompt(messages[:2]))
+    assert metrics["held_caches"] >= 1 and metrics["held_cache_bytes"] > 0
+    assert metrics["prefix_computed_tokens"] + metrics["prefix_reused_tokens"] == metrics["prompt_tokens"]
+    assert lm.generate(messages[:-1], max_new_tokens=6, temperature=0) == reused[-1]
+
+
+def test_held_caches_stay_within_the_budget(lm):
+    from edgepack.serve.prefix import PrefixStore
+
+    store = PrefixStore(lm.model, budget_bytes=0, max_positions=lm.max_positions)
+    per_token = store.bytes_per_token
+    store.budget_bytes = 40 * per_token
+    for start in range(5):  # five unrelated 12-token prompts: only three fit in 40 tokens
+        cache, reused = store.take(list(range(start * 20 + 3, start * 20 + 15)), 32)
+        assert reused == 0
+        lm.model.forward(list(range(start * 20 + 3, start * 20 + 15)), cache)
+        store.give(cache, list(range(start * 20 + 3, start * 20 + 15)), [])
+    assert len(store.held) == 3 and store.held_bytes <= store.budget_bytes
+    assert [h.tokens[0] for h in store.held] == [43, 63, 83]  # least recently used went first
+    cache, reused = store.take(list(range(43, 55)) + [9, 9], 32)
+    assert reused == 12 and cache.length == 12
