@@ -38,6 +38,19 @@ class MissingDependencyError(EdgepackError, ImportError):
     """An optional package needed for this input is not installed."""
 
 
+class MissingExtraError(MissingDependencyError):
+    """A command or backend needs an optional extra (edgepack.extras) that is not installed:
+    "WHAT needs the EXTRA extra (PACKAGE is not installed)", hint: the pip line."""
+
+    def __init__(self, what: str, extra: str, package: str, because: str | None = None):
+        super().__init__(
+            f"{what} needs the {extra} extra ({package} is not installed)" + (f"; {because}" if because else ""),
+            hint=f"pip install 'edgepack[{extra}]'",
+        )
+        self.extra = extra
+        self.package = package
+
+
 class QuantizationError(EdgepackError, ValueError):
     """Unsupported bits / quant type, or quantization failed."""
 

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().parse_args(argv)  # prints help, or raises UsageError for a bad command
             build_parser().print_help()
             return 2
+        from edgepack import extras
+
+        extras.require_for_command(name)  # before its module is imported: that may need the extra
         parser, run = command_parser(name)
         # intermixed: `edgepack run BUNDLE --chat "prompt"` puts a positional after an option
         args = parser.parse_intermixed_args(argv[:index] + argv[index + 1 :])
@@ -176,6 +179,11 @@ def _describe(exc: Exception, name: str | None) -> tuple[str, str | None, int]:
     command = f"edgepack {name}" if name else "edgepack"
     if isinstance(exc, EdgepackError):
         return exc.message, exc.hint or f"`{command} --help` describes the arguments", exc.exit_code
+    from edgepack import extras
+
+    missing_extra = extras.for_import_error(exc, name)  # torch, transformers, ... on a minimal install
+    if missing_extra is not None:
+        return missing_extra.message, missing_extra.hint, missing_extra.exit_code
     if isinstance(exc, MemoryError):
         return ("out of memory", "free memory, or use a bundle packed at fewer bits (--bits 4)", 1)
     if isinstance(exc, OSError) and exc.filename is not None:  # disk, permissions: not a bug

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edgepack import extras
 from edgepack.format import bundle as bundle_format
 from edgepack.format import staging
 from edgepack.errors import (
@@ -78,6 +79,7 @@ def pack(
     before quantizing (exact in float; see smoothing.py); False quantizes the source as is.
     gptq: at 8 bits, round Llama-family rows with GPTQ's error compensation on the
     calibration text (gptq.py); False rounds to nearest, as bitsandbytes does."""
+    extras.require("export", "packing a model")  # before the source is downloaded
     say = progress or (lambda _msg: None)
     blocksize = DEFAULT_BLOCKSIZE.get(quant_type, 64) if blocksize is None else blocksize
     _check_options(bits, quant_type, blocksize, dtype, max_shard_bytes, double_quant)

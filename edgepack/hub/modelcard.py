@@ -144,7 +144,7 @@ def _run_with_edgepack(repo_id: str, entries: list[dict[str, Any]]) -> str:
     return (
         "## Run it with edgepack\n\n"
         "```bash\n"
-        "pip install edgepack\n"
+        "pip install edgepack            # nf4/fp4 bundles and GPUs: pip install 'edgepack[torch]'\n"
         f"{pull_line}\n"
         f'edgepack run hf://{repo_id} "The capital of France is"   # pulls (verified), then generates\n'
         "```\n\n"

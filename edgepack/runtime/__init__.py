@@ -123,6 +123,8 @@ def _load(path: Path, verify, device, force, backend, manifest_bytes: bytes | No
     config = _read_config(path)
     why_not_native = _why_not_native(manifest, config, device_map, backend)
     native = why_not_native is None
+    if not native:
+        _require_torch(why_not_native)
     if not force:
         _preflight_memory(manifest, device_map, path, NATIVE_OVERHEAD_BYTES if native else TORCH_OVERHEAD_BYTES)
     from edgepack.runtime.memory import release_freed_memory
@@ -169,6 +171,18 @@ def _why_not_native(manifest: dict, config: dict, device_map: dict[str, str], ba
             hint="load it with backend='torch' (CLI: --backend torch)",
         )
     return reason
+
+
+def _require_torch(why_not_native: str) -> None:
+    """On a minimal install (no torch extra), say why this bundle needs it, before loading."""
+    from edgepack import extras
+
+    because = why_not_native if why_not_native.startswith("backend") else (
+        f"edgepack's CPU engine cannot run it: {why_not_native}")  # fmt: skip
+    # torch alone: the lean Llama decoder needs nothing else; transformers, accelerate and
+    # bitsandbytes are imported only for other architectures and GPUs (the CLI still names
+    # the extra when one of them is missing: edgepack.extras.for_import_error).
+    extras.require("torch", "this bundle", because, packages=("torch",))
 
 
 def _resolve_device_map(manifest: dict, device: str | None) -> tuple[dict[str, str], list[str]]:

@@ -45,6 +45,10 @@ _WIDE_FORMAT = re.compile(r"%[^a-zA-Z%]*(\*|\d{7,})|\{[^{}]*\d{7,}[^{}]*\}")
 def load_tokenizer(bundle: Path):
     if (bundle / "tokenizer.json").is_file():
         return BundleTokenizer(bundle)
+    from edgepack import extras
+
+    extras.require("torch", "this bundle's tokenizer", "it has no tokenizer.json, so transformers reads it",
+                   packages=("transformers",))  # fmt: skip
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(bundle))
