@@ -145,11 +145,11 @@ def peak_rss_bytes() -> int:
 
 
 def engine_words(lm) -> str:
-    """'native backend: engine avx2, 2 threads' where edgepack's engine runs (its kernel set: avx512, avx2,
+    """'native backend, engine avx2, 2 threads' where edgepack's engine runs (its kernel set: avx512, avx2,
     neon-dotprod, neon, generic; the threads it steps on now), else 'torch backend'."""
     if lm.backend != "native":
         return f"{lm.backend} backend"
     from edgepack.runtime.engine import _engine
 
     n = lm.model.threads_in_use()
-    return f"native backend: engine {_engine.set_isa()}, {n} thread{'s' if n != 1 else ''}"
+    return f"native backend, engine {_engine.set_isa()}, {n} thread{'s' if n != 1 else ''}"

@@ -117,7 +117,8 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
     if auto and profile is None:
-        from edgepack.plan.profile import DeviceProfile, probe
+        from edgepack.plan.probe import probe
+        from edgepack.plan.profile import DeviceProfile
 
         profile = DeviceProfile.from_dict(probe(check_bitsandbytes=False), origin="probe of this box")
     entry, reason = _pick(repo_id, index, variant, auto, profile)
