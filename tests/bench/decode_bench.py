@@ -40,7 +40,7 @@ sys.path.insert(0, str(BENCH))
 import membw  # noqa: E402  (same folder)
 import peer_llamacpp as peer  # noqa: E402
 
-ENGINES = (("edgepack", 2), ("edgepack", 1), ("llama.cpp", 2), ("llama.cpp", 1))
+ENGINES = (("edgepack", 0), ("edgepack", 2), ("edgepack", 1), ("llama.cpp", 2), ("llama.cpp", 1))  # 0: as shipped (threads adapted per step)
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -50,7 +50,10 @@ def worker_edgepack(path: str, threads: int, prompt_n: int, new_n: int) -> dict:
     """edgepack's engine as `run` drives it: a prompt of prompt_n token ids (the held-out text,
     cycled), then new_n greedy steps, each a forward of one token and the C argmax."""
     t0 = float(os.environ.get(peer.T0_ENV, time.time()))
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # edgepack.runtime.engine.threads() reads it
+    if threads:  # a count asked for is used as given; none: the engine adapts it per step
+        os.environ["EDGEPACK_THREADS"] = str(threads)
+    else:
+        os.environ.pop("EDGEPACK_THREADS", None), os.environ.pop("OMP_NUM_THREADS", None)
     import edgepack
 
     lm = edgepack.load(path, verify=False)
@@ -231,7 +234,7 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
             bound = gb * 1e9 / nbytes
             q = results[case["name"]]["quiet"][(engine, threads)]
             b = results[case["name"]].get("busy", {}).get((engine, threads))
-            line = (f"{engine:<10}{threads:>8}{nbytes / 1e6:>10.1f}{bound:>10.1f}   {q['decode_tok_s']:>9.1f}{q['decode_tok_s'] / bound:>9.0%}  "
+            line = (f"{engine:<10}{threads or 'auto':>8}{nbytes / 1e6:>10.1f}{bound:>10.1f}   {q['decode_tok_s']:>9.1f}{q['decode_tok_s'] / bound:>9.0%}  "
                     f"{','.join(map(str, q['load_avg'])):<16}")  # fmt: skip
             if b:
                 line += f"{b['decode_tok_s']:>9.1f}{b['decode_tok_s'] / q['decode_tok_s']:>9.0%}  {','.join(map(str, b['load_avg'])):<16}"
@@ -242,7 +245,9 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
                 e2, l2 = res[label][("edgepack", 2)]["decode_tok_s"], res[label][("llama.cpp", 2)]["decode_tok_s"]
                 e1, l1 = res[label][("edgepack", 1)]["decode_tok_s"], res[label][("llama.cpp", 1)]["decode_tok_s"]
                 best_e, best_l = max(e1, e2), max(l1, l2)
-                print(f"{label}: edgepack/llama.cpp at 2 threads {e2 / l2:.2f}x, at 1 thread {e1 / l1:.2f}x, best of each {best_e / best_l:.2f}x")
+                auto = res[label][("edgepack", 0)]["decode_tok_s"]
+                print(f"{label}: edgepack/llama.cpp at 2 threads {e2 / l2:.2f}x, at 1 thread {e1 / l1:.2f}x, best of each "
+                      f"{best_e / best_l:.2f}x; edgepack as shipped (auto) / llama.cpp's best {auto / best_l:.2f}x")
     for name, lc in longs.items():
         case = next(c for c in cases if c["name"] == name)
         print(f"\nlong context, {case['label']}, 2 threads (medians):")
