@@ -67,14 +67,14 @@ def make_model(kind: str, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                            bos_token_id=1, eos_token_id=2)  # fmt: skip
+                            bos_token_id=1, eos_token_id=2)
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             tie_word_embeddings=(kind == "llama"), bos_token_id=1, eos_token_id=2,
-        )  # fmt: skip
+        )
         model = LlamaForCausalLM(config)
     # Random init gives near-uniform logits; scale up so greedy decoding is decisive and
     # quantization error is visible but small, as in a trained model.

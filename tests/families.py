@@ -10,14 +10,14 @@ SLIDING_WINDOW = 8
 COMMON = dict(
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)  # fmt: skip
+)
 
 
 def _llama3(vocab_size):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=2, rope_parameters=rope, tie_word_embeddings=True, **COMMON)
     return LlamaForCausalLM(config)
 
@@ -43,7 +43,7 @@ def _gemma2(vocab_size):
     # query_pre_attn_scalar 24, not head_dim 16, so a scale taken from head_dim shows.
     config = Gemma2Config(vocab_size=vocab_size, num_hidden_layers=2, head_dim=16, sliding_window=SLIDING_WINDOW,
                           query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
-                          **COMMON)  # fmt: skip
+                          **COMMON)
     return Gemma2ForCausalLM(config)
 
 
@@ -52,7 +52,7 @@ def _gemma3(vocab_size):
 
     # 6 layers: 5 sliding-window (rope base 10k) then 1 global (rope base 1M), as in gemma-3-1b
     config = Gemma3TextConfig(vocab_size=vocab_size, num_hidden_layers=6, head_dim=16, sliding_window=SLIDING_WINDOW,
-                              query_pre_attn_scalar=24, **COMMON)  # fmt: skip
+                              query_pre_attn_scalar=24, **COMMON)
     assert config.layer_types.count("full_attention") == 1 and config.tie_word_embeddings
     return Gemma3ForCausalLM(config)
 
@@ -65,7 +65,7 @@ def _phi3(vocab_size):
     # factor sqrt(1 + ln(128/64) / ln 64) on cos and sin.
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
             "original_max_position_embeddings": 64, "factor": 2.0,
-            "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}  # fmt: skip
+            "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}
     config = Phi3Config(vocab_size=vocab_size, num_hidden_layers=2, rope_parameters=rope, tie_word_embeddings=False, **COMMON)
     return Phi3ForCausalLM(config)
 
@@ -82,14 +82,14 @@ def _mistral(vocab_size):
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=vocab_size, num_hidden_layers=2, sliding_window=SLIDING_WINDOW,
-                           tie_word_embeddings=False, **COMMON)  # fmt: skip
+                           tie_word_embeddings=False, **COMMON)
     return MistralForCausalLM(config)
 
 
 BUILDERS = {
     "llama3": _llama3, "qwen2": _qwen2, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3,
     "phi3": _phi3, "smollm3": _smollm3, "mistral-sw": _mistral,
-}  # fmt: skip
+}
 FAMILIES = tuple(BUILDERS)
 
 

@@ -49,7 +49,7 @@ def test_pack_without_the_export_extra_is_one_line_and_touches_nothing(monkeypat
     err = capsys.readouterr().err
     assert code == 1
     assert err.splitlines() == ["error: edgepack pack needs the export extra (torch is not installed)",
-                                "hint: pip install 'edgepack[export]'"]  # fmt: skip
+                                "hint: pip install 'edgepack[export]'"]
     assert not (tmp_path / "out").exists()
 
 
@@ -100,7 +100,7 @@ def test_a_bundle_without_tokenizer_json_names_the_torch_extra(monkeypatch, bund
     [("torch", "pack", "export"), ("torch", "plan", "export"), ("transformers.models", "run", "torch"),
      ("safetensors", "run", "export"), ("fastapi", "serve", "serve"), ("gguf", "plan", "gguf"),
      ("cryptography.hazmat", None, "sign")],
-)  # fmt: skip
+)
 def test_an_import_error_of_an_extra_names_it(module, command, extra):
     found = extras.for_import_error(ModuleNotFoundError(f"No module named {module!r}", name=module), command)
     assert found is not None and found.extra == extra and found.package == module.partition(".")[0]
@@ -108,7 +108,7 @@ def test_an_import_error_of_an_extra_names_it(module, command, extra):
 
 
 @pytest.mark.parametrize("exc", [ModuleNotFoundError("x", name="numpy"), ImportError("cannot import name 'x'"),
-                                 ValueError("torch")])  # fmt: skip
+                                 ValueError("torch")])
 def test_other_errors_are_not_a_missing_extra(exc):
     assert extras.for_import_error(exc, "run") is None
 
@@ -147,9 +147,9 @@ def test_the_box_commands_import_nothing_heavy(packed, tmp_path):
     argvs = [["profile", "--out", str(tmp_path / "box.json")]]
     for bundle in bundles:
         argvs += [["verify", str(bundle)], ["inspect", str(bundle)],
-                  ["run", str(bundle), "Hello", "--max-new-tokens", "4", "--stats"]]  # fmt: skip
+                  ["run", str(bundle), "Hello", "--max-new-tokens", "4", "--stats"]]
     done = subprocess.run([sys.executable, "-c", f"ARGVS = {json.dumps(argvs)}\n" + script],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("imported: []")
     assert done.stderr.count("native backend") == 3

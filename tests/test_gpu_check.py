@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_passes_and_names_what_it_skips(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     done = subprocess.run(["bash", "tests/gpu/run.sh", "--cpu-dry-run", "--work", str(tmp_path / "work")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.count(" | ") == 4]
     results = {r[4].strip() for r in rows[1:]}

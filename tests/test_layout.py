@@ -121,14 +121,14 @@ def test_runtime_and_format_import_nothing_from_the_workstation_side():
     """Not even inside a function: a small box installs and runs these alone."""
     graph = _graph()
     wrong = {m: sorted(n for n in names if n.startswith(WORKSTATION) and (m, n) not in LAZY_ON_THE_BOX)
-             for m, names in graph.items() if m.startswith(INDEPENDENT)}  # fmt: skip
+             for m, names in graph.items() if m.startswith(INDEPENDENT)}
     assert {m: names for m, names in wrong.items() if names} == {}
 
 
 def test_plan_imports_nothing_from_the_exporter():
     graph = _graph()
     wrong = {m: sorted(n for n in names if n.startswith("edgepack.export"))
-             for m, names in graph.items() if m.startswith("edgepack.plan")}  # fmt: skip
+             for m, names in graph.items() if m.startswith("edgepack.plan")}
     assert {m: names for m, names in wrong.items() if names} == {}
 
 

@@ -44,7 +44,7 @@ def box(tmp_path_factory) -> Path:
     done = subprocess.run(
         [str(bin_dir / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(src)],
         capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return bin_dir
 
@@ -57,7 +57,7 @@ def box_env(**extra: str) -> dict[str, str]:
 
 def on_box(bin_dir: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          timeout=600, env=env or box_env(), cwd=bin_dir.parent)  # fmt: skip
+                          timeout=600, env=env or box_env(), cwd=bin_dir.parent)
 
 
 def tree_bytes(path: Path) -> int:
@@ -119,7 +119,7 @@ def test_pack_names_the_export_extra(box, tmp_path):
 def test_an_nf4_bundle_names_the_torch_extra(box, packed):
     done = on_box(box, "edgepack", "run", str(packed("llama", 4)), PROMPT, "--max-new-tokens", "4")
     assert_extra_error(done, "this bundle needs the torch extra (torch is not installed); edgepack's CPU "
-                             "engine cannot run it: nf4 layers (int8, int4 and 16-bit only)", "torch")  # fmt: skip
+                             "engine cannot run it: nf4 layers (int8, int4 and 16-bit only)", "torch")
 
 
 def test_pull_and_profile_on_the_box(box, hub, packed, tmp_path):  # noqa: F811 - `hub` is a fixture

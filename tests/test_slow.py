@@ -39,7 +39,7 @@ def test_chat_answers_paris_at_8_bits(smollm2):
         [sys.executable, "-m", "edgepack.cli", "run", str(bundle), "--chat", "What is the capital of France?",
          "--temperature", "0", "--max-new-tokens", "24"],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 

@@ -102,7 +102,7 @@ def command_parser(name: str):
     options = parser._option_string_actions
     if "-q" not in options:
         parser.add_argument("-q", "--quiet", action="store_true",
-                            help="print nothing but errors" + ("" if name in STATUS_ON_STDOUT else " and the result on stdout"))  # fmt: skip
+                            help="print nothing but errors" + ("" if name in STATUS_ON_STDOUT else " and the result on stdout"))
     if name in JSON_ADDED and "--json" not in options:
         parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object on stdout")
     run = getattr(module, f"main_{name}", None) or module.main
@@ -154,7 +154,7 @@ class _silenced:
 
     def __enter__(self):
         os.environ.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
-                          TRANSFORMERS_NO_ADVISORY_WARNINGS="1")  # fmt: skip
+                          TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
         sys.stdout.flush()
         sys.stderr.flush()
         self.saved = [os.dup(fd) for fd in self.fds]
@@ -190,7 +190,7 @@ def _describe(exc: Exception, name: str | None) -> tuple[str, str | None, int]:
         return f"{exc.strerror or type(exc).__name__}: {exc.filename}", "check the path and its permissions", 1
     detail = str(exc).splitlines()[0][:300] if str(exc).strip() else ""
     return (f"internal error: {type(exc).__name__}" + (f": {detail}" if detail else ""),
-            "internal error, rerun with --debug (or EDGEPACK_DEBUG=1) for the traceback and report it", 1)  # fmt: skip
+            "internal error, rerun with --debug (or EDGEPACK_DEBUG=1) for the traceback and report it", 1)
 
 
 def _fail(debug: bool, message: str, hint: str | None, code: int) -> int:

@@ -29,16 +29,16 @@ MIN_REPLY_TOKENS = 16
 
 def configure_parser(p) -> None:
     p.add_argument("bundle", metavar="BUNDLE_OR_REPO",
-                   help="bundle directory, or a Hub repo: owner/name[@revision] or hf://owner/name")  # fmt: skip
+                   help="bundle directory, or a Hub repo: owner/name[@revision] or hf://owner/name")
     p.add_argument("--system", default=None, help="system prompt, kept through /reset and dropped turns")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--context", type=int, default=None,
-                   help="tokens of conversation kept (default: the model's context length)")  # fmt: skip
+                   help="tokens of conversation kept (default: the model's context length)")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the bundle's generation_config)")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest set of tokens whose probability reaches this (default: the bundle's)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample from the k likeliest tokens, 0 for all (default: the bundle's)")  # fmt: skip
+                   help="sample from the k likeliest tokens, 0 for all (default: the bundle's)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
     p.add_argument("--backend", choices=["native", "torch"], default=None,
@@ -94,7 +94,7 @@ class Chat:
         self.context = limit if self.context is None else self.context
         if not 2 <= self.context <= limit:
             raise GenerationError(f"--context must be between 2 and the model's {limit}, not {self.context}",
-                                  hint=f"pass --context {limit} or less, or leave it out")  # fmt: skip
+                                  hint=f"pass --context {limit} or less, or leave it out")
         self.decoder = _decoder(self.lm, self.context, self.seed)
         self.reset()
 
@@ -295,10 +295,10 @@ def main(args) -> int:
     say = None if getattr(args, "quiet", False) else (lambda m: print(f"[edgepack] {printable(m)}", file=sys.stderr))
     t0 = time.perf_counter()
     lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,
-              backend=args.backend, key=args.key, progress=say)  # fmt: skip
+              backend=args.backend, key=args.key, progress=say)
     load_seconds = time.perf_counter() - t0
     chat = Chat(lm, system=args.system, max_new_tokens=args.max_new_tokens, context=args.context,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)  # fmt: skip
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     interactive = sys.stdin.isatty()
     tty_out = sys.stdout.isatty()
     shown = (lambda text: printable(text, newlines=True)) if tty_out else (lambda text: text)
@@ -306,7 +306,7 @@ def main(args) -> int:
         for notice in lm.notices:
             say(f"note: {notice}")
         say(f"loaded {lm.name} in {load_seconds:.2f} s ({lm.backend} backend, context {chat.context} tokens); "
-            "/reset forgets the conversation, /exit or Ctrl-D leaves")  # fmt: skip
+            "/reset forgets the conversation, /exit or Ctrl-D leaves")
     for line in _lines(interactive):
         text = line.strip()
         if not text:
@@ -322,7 +322,7 @@ def main(args) -> int:
             pieces = chat.say(line)
             if chat.last.dropped_turns and not getattr(args, "quiet", False):
                 print(f"note: the context ({chat.context} tokens) is full: dropped the oldest "
-                      f"{chat.last.dropped_turns} turn(s), running the rest again", file=sys.stderr)  # fmt: skip
+                      f"{chat.last.dropped_turns} turn(s), running the rest again", file=sys.stderr)
             try:
                 for piece in pieces:
                     sys.stdout.write(shown(piece))
@@ -348,4 +348,4 @@ def _stats_line(turn: Turn) -> str:
     tps = (turn.generated_tokens - 1) / turn.decode_seconds if turn.decode_seconds > 0 else 0.0
     new = turn.prompt_tokens - turn.reused_tokens
     return (f"first token {turn.first_token_seconds:.2f} s ({new} new prompt tokens, {turn.reused_tokens} reused); "
-            f"{turn.generated_tokens} tokens, {tps:.1f} tokens/s ({turn.finish_reason})")  # fmt: skip
+            f"{turn.generated_tokens} tokens, {tps:.1f} tokens/s ({turn.finish_reason})")

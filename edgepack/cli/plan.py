@@ -101,7 +101,7 @@ def _hub_config(repo_id: str, revision: str | None, gguf_file: str | None) -> st
 
 def plan_for_pack(source: str, profile: str, context: int | None, bits: int | None, revision: str | None,
                   gguf_file: str | None, quant_type: str | None, say: Callable[[str], None] | None,
-                  double_quant: bool = False) -> dict[str, Any]:  # fmt: skip
+                  double_quant: bool = False) -> dict[str, Any]:
     """Plan for PROFILE; return pack()'s bits, quant_type (None: ``default_quant_type``),
     dtype (``storage_dtype``), device_map, target_profile and plan."""
     from edgepack.errors import PlanError
@@ -112,14 +112,14 @@ def plan_for_pack(source: str, profile: str, context: int | None, bits: int | No
     dtype = storage_dtype(target, quant_type)
     desc = describe_model(load_config(source, revision, gguf_file), name=source)
     p = planner.plan(desc, target, context=context, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                     dtype=dtype, alternatives=_builtin_profiles(list_profiles))  # fmt: skip
+                     dtype=dtype, alternatives=_builtin_profiles(list_profiles))
     if not p.fits:
         raise PlanError(f"--bits {bits} does not fit {target.name}: {p.reasons[0]}",
                         hint=" ".join(p.instead) or "leave out --bits to let the planner choose")
     if say:
         say(f"plan for {target.name}: {p.reasons[0]}")
     return {"bits": p.bits, "quant_type": quant_type, "dtype": dtype, "device_map": p.device_map,
-            "target_profile": target.to_dict(), "plan": p.to_dict()}  # fmt: skip
+            "target_profile": target.to_dict(), "plan": p.to_dict()}
 
 
 def storage_dtype(target, quant_type: str) -> str:
@@ -160,7 +160,7 @@ def configure_parser(p) -> None:
     p.add_argument("--bits", type=int, default=None, help="force 16, 8 or 4 and report whether it fits")
     p.add_argument("--quant-type", default=None,
                    help="4-bit data type: nf4 or fp4 (bitsandbytes), or int4 (edgepack's CPU format); "
-                        "default int4 on a CPU-only profile, else nf4")  # fmt: skip
+                        "default int4 on a CPU-only profile, else nf4")
     p.add_argument("--double-quant", action="store_true", help="4-bit: plan for quantized block scales")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside a local folder or Hub repo")
@@ -176,7 +176,7 @@ def main(args) -> int:
     p = planner.plan(desc, target, context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch,
                      bits=args.bits, quant_type=quant_type, double_quant=args.double_quant,
                      dtype=storage_dtype(target, quant_type),
-                     alternatives=_builtin_profiles(list_profiles))  # fmt: skip
+                     alternatives=_builtin_profiles(list_profiles))
     if args.json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:

@@ -20,7 +20,7 @@ def configure_parser(p) -> None:
     which.add_argument("--variant", default=None, metavar="NAME", help="the variant folder to pull")
     which.add_argument("--auto", action="store_true", help="profile this box and pull the best variant that fits")
     p.add_argument("--profile", default=None, metavar="NAME|FILE",
-                   help="with --auto: choose for this device profile instead of probing this box")  # fmt: skip
+                   help="with --auto: choose for this device profile instead of probing this box")
     p.add_argument("--revision", default=None, help="branch, tag or commit (or write REPO_ID@REVISION)")
     p.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
     p.add_argument("--key", default=None, metavar="PUBKEY",
@@ -35,12 +35,12 @@ def main(args) -> int:
     if args.profile is not None:
         if args.variant is not None:
             raise VariantError("--profile chooses a variant; it cannot be combined with --variant",
-                               hint="use --auto --profile NAME, or --variant NAME")  # fmt: skip
+                               hint="use --auto --profile NAME, or --variant NAME")
         from edgepack.plan.profile import load_profile
 
         profile = load_profile(args.profile)
     result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
-                  token=args.token, profile=profile, progress=_say)  # fmt: skip
+                  token=args.token, profile=profile, progress=_say)
     key = getattr(args, "key", None) or os.environ.get("EDGEPACK_TRUSTED_KEY") or None
     from edgepack.format import signing
 
@@ -49,7 +49,7 @@ def main(args) -> int:
             signing.verify_signature(result.path, key)
         except SignatureError as exc:
             raise SignatureError(f"{exc.message}; the files pulled to {result.path} are not to be trusted",
-                                 hint=exc.hint) from None  # fmt: skip
+                                 hint=exc.hint) from None
     elif (result.path / bundle_format.SIGNATURE_NAME).exists():
         signing.read_signature(result.path)  # a malformed signature is refused, not ignored
     manifest = bundle_format.read_manifest(result.path)
@@ -61,6 +61,6 @@ def main(args) -> int:
         return 0
     print(f"variant: {printable(result.reason)}", file=sys.stderr)  # names and figures from the remote index
     print(printable(f"ok: {result.repo_id}@{result.commit[:8]}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, "
-                    "sizes and sha256 match the manifest"), file=sys.stderr)  # fmt: skip
+                    "sizes and sha256 match the manifest"), file=sys.stderr)
     print(printable(result.path))
     return 0

@@ -18,7 +18,7 @@ def configure_parser(p) -> None:
     p.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest set of tokens whose probability reaches this (default: the bundle's)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample from the k likeliest tokens, 0 for all (default: the bundle's)")  # fmt: skip
+                   help="sample from the k likeliest tokens, 0 for all (default: the bundle's)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
     p.add_argument(
@@ -32,7 +32,7 @@ def configure_parser(p) -> None:
     p.add_argument("--key", default=None, metavar="PUBKEY",
                    help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
     p.add_argument("--stats", action="store_true",
-                   help="print load time, prompt and decode speed and peak memory to stderr")  # fmt: skip
+                   help="print load time, prompt and decode speed and peak memory to stderr")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (the text, token counts, speeds, peak memory) instead of streaming")
     add_threads_argument(p)
@@ -66,7 +66,7 @@ def main(args) -> int:
     say = None if quiet else (lambda msg: print(f"[edgepack] {printable(msg)}", file=sys.stderr))
     t0 = time.perf_counter()
     lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,
-              backend=args.backend, key=args.key, progress=say)  # fmt: skip
+              backend=args.backend, key=args.key, progress=say)
     load_seconds = time.perf_counter() - t0
     for notice in [] if quiet else lm.notices:
         print(f"note: {printable(notice)}", file=sys.stderr)

@@ -33,7 +33,7 @@ SITE_OF = {
     "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
     "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
     "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
-}  # fmt: skip
+}
 
 
 def bf16_exact_scales(absmax: torch.Tensor) -> torch.Tensor:

@@ -226,7 +226,7 @@ def parse_size(text: str) -> int:
         raise QuantizationError(f"cannot read size {text!r}", hint="write it like 512MB or 2GiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     if unit not in scale:
         raise QuantizationError(f"cannot read size {text!r}", hint="write it like 512MB or 2GiB")
     return int(number * scale[unit])
@@ -405,7 +405,7 @@ def _manifest(resolved, architecture, settings, result, shards, device_map, targ
         name: {"file": file_name, "dtype": quantize.safetensors_dtype(result.tensors[name]),
                "shape": list(result.tensors[name].shape)}
         for file_name, names in shards.items() for name in names
-    }  # fmt: skip
+    }
     weight_bytes = sum(t.numel() * t.element_size() for t in result.tensors.values())
     rel_files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
     rel_files = [r for r in rel_files if r not in (*bundle_format.UNLISTED_FILES, bundle_format.UNFINISHED_NAME)]
@@ -476,13 +476,13 @@ def configure_parser(p) -> None:
     p.add_argument("--bits", type=int, default=None, help="16, 8 or 4 (default 8, or the plan's choice with --profile)")
     p.add_argument("--quant-type", default=None,
                    help="4-bit data type: nf4 (default; with --profile: int4 on a CPU-only device) or fp4 (bitsandbytes; GPUs, plain transformers), or int4 "
-                        "(edgepack's CPU format: ~12x faster than nf4 on a CPU, edgepack runtime only)")  # fmt: skip
+                        "(edgepack's CPU format: ~12x faster than nf4 on a CPU, edgepack runtime only)")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the block scales too (saves ~0.4 bit/weight)")
     p.add_argument("--blocksize", type=int, default=None,
-                   help="4-bit block size: nf4/fp4 default 64 (transformers reads only 64); int4 group 32 (or 64, 128, 256)")  # fmt: skip
+                   help="4-bit block size: nf4/fp4 default 64 (transformers reads only 64); int4 group 32 (or 64, 128, 256)")
     p.add_argument("--dtype", default=None,
                    help="dtype of what stays 16-bit, and the compute dtype: bfloat16 (default) or float16 "
-                        "(the default with a --profile whose GPU has no bfloat16, e.g. gtx1650-4gb, t4)")  # fmt: skip
+                        "(the default with a --profile whose GPU has no bfloat16, e.g. gtx1650-4gb, t4)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside a local folder or Hub repo")
     p.add_argument("--max-shard-size", default="512MB", help="largest weight shard (default 512MB)")
@@ -490,10 +490,10 @@ def configure_parser(p) -> None:
     p.add_argument("--context", type=int, default=None, help="with --profile: context length to plan for")
     p.add_argument("--no-smoothing", action="store_true",
                    help="8-bit: quantize the weights as they are (default: activation-aware smoothing first on "
-                        "Llama-family models; exact in float, lower quantization error)")  # fmt: skip
+                        "Llama-family models; exact in float, lower quantization error)")
     p.add_argument("--no-gptq", action="store_true",
                    help="8-bit: round each weight to nearest, as bitsandbytes does (default: GPTQ's error-compensated "
-                        "rounding on Llama-family models; same format, lower error, ~25 s more on the default model)")  # fmt: skip
+                        "rounding on Llama-family models; same format, lower error, ~25 s more on the default model)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
@@ -503,13 +503,13 @@ def check_options(args) -> None:
     from edgepack.errors import UsageError
 
     four_bit_only = [flag for flag, given in (("--quant-type", args.quant_type is not None),
-                     ("--double-quant", args.double_quant), ("--blocksize", args.blocksize is not None)) if given]  # fmt: skip
+                     ("--double-quant", args.double_quant), ("--blocksize", args.blocksize is not None)) if given]
     if four_bit_only and args.bits is not None and args.bits != 4:
         raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing only, not --bits {args.bits}",
-                         hint=f"drop {four_bit_only[0]}, or pass --bits 4")  # fmt: skip
+                         hint=f"drop {four_bit_only[0]}, or pass --bits 4")
     if four_bit_only and args.bits is None and args.profile is None:
         raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing, and --bits defaults to 8",
-                         hint="add --bits 4")  # fmt: skip
+                         hint="add --bits 4")
     if args.bits == 4 and (args.no_smoothing or args.no_gptq):
         flag = "--no-smoothing" if args.no_smoothing else "--no-gptq"
         raise UsageError(f"{flag} applies to 8-bit packing only, not --bits 4", hint=f"drop {flag}")
@@ -526,7 +526,7 @@ def main(args) -> int:
         from edgepack.cli import plan as plan_cli
 
         options = plan_cli.plan_for_pack(args.source, args.profile, args.context, args.bits, args.revision,
-                                         args.gguf_file, args.quant_type, say, double_quant=args.double_quant)  # fmt: skip
+                                         args.gguf_file, args.quant_type, say, double_quant=args.double_quant)
         bits = options.pop("bits")
     quant_type = options.pop("quant_type", None) or args.quant_type or "nf4"
     planned_dtype = options.pop("dtype", None)  # float16 for a profile whose GPU has no bfloat16
@@ -555,7 +555,7 @@ def main(args) -> int:
         print(json.dumps({"bundle": str(args.out), "bits": q["bits"], "scheme": q["scheme"],
                           "weight_bytes": manifest["memory"]["weight_bytes"], "files": len(manifest["files"]),
                           "top1_agreement_vs_source": v["top1_agreement_vs_source"],
-                          "mean_kl_vs_source": v.get("mean_kl_vs_source")}))  # fmt: skip
+                          "mean_kl_vs_source": v.get("mean_kl_vs_source")}))
         return 0
     print(
         f"packed {args.out}: {q['bits']}-bit {q['scheme']}, {manifest['memory']['weight_bytes'] / 1e6:.1f} MB weights, "

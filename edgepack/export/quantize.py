@@ -33,7 +33,7 @@ SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
     torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
     torch.bool: "BOOL", torch.float64: "F64",
-}  # fmt: skip
+}
 OUTPUT_LAYER_REASON = (
     "output layer (lm_head): kept in 16-bit because its errors go straight into every "
     "token's probabilities; bitsandbytes keeps it too (llama.cpp's k-quants keep it at 6 bits or more)"

@@ -113,7 +113,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
-                       "tok_embeddings.weight")  # fmt: skip
+                       "tok_embeddings.weight")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 

@@ -23,7 +23,7 @@ DTYPE_BYTES = {
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+}
 
 
 def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def _check_tensor_ranges(name: str, header: dict[str, Any], data_bytes: int) -> 
             isinstance(dtype, str) and dtype in DTYPE_BYTES
             and isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)
             and isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
-        ):  # fmt: skip
+        ):
             raise BundleIntegrityError(f"{name}: tensor {short_repr(tensor)} has a malformed header entry")
         start, end = offsets
         if not 0 <= start <= end <= data_bytes:

@@ -225,7 +225,7 @@ def configure_parser(p) -> None:
     p.add_argument(
         "--generate-key", metavar="KEYFILE", default=None,
         help="write a new key pair: KEYFILE (private, mode 0600) and KEYFILE.pub (public)",
-    )  # fmt: skip
+    )
 
 
 def main(args) -> int:
@@ -246,7 +246,7 @@ def main(args) -> int:
     signature = sign(args.bundle, args.key)
     if getattr(args, "json", False):
         print(json.dumps({"bundle": str(args.bundle), "signature": str(Path(args.bundle) / bundle_format.SIGNATURE_NAME),
-                          "key_id": signature["key_id"], "manifest_sha256": signature["manifest_sha256"]}))  # fmt: skip
+                          "key_id": signature["key_id"], "manifest_sha256": signature["manifest_sha256"]}))
         return 0
     print(f"signed {args.bundle}: {bundle_format.SIGNATURE_NAME} with key {signature['key_id']}")
     return 0

@@ -40,7 +40,7 @@ def check_replaceable(out: Path, *, hint: str) -> None:
     problem = _not_a_bundle(out) if out.exists() else None
     if problem is not None:
         raise OutputExistsError(f"{out} is not empty and is not an edgepack bundle: {problem}; nothing was changed",
-                                hint=hint)  # fmt: skip
+                                hint=hint)
 
 
 def _not_a_bundle(folder: Path) -> str | None:
@@ -81,7 +81,7 @@ def make_temp(out: Path) -> Path:
     if tmp.exists() or tmp.is_symlink():
         if not _is_edgepacks(tmp):
             raise OutputExistsError(f"{tmp} is in the way and was not made by edgepack",
-                                    hint="move it elsewhere, then run the same command again")  # fmt: skip
+                                    hint="move it elsewhere, then run the same command again")
         shutil.rmtree(tmp)
     tmp.mkdir()
     # Created with 0666 like any file, so its mode is the umask's: publish() copies it.

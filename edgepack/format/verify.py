@@ -15,7 +15,7 @@ def configure_verify_parser(p) -> None:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--no-hash", action="store_true", help="check sizes and headers only")
     p.add_argument("--key", default=None, metavar="PUBKEY",
-                   help="also check edgepack.sig against this Ed25519 public key (PEM); always hashes")  # fmt: skip
+                   help="also check edgepack.sig against this Ed25519 public key (PEM); always hashes")
 
 
 def main_verify(args) -> int:
@@ -32,7 +32,7 @@ def main_verify(args) -> int:
         what += " and the signature of edgepack.sig"
     if getattr(args, "json", False):
         print(json.dumps({"ok": True, "bundle": str(args.bundle), "files": len(manifest["files"]), "bytes": total,
-                          "hashed": not args.no_hash, "signature_checked": bool(getattr(args, "key", None))}))  # fmt: skip
+                          "hashed": not args.no_hash, "signature_checked": bool(getattr(args, "key", None))}))
         return 0
     print(f"ok: {printable(args.bundle)}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, {what} match the manifest")
     return 0
@@ -96,7 +96,7 @@ def describe(manifest: dict) -> str:
     for module, reason in quant.get("kept_modules", {}).items():
         lines.append(f"  kept 16-bit:  {module}: {reason}")
     lines.append(f"weights:       {mem['weight_bytes'] / 1e6:.1f} MB  "
-                 + ", ".join(f"{d}: {b / 1e6:.1f} MB" for d, b in mem["weight_bytes_per_device"].items()))  # fmt: skip
+                 + ", ".join(f"{d}: {b / 1e6:.1f} MB" for d, b in mem["weight_bytes_per_device"].items()))
     devices: dict[str, int] = {}
     for device in manifest["device_map"].values():
         devices[str(device)] = devices.get(str(device), 0) + 1

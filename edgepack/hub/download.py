@@ -126,7 +126,7 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     manifest_path = _fetch(repo_id, prefix + bundle_format.MANIFEST_NAME, commit, token)
     if manifest_path is None:
         raise HubError(f"{repo_id} lists {prefix or 'a root bundle'} but has no {prefix}{bundle_format.MANIFEST_NAME}",
-                       hint="push that variant again")  # fmt: skip
+                       hint="push that variant again")
     manifest = read_remote_manifest(manifest_path, repo_id, prefix)
     if auto:
         _check_choice(repo_id, entry, manifest, profile)
@@ -173,7 +173,7 @@ def _check_choice(repo_id: str, entry: dict[str, Any], manifest: dict[str, Any],
     if not checked.fits:
         raise VariantError(f"{repo_id}: {entry_label(entry)} does not fit this box ({profile.name}) by its "
                            f"{bundle_format.MANIFEST_NAME}: it needs {checked.describe()}",
-                           hint="free some memory, or take one anyway with --variant NAME")  # fmt: skip
+                           hint="free some memory, or take one anyway with --variant NAME")
 
 
 def _read_repo(repo_id: str, revision: str, token) -> tuple[dict[str, Any], str]:
@@ -253,7 +253,7 @@ def _pick(repo_id, index, variant, auto, profile) -> tuple[dict[str, Any], str]:
             return variants[variant], f"{variant} was asked for (--variant)"
         extra = "; and a bundle at the root (pull without --variant)" if root else ""
         raise VariantError(f"{repo_id} has no variant {variant!r}; its variants: {available}{extra}",
-                           hint="pick one of them with --variant NAME, or let --auto choose for this box")  # fmt: skip
+                           hint="pick one of them with --variant NAME, or let --auto choose for this box")
     if auto:
         return choose_variant(index_entries(index), profile, repo_id)
     if root is not None:
@@ -309,7 +309,7 @@ def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: 
             src = source / name
             if not src.is_file():
                 raise BundleIntegrityError(f"{repo_id}: {name} was not downloaded",
-                                           hint="run the pull again; it resumes")  # fmt: skip
+                                           hint="run the pull again; it resumes")
             dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(src, dest)

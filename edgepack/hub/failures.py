@@ -30,7 +30,7 @@ def _status(exc: BaseException) -> int | None:
 # Network failures of the HTTP library under huggingface_hub: httpx2 (2.x), httpx (1.x), requests (0.x).
 _TRANSPORT_ERRORS = (("httpx2", "TransportError"), ("httpx", "TransportError"),
                      ("requests.exceptions", "ConnectionError"), ("requests.exceptions", "Timeout"),
-                     ("requests.exceptions", "ChunkedEncodingError"))  # fmt: skip
+                     ("requests.exceptions", "ChunkedEncodingError"))
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -57,7 +57,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def hub_error(exc: BaseException, repo_id: str, revision: str | None, token, *,
-               writing: bool = False) -> EdgepackError:  # fmt: skip
+               writing: bool = False) -> EdgepackError:
     """Turn a huggingface_hub exception into one of ours, with a hint that names the next step."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -74,7 +74,7 @@ def hub_error(exc: BaseException, repo_id: str, revision: str | None, token, *,
     status = _status(exc)
     if isinstance(exc, HFValidationError):
         return HubError(f"{repo_id!r} is not a valid Hub repo id: {exc}".splitlines()[0],
-                        hint="repo ids look like owner/name: letters, digits, '-', '_', '.'")  # fmt: skip
+                        hint="repo ids look like owner/name: letters, digits, '-', '_', '.'")
     if isinstance(exc, GatedRepoError):
         return HubError(
             f"{repo_id} is gated: its terms must be accepted on the Hub before it can be downloaded",
@@ -88,7 +88,7 @@ def hub_error(exc: BaseException, repo_id: str, revision: str | None, token, *,
     if isinstance(exc, RepositoryNotFoundError):
         if not _have_token(token):
             return HubError(f"repository {repo_id} not found or private",
-                            hint=f"check the spelling; for a private repo, {TOKEN_HINT}")  # fmt: skip
+                            hint=f"check the spelling; for a private repo, {TOKEN_HINT}")
         return HubError(
             f"repository {repo_id} not found (or your token cannot see it)",
             hint="check the spelling, and that the token belongs to an account with access",
@@ -102,13 +102,13 @@ def hub_error(exc: BaseException, repo_id: str, revision: str | None, token, *,
         )
     if isinstance(exc, HfHubHTTPError) and status == 403:
         return HubError(f"your token may not {'write to' if writing else 'read'} {repo_id} (403)",
-                        hint="use a token with write access to that namespace")  # fmt: skip
+                        hint="use a token with write access to that namespace")
     if isinstance(exc, HfHubHTTPError) and status == 412:
         return HubError(f"{repo_id} changed while pushing (someone else committed first)",
-                        hint="push again: the index and card are rebuilt from the new state")  # fmt: skip
+                        hint="push again: the index and card are rebuilt from the new state")
     if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)) and constants.HF_HUB_OFFLINE:
         return HubError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set",
-                        hint="unset HF_HUB_OFFLINE (or set it to 0) to download it")  # fmt: skip
+                        hint="unset HF_HUB_OFFLINE (or set it to 0) to download it")
     if is_transient(exc) or isinstance(exc, LocalEntryNotFoundError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return HubError(
@@ -120,7 +120,7 @@ def hub_error(exc: BaseException, repo_id: str, revision: str | None, token, *,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return HubError(f"the Hub answered {status} for {repo_id}: {first}", hint="try again later")
     return HubError(f"Hub request for {repo_id} failed: {type(exc).__name__}: {exc}".splitlines()[0],
-                    hint="run with --debug for the traceback")  # fmt: skip
+                    hint="run with --debug for the traceback")
 
 
 def hub_exceptions() -> tuple[type[BaseException], ...]:
@@ -134,4 +134,4 @@ def hub_exceptions() -> tuple[type[BaseException], ...]:
     )
 
     return (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, LocalTokenNotFoundError,
-            OfflineModeIsEnabled, *_transport_errors())  # fmt: skip
+            OfflineModeIsEnabled, *_transport_errors())

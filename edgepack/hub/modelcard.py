@@ -48,7 +48,7 @@ def card_metadata(entries: list[dict[str, Any]]) -> dict[str, Any]:
         if any(b < 16 for b in bits):
             meta["base_model_relation"] = "quantized"
     license_id = next(((e.get("source") or {}).get("license") for e in entries
-                       if (e.get("source") or {}).get("license")), None)  # fmt: skip
+                       if (e.get("source") or {}).get("license")), None)
     if license_id:
         meta["license"] = str(license_id)
     meta.update(library_name="edgepack", pipeline_tag="text-generation", tags=tags)
@@ -74,7 +74,7 @@ def render_card(repo_id: str, entries: list[dict[str, Any]]) -> str:
             _run_with_transformers(repo_id, entries),
             _details(entries),
         ) if part
-    )  # fmt: skip
+    )
     return f"---\n{yaml}\n---\n\n{CARD_MARKER}\n\n{body}\n"
 
 
@@ -163,7 +163,7 @@ def _run_with_edgepack(repo_id: str, entries: list[dict[str, Any]]) -> str:
 def _run_with_transformers(repo_id: str, entries: list[dict[str, Any]]) -> str:
     own = [entry_label(e) for e in entries if e.get("method") == "edgepack"]
     note = (f"\n\n{', '.join(own)}: edgepack's own int4 CPU format, which plain transformers cannot load."
-            if own else "")  # fmt: skip
+            if own else "")
     loadable = [e for e in entries if e.get("method") != "edgepack"]
     if not loadable:
         return "## With plain transformers" + note
@@ -189,7 +189,7 @@ def _details(entries: list[dict[str, Any]]) -> str:
     rows = ["| Variant | Scheme | Files | Download | Packed | edgepack |", "|---|---|---:|---:|---|---|"]
     for e in entries:
         scheme = (f"{e.get('compute_dtype') or '16-bit'}, not quantized" if e["bits"] == 16
-                  else f"{e.get('method') or 'bitsandbytes'} {e['scheme']}")  # fmt: skip
+                  else f"{e.get('method') or 'bitsandbytes'} {e['scheme']}")
         if e.get("calibrated"):
             scheme += f" ({', '.join(e['calibrated'])})"
         rows.append(

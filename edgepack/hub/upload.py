@@ -103,7 +103,7 @@ def _push(bundle, manifest, names, repo_id, prefix, variant, branch, private, co
     else:
         old = {p for p in remote if p.startswith(prefix)}
         index["variants"] = sorted([v for v in index["variants"] if v["name"] != variant] + [entry],
-                                   key=lambda v: v["name"])  # fmt: skip
+                                   key=lambda v: v["name"])
     new = {prefix + n for n in names}
     doomed = sorted(old - new)
     card = render_card(repo_id, index_entries(index))
@@ -117,7 +117,7 @@ def _push(bundle, manifest, names, repo_id, prefix, variant, branch, private, co
     total = sum(e["size"] for e in manifest["files"])
     message = commit_message or f"edgepack: push {where} ({quant['bits']}-bit {quant['scheme']}, {total / 1e6:.1f} MB)"
     say(f"uploading {len(names)} files ({total / 1e6:.1f} MB) to {repo_id}@{branch}/{prefix} in one commit"
-        + (f", removing {len(doomed)} old files" if doomed else ""))  # fmt: skip
+        + (f", removing {len(doomed)} old files" if doomed else ""))
     info = api.create_commit(repo_id, operations, commit_message=message, revision=branch, parent_commit=head)
     return PushResult(repo_id, branch, variant, info.oid, info.commit_url, len(names), len(doomed))
 

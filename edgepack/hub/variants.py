@@ -148,12 +148,12 @@ def load_index_json(path: str | os.PathLike, origin: str) -> Any:
         raw = f.read(MAX_INDEX_BYTES + 1)
     if len(raw) > MAX_INDEX_BYTES:
         raise HubError(f"{origin} is more than the {MAX_INDEX_BYTES} bytes an index may be",
-                       hint="push a variant again to rewrite the index")  # fmt: skip
+                       hint="push a variant again to rewrite the index")
     try:
         return json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise HubError(f"{origin} is not valid JSON (nested too deeply)",
-                       hint="push a variant again to rewrite the index") from None  # fmt: skip
+                       hint="push a variant again to rewrite the index") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HubError(f"{origin} is not valid JSON ({exc})", hint="push the bundle again to rewrite it") from None
 
@@ -165,7 +165,7 @@ def read_remote_manifest(path: str | os.PathLike, repo_id: str, prefix: str = ""
         raw = f.read(bundle_format.MAX_MANIFEST_BYTES + 1)
     if len(raw) > bundle_format.MAX_MANIFEST_BYTES:
         raise bundle_format.ManifestError(f"{origin} is more than the {bundle_format.MAX_MANIFEST_BYTES} bytes "
-                                          "a manifest may be", hint="push the bundle again")  # fmt: skip
+                                          "a manifest may be", hint="push the bundle again")
     return bundle_format.parse_manifest(raw, origin=origin)
 
 
@@ -257,7 +257,7 @@ def choose_variant(entries: list[dict[str, Any]], profile, repo_id: str = "the r
 
     if not entries:
         raise VariantError(f"{repo_id} lists no variants",
-                           hint="push one with `edgepack push BUNDLE REPO_ID --variant NAME`")  # fmt: skip
+                           hint="push one with `edgepack push BUNDLE REPO_ID --variant NAME`")
     fits = [fit(e, profile) for e in entries]
     good = [f for f in fits if f.fits]
     if not good:
@@ -268,10 +268,10 @@ def choose_variant(entries: list[dict[str, Any]], profile, repo_id: str = "the r
             "or pack and push a smaller one (edgepack pack --bits 4)",
         )
     best = max(good, key=lambda f: (f.on_gpu, f.entry["bits"], f.entry.get("target_profile") == profile.name,
-                                    -f.entry["memory_need_bytes"], entry_label(f.entry)))  # fmt: skip
+                                    -f.entry["memory_need_bytes"], entry_label(f.entry)))
     e = best.entry
     reason = (f"{entry_label(e)} ({e['bits']}-bit {e['scheme']}) is the best fit for this box ({profile.name}): "
-              f"it needs {best.describe()}, run by {_BACKEND_NAMES[best.backend]}")  # fmt: skip
+              f"it needs {best.describe()}, run by {_BACKEND_NAMES[best.backend]}")
     too_big = [f for f in fits if not f.fits and f.entry["bits"] > e["bits"]]
     if too_big:
         reason += "; not " + ", ".join(

@@ -25,9 +25,9 @@ _LLAMA_KEYS = {
     "rope.dimension_count": "head_dim", "rope.freq_base": "rope_theta",
     "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
     "attention.layer_norm_rms_epsilon": "rms_norm_eps", "vocab_size": "vocab_size",
-}  # fmt: skip
+}
 REQUIRED = ("max_position_embeddings", "num_hidden_layers", "intermediate_size", "hidden_size",
-            "num_attention_heads", "vocab_size")  # fmt: skip
+            "num_attention_heads", "vocab_size")
 
 
 def llama_config(path: str | Path) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from edgepack.errors import UnsupportedModelError
 # adds biases to q, k and v)
 CONFIG_ONLY_TYPES = ("llama", "mistral", "qwen2")
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-             "max_position_embeddings")  # fmt: skip
+             "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _describe_llama(c: dict[str, Any], name: str | None) -> ModelDescription:
     mlp_bias = c["model_type"] == "llama" and bool(c.get("mlp_bias"))
     linears = (("self_attn.q_proj", heads * head_dim, hidden), ("self_attn.k_proj", kv_heads * head_dim, hidden),
                ("self_attn.v_proj", kv_heads * head_dim, hidden), ("self_attn.o_proj", hidden, heads * head_dim),
-               ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden), ("mlp.down_proj", hidden, inter))  # fmt: skip
+               ("mlp.gate_proj", inter, hidden), ("mlp.up_proj", inter, hidden), ("mlp.down_proj", hidden, inter))
     bias = sum(o for n, o, _ in linears[:3]) * qkv_bias + hidden * o_bias + (2 * inter + hidden) * mlp_bias
     tied = bool(c.get("tie_word_embeddings", False))
     vocab = c["vocab_size"]
@@ -141,14 +141,14 @@ def _describe_llama(c: dict[str, Any], name: str | None) -> ModelDescription:
         Block("model.norm", "norm", kept_params=hidden),
         Block("model.rotary_emb", "rotary"),
         Block("lm_head", "output", tied_to="model.embed_tokens") if tied else Block("lm_head", "output", kept_params=vocab * hidden),
-    )  # fmt: skip
+    )
     return ModelDescription(
         name=name or c.get("_name_or_path") or c["model_type"], model_type=c["model_type"], blocks=blocks,
         num_hidden_layers=c["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, hidden_size=hidden, intermediate_size=inter, vocab_size=vocab,
         max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=tied, lean=_lean_supported(c),
         **_engine_features(c),
-    )  # fmt: skip
+    )
 
 
 def _describe_meta(config, name: str | None) -> ModelDescription:
@@ -187,7 +187,7 @@ def _describe_meta(config, name: str | None) -> ModelDescription:
         kind = _kind(block_name, model, output_name, embeddings_name)
         tied_to = embeddings_name if tied and block_name == output_name else None
         blocks.append(Block(block_name, kind, tuple(entry["linears"]), entry["kept_params"],
-                            entry["bias_params"], entry["other_bytes"], tied_to))  # fmt: skip
+                            entry["bias_params"], entry["other_bytes"], tied_to))
     summary = architecture_summary(model)
     return ModelDescription(
         name=name or getattr(config, "name_or_path", "") or config.model_type,

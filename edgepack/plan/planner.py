@@ -93,7 +93,7 @@ class Plan:
             "fits": self.fits, "weight_bytes": self.weight_bytes, "device_map": dict(self.device_map),
             "devices": {k: v.to_dict() for k, v in self.devices.items()}, "reasons": list(self.reasons),
             "instead": list(self.instead),
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class _Target:
         gpus = tuple((g.name, g.usable_bytes, g.reserved_bytes) for g in profile.gpus)
         arch = "aarch64" if profile.cpu.arch in ("aarch64", "arm64") else "x86_64"  # others: as x86-64
         return cls(profile.name, arch, profile.ram_usable_bytes, gpus, profile.unified_memory,
-                   profile.bitsandbytes.cuda)  # fmt: skip
+                   profile.bitsandbytes.cuda)
 
     @property
     def size_bytes(self) -> int:
@@ -207,7 +207,7 @@ def _place(s: _Setting) -> Plan:
     q, o = s.q, s.options
     return Plan(s.desc.name, t.name, q.bits, q.quant_type if q.bits == 4 else None, q.double_quant and q.bits == 4,
                 s.strategy, s.rt.name, o.context, o.prompt_tokens, o.batch, device_map, devices,
-                all(b.fits for b in devices.values()), weight_bytes=weight_bytes(s.desc, q))  # fmt: skip
+                all(b.fits for b in devices.values()), weight_bytes=weight_bytes(s.desc, q))
 
 
 def _empty_device(s: _Setting, device: str, host: str) -> DeviceBudget:
@@ -255,7 +255,7 @@ class _Held:
     def __add__(self, other: _Held) -> _Held:
         return _Held(self.blocks + other.blocks, self.weights + other.weights, self.layers + other.layers,
                      self.output or other.output, max(self.largest_linear, other.largest_linear),
-                     self.int8_rows + other.int8_rows, max(self.fused, other.fused))  # fmt: skip
+                     self.int8_rows + other.int8_rows, max(self.fused, other.fused))
 
 
 def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
@@ -265,7 +265,7 @@ def _budget(s: _Setting, empty: DeviceBudget, held: _Held) -> DeviceBudget:
     if rt is NATIVE:
         return _native_budget(s, empty, held)
     parts = activation_bytes(s.desc, rt, o.prompt_tokens, o.batch, holds_layers=held.layers > 0,
-                             holds_output=held.output)  # fmt: skip
+                             holds_output=held.output)
     int4 = q.bits == 4 and q.quant_type == "int4"
     if int4:  # decode steps: edgepack.runtime.engine._engine's kernel (or torch's), no dequantized copy
         workspace = 0
@@ -359,7 +359,7 @@ def plan(
     """
     t = _Target.of(profile)
     o = _options(desc, context=context, prompt_tokens=prompt_tokens, batch=batch, quant_type=quant_type,
-                 double_quant=double_quant, dtype=dtype, runtime=runtime)  # fmt: skip
+                 double_quant=double_quant, dtype=dtype, runtime=runtime)
     if bits is not None and bits not in BITS:
         raise PlanError(f"unsupported bits {bits!r}", hint="use --bits 16, 8 or 4, or leave it out")
     tried = _tried(desc, t, o, bits)
@@ -389,7 +389,7 @@ def place(desc: ModelDescription, profile: Any, bits: int, strategy: str, **opti
 
 
 def device_budget(desc: ModelDescription, profile: Any, bits: int, strategy: str, device: str,
-                  blocks: Sequence[str], **options: Any) -> DeviceBudget:  # fmt: skip
+                  blocks: Sequence[str], **options: Any) -> DeviceBudget:
     """What ``device`` needs to hold the named blocks in that setting (for tests and tools)."""
     t = _Target.of(profile)
     s = _setting(desc, t, bits, strategy, _options(desc, **options))
@@ -408,7 +408,7 @@ def _setting(desc: ModelDescription, t: _Target, bits: int, strategy: str, o: Op
 
 def _options(desc: ModelDescription, *, context: int | None = None, prompt_tokens: int | None = None,
              batch: int = 1, quant_type: str = "nf4", double_quant: bool = False, dtype: str = "bfloat16",
-             runtime: str = "auto") -> Options:  # fmt: skip
+             runtime: str = "auto") -> Options:
     maximum = desc.max_position_embeddings
     context = min(DEFAULT_CONTEXT, maximum) if context is None else context
     problems = []

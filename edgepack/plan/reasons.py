@@ -56,7 +56,7 @@ def parts_text(b: DeviceBudget) -> str:
     parts = [("weights", b.weights_bytes), ("loading copies", b.loading_bytes if loading else 0),
              ("allocator", 0 if loading else b.allocator_bytes), ("KV cache", 0 if loading else b.kv_cache_bytes),
              ("activations", 0 if loading else b.activations_bytes), ("baseline", b.baseline_bytes),
-             ("CUDA context", b.cuda_context_bytes), ("headroom", b.headroom_bytes)]  # fmt: skip
+             ("CUDA context", b.cuda_context_bytes), ("headroom", b.headroom_bytes)]
     return " + ".join(f"{name} {human(v)}" for name, v in parts if v)
 
 
@@ -99,7 +99,7 @@ def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> 
     r = []
     kv = kv_cache_bytes(desc, rt, desc.num_hidden_layers, o.context, o.batch)
     growth = (f"preallocated by edgepack's {p.runtime} runtime" if rt.kv_static
-              else "grown by concatenation, which briefly holds one layer's old and new tensor")  # fmt: skip
+              else "grown by concatenation, which briefly holds one layer's old and new tensor")
     ring = ""
     if rt is NATIVE and desc.sliding_layers:  # kv_cache_bytes: their caches are rings of the window
         ring = f", the {desc.sliding_layers} sliding-window layers' {min(desc.sliding_window, o.context)} tokens only,"

@@ -95,7 +95,7 @@ def quant_state_bytes(out_features: int, in_features: int, q: Quant) -> int:
     """The JSON bitsandbytes packs into a uint8 tensor beside each 4-bit weight
     (``weight.quant_state.bitsandbytes__nf4``), written as json.dumps writes it."""
     state: dict[str, Any] = {"quant_type": q.quant_type, "blocksize": BLOCKSIZE, "dtype": q.dtype,
-                             "shape": [out_features, in_features]}  # fmt: skip
+                             "shape": [out_features, in_features]}
     extra = 0
     if q.double_quant:
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0)
@@ -262,7 +262,7 @@ class DeviceBudget:
                 "activations": self.activations_bytes, "loading": self.loading_bytes, "allocator": self.allocator_bytes,
                 "baseline": self.baseline_bytes, "cuda_context": self.cuda_context_bytes,
                 "headroom": self.headroom_bytes, "peak": self.peak_bytes, "total": self.total_bytes,
-                "fits": self.fits, "label": self.label}  # fmt: skip
+                "fits": self.fits, "label": self.label}
 
 
 

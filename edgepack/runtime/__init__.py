@@ -178,7 +178,7 @@ def _require_torch(why_not_native: str) -> None:
     from edgepack import extras
 
     because = why_not_native if why_not_native.startswith("backend") else (
-        f"edgepack's CPU engine cannot run it: {why_not_native}")  # fmt: skip
+        f"edgepack's CPU engine cannot run it: {why_not_native}")
     # torch alone: the lean Llama decoder needs nothing else; transformers, accelerate and
     # bitsandbytes are imported only for other architectures and GPUs (the CLI still names
     # the extra when one of them is missing: edgepack.extras.for_import_error).
@@ -206,16 +206,16 @@ def _check_device(device: str, origin: str) -> None:
         return
     if kind != "cuda" or (index and not index.isdigit()):
         raise DeviceError(f"{origin} names device {device!r}, which edgepack cannot place weights on",
-                          hint="use cpu, cuda or cuda:N (N counts from 0)")  # fmt: skip
+                          hint="use cpu, cuda or cuda:N (N counts from 0)")
     if not _cuda_available():
         raise DeviceError(f"{origin} asks for {device}, but torch here sees no CUDA GPU "
                           "(a CPU-only torch build, or no NVIDIA driver)",
-                          hint="use --device cpu, or install a CUDA build of torch")  # fmt: skip
+                          hint="use --device cpu, or install a CUDA build of torch")
     import torch
 
     if index and int(index) >= torch.cuda.device_count():
         raise DeviceError(f"{origin} asks for {device}, but this box has {torch.cuda.device_count()} GPU(s)",
-                          hint=f"use --device cuda:0 ... cuda:{torch.cuda.device_count() - 1}, or --device cpu")  # fmt: skip
+                          hint=f"use --device cuda:0 ... cuda:{torch.cuda.device_count() - 1}, or --device cpu")
 
 
 def _cuda_available() -> bool:
@@ -251,7 +251,7 @@ def _preflight_memory(
         budget = memory.budget()
     if need - held > budget.available_bytes:
         where = "of free RAM" if budget.source == "RAM" else (
-            f"under its memory cgroup limit of {budget.cgroup.limit_bytes // mib} MiB")  # fmt: skip
+            f"under its memory cgroup limit of {budget.cgroup.limit_bytes // mib} MiB")
         raise InsufficientMemoryError(
             f"the bundle needs about {need // mib} MiB ({weights // mib} MiB of weights + "
             f"{overhead // mib} MiB for the runtime); this process holds {held // mib} MiB "
@@ -407,10 +407,10 @@ class EdgeModel:
     ) -> Iterator[GenerationStep]:
         """Generate token by token, yielding a GenerationStep per token."""
         plan = self.plan_generation(prompt, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, chat=chat)  # fmt: skip
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, chat=chat)
         writer = StepWriter(self, plan)
         tokens = self._tokens(plan.prompt_ids, plan.temperature, plan.top_p, plan.top_k, plan.seed,
-                              plan.min_new_tokens, plan.max_new_tokens)  # fmt: skip
+                              plan.min_new_tokens, plan.max_new_tokens)
         for token in tokens:
             step = writer.add(token)
             yield step
@@ -420,7 +420,7 @@ class EdgeModel:
     def plan_generation(self, prompt: str | Sequence[dict], *, max_new_tokens: int = 256, min_new_tokens: int = 0,
                         temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                         seed: int | None = None, stop: Sequence[str] | str | None = None,
-                        chat: bool | None = None) -> "GenerationPlan":  # fmt: skip
+                        chat: bool | None = None) -> "GenerationPlan":
         """The prompt's token ids and the sampling settings, checked (stream_steps' first part;
         the server drives the tokens itself)."""
         temperature, top_p, top_k = self._sampling_defaults(temperature, top_p, top_k)
@@ -478,13 +478,13 @@ def _read_generation_config(path: Path) -> dict:
 def _check_sampling(max_new_tokens, min_new_tokens, temperature, top_p, top_k) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}",
-                              hint="pass --max-new-tokens 1 or more")  # fmt: skip
+                              hint="pass --max-new-tokens 1 or more")
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
         raise GenerationError(f"min_new_tokens must be between 0 and max_new_tokens, not {min_new_tokens!r}",
-                              hint=f"pass --min-new-tokens between 0 and {max_new_tokens}")  # fmt: skip
+                              hint=f"pass --min-new-tokens between 0 and {max_new_tokens}")
     if not temperature >= 0:  # also refuses NaN
         raise GenerationError(f"temperature must be >= 0 (0 is greedy), not {temperature}",
-                              hint="pass --temperature 0 for greedy, or e.g. 0.7")  # fmt: skip
+                              hint="pass --temperature 0 for greedy, or e.g. 0.7")
     if not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], not {top_p}", hint="pass --top-p 1 to turn it off, or e.g. 0.9")
     if top_k < 0:

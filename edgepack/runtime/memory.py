@@ -126,7 +126,7 @@ def _up_to_mount(dirs: tuple[Path, Path]) -> list[Path]:
 
 def _read_group(directory: Path, version: int) -> CgroupMemory | None:
     names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if version == 1 else (
-        "memory.max", "memory.current", "inactive_file")  # fmt: skip
+        "memory.max", "memory.current", "inactive_file")
     try:
         limit_text = (directory / names[0]).read_text().strip()
         if limit_text == "max" or int(limit_text) >= _UNLIMITED_BYTES:

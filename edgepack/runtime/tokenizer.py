@@ -48,7 +48,7 @@ def load_tokenizer(bundle: Path):
     from edgepack import extras
 
     extras.require("torch", "this bundle's tokenizer", "it has no tokenizer.json, so transformers reads it",
-                   packages=("transformers",))  # fmt: skip
+                   packages=("transformers",))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(bundle))
@@ -137,7 +137,7 @@ class BundleTokenizer:
     ):
         if not self.chat_template:
             raise ChatTemplateError("this bundle's tokenizer has no chat template",
-                                    hint="send a plain prompt (without --chat)")  # fmt: skip
+                                    hint="send a plain prompt (without --chat)")
         max_seconds = kwargs.pop("max_seconds", CHAT_TEMPLATE_SECONDS)
         max_chars = kwargs.pop("max_chars", CHAT_TEMPLATE_MAX_CHARS)
         if self._compiled is None:
@@ -157,7 +157,7 @@ class BundleTokenizer:
 def _damaged(name: str, exc: BaseException) -> BundleIntegrityError:
     detail = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return BundleIntegrityError(f"the bundle's {name} cannot be read: {detail}",
-                                hint="the bundle's tokenizer files are damaged or were edited; pull or pack it again")  # fmt: skip
+                                hint="the bundle's tokenizer files are damaged or were edited; pull or pack it again")
 
 
 def template_failed(exc: BaseException) -> ChatTemplateError:
@@ -167,13 +167,13 @@ def template_failed(exc: BaseException) -> ChatTemplateError:
         where = f" (line {exc.lineno})" if exc.lineno else ""
         return ChatTemplateError(f"the bundle's chat template does not compile{where}: {exc.message or exc}",
                                  hint="fix chat_template in tokenizer_config.json (or chat_template.jinja), "
-                                 "or send a plain prompt without --chat")  # fmt: skip
+                                 "or send a plain prompt without --chat")
     if isinstance(exc, _RaisedByTemplate):  # the template's own raise_exception(): its words
         return ChatTemplateError(f"the bundle's chat template refuses these messages: {exc}",
-                                 hint="change the messages as the template asks (roles, order), or send a plain prompt")  # fmt: skip
+                                 hint="change the messages as the template asks (roles, order), or send a plain prompt")
     detail = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
     return ChatTemplateError(f"the bundle's chat template failed: {type(exc).__name__}" + (f": {detail}" if detail else ""),
-                             hint="the template is broken or does not fit these messages; send a plain prompt without --chat")  # fmt: skip
+                             hint="the template is broken or does not fit these messages; send a plain prompt without --chat")
 
 
 class _RaisedByTemplate(Exception):

@@ -33,7 +33,7 @@ from edgepack.serve.metrics import Metrics
 from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, Job, Worker, default_parallel
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_QUEUE", "GenerationRequest", "Job", "Metrics", "Worker",
-           "create_app", "configure_parser", "main", "parse_chat", "parse_completion", "resolve_bundle", "serve"]  # fmt: skip
+           "create_app", "configure_parser", "main", "parse_chat", "parse_completion", "resolve_bundle", "serve"]
 
 SERVE_HINT = "pip install 'edgepack[serve]'"
 
@@ -72,9 +72,9 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise EdgepackError(f"port {port} on {host} is already in use",
-                                    hint=f"stop what listens there, or pass another --port (e.g. {port + 1})") from None  # fmt: skip
+                                    hint=f"stop what listens there, or pass another --port (e.g. {port + 1})") from None
             raise EdgepackError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                                hint="pass a port above 1023, or --host 127.0.0.1") from None  # fmt: skip
+                                hint="pass a port above 1023, or --host 127.0.0.1") from None
 
 
 def resolve_bundle(ref: str) -> Path:
@@ -109,7 +109,7 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEF
     from edgepack.serve.guard import server_config
 
     app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, parallel=parallel,
-                     cache_bytes=cache_bytes, **guards)  # fmt: skip
+                     cache_bytes=cache_bytes, **guards)
     slots = app.state.worker.parallel
     uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue + slots, log_level=log_level)).run()
 
@@ -163,7 +163,7 @@ def main(args) -> int:
 
     path = resolve_bundle(args.bundle)
     lm = load(path, verify=False if args.no_verify else "once", device=args.device, force=args.force, backend=args.backend,
-              key=getattr(args, "key", None))  # fmt: skip
+              key=getattr(args, "key", None))
     for notice in lm.notices:
         print(f"note: {notice}", file=sys.stderr)
     # a bundle pulled from the Hub is known to clients by its repo id, not its cache folder
@@ -171,5 +171,5 @@ def main(args) -> int:
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (queue {args.max_queue})", file=sys.stderr)
     serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, parallel=args.parallel,
           cache_bytes=args.cache_bytes, model_name=name, log_level=args.log_level,
-          **guards)  # fmt: skip
+          **guards)
     return 0

@@ -12,7 +12,7 @@ from edgepack.errors import EdgepackError
 from edgepack.serve.api import (
     COMPLETION_DEFAULT_MAX_TOKENS, NO_CONTEXT_DEFAULT_MAX_TOKENS, GenerationRequest, _Reply, _sse, parse_chat,
     parse_completion,
-)  # fmt: skip
+)
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiError, HostPolicy, PromptGate, install_guards
 from edgepack.serve.metrics import Metrics
 from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, Job, Worker, default_parallel
@@ -30,7 +30,7 @@ def create_app(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_keys=(), bind_host: str = "127.0.0.1",
     allowed_hosts=(), allowed_origins=(), docs: bool = False,
-):  # fmt: skip
+):
     """The FastAPI app serving ``lm`` (a loaded EdgeModel), behind the guards of
     serve/guard.py. The worker thread runs while the app's lifespan does. ``parallel``:
     requests generated at once (default: default_parallel); ``cache_bytes``: KV caches of

@@ -48,7 +48,7 @@ UNSUPPORTED = {
     "presence_penalty": (None, 0), "repetition_penalty": (None, 1), "top_logprobs": (None, 0), "best_of": (None, 1),
     "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,),
-}  # fmt: skip
+}
 
 
 class ApiError(Exception):
@@ -69,7 +69,7 @@ def refuse_unsupported(body: dict) -> None:
         value = body.get(param)
         if not any(value == u and type(value) is not bool for u in unused) and value is not None:
             raise ApiError(400, f"`{param}` is not supported by this server; leave it out", param=param,
-                           code="unsupported_parameter")  # fmt: skip
+                           code="unsupported_parameter")
 
 
 # --- who may ask -----------------------------------------------------------------------------
@@ -103,11 +103,11 @@ def guard_options(args) -> dict:
     """create_app's guard arguments from the command line and EDGEPACK_API_KEY."""
     if args.max_body_bytes < 1024:
         raise EdgepackError(f"--max-body-bytes must be at least 1024, not {args.max_body_bytes}",
-                            hint="pass --max-body-bytes 8388608 (8 MiB)")  # fmt: skip
+                            hint="pass --max-body-bytes 8388608 (8 MiB)")
     api_keys = [k for k in args.api_key + [os.environ.get("EDGEPACK_API_KEY", "")] if k]
     check_bind(args.host, api_keys, args.insecure_no_key)
     return {"max_body_bytes": args.max_body_bytes, "api_keys": api_keys, "allowed_hosts": args.allowed_host,
-            "allowed_origins": args.allowed_origin, "docs": args.docs}  # fmt: skip
+            "allowed_origins": args.allowed_origin, "docs": args.docs}
 
 
 def check_bind(host: str, api_keys: list[str], insecure_no_key: bool) -> None:
@@ -198,13 +198,13 @@ class SiteGuard:
         if not self.policy.host_ok(host):
             return await send_error(send, ApiError(
                 403, f"this server does not answer for the host {host!r}; a reverse proxy in front of it "
-                "needs --allowed-host NAME", code="host_not_allowed"))  # fmt: skip
+                "needs --allowed-host NAME", code="host_not_allowed"))
         origin = headers.get("origin")
         cross_site = origin is None and headers.get("sec-fetch-site") == "cross-site"
         if cross_site or not self.policy.origin_ok(origin, host):
             return await send_error(send, ApiError(
                 403, f"cross-site requests are refused (Origin {origin or 'of another site'}); "
-                "a web app served elsewhere needs --allowed-origin ORIGIN", code="origin_not_allowed"))  # fmt: skip
+                "a web app served elsewhere needs --allowed-origin ORIGIN", code="origin_not_allowed"))
         return await self.app(scope, receive, send)
 
 
@@ -235,7 +235,7 @@ class RequestGuard:
                 "incorrect API key provided" if given else
                 "no API key provided: send it as `Authorization: Bearer KEY` (the openai client's api_key)",
                 code="invalid_api_key",
-            )  # fmt: skip
+            )
             err.headers["WWW-Authenticate"] = "Bearer"
             return await send_error(send, err)
         declared = headers.get("content-length", "")
@@ -258,7 +258,7 @@ class RequestGuard:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body did not arrive in time (a pause over "
-                               f"{BODY_IDLE_SECONDS:g} s, or over {BODY_SECONDS:g} s in all)") from None  # fmt: skip
+                               f"{BODY_IDLE_SECONDS:g} s, or over {BODY_SECONDS:g} s in all)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -279,7 +279,7 @@ def install_guards(app, api_keys, max_body_bytes: int, policy: HostPolicy) -> No
     app.add_middleware(RequestGuard, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
     if policy.origins:
         app.add_middleware(CORSMiddleware, allow_origins=sorted(policy.origins), allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])  # fmt: skip
+                           allow_headers=["authorization", "content-type"])
     app.add_middleware(SiteGuard, policy=policy)
 
 
@@ -291,7 +291,7 @@ def server_config(app, *, host: str, port: int, max_queue: int, log_level: str =
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, http=_header_timeout_protocol(),
         limit_concurrency=max_queue + SPARE_CONNECTIONS, timeout_keep_alive=5, timeout_graceful_shutdown=5, **kwargs,
-    )  # fmt: skip
+    )
 
 
 def _header_timeout_protocol():
@@ -373,7 +373,7 @@ class PromptGate:
             # chat templates mark every message with its role: at least a token each
             raise ApiError(400, f"this model's maximum context length is {self.context} tokens; "
                            f"{len(messages):,} messages cannot fit", param="messages",
-                           code="context_length_exceeded")  # fmt: skip
+                           code="context_length_exceeded")
         return parse(value)
 
     async def count(self, prompt: Any, chat: bool) -> int:

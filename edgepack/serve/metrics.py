@@ -73,7 +73,7 @@ class Metrics:
         lines += [f'edgepack_requests_total{{outcome="{k}"}} {v}' for k, v in s["requests"].items() if k != "total"]
         lines += ["# TYPE edgepack_prompt_tokens_total counter", f"edgepack_prompt_tokens_total {s['prompt_tokens']}"]
         lines += ["# TYPE edgepack_generated_tokens_total counter",
-                  f"edgepack_generated_tokens_total {s['generated_tokens']}"]  # fmt: skip
+                  f"edgepack_generated_tokens_total {s['generated_tokens']}"]
         for name in ("prefix_reused_tokens", "prefix_computed_tokens"):
             lines += [f"# TYPE edgepack_{name}_total counter", f"edgepack_{name}_total {s[name]}"]
         for name in ("latency_seconds", "first_token_seconds"):

@@ -58,7 +58,7 @@ class Worker:
     for one of ``parallel`` slots."""
 
     def __init__(self, lm, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):  # fmt: skip
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.lm, self.metrics, self.max_queue = lm, metrics, max_queue
         self.batched = lm.backend == "native"
         self.parallel = parallel if self.batched else 1
@@ -89,7 +89,7 @@ class Worker:
         held = list(self.prefixes.held) if self.prefixes else []
         per_token = self.prefixes.bytes_per_token if self.prefixes else 0
         return {"slots_in_use": len(self.active), "slots": self.parallel, "held_caches": len(held),
-                "held_cache_bytes": sum(h.cache.length for h in held) * per_token}  # fmt: skip
+                "held_cache_bytes": sum(h.cache.length for h in held) * per_token}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgepack-generate", daemon=True)
@@ -178,7 +178,7 @@ class Worker:
         try:
             plan = self.lm.plan_generation(req.prompt, chat=req.chat, max_new_tokens=job.max_tokens,
                                            min_new_tokens=req.min_tokens, temperature=req.temperature,
-                                           top_p=req.top_p, seed=req.seed, stop=req.stop)  # fmt: skip
+                                           top_p=req.top_p, seed=req.seed, stop=req.stop)
             writer = StepWriter(self.lm, plan)
             ids = plan.prompt_ids
             cache, reused = self.prefixes.take(ids, len(ids) + plan.max_new_tokens)

@@ -66,7 +66,7 @@ def llama(tmp_path_factory) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -108,7 +108,7 @@ def export(bundle: Path, dest: Path) -> tuple[Path, object]:
     engine = lm.model
     base = real.address(engine.arena)
     out = [b"EPARM1\0\0", struct.pack("<10i2f2q", hidden, heads, kv_heads, head_dim, inter, vocab, len(layers),
-                                      embed_type, CONTEXT, 0, eps, engine.rope_theta, embed - base, norm - base)]  # fmt: skip
+                                      embed_type, CONTEXT, 0, eps, engine.rope_theta, embed - base, norm - base)]
     out.append(_mat(head, base))
     for in_norm, post_norm, *mats in layers:
         out.append(struct.pack("<2q", in_norm - base, post_norm - base))

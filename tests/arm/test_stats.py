@@ -13,7 +13,7 @@ native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C ex
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_stats_name_the_kernel_set(capsys, packed, backend):
     code = main(["run", str(packed("llama", 8)), "The capital", "--max-new-tokens", "3", "--min-new-tokens", "3",
-                 "--temperature", "0", "--stats", "--backend", backend])  # fmt: skip
+                 "--temperature", "0", "--stats", "--backend", backend])
     err = capsys.readouterr().err
     assert code == 0 and f"{backend} backend" in err
     assert (f"engine {native.set_isa()}, " in err) == (backend == "native"), err

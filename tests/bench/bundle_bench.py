@@ -167,7 +167,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgepack-bench-"))
     torch_rss = statistics.median(run_worker("torch")["peak_rss"] for _ in range(args.repeats))
     print(f"bare `import torch` peak RSS: {torch_rss / MIB:.0f} MiB   (model {args.model}, {args.tokens} tokens, "
-          f"{args.repeats} fresh processes each, torch threads {os.cpu_count()})\n")  # fmt: skip
+          f"{args.repeats} fresh processes each, torch threads {os.cpu_count()})\n")
     rows = []
     for bits in bits_list:
         packed = pack_measured(args.model, work / f"b{bits}", *SETTINGS[bits])
@@ -190,7 +190,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['engine']:<18}{r['bundle_bytes'] / 1e6:>10.1f}{r.get('weight_bytes', 0) / 1e6:>11.1f}"
               f"{r.get('pack_s', float('nan')):>8.1f}{r.get('pack_peak_rss', 0) / MIB:>9.0f}{r['load_s']:>8.2f}"
-              f"{r['first_token_s']:>10.2f}{r['peak_rss'] / MIB:>9.0f}{r['decode_tps']:>11.1f}")  # fmt: skip
+              f"{r['first_token_s']:>10.2f}{r['peak_rss'] / MIB:>9.0f}{r['decode_tps']:>11.1f}")
     print("\n(RSS in MiB; load s = process import + load; 1st tok s = prompt processing)")
     by = {r["engine"]: r for r in rows}
     for bits in bits_list:
@@ -200,11 +200,11 @@ def main() -> None:
               f"({'OK' if r['load_peak_rss'] <= budget else 'OVER'}), loading + {args.tokens} tokens "
               f"{r['peak_rss'] / MIB:.0f} MiB, vs target import torch + 1.2 x weights = "
               f"{budget / MIB:.0f} MiB: {'OK' if r['peak_rss'] <= budget else 'OVER'}"
-              f" (weights-only overhead above torch: {(r['peak_rss'] - torch_rss) / r['weight_bytes']:.2f} x weights)")  # fmt: skip
+              f" (weights-only overhead above torch: {(r['peak_rss'] - torch_rss) / r['weight_bytes']:.2f} x weights)")
         seed = by.get(f"seed bnb {SETTINGS[bits][0]}-bit")
         if seed:
             print(f"  vs seed {SETTINGS[bits][0]}-bit: peak RSS {r['peak_rss'] / seed['peak_rss']:.2f}x, load time "
-                  f"{r['load_s'] / seed['load_s']:.2f}x, decode {r['decode_tps'] / seed['decode_tps']:.2f}x")  # fmt: skip
+                  f"{r['load_s'] / seed['load_s']:.2f}x, decode {r['decode_tps'] / seed['decode_tps']:.2f}x")
     if not args.no_seed:
         print(f"seed recipe fp32 checkpoint: {ckpt_bytes / MIB:.0f} MiB; seed 8-bit peak RSS = "
               f"{by['seed bnb 8-bit']['peak_rss'] / ckpt_bytes:.2f} x checkpoint")
@@ -212,7 +212,7 @@ def main() -> None:
     for dtype, size, bits, m in pack_rows:
         print(f"  {dtype} checkpoint {size / MIB:.0f} MiB -> {bits}-bit: pack peak RSS {m['pack_peak_rss'] / MIB:.0f} MiB = "
               f"{m['pack_peak_rss'] / size:.2f} x checkpoint; above bare torch: {(m['pack_peak_rss'] - torch_rss) / size:.2f} x, "
-              f"{m['pack_s']:.1f} s")  # fmt: skip
+              f"{m['pack_s']:.1f} s")
     print(f"\nwork dir: {work}")
 
 

@@ -104,7 +104,7 @@ def worker_hf(path: str, threads: int, mode: str) -> dict:
     kwargs = {"dtype": torch.bfloat16} if mode == "bf16" else {
         "quantization_config": BitsAndBytesConfig(load_in_8bit=True) if mode == "seed8" else BitsAndBytesConfig(load_in_4bit=True),
         "device_map": "cpu",
-    }  # fmt: skip
+    }
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     loaded = time.time()
@@ -198,7 +198,7 @@ def pack_bundles(work: Path) -> dict[str, Path]:
 
     bundles = {}
     settings = {"16": {"bits": 16}, "8": {"bits": 8}, "8 rtn": {"bits": 8, "smoothing": False, "gptq": False},
-                "4 int4": {"bits": 4, "quant_type": "int4"}, "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}  # fmt: skip
+                "4 int4": {"bits": 4, "quant_type": "int4"}, "4 nf4": {"bits": 4}, "4 fp4": {"bits": 4, "quant_type": "fp4"}}
     for name, opts in settings.items():
         out = work / f"bundle-{name.replace(' ', '-')}"
         pack("smollm2-135m", out, force=True, **opts)
@@ -229,7 +229,7 @@ def quality_rows(bundles: dict[str, Path], tokens: np.ndarray, ref: np.ndarray, 
         out = spawn("quality", str(path), str(work / "tokens.npy"), str(work / f"lp-{name.replace(' ', '-')}.npy"))
         lp = np.load(out["logprobs"])
         rows[name] = {"perplexity": peer.perplexity(lp, tokens), **peer.compare_logprobs(ref, lp),
-                      "ppl_delta_se_pct": ppl_delta_se_pct(ref, lp, tokens), "n_tokens": len(tokens)}  # fmt: skip
+                      "ppl_delta_se_pct": ppl_delta_se_pct(ref, lp, tokens), "n_tokens": len(tokens)}
     return rows
 
 
@@ -336,7 +336,7 @@ def main() -> None:
 
 def print_table(rows, quality, ref_ppl, args) -> None:
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} greedy tokens, "
-          f"medians of {args.repeats} fresh processes; reference perplexity {ref_ppl:.3f}\n")  # fmt: skip
+          f"medians of {args.repeats} fresh processes; reference perplexity {ref_ppl:.3f}\n")
     head = f"{'engine':<13}{'format':<8}{'MB':>7}{'decode t/s':>11}{'prompt t/s':>11}{'1st tok s':>10}{'RSS MiB':>9}{'ppl':>9}{'KL':>9}{'top1':>7}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
@@ -344,7 +344,7 @@ def print_table(rows, quality, ref_ppl, args) -> None:
         ppl = q.get("perplexity", float("nan"))
         print(f"{r['engine']:<13}{r['format']:<8}{r['bytes'] / 1e6:>7.1f}{r['decode_tok_s']:>11.1f}{r['prompt_tok_s']:>11.1f}"
               f"{r['first_token_s']:>10.2f}{r['peak_rss_kib'] / 1024:>9.0f}{ppl:>9.3f}{q.get('kl_mean', float('nan')):>9.5f}"
-              f"{q.get('top1_agree', float('nan')):>7.3f}")  # fmt: skip
+              f"{q.get('top1_agree', float('nan')):>7.3f}")
     by = {(r["engine"], r["format"]): r for r in rows}
     print()
     pairs = (("8", "Q8_0", "seed8"), ("4 int4", "Q4_1", "seed4"), ("4 nf4", "Q4_1", "seed4"), ("16", "F16", "bf16"))
@@ -355,7 +355,7 @@ def print_table(rows, quality, ref_ppl, args) -> None:
             if e and o:
                 print(f"edgepack {ours:<6} / {other[0]} {other[1]:<6}: decode {e['decode_tok_s'] / o['decode_tok_s']:.2f}x, "
                       f"prompt {e['prompt_tok_s'] / o['prompt_tok_s']:.2f}x, first token {e['first_token_s'] / o['first_token_s']:.2f}x, "
-                      f"peak RSS {e['peak_rss_kib'] / o['peak_rss_kib']:.2f}x")  # fmt: skip
+                      f"peak RSS {e['peak_rss_kib'] / o['peak_rss_kib']:.2f}x")
     eight = by.get(("edgepack", "8"))
     if eight:
         torch_mib = statistics.median(spawn("torch_rss")["peak_rss_kib"] for _ in range(3)) / 1024
@@ -363,7 +363,7 @@ def print_table(rows, quality, ref_ppl, args) -> None:
         line = torch_mib + 1.15 * weights_mib
         print(f"\nedgepack 8 ({eight['backend']} backend): first token {eight['first_token_s']:.2f} s (target <= 1.5 s); "
               f"peak RSS {eight['peak_rss_kib'] / 1024:.0f} MiB (target <= bare import torch {torch_mib:.0f} MiB "
-              f"+ 1.15 x {weights_mib:.1f} MiB of weights = {line:.0f} MiB)")  # fmt: skip
+              f"+ 1.15 x {weights_mib:.1f} MiB of weights = {line:.0f} MiB)")
     print()
     for name, q in quality.items():
         print(f"edgepack {name:<6} perplexity vs source: {100 * (q['perplexity'] / ref_ppl - 1):+.2f}% "

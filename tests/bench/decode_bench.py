@@ -73,7 +73,7 @@ def worker_edgepack(path: str, threads: int, prompt_n: int, new_n: int) -> dict:
         token = model.sample(model.forward([token], cache), 0)
     decode_s = time.perf_counter() - start
     return {"load_s": loaded - t0, "first_token_s": first_token_s, "prompt_tok_s": prompt_n / prompt_s,
-            "decode_tok_s": new_n / decode_s if new_n else float("nan"), "threads": model.threads}  # fmt: skip
+            "decode_tok_s": new_n / decode_s if new_n else float("nan"), "threads": model.threads}
 
 
 def worker_profile(path: str, threads: int) -> dict:
@@ -127,9 +127,9 @@ def rounds(case: dict, llama: dict, repeats: int, new_n: int, label: str) -> dic
             run = one_run(engine, threads, case, llama, new_n)
             runs[(engine, threads)].append(run)
             print(f"[{case['name']} {label} round {r + 1}] {engine} t={threads}: {run['decode_tok_s']:.1f} tok/s "
-                  f"(load avg {run['load_avg']:.1f})", file=sys.stderr, flush=True)  # fmt: skip
+                  f"(load avg {run['load_avg']:.1f})", file=sys.stderr, flush=True)
     return {key: {"decode_tok_s": statistics.median(x["decode_tok_s"] for x in v),
-                  "load_avg": [round(x["load_avg"], 1) for x in v], "runs": v} for key, v in runs.items()}  # fmt: skip
+                  "load_avg": [round(x["load_avg"], 1) for x in v], "runs": v} for key, v in runs.items()}
 
 
 def safetensors_bytes(bundle: Path) -> int:
@@ -194,7 +194,7 @@ def prepare(names: list[str], llama: dict) -> list[dict]:
         config = json.loads((bundle / "config.json").read_text())
         cases.append({"name": name, "label": label, "edgepack": str(bundle), "gguf": str(gguf_path),
                       "bytes": {"edgepack": weight_bytes_per_token(bundle), "llama.cpp": gguf_bytes_per_token(gguf_path)},
-                      "kv_bytes_per_position": kv_bytes_per_token(config)})  # fmt: skip
+                      "kv_bytes_per_position": kv_bytes_per_token(config)})
     return cases
 
 
@@ -207,14 +207,14 @@ def long_context(case: dict, llama: dict, repeats: int) -> dict:
         full = spawn_edgepack("edgepack", case["edgepack"], 2, 2048, 64)
         out["edgepack"].append({"prompt256_tok_s": short["prompt_tok_s"], "prompt2048_tok_s": full["prompt_tok_s"],
                                 "decode_at2048_tok_s": full["decode_tok_s"], "first_token2048_s": full["first_token_s"],
-                                "load_avg": full["load_avg"]})  # fmt: skip
+                                "load_avg": full["load_avg"]})
         load = load_average()
         pp = peer.llama_bench(llama, case["gguf"], 2, prompt_n=256, new_n=0)["prompt_tok_s"]
         pp2 = peer.llama_bench(llama, case["gguf"], 2, prompt_n=2048, new_n=0)["prompt_tok_s"]
         tg = peer.llama_bench(llama, case["gguf"], 2, prompt_n=0, new_n=64, depth=2048)["decode_tok_s"]
         first = peer.spawn("worker", case["gguf"], llama, *args)["first_token_s"]
         out["llama.cpp"].append({"prompt256_tok_s": pp, "prompt2048_tok_s": pp2, "decode_at2048_tok_s": tg,
-                                 "first_token2048_s": first, "load_avg": load})  # fmt: skip
+                                 "first_token2048_s": first, "load_avg": load})
         print(f"[long] edgepack {out['edgepack'][-1]}\n[long] llama.cpp {out['llama.cpp'][-1]}", file=sys.stderr, flush=True)
     return {eng: {k: statistics.median(r[k] for r in v) for k in v[0]} for eng, v in out.items()}
 
@@ -223,7 +223,7 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
     gb = bw["threads_all"]["on_cpu"]
     print(f"\nread bandwidth (membw.py, sum over a 1 GiB buffer, best of 5 passes): 1 thread {bw['threads_1']['on_cpu']:.1f} GB/s, "
           f"{bw['cpus']} threads {gb:.1f} GB/s over each thread's own CPU time (wall clock on this shared box: "
-          f"{bw['threads_1']['wall']:.1f} / {bw['threads_all']['wall']:.1f}); bounds below use {gb:.1f} GB/s")  # fmt: skip
+          f"{bw['threads_1']['wall']:.1f} / {bw['threads_all']['wall']:.1f}); bounds below use {gb:.1f} GB/s")
     print(f"llama.cpp: {llama['sdist']} vendor/llama.cpp {llama['commit']}, llama-bench, Release, GGML_NATIVE=ON")
     for case in cases:
         print(f"\n{case['label']}: {new_n} greedy tokens after a 16-token prompt, medians over rounds (load avg = 1-min loadavg at each run's start)")
@@ -235,7 +235,7 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
             q = results[case["name"]]["quiet"][(engine, threads)]
             b = results[case["name"]].get("busy", {}).get((engine, threads))
             line = (f"{engine:<10}{threads or 'auto':>8}{nbytes / 1e6:>10.1f}{bound:>10.1f}   {q['decode_tok_s']:>9.1f}{q['decode_tok_s'] / bound:>9.0%}  "
-                    f"{','.join(map(str, q['load_avg'])):<16}")  # fmt: skip
+                    f"{','.join(map(str, q['load_avg'])):<16}")
             if b:
                 line += f"{b['decode_tok_s']:>9.1f}{b['decode_tok_s'] / q['decode_tok_s']:>9.0%}  {','.join(map(str, b['load_avg'])):<16}"
             print(line)
@@ -256,11 +256,11 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
             r = lc[engine]
             bound = gb * 1e9 / (case["bytes"][engine] + 2048 * case["kv_bytes_per_position"])
             print(f"{engine:<10}{r['prompt256_tok_s']:>10.1f}{r['prompt2048_tok_s']:>11.1f}{r['decode_at2048_tok_s']:>12.1f}"
-                  f"{r['decode_at2048_tok_s'] / bound:>9.0%}{r['first_token2048_s']:>15.2f}")  # fmt: skip
+                  f"{r['decode_at2048_tok_s'] / bound:>9.0%}{r['first_token2048_s']:>15.2f}")
         e, ll = lc["edgepack"], lc["llama.cpp"]
         print(f"edgepack/llama.cpp: pp256 {e['prompt256_tok_s'] / ll['prompt256_tok_s']:.2f}x, pp2048 {e['prompt2048_tok_s'] / ll['prompt2048_tok_s']:.2f}x, "
               f"decode@2048 {e['decode_at2048_tok_s'] / ll['decode_at2048_tok_s']:.2f}x, first token (time) {e['first_token2048_s'] / ll['first_token2048_s']:.2f}x "
-              f"(llama.cpp's through its Python bindings: process start, load, prompt)")  # fmt: skip
+              f"(llama.cpp's through its Python bindings: process start, load, prompt)")
 
 
 def main() -> None:

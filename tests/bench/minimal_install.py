@@ -67,7 +67,7 @@ def main() -> int:
     print(f"{'install':8} {'venv MB':>8} {'first token s':>14} {'peak RSS MiB':>13}  backend, torch imported")
     for name, python in pythons.items():
         prefix = Path(subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True,
-                                     text=True, check=True).stdout.strip())  # fmt: skip
+                                     text=True, check=True).stdout.strip())
         first = statistics.median(r["first_token_s"] for r in runs[name])
         rss = statistics.median(r["peak_rss_kib"] for r in runs[name]) / 1024
         print(f"{name:8} {tree_bytes(prefix) / 1e6:8.0f} {first:14.3f} {rss:13.1f}  "

@@ -25,7 +25,7 @@ BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work"
 LLAMA_3_2_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                     head_dim=64, intermediate_size=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                    rope_theta=500000.0, max_position_embeddings=8192)  # fmt: skip
+                    rope_theta=500000.0, max_position_embeddings=8192)
 
 
 def checkpoint(vocab: int) -> Path:
@@ -41,7 +41,7 @@ def checkpoint(vocab: int) -> Path:
     src = default_src_gguf()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     config = LlamaConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         initializer_range=0.02, **LLAMA_3_2_1B)  # fmt: skip
+                         initializer_range=0.02, **LLAMA_3_2_1B)
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -77,7 +77,7 @@ def gguf_q8(hf: Path, llama_bin: Path, convert_py: Path) -> Path:
         env = dict(os.environ, PYTHONPATH=f"{convert_py.parent / 'gguf-py'}{os.pathsep}{deps}")
         part = f16.with_name(f16.name + ".tmp-write")  # a killed conversion leaves no file that looks whole
         subprocess.run([sys.executable, str(convert_py), str(hf), "--outtype", "f16", "--outfile", str(part)],
-                       check=True, env=env)  # fmt: skip
+                       check=True, env=env)
         part.rename(f16)
     part = out.with_name(out.name + ".tmp-write")
     subprocess.run([str(llama_bin / "llama-quantize"), str(f16), str(part), "Q8_0", "2"], check=True)
@@ -94,7 +94,7 @@ def build(vocab: int = 128256) -> dict:
     llama = peer.ensure_llamacpp_build()
     hf = checkpoint(vocab)
     return {"hf": str(hf), "edgepack": str(bundle(hf)),
-            "gguf": str(gguf_q8(hf, Path(llama["bin"]), Path(llama["source"]) / "convert_hf_to_gguf.py"))}  # fmt: skip
+            "gguf": str(gguf_q8(hf, Path(llama["bin"]), Path(llama["source"]) / "convert_hf_to_gguf.py"))}
 
 
 if __name__ == "__main__":

@@ -84,14 +84,14 @@ def main() -> None:
         started = time.perf_counter()
         size = build_checkpoint(work / "ckpt", args.layers, args.dtype)
         print(f"random Llama checkpoint: {args.layers} layers, {args.dtype}, {size / MIB:.0f} MiB "
-              f"(built in {time.perf_counter() - started:.0f} s)\n")  # fmt: skip
+              f"(built in {time.perf_counter() - started:.0f} s)\n")
         print(f"{'run':<22}{'peak RSS MiB':>13}{'x checkpoint':>14}{'seconds':>9}{'bundle weights MiB':>20}")
         for name in args.settings.split(","):
             bits, quant_type = SETTINGS[name]
             r = pack_peak(work / "ckpt", work / f"out-{name}", bits, quant_type)
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
             print(f"{'edgepack pack ' + name:<22}{r['peak'] / MIB:>13.0f}{r['peak'] / size:>14.2f}{r['seconds']:>9.0f}"
-                  f"{r['weight_bytes'] / MIB:>20.0f}")  # fmt: skip
+                  f"{r['weight_bytes'] / MIB:>20.0f}")
         if args.seed:
             r = seed_peak(work / "ckpt", 8)
             print(f"{'seed bnb 8-bit load':<22}{r['peak'] / MIB:>13.0f}{r['peak'] / size:>14.2f}{r['seconds']:>9.0f}")

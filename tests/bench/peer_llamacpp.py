@@ -41,7 +41,7 @@ T0_ENV = "EDGEPACK_T0"  # wall-clock time the parent spawned the worker
 # bindings, loading the same shared libraries) run one build of one llama.cpp.
 CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]  # fmt: skip
+              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
 TARGETS = ["llama-bench", "llama-quantize"]
 SDIST_SPEC = "llama-cpp-python"
 # the bindings' own dependencies, for the quality rows (the package itself is put on the path)
@@ -61,7 +61,7 @@ def _sdist(env_dir: Path) -> Path:
     if not found:
         src.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "-d", str(src), SDIST_SPEC], check=True)  # fmt: skip
+                        "-d", str(src), SDIST_SPEC], check=True)
         tarball = sorted(src.glob("llama_cpp_python-*.tar.gz"))[-1]
         subprocess.run(["tar", "xzf", str(tarball), "-C", str(src)], check=True)
         found = sorted(p for p in src.glob("llama_cpp_python-*") if p.is_dir())
@@ -80,11 +80,11 @@ def ensure_llamacpp_build(env_dir: Path = DEFAULT_ENV) -> dict:
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), *gen, *CMAKE_ARGS], check=True)
         subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
-                       check=True)  # fmt: skip
+                       check=True)
     commit = subprocess.run(["git", "-C", str(source), "log", "-1", "--format=%h %cs"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+                            text=True).stdout.strip()
     return {"bin": str(build / "bin"), "source": str(source), "sdist": sdist.name, "commit": commit,
-            "build_s": round(time.monotonic() - t0, 1)}  # fmt: skip
+            "build_s": round(time.monotonic() - t0, 1)}
 
 
 def ensure_llamacpp_env(env_dir: Path = DEFAULT_ENV) -> dict:
@@ -284,7 +284,7 @@ def llama_bench(peer: dict, gguf: Path, threads: int, prompt_n: int = 0, new_n: 
     the KV cache; llama-bench runs an untimed warm-up first and reports the mean of `reps`.
     Adds `foreign_cpu` as spawn() does."""
     cmd = [str(Path(peer["bin"]) / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", str(reps),
-           "-p", str(prompt_n), "-n", str(new_n), "-d", str(depth), "-o", "json"]  # fmt: skip
+           "-p", str(prompt_n), "-n", str(new_n), "-d", str(depth), "-o", "json"]
     busy0, total0 = _cpu_seconds()
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -317,11 +317,11 @@ def measure_speed(gguf: Path, peer: dict, repeats: int = 3, threads: int = 2,
         bench = llama_bench(peer, gguf, threads, prompt_n, new_n)
         py = spawn("worker", gguf, peer, *args)
         runs.append({**py, "bindings_decode_tok_s": py["decode_tok_s"], "bindings_prompt_tok_s": py["prompt_tok_s"],
-                     **bench, "foreign_cpu": max(bench["foreign_cpu"], py["foreign_cpu"]), "waited_s": waited})  # fmt: skip
+                     **bench, "foreign_cpu": max(bench["foreign_cpu"], py["foreign_cpu"]), "waited_s": waited})
         print(f"[peer] {Path(gguf).name}: llama-bench decode {bench['decode_tok_s']:.1f} tok/s, bindings "
-              f"{py['decode_tok_s']:.1f}; foreign_cpu {runs[-1]['foreign_cpu']}, waited {waited}s", file=sys.stderr, flush=True)  # fmt: skip
+              f"{py['decode_tok_s']:.1f}; foreign_cpu {runs[-1]['foreign_cpu']}, waited {waited}s", file=sys.stderr, flush=True)
     keys = ("decode_tok_s", "prompt_tok_s", "bindings_decode_tok_s", "bindings_prompt_tok_s", "first_token_s",
-            "load_s", "import_s", "peak_rss_kib")  # fmt: skip
+            "load_s", "import_s", "peak_rss_kib")
     med = {k: statistics.median(r[k] for r in runs) for k in keys}
     # worst case, not median: one contaminated run is enough to distrust a row
     med["foreign_cpu_max"] = max(r["foreign_cpu"] for r in runs)
@@ -342,13 +342,13 @@ def diagnose(gguf: Path, peer: dict, repeats: int = 3, threads: int = 2, new_n: 
         py = spawn("worker", gguf, peer, "--threads", str(threads), "--prompt-tokens", "256", "--new-tokens", str(new_n))
         runs["bindings (Llama.eval loop)"].append(py["decode_tok_s"])
         print(f"[diagnose] {({k: round(v[-1], 1) for k, v in runs.items()})} load avg {os.getloadavg()[0]:.1f}",
-              file=sys.stderr, flush=True)  # fmt: skip
+              file=sys.stderr, flush=True)
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
 def _bench_extra(peer: dict, gguf: Path, threads: int, new_n: int, extra: tuple) -> float:
     cmd = [str(Path(peer["bin"]) / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-p", "0",
-           "-n", str(new_n), "-o", "json", *extra]  # fmt: skip
+           "-n", str(new_n), "-o", "json", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)[0]["avg_ts"]
 

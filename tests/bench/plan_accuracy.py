@@ -60,7 +60,7 @@ EDGEPACK = [sys.executable, "-c", (
 def peak_rss(cmd: list[str], env: dict[str, str] | None = None, timeout_s: float = 600) -> int:
     """Peak RSS in bytes of a fresh `edgepack` process, as the kernel counted it."""
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT,
-                          timeout=timeout_s)  # fmt: skip
+                          timeout=timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[3:6])} exited {done.returncode}: {done.stderr[-2000:]}")
     line = next(ln for ln in reversed(done.stderr.splitlines()) if ln.startswith("BENCH_VMHWM_KIB "))
@@ -154,7 +154,7 @@ def measure_baselines(tiny_llama: dict[int, Path]) -> dict[str, int]:
     for path in PATHS:
         env, flags = PATHS[path]
         runs = [peak_rss([*EDGEPACK, "run", str(bundle), "Hello", "--max-new-tokens", "2", "--no-verify", *flags], env)
-                for _ in range(3)]  # fmt: skip
+                for _ in range(3)]
         p = planner.plan(desc, _profile(), context=16, prompt_tokens=8, bits=16, runtime=path)
         rest = p.devices["cpu"].peak_bytes - p.devices["cpu"].baseline_bytes
         tokenizer = sizing.TOKENIZER_BYTES_PER_TOKEN * desc.vocab_size
@@ -164,7 +164,7 @@ def measure_baselines(tiny_llama: dict[int, Path]) -> dict[str, int]:
 
 def measure_tokenizer(bundle: Path) -> float:
     done = subprocess.run([sys.executable, "-c", TOKENIZER_PROBE, str(bundle / "tokenizer.json")],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+                          capture_output=True, text=True, check=True)
     grown, vocab = map(int, done.stdout.split())
     return grown / vocab
 
@@ -184,7 +184,7 @@ def _profile() -> dict:
 
 
 def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[int, ...], new_tokens: int,
-            paths: tuple[str, ...]) -> list[dict]:  # fmt: skip
+            paths: tuple[str, ...]) -> list[dict]:
     from edgepack.cli.plan import describe_model, load_config
 
     desc = describe_model(load_config(source), name=name)
@@ -199,22 +199,22 @@ def compare(name: str, source: str, bundles: dict[int, Path], contexts: tuple[in
                     continue  # nf4: not the C engine's format
                 env, flags = PATHS[path]
                 cmd = [*EDGEPACK, "run", str(bundle), prompt, "--max-new-tokens", str(new_tokens),
-                       "--min-new-tokens", str(new_tokens), "--temperature", "0", "--no-verify", *flags]  # fmt: skip
+                       "--min-new-tokens", str(new_tokens), "--temperature", "0", "--no-verify", *flags]
                 measured = peak_rss(cmd, env)
                 p = planner.plan(desc, _profile(), context=context, prompt_tokens=prompt_tokens, bits=bits,
-                                 quant_type=quant_type, runtime=path)  # fmt: skip
+                                 quant_type=quant_type, runtime=path)
                 cpu = p.devices["cpu"]
                 rows.append(dict(model=name, bits=label, path=path, context=context, prompt=prompt_tokens,
                                  predicted=cpu.peak_bytes, measured=measured, weights=cpu.weights_bytes,
                                  kv=cpu.kv_cache_bytes, act=cpu.activations_bytes, loading=cpu.loading_bytes,
                                  heap=cpu.allocator_bytes,
-                                 baseline=cpu.baseline_bytes))  # fmt: skip
+                                 baseline=cpu.baseline_bytes))
                 print(_row(rows[-1]), flush=True)
     return rows
 
 
 HEADER = (f"{'model':<14}{'bits':>4} {'runtime':<13}{'ctx':>5}{'prompt':>7}{'baseline':>9}{'weights':>9}"
-          f"{'KV':>7}{'act':>7}{'load':>7}{'heap':>7}{'predicted':>10}{'measured':>10}{'error':>8}")  # fmt: skip
+          f"{'KV':>7}{'act':>7}{'load':>7}{'heap':>7}{'predicted':>10}{'measured':>10}{'error':>8}")
 
 
 def _row(r: dict) -> str:
@@ -223,7 +223,7 @@ def _row(r: dict) -> str:
     flag = "" if abs(err) <= TOLERANCE else "  <-- off"
     return (f"{r['model']:<14}{r['bits']:>4} {r['path']:<13}{r['context']:>5}{r['prompt']:>7}{mib('baseline'):>9}"
             f"{mib('weights'):>9}{mib('kv'):>7}{mib('act'):>7}{mib('loading'):>7}{mib('heap'):>7}{mib('predicted'):>10}"
-            f"{mib('measured'):>10}{err:>+8.1%}{flag}")  # fmt: skip
+            f"{mib('measured'):>10}{err:>+8.1%}{flag}")
 
 
 def main() -> int:
@@ -241,9 +241,9 @@ def main() -> int:
     for path, measured in baselines.items():
         held = sizing.BASELINE_BYTES[(platform.machine(), path)]
         print(f"baseline ({path} runtime, no tokenizer): measured {measured / MIB:.1f} MiB, "
-              f"sizing.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")  # fmt: skip
+              f"sizing.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")
     models = [("tiny-gpt2", *tiny["tiny-gpt2"], (64, 128), 8, ("transformers",)),
-              ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("native", "lean", "transformers"))]  # fmt: skip
+              ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("native", "lean", "transformers"))]
     if not args.tiny_only:
         smol = bundles_for(DEFAULT_MODEL, DEFAULT_MODEL, root)
         per_token = measure_tokenizer(smol[16])
@@ -258,7 +258,7 @@ def main() -> int:
     off = [r for r in rows if abs(r["predicted"] / r["measured"] - 1) > TOLERANCE]
     worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
     print(f"\n{len(rows)} runs, worst error {worst:.1%}; {len(off)} outside ±{TOLERANCE:.0%}"
-          f" (MiB; predicted = baseline + weights + max(load, heap + KV + act), no headroom)")  # fmt: skip
+          f" (MiB; predicted = baseline + weights + max(load, heap + KV + act), no headroom)")
     if not args.bundles:
         import shutil
 

@@ -58,7 +58,7 @@ def main() -> None:
         d = np.concatenate(diffs)
         print(f"window {w}: mean dNLL {diffs[-1].mean():+.5f}; {len(d)} tokens: perplexity vs source "
               f"{100 * (np.exp(d.mean()) - 1):+.3f}% (standard error {100 * d.std(ddof=1) / np.sqrt(len(d)):.3f}%)",
-              flush=True)  # fmt: skip
+              flush=True)
 
 
 if __name__ == "__main__":

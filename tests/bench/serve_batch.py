@@ -26,9 +26,9 @@ from edgepack.runtime import load
 from edgepack.serve.guard import server_config
 
 PROMPTS = ["Write a story about a dragon.", "Explain how a CPU cache works.", "List ten fruits and their colors.",
-           "Describe the city of Paris."]  # fmt: skip
+           "Describe the city of Paris."]
 FILLER = ("Here is some background about my project: I am building a small garden with tomatoes, basil, "
-          "peppers and a few herbs; the soil is sandy and the summers are hot and dry. ")  # fmt: skip
+          "peppers and a few herbs; the soil is sandy and the summers are hot and dry. ")
 
 
 class Live:
@@ -77,7 +77,7 @@ def streams(lm, n_tokens, together):
         t0 = time.perf_counter()
         if together:
             threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(live.url, "/v1/completions", bodies[i])))
-                       for i in range(len(bodies))]  # fmt: skip
+                       for i in range(len(bodies))]
             [t.start() for t in threads]
             [t.join() for t in threads]
         else:
@@ -94,7 +94,7 @@ def chat(lm, cache_bytes, turns=10, words=110):
         for turn in range(turns):
             messages.append({"role": "user", "content": f"Turn {turn}. " + " ".join((FILLER * 4).split()[:words])})
             text, ttft, _, _ = stream(live.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 24,
-                                                                        "temperature": 0})  # fmt: skip
+                                                                        "temperature": 0})
             messages.append({"role": "assistant", "content": text})
             time.sleep(0.3)  # a user reads and types; the server recomputes the reply meanwhile
         metrics = httpx.get(live.url + "/metrics").json()

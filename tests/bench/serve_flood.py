@@ -142,7 +142,7 @@ def main() -> int:
                 peak = max(sampler.peak, idle)
                 print(f"{name:18s} {len(body) / 1e6:5.1f} MB  answers {statuses}  {seconds:5.2f} s  "
                       f"RSS peak {peak / MIB:5.0f} MiB (+{(peak - idle) / MIB:.0f})  "
-                      f"slowest /health {probe.slowest:.3f} s")  # fmt: skip
+                      f"slowest /health {probe.slowest:.3f} s")
                 if any(not isinstance(s, int) or not 400 <= s < 500 for s in statuses):
                     failures.append(f"{name}: answers {statuses}")
                 if probe.slowest >= 1.0 or probe.failures:

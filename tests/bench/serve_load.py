@@ -57,7 +57,7 @@ def free_port() -> int:
 
 def start_server(bundle: Path, port: int, max_queue: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "edgepack.cli", "serve", str(bundle), "--port", str(port),
-           "--max-queue", str(max_queue), "--log-level", "warning"]  # fmt: skip
+           "--max-queue", str(max_queue), "--log-level", "warning"]
     server = subprocess.Popen(cmd, cwd=REPO)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -113,7 +113,7 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
 
 async def crowd(url: str, args) -> tuple[list[dict], float]:
     body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "min_tokens": args.max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True}}
     deadline = time.monotonic() + args.duration
     results: list[dict] = []
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
@@ -183,13 +183,13 @@ def main() -> int:
     latencies = [r["latency_s"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     print(f"clients {args.clients}, max-queue {args.max_queue}, max_tokens {args.max_tokens}, {len(results)} requests "
-          f"in {wall_s:.1f} s")  # fmt: skip
+          f"in {wall_s:.1f} s")
     print(f"completed {len(ok)}, 503 {len(rejected)}, other {len(other)} {[r['status'] for r in other][:5]}")
     print(f"requests/s {len(ok) / wall_s:.2f}, tokens/s {tokens / wall_s:.1f}")
     print(f"latency p50 {percentile(latencies, 50):.3f} s, p99 {percentile(latencies, 99):.3f} s")
     print(f"server metrics: generated {metrics['generated_tokens']} tokens, requests {metrics['requests']}")
     print(f"RSS idle {rss_idle / MIB:.0f} MiB, peak {max(sampler.peak, rss_idle) / MIB:.0f} MiB, "
-          f"after {rss_after / MIB:.0f} MiB")  # fmt: skip
+          f"after {rss_after / MIB:.0f} MiB")
 
     failures = []
     if other:

@@ -19,7 +19,7 @@ from edgepack.cli.chat import Chat
 from edgepack.errors import GenerationError, printable
 
 TURNS = ["The capital of France", "Water boils", "Small boxes", "Quantization stores", "the quick brown fox",
-         "Rome", "a Raspberry Pi", "the lazy dog", "a laptop", "eight or four bits"]  # fmt: skip
+         "Rome", "a Raspberry Pi", "the lazy dog", "a laptop", "eight or four bits"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -29,7 +29,7 @@ def _env() -> dict[str, str]:
 
 def _chat_argv(bundle, *extra: str) -> list[str]:
     return [sys.executable, "-m", "edgepack.cli", "chat", str(bundle), "--temperature", "0",
-            "--max-new-tokens", "10", "--no-verify", *extra]  # fmt: skip
+            "--max-new-tokens", "10", "--no-verify", *extra]
 
 
 def _expected(lm, turns: list[str], system: str | None = None) -> list[str]:
@@ -96,7 +96,7 @@ def test_pipe_one_turn_per_line_with_stats(packed):
     turns = TURNS[:4]
     stdin = "\n".join(turns[:2] + [""] + turns[2:]) + "\n"  # a blank line is no turn
     proc = subprocess.run(_chat_argv(bundle, "--stats", "--system", "be brief"), input=stdin,
-                          capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "".join(r + "\n" for r in _expected(lm, turns, system="be brief"))
     firsts = re.findall(r"^first token (\d+\.\d\d) s \((\d+) new prompt tokens, (\d+) reused\)", proc.stderr, re.M)
@@ -108,11 +108,11 @@ def test_pipe_one_turn_per_line_with_stats(packed):
 def test_pipe_says_when_the_context_is_full(packed):
     bundle = packed("llama", 8)
     proc = subprocess.run(_chat_argv(bundle, "--context", "48"), input="\n".join(TURNS[:4]) + "\n",
-                          capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if "is full" in line]
     assert notes and all(re.fullmatch(r"note: the context \(48 tokens\) is full: dropped the oldest \d+ turn\(s\), "
-                                      r"running the rest again", n) for n in notes)  # fmt: skip
+                                      r"running the rest again", n) for n in notes)
     assert len(proc.stdout.split("\n")) >= 5  # every turn answered
 
 
@@ -120,7 +120,7 @@ def test_pipe_exit_stops_reading(packed):
     bundle = packed("llama", 8)
     lm = edgepack.load(bundle)
     proc = subprocess.run(_chat_argv(bundle), input=f"{TURNS[0]}\n/exit\n{TURNS[1]}\n",
-                          capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == _expected(lm, TURNS[:1])[0] + "\n"
 

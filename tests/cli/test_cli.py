@@ -51,7 +51,7 @@ def test_pack_run_verify_inspect(capsys, tiny_models, tmp_path):
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
     assert json.loads(stdout)["quantization"]["bits"] == 4
     code, stdout, err = run_cli(capsys, "run", str(out), "--chat", "The capital", "--max-new-tokens", "5",
-                                "--min-new-tokens", "5", "--temperature", "0", "--stats")  # fmt: skip
+                                "--min-new-tokens", "5", "--temperature", "0", "--stats")
     assert code == 0 and "generated: 5 tokens" in err
 
 
@@ -63,7 +63,7 @@ def test_run_reads_prompt_from_stdin(capsys, packed, monkeypatch):
     bundle = packed("llama", 8)
     monkeypatch.setattr(sys, "stdin", io.StringIO("The capital"))
     code, stdout, _ = run_cli(capsys, "run", str(bundle), "--max-new-tokens", "6", "--min-new-tokens", "6",
-                              "--temperature", "0")  # fmt: skip
+                              "--temperature", "0")
     expected = edgepack.load(bundle).generate("The capital", max_new_tokens=6, min_new_tokens=6, temperature=0)
     assert code == 0 and stdout == expected + "\n"
 
@@ -168,7 +168,7 @@ def test_empty_prompt(capsys, packed):
 @pytest.mark.parametrize("flag,progress,inspected", [
     ("--no-smoothing", "smoothing (alpha 0.25)", "smoothed:     alpha 0.25, calibrated on"),
     ("--no-gptq", "GPTQ rounding on", "rounding:     GPTQ on"),
-])  # fmt: skip
+])
 def test_pack_8bit_calibration_flags_and_inspect(capsys, tiny_models, tmp_path, flag, progress, inspected):
     """8-bit Llama packs smoothed and GPTQ-rounded by default (pack's progress and inspect
     say so); each --no-... flag turns its step off, and only that one."""

@@ -83,7 +83,7 @@ RUN_DAMAGE = {
     "nested tokenizer_config.json": (_nested_tokenizer_config, [], "tokenizer"),
     "template syntax error": (_template("{% for m in messages %}{{ m"), ["--chat"], "chat template"),
     "template raise_exception": (_template("{{ raise_exception('roles must alternate') }}"), ["--chat"],
-                                 "roles must alternate"),  # fmt: skip
+                                 "roles must alternate"),
     "template undefined call": (_template("{{ messages.nothing_here() }}"), ["--chat"], "chat template"),
     "template unsafe attribute": (_template("{{ messages.__class__.__mro__ }}"), ["--chat"], "chat template"),
     "no template with --chat": (_template(""), ["--chat"], "no chat template"),
@@ -96,7 +96,7 @@ def paths(tmp_path: Path, tiny_models) -> dict[str, str]:
     (tmp_path / "file.txt").write_text("not a folder\n")
     (tmp_path / "empty").mkdir()
     return {"missing": str(tmp_path / "nope"), "file": str(tmp_path / "file.txt"), "empty": str(tmp_path / "empty"),
-            "model": str(tiny_models["llama"]), "tmp": str(tmp_path)}  # fmt: skip
+            "model": str(tiny_models["llama"]), "tmp": str(tmp_path)}
 
 
 # --- every command against missing / file / empty / bad flags ------------------------------------------
@@ -165,7 +165,7 @@ def test_damaged_bundle(capsys, bundle_copy, command, damage):
     if command == "inspect" and damage == "truncated shard":
         pytest.skip("inspect reads the manifest only; the shard is verify's business")
     argv = {"run": ["run", str(b), "hi"], "verify": ["verify", str(b)], "inspect": ["inspect", str(b)],
-            "serve": ["serve", str(b)], "push": ["push", str(b), "owner/repo"]}[command]  # fmt: skip
+            "serve": ["serve", str(b)], "push": ["push", str(b), "owner/repo"]}[command]
     code, out, err = run_cli(capsys, *argv)
     assert_error_and_hint(code, out, err, text)
 
@@ -197,7 +197,7 @@ def test_serve_with_garbage_tokenizer_fails_at_start_up(capsys, bundle_copy):
     (["--backend", "gpu"], "--backend"),
     (["--device", "gpu9"], "gpu9"),
     (["--device", "cuda:99"], "cuda:99"),
-])  # fmt: skip
+])
 def test_run_bad_flag_values(capsys, packed, flags, text):
     code, out, err = run_cli(capsys, "run", str(packed("llama", 8)), "hi", *flags)
     assert_error_and_hint(code, out, err, text)
@@ -282,7 +282,7 @@ def test_in_a_real_process_no_traceback(bundle_copy):
     _garbage_tokenizer(b)
     env = {**os.environ, "EDGEPACK_DEBUG": "0"}
     proc = subprocess.run([sys.executable, "-m", "edgepack.cli", "run", str(b), "hi"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=300)
     assert_error_and_hint(proc.returncode, proc.stdout, proc.stderr, "tokenizer")
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def edgepack_cmd(*argv: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgepack.cli", *argv], input=stdin, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), timeout=300)  # fmt: skip
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_serve_help_shows_its_defaults():
     (["--quant-type", "int4"], "error: --quant-type applies to 4-bit packing, and --bits defaults to 8"),
     (["--double-quant", "--bits", "16"], "error: --double-quant applies to 4-bit packing only, not --bits 16"),
     (["--bits", "4", "--no-gptq"], "error: --no-gptq applies to 8-bit packing only, not --bits 4"),
-])  # fmt: skip
+])
 def test_pack_refuses_contradictory_options_before_writing(tiny_models, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     assert cli.main(["pack", str(tiny_models["llama"]), "-o", str(out), *argv]) == 2
@@ -177,9 +177,9 @@ def test_load_pulls_from_the_hub(hub, packed, tmp_path, monkeypatch):
 
 def test_loading_a_folder_imports_no_hub_code(packed):
     code = (f"import sys, edgepack; edgepack.load({str(packed('llama', 8))!r}); "
-            "print(sorted(m for m in sys.modules if m.startswith(('edgepack.hub', 'edgepack.cli', 'huggingface_hub'))))")  # fmt: skip
+            "print(sorted(m for m in sys.modules if m.startswith(('edgepack.hub', 'edgepack.cli', 'huggingface_hub'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.stdout.strip() == "[]"
 
 

@@ -33,7 +33,7 @@ from edgepack.errors import BundleIntegrityError, DiskFullError, EdgepackError, 
 KILL_TRIALS = 20  # in forked processes, plus REAL_PROCESS_TRIALS below
 REAL_PROCESS_TRIALS = 2
 PRELOAD = ["torch", "transformers", "accelerate", "bitsandbytes", "edgepack.cli", "edgepack.export.pack",
-           "edgepack.export.quantize", "edgepack.runtime", "transformers.models.llama.modeling_llama"]  # fmt: skip
+           "edgepack.export.quantize", "edgepack.runtime", "transformers.models.llama.modeling_llama"]
 
 
 def _pack_child(argv: list[str]) -> None:
@@ -148,7 +148,7 @@ def test_real_pack_process_killed_while_writing(tiny_models, tmp_path, forkserve
     for _ in range(REAL_PROCESS_TRIALS):
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.Popen([sys.executable, "-m", "edgepack.cli", "pack", str(src), "-o", str(out), "-q"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         timeline = Timeline(out)
         while proc.poll() is None and timeline.tmp_at is None and time.perf_counter() - timeline.t0 < 120:
             timeline.poll()
@@ -168,7 +168,7 @@ def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
         return False
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-                          capture_output=True)  # fmt: skip
+                          capture_output=True)
     return done.returncode == 0
 
 

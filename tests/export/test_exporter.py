@@ -105,13 +105,13 @@ def test_manifest_fields(packed, tiny_models):
         "bits": 4, "method": "bitsandbytes", "scheme": "nf4", "compute_dtype": "bfloat16",
         "storage_dtype": "bfloat16", "quant_type": "nf4", "blocksize": 64, "double_quant": True,
         "quantized_modules": None, "kept_modules": None,
-    }  # fmt: skip
+    }
     assert q["quantized_modules"][0] == "model.layers.0.self_attn.q_proj"
     assert list(q["kept_modules"]) == ["lm_head"]
     assert m["device_map"] == {
         "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
         "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
-    }  # fmt: skip
+    }
     on_disk = sorted(p.name for p in bundle.iterdir())
     listed = sorted(e["path"] for e in m["files"])
     assert on_disk == sorted([*listed, "edgepack.json"])
@@ -337,7 +337,7 @@ def test_int4_keeps_layers_the_kernel_cannot_run_in_16bit():
 
     # hidden 48 (not a multiple of the group 32): only down_proj ([48, 64]) can run int4
     config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=3, num_key_value_heads=3)  # fmt: skip
+                         num_attention_heads=3, num_key_value_heads=3)
     result = quantize_model(LlamaForCausalLM(config).eval(), Settings(4, "int4", blocksize=32), lambda _m: None)
     assert result.quantized_modules == ["model.layers.0.mlp.down_proj"]
     kept = {k: v for k, v in result.kept_modules.items() if k != "lm_head"}

@@ -75,7 +75,7 @@ def test_layerwise_calibration_matches_a_full_forward():
         for site in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
             name = f"model.layers.{i}.{site}"
             handles.append(model.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))  # fmt: skip
+                lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
     with torch.no_grad():
         for ids in sequences:
             model(torch.tensor([ids]))
@@ -84,7 +84,7 @@ def test_layerwise_calibration_matches_a_full_forward():
     calibration = gptq.LayerwiseCalibration(model, sequences)
     for i in range(2):
         for module, site in (("self_attn.k_proj", "self_attn.q_proj"), ("self_attn.o_proj", "self_attn.o_proj"),
-                             ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj", "mlp.down_proj")):  # fmt: skip
+                             ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj", "mlp.down_proj")):
             x = torch.cat(inputs[f"model.layers.{i}.{site}"]).double()
             expected = x.T @ x / x.shape[0]
             got = calibration.hessian(i, module).double()
@@ -115,7 +115,7 @@ def test_smoothed_hessian_is_the_rewritten_models():
     sequences, _ = smoothing.calibration_sequences(tokenizer, max_tokens=256)
     calibration = gptq.LayerwiseCalibration(model, sequences)
     got = {m: _hessian(f"model.layers.0.{m}", calibration, plan, lambda k: source[k])
-           for m in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}  # fmt: skip
+           for m in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
     rewritten = make_model("llama", len(tokenizer))
     read = plan.wrap(lambda key: source[key])
     rewritten.load_state_dict({k: read(k).to(v.dtype) for k, v in source.items()})

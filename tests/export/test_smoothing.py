@@ -15,7 +15,7 @@ def qwen2_with_biases(vocab_size: int):
 
     torch.manual_seed(1)
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():

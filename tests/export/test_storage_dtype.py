@@ -16,7 +16,7 @@ from edgepack.plan.profile import load_profile
     ("profile", "quant_type", "want"),
     [("gtx1650-4gb", "nf4", "float16"), ("t4", "nf4", "float16"), ("rtx3060-12gb", "nf4", "bfloat16"),
      ("rpi5-8gb", "int4", "bfloat16"), ("t4", "int4", "bfloat16")],
-)  # fmt: skip
+)
 def test_storage_dtype_follows_the_profiles_bf16(profile, quant_type, want):
     assert plan_cli.storage_dtype(load_profile(profile), quant_type) == want
 
@@ -53,7 +53,7 @@ def test_pack_for_a_no_bf16_profile_writes_float16(tiny_models, tmp_path, capsys
 def test_an_explicit_dtype_wins_over_the_profile(tiny_models, tmp_path):
     out = tmp_path / "bf16"
     assert cli.main(["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "t4", "--bits", "16",
-                     "--dtype", "bfloat16", "-q"]) == 0  # fmt: skip
+                     "--dtype", "bfloat16", "-q"]) == 0
     manifest = json.loads((out / "edgepack.json").read_text())
     assert manifest["quantization"]["storage_dtype"] == "bfloat16"
     assert {t["dtype"] for t in manifest["tensors"].values()} == {"BF16"}

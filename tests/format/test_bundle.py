@@ -46,7 +46,7 @@ def test_every_schema_problem_is_listed_at_once(real_manifest):
     text = str(err.value)
     for fragment in ("missing key 'created_at'", "device_map['model.norm']", "quantization.bits must be 16, 8 or 4",
                      "files[0].size", "files[1].sha256", "files[2].path '../outside' has '..'",
-                     "memory.weight_bytes", f"tensors['{name}'].shape", "(8 problems)"):  # fmt: skip
+                     "memory.weight_bytes", f"tensors['{name}'].shape", "(8 problems)"):
         assert fragment in text, fragment
     assert err.value.hint
 
@@ -136,7 +136,7 @@ def _shard(tmp_path: Path, header, data: bytes = b"") -> Path:
 
 def test_header_ok_and_metadata_checked(tmp_path):
     header = {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "I8", "shape": [], "data_offsets": [8, 9]}}  # fmt: skip
+              "b": {"dtype": "I8", "shape": [], "data_offsets": [8, 9]}}
     assert set(bundle.read_safetensors_header(_shard(tmp_path, header, bytes(9)))) == {"a", "b"}
     header["__metadata__"] = {"format": 1}
     with pytest.raises(BundleIntegrityError, match="__metadata__ must map strings to strings"):
@@ -161,7 +161,7 @@ def test_header_ok_and_metadata_checked(tmp_path):
         (b"{\"a\": ", 0, "not valid JSON"),
         (b"{\"a\": {}, \"a\": {}}", 0, "duplicate key"),
     ],
-)  # fmt: skip
+)
 def test_header_problems(tmp_path, header, data_bytes, text):
     with pytest.raises(BundleIntegrityError) as err:
         bundle.read_safetensors_header(_shard(tmp_path, header, bytes(data_bytes)))

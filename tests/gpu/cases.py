@@ -85,7 +85,7 @@ def load_seed(ctx: Ctx, source: Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                 device_map="auto").eval()  # fmt: skip
+                                                 device_map="auto").eval()
     model._edgepack_input_device = model.get_input_embeddings().weight.device  # where generate_tokens puts ids
     return model
 
@@ -104,7 +104,7 @@ def layer_kinds(model) -> dict[str, str]:
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     last = model.get_submodule(f"model.layers.{len(model.model.layers) - 1}.self_attn.q_proj")
     return {"q_proj": type(q).__name__, "q_proj_device": str(q.weight.device), "last_q_proj": type(last).__name__,
-            "last_q_proj_device": str(last.weight.device)}  # fmt: skip
+            "last_q_proj_device": str(last.weight.device)}
 
 
 def floating_dtypes(model) -> dict[str, int]:
@@ -191,6 +191,6 @@ def run_case(ctx: Ctx, name: str) -> dict:
         result = {"ok": True, **CASES[spec["type"]](ctx, spec)}
     except Exception as exc:  # reported in the table, not raised: the other cases still run
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                  "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+                  "traceback": traceback.format_exc()[-2000:]}
     (ctx.results / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result

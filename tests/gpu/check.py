@@ -48,9 +48,9 @@ def settings(dry: bool) -> dict:
     """Model shapes and token counts: real shapes on a GPU, tiny ones for the CPU dry run."""
     if dry:
         return {"small": "tiny", "large": "tiny-wide", "check_tokens": 24, "decode_tokens": 16, "new_tokens": 8,
-                "card_context": 256, "card_new": 8, "child_timeout_s": 300}  # fmt: skip
+                "card_context": 256, "card_new": 8, "child_timeout_s": 300}
     return {"small": "smollm2-135m", "large": "llama-1b", "check_tokens": 64, "decode_tokens": 64, "new_tokens": 64,
-            "card_context": None, "card_new": 16, "child_timeout_s": 240}  # fmt: skip
+            "card_context": None, "card_new": 16, "child_timeout_s": 240}
 
 
 # --- preparing: sources, profiles, bundles, CPU references --------------------------------------
@@ -84,7 +84,7 @@ def card_profile(work: Path, dry: bool, source: Path) -> str:
     d = load_profile("gtx1650-4gb").to_dict()
     desc = plan_cli.describe_model(plan_cli.load_config(str(source)))
     need = {b: planner.place(desc, d, b, "gpu", context=settings(dry)["card_context"], dtype="float16")
-            .devices["cuda:0"].total_bytes for b in (16, 8)}  # fmt: skip
+            .devices["cuda:0"].total_bytes for b in (16, 8)}
     d.update(name="card-dry-run")
     d["gpus"][0]["memory_bytes"] = d["gpus"][0]["reserved_bytes"] + (need[16] + need[8]) // 2
     path = work / "card-dry-run.json"
@@ -101,7 +101,7 @@ def pack_for(source: Path, out: Path, profile: str, bits: int | None, quant_type
 
     options = plan_cli.plan_for_pack(str(source), profile, context, bits, None, None, quant_type, None)
     return pack(str(source), out, bits=options.pop("bits"), quant_type=options.pop("quant_type"),
-                dtype=options.pop("dtype", "bfloat16"), smoothing=False, gptq=False, force=True, **options)  # fmt: skip
+                dtype=options.pop("dtype", "bfloat16"), smoothing=False, gptq=False, force=True, **options)
 
 
 def cpu_logits(bundle: Path, ids: list[int]):
@@ -132,7 +132,7 @@ def predicted(source: Path, profile: str, bits: int, quant_type: str, dtype: str
 
     desc = plan_cli.describe_model(plan_cli.load_config(str(source)))
     p = planner.place(desc, load_profile(profile), bits, "gpu", context=context, prompt_tokens=prompt,
-                      quant_type=quant_type, dtype=dtype)  # fmt: skip
+                      quant_type=quant_type, dtype=dtype)
     gpu = p.devices["cuda:0"]
     return {"peak": gpu.peak_bytes, "tensors": gpu.peak_bytes - gpu.cuda_context_bytes, "fits": p.fits}
 
@@ -199,7 +199,7 @@ def run(work: Path, dry: bool) -> int:
         src[role] = models.write_model(s[role], work / "src" / role)
     tokenizer = models.make_tokenizer()
     state["prompts"] = {"check": models.prompt_ids(tokenizer, s["check_tokens"]),
-                        "decode": models.prompt_ids(tokenizer, s["decode_tokens"])}  # fmt: skip
+                        "decode": models.prompt_ids(tokenizer, s["decode_tokens"])}
     table = Table()
     probe = None
     if not dry:  # edgepack's probe of this GPU, in a child like every CUDA step
@@ -212,7 +212,7 @@ def run(work: Path, dry: bool) -> int:
             g = probe["gpus"][0]
             table.add("probe", "edgepack profile sees the GPU", f"{g['name']}, cc {g['compute_capability']}, "
                       f"bf16 {g['bf16']}, bnb cuda {probe['bitsandbytes']['cuda']}", "bnb cuda true",
-                      probe["bitsandbytes"]["cuda"] is True)  # fmt: skip
+                      probe["bitsandbytes"]["cuda"] is True)
     profile = str(gpu_profile(work, dry, probe if probe and probe.get("gpus") else None))
     card = card_profile(work, dry, src["large"])
     run_context = s["decode_tokens"] + s["new_tokens"]
@@ -242,7 +242,7 @@ def run(work: Path, dry: bool) -> int:
         placed = sorted(set(manifest["device_map"].values()))
         table.add(name, "pack + verify", f"{q['bits']}-bit {q['scheme']} {q['storage_dtype']}, "
                   f"{manifest['memory']['weight_bytes'] / 1e6:.0f} MB, map {'+'.join(placed)}, "
-                  f"{time.perf_counter() - t0:.0f} s", "verified", True)  # fmt: skip
+                  f"{time.perf_counter() - t0:.0f} s", "verified", True)
     say("float32 source and CPU logits")
     ids = state["prompts"]["check"]
     ref = {role: source_logits(path, ids) for role, path in src.items()}
@@ -268,7 +268,7 @@ def run(work: Path, dry: bool) -> int:
     print(table.render())
     total_s = time.perf_counter() - started
     print(f"\n{'CPU dry run' if dry else torch.cuda.get_device_name(0)}: {len(table.rows)} rows, "
-          f"{table.failed} failed, {total_s:.0f} s")  # fmt: skip
+          f"{table.failed} failed, {total_s:.0f} s")
     return 1 if table.failed else 0
 
 
@@ -277,20 +277,20 @@ def add_cases(state: dict, s: dict, bundles: dict, src: dict) -> None:
     for name in ("small-8bit", "small-nf4", "large-8bit", "large-nf4", "small-t4-8bit"):
         if name in bundles:
             c[f"gpu:{name}"] = {"type": "run", "kind": "edgepack", "name": f"gpu-{name}",
-                                "bundle": str(bundles[name]["path"]), "new_tokens": s["new_tokens"]}  # fmt: skip
+                                "bundle": str(bundles[name]["path"]), "new_tokens": s["new_tokens"]}
     for role in ("small", "large"):
         c[f"seed:{role}"] = {"type": "run", "kind": "seed", "name": f"seed-{role}", "source": str(src[role]),
-                             "new_tokens": s["new_tokens"]}  # fmt: skip
+                             "new_tokens": s["new_tokens"]}
     if "small-8bit" in bundles:
         c["split:small-8bit"] = {"type": "run", "kind": "edgepack", "name": "split-small-8bit",
                                  "bundle": str(bundles["small-8bit"]["path"]), "new_tokens": s["new_tokens"],
-                                 "device_map": split_map(bundles["small-8bit"]["manifest"], s)}  # fmt: skip
+                                 "device_map": split_map(bundles["small-8bit"]["manifest"], s)}
     if "large-4gb-card" in bundles:
         m = bundles["large-4gb-card"]["manifest"]
         context = m["plan"]["context"]
         state["prompts"]["card"] = models.prompt_ids(models.make_tokenizer(), context - s["card_new"])
         c["card:large-4gb-card"] = {"type": "card", "name": "card", "bundle": str(bundles["large-4gb-card"]["path"]),
-                                    "new_tokens": s["card_new"]}  # fmt: skip
+                                    "new_tokens": s["card_new"]}
 
 
 def split_map(manifest: dict, s: dict) -> dict[str, str]:

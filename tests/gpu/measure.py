@@ -121,7 +121,7 @@ def _ctypes_nvml_bytes(device: int, pid: int) -> int | None:
 
 def _smi_bytes(device: int, pid: int) -> int | None:
     out = subprocess.run(["nvidia-smi", "-i", str(device), "--query-compute-apps=pid,used_memory",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)  # fmt: skip
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
     for line in out.stdout.splitlines():
         fields = [f.strip() for f in line.split(",")]
         if len(fields) == 2 and fields[0] == str(pid):

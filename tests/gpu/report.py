@@ -36,7 +36,7 @@ def evaluate(table, work: Path, dry: bool, s: dict, state: dict, bundles: dict, 
         ok = lay["q_proj"] == lay["last_q_proj"] == KERNELS[q["bits"]] and where.startswith(device)
         ok = ok and last.startswith("cpu" if kind == "split" else device)
         table.add(name, f"{label}: bitsandbytes modules", f"{lay['q_proj']} on {where}, last layer's on {last}",
-                  f"{KERNELS[q['bits']]} on {device}" + (", last on cpu" if kind == "split" else ""), ok)  # fmt: skip
+                  f"{KERNELS[q['bits']]} on {device}" + (", last on cpu" if kind == "split" else ""), ok)
         if kind == "card":
             card_rows(table, dry, name, r, b)
             continue
@@ -48,7 +48,7 @@ def evaluate(table, work: Path, dry: bool, s: dict, state: dict, bundles: dict, 
             continue
         d_cpu = measure.rel_l2(got, logits(f"cpu-{name}"))
         table.add(name, f"logits vs same bundle on CPU ({b['cpu_backend']})", f"rel {d_cpu:.4f}, top1 "
-                  f"{measure.top1(got, logits(f'cpu-{name}')):.0%}", f"<= {tol}", d_cpu <= tol)  # fmt: skip
+                  f"{measure.top1(got, logits(f'cpu-{name}')):.0%}", f"<= {tol}", d_cpu <= tol)
         c = b["cpu_vs_source"]
         limit = math.hypot(c, tol) * SOURCE_SLACK
         d_src = measure.rel_l2(got, logits(f"source-{b['role']}"))
@@ -57,13 +57,13 @@ def evaluate(table, work: Path, dry: bool, s: dict, state: dict, bundles: dict, 
             bf16 = r["dtypes"].get("bfloat16", 0)
             table.add(name, "no bf16: float16 storage + compute", f"storage {q['storage_dtype']}, logits "
                       f"{r['logits_dtype']}, {bf16} bf16 tensors", "float16, 0 bf16",
-                      q["compute_dtype"] == "float16" and r["logits_dtype"] == "float16" and bf16 == 0)  # fmt: skip
+                      q["compute_dtype"] == "float16" and r["logits_dtype"] == "float16" and bf16 == 0)
         seed = seed_speed.get(b["role"])
         table.add(name, "decode tok/s (greedy)", f"{r['tok_s']:.1f} (first token {r['prompt_s']:.2f} s)",
-                  f"seed recipe: {seed:.1f}" if seed else "seed recipe: -", None)  # fmt: skip
+                  f"seed recipe: {seed:.1f}" if seed else "seed recipe: -", None)
         bits, qt = q["bits"], q.get("quant_type") or "nf4"
         plan = predicted(src[b["role"]], str(work / "gpu-check.json"), bits, qt, q["storage_dtype"],
-                         s["decode_tokens"] + s["new_tokens"], s["decode_tokens"])  # fmt: skip
+                         s["decode_tokens"] + s["new_tokens"], s["decode_tokens"])
         vram_rows(table, dry, name, r.get("memory"), plan)
 
 
@@ -75,24 +75,24 @@ def vram_rows(table, dry: bool, name: str, mem: dict | None, plan: dict) -> None
         return
     ok = measure.within(mem["process"], plan["peak"], VRAM_TARGET)
     table.add(name, f"VRAM vs plan ({mem['process_source']})", f"{measure.mib(mem['process'])} MiB",
-              f"plan {measure.mib(plan['peak'])} MiB +-{VRAM_TARGET:.0%}", ok)  # fmt: skip
+              f"plan {measure.mib(plan['peak'])} MiB +-{VRAM_TARGET:.0%}", ok)
     table.add(name, "torch peak allocated vs plan less CUDA ctx", f"{measure.mib(mem['max_allocated'])} MiB",
-              f"plan {measure.mib(plan['tensors'])} MiB", None)  # fmt: skip
+              f"plan {measure.mib(plan['tensors'])} MiB", None)
 
 
 def seed_rows(table, dry: bool, s: dict, work: Path, role: str, r: dict, source: Path, got, want) -> None:
     label = f"seed:{role}"
     table.add(label, "seed recipe (load_in_8bit, device_map auto)", f"{r['layers']['q_proj']} on "
-              f"{r['layers']['q_proj_device']}; logits vs source rel {measure.rel_l2(got, want):.4f}", "-", None)  # fmt: skip
+              f"{r['layers']['q_proj_device']}; logits vs source rel {measure.rel_l2(got, want):.4f}", "-", None)
     table.add(label, "decode tok/s (greedy)", f"{r['tok_s']:.1f} (first token {r['prompt_s']:.2f} s)", "-", None)
     plan = predicted(source, str(work / "gpu-check.json"), 8, "nf4", "bfloat16",
-                     s["decode_tokens"] + s["new_tokens"], s["decode_tokens"])  # fmt: skip
+                     s["decode_tokens"] + s["new_tokens"], s["decode_tokens"])
     mem = r.get("memory")
     if dry or mem is None:
         table.skip(label, "VRAM (NVML process total)", f"{CUDA_ONLY}; 8-bit plan {measure.mib(plan['peak'])} MiB")
         return
     table.add(label, f"VRAM ({mem['process_source']})", f"{measure.mib(mem['process'])} MiB "
-              f"(torch peak {measure.mib(mem['max_allocated'])})", f"8-bit plan {measure.mib(plan['peak'])} MiB", None)  # fmt: skip
+              f"(torch peak {measure.mib(mem['max_allocated'])})", f"8-bit plan {measure.mib(plan['peak'])} MiB", None)
 
 
 def card_rows(table, dry: bool, name: str, r: dict, b: dict) -> None:
@@ -101,7 +101,7 @@ def card_rows(table, dry: bool, name: str, r: dict, b: dict) -> None:
     devices = sorted(set(m["device_map"].values()))
     q = m["quantization"]
     table.add(name, "4 GB card: planner's choice", f"{q['bits']}-bit {q['storage_dtype']} on {'+'.join(devices)}",
-              "below 16 bits", q["bits"] < 16)  # fmt: skip
+              "below 16 bits", q["bits"] < 16)
     outcome = r.get("outcome")
     context = plan["context"]
     limit = "under a 4 GiB allocator limit" if not dry else "no limit (CUDA only)"
@@ -109,7 +109,7 @@ def card_rows(table, dry: bool, name: str, r: dict, b: dict) -> None:
     if outcome == "ran":
         detail += f", {r['tok_s']:.1f} tok/s"
     table.add(name, f"4 GB card: runs or refuses, {limit}", detail[:120], "ran or refused (no OOM)",
-              outcome in ("ran", "refused"))  # fmt: skip
+              outcome in ("ran", "refused"))
     gpu = plan["devices"].get("cuda:0")
     mem = r.get("memory")
     if gpu is None:
@@ -120,7 +120,7 @@ def card_rows(table, dry: bool, name: str, r: dict, b: dict) -> None:
         ok = measure.within(mem["process"], gpu["peak"] + gpu_context_missing(m), VRAM_TARGET)
         table.add(name, f"4 GB card: VRAM vs plan ({mem['process_source']})", f"{measure.mib(mem['process'])} MiB "
                   f"(torch peak {measure.mib(mem['max_allocated'])})",
-                  f"plan {measure.mib(gpu['peak'] + gpu_context_missing(m))} MiB +-{VRAM_TARGET:.0%}", ok)  # fmt: skip
+                  f"plan {measure.mib(gpu['peak'] + gpu_context_missing(m))} MiB +-{VRAM_TARGET:.0%}", ok)
 
 
 def gpu_context_missing(manifest: dict) -> int:

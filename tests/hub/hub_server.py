@@ -67,7 +67,7 @@ _LFS_PATTERNS = (
     "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
     "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "*.tar", "*.tar.*", "*.tflite",
     "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
-)  # fmt: skip
+)
 _GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in _LFS_PATTERNS).encode()
 
 # Variables the client reads at import time or per call; a stale one would point it at the real Hub,
@@ -78,7 +78,7 @@ _CLIENT_ENV_VARS = (
     "HF_OIDC_RESOURCE", "HF_OIDC_ID_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
     "HF_HUB_ENABLE_HF_TRANSFER", "HF_XET_HIGH_PERFORMANCE", "HUGGINGFACE_CO_STAGING",
     "HF_HUB_DISABLE_IMPLICIT_TOKEN",
-)  # fmt: skip
+)
 
 
 class _HttpError(Exception):
@@ -315,7 +315,7 @@ class HubServer:
         return _Blob(actual, sha256, _git_oid(pointer), True, len(pointer), sha256)
 
     def _add_commit(self, repo: _Repo, branch: str, files: dict[str, _Blob], title: str, message: str,
-                    author: str) -> _Commit:  # fmt: skip
+                    author: str) -> _Commit:
         parent = repo.branches.get(branch)
         self._commit_counter += 1
         seed = json.dumps([repo.repo_id, parent, title, _folder_oid(files, ""), self._commit_counter])
@@ -435,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-              content_type: str = "application/json") -> None:  # fmt: skip
+              content_type: str = "application/json") -> None:
         if not self._body_read and self.command in ("POST", "PUT", "DELETE"):
             # We answer before reading the request body: the connection cannot be reused.
             self.close_connection = True
@@ -542,7 +542,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(401, "Invalid credentials in Authorization header")
         role = {"displayName": "edgepack-test", "role": "write"}
         self._send_json({"type": "user", "id": user, "name": user, "fullname": user, "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": role}})  # fmt: skip
+                         "auth": {"type": "access_token", "accessToken": role}})
 
     def _h_validate_yaml(self) -> None:
         """`HfApi._validate_yaml`, called by `create_commit` when a README.md is committed."""
@@ -603,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "author": repo_obj.repo_id.split("/")[0], "sha": commit.sha, "lastModified": commit.date,
                 "createdAt": repo_obj.created_at, "private": repo_obj.private, "gated": False,
                 "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
-            }  # fmt: skip
+            }
         self._send_json(info)
 
     # --- branches and history ---------------------------------------------------------------------------
@@ -647,7 +647,7 @@ class _Handler(BaseHTTPRequestHandler):
             items = []
             while commit is not None:
                 items.append({"id": commit.sha, "authors": [{"user": commit.author}], "date": commit.date,
-                              "title": commit.title, "message": commit.message})  # fmt: skip
+                              "title": commit.title, "message": commit.message})
                 commit = repo_obj.commits[commit.parent] if commit.parent else None
         self._send_json(items)
 
@@ -731,7 +731,7 @@ class _Handler(BaseHTTPRequestHandler):
             oid, size = obj.get("oid", ""), obj.get("size")
             if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int):
                 objects.append({"oid": str(oid), "size": int(size or 0),
-                                "error": {"code": 422, "message": "oid must be a sha256 hex digest"}})  # fmt: skip
+                                "error": {"code": 422, "message": "oid must be a sha256 hex digest"}})
                 continue
             stored = self.hub.objects_dir / oid
             if stored.exists() and stored.stat().st_size == size:
@@ -743,7 +743,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
             objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
         self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                   content_type="application/vnd.git-lfs+json")  # fmt: skip
+                   content_type="application/vnd.git-lfs+json")
 
     def _h_lfs_put(self, oid: str) -> None:
         """`lfs._upload_single_part` (PUT to the href from the batch answer). Like a presigned storage URL
@@ -900,7 +900,7 @@ def _hub_vars(server: HubServer, hf_home: str | Path, token: str | None) -> dict
 
 
 def hub_env(server: HubServer, hf_home: str | Path, token: str | None = None,
-            base: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+            base: dict[str, str] | None = None) -> dict[str, str]:
     """A whole environment for a subprocess that runs the client against `server`.
 
     `base` (default `os.environ`) minus every variable that could point the client at the real Hub, a real
@@ -913,7 +913,7 @@ def hub_env(server: HubServer, hf_home: str | Path, token: str | None = None,
 
 
 def patch_hub(monkeypatch: pytest.MonkeyPatch, server: HubServer, hf_home: str | Path,
-              token: str | None = None) -> None:  # fmt: skip
+              token: str | None = None) -> None:
     """Point the already-imported client at `server` for one test; `monkeypatch` undoes it all.
 
     `huggingface_hub.constants` reads the environment once, at import, and the module-level `HfApi` behind

@@ -271,13 +271,13 @@ def _entry(name: str, bits: int, per_device: dict[str, int]) -> dict:
     weight = sum(per_device.values())
     return {"name": name, "path": name, "bits": bits, "scheme": "x", "target_profile": None,
             "weight_bytes": weight, "memory_need_bytes": weight + TORCH_OVERHEAD_BYTES,
-            "memory": {"weight_bytes": weight, "weight_bytes_per_device": per_device}}  # fmt: skip
+            "memory": {"weight_bytes": weight, "weight_bytes_per_device": per_device}}
 
 
 def test_choose_variant_counts_gpu_and_unified_memory():
     gib = 2**30
     entries = [_entry("cpu-16gb", 16, {"cpu": 14 * gib}), _entry("t4", 8, {"cuda:0": 7 * gib, "cpu": gib // 2}),
-               _entry("pi5-8gb", 4, {"cpu": 4 * gib})]  # fmt: skip
+               _entry("pi5-8gb", 4, {"cpu": 4 * gib})]
     t4 = load_profile("t4")  # 14.25 GiB of GPU, 15 GiB of RAM usable
     chosen, reason = choose_variant(entries, t4)
     assert chosen["name"] == "t4" and "of GPU 0" in reason  # on the GPU beats more bits on the CPU

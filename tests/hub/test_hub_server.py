@@ -70,7 +70,7 @@ def test_upload_folder_small_and_big_file_in_one_commit(pushed, hub, big_payload
     api = HfApi()
     assert sorted(api.list_repo_files(REPO)) == [
         ".gitattributes", "config.json", "extra/a.txt", "extra/b.txt", "weights.dat",
-    ]  # fmt: skip
+    ]
     commits = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
     lfs_puts = [r for r in hub.requests if r[0] == "PUT"]
     assert len(commits) == 1 and len(lfs_puts) == 1
@@ -123,7 +123,7 @@ def test_branch_upload_and_snapshot_by_branch_and_sha(pushed, hub, tmp_path):
     assert by_sha.endswith(pushed)  # the cache's snapshots/<sha> folder
     assert sorted(p.name for p in (tmp_path / "v1").iterdir() if not p.name.startswith(".")) == [
         "config.json", "extra", "note.txt", "weights.dat",
-    ]  # fmt: skip
+    ]
     with open(hf_hub_download(REPO, "note.txt", revision=branch_sha), "rb") as f:
         assert f.read() == b"v1"
 

@@ -160,7 +160,7 @@ def test_8bit_offloaded_to_cpu_counts_float32(describe):
 def test_describe_model_blocks(describe, tiny_models):
     llama, gpt2 = describe("llama"), describe("gpt2")
     assert [b.name for b in llama.blocks] == ["model.embed_tokens", "model.layers.0", "model.layers.1",
-                                              "model.norm", "model.rotary_emb", "lm_head"]  # fmt: skip
+                                              "model.norm", "model.rotary_emb", "lm_head"]
     assert [b.kind for b in llama.blocks] == ["embedding", "layer", "layer", "norm", "rotary", "output"]
     assert llama.blocks[-1].tied_to == "model.embed_tokens" and llama.tie_word_embeddings
     assert describe("llama-untied").blocks[-1].tied_to is None
@@ -185,7 +185,7 @@ def test_llama_family_described_from_numbers_as_on_the_meta_device(tiny_models, 
     else:  # biases on q/k/v (qwen2), or none and no mlp_bias option (mistral)
         cls = Qwen2Config if kind == "qwen2" else MistralConfig
         config = cls(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     raw = json.loads(config.to_json_string())
     assert config_only(raw)
     assert describe_model(raw, name="m") == describe_model(config, name="m")
@@ -223,9 +223,9 @@ def test_gguf_header_gives_transformers_config(tmp_path):
     assert got == {"model_type": "llama", "max_position_embeddings": 256, "num_hidden_layers": 2,
                    "intermediate_size": 96, "hidden_size": 64, "head_dim": 16, "rope_theta": 10000.0,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": pytest.approx(1e-5),
-                   "vocab_size": 400, "tie_word_embeddings": True}  # fmt: skip
+                   "vocab_size": 400, "tie_word_embeddings": True}
     for key in ("max_position_embeddings", "num_hidden_layers", "intermediate_size", "hidden_size", "head_dim",
-                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings"):  # fmt: skip
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
         assert getattr(want, key) == got[key], key
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # no tensors, no keys
@@ -238,7 +238,7 @@ def test_plan_command_reads_no_torch_for_a_llama_config(tiny_models):
 
     code = ("import sys, io, contextlib; from edgepack.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()): main(['plan', sys.argv[1], '--profile', 'rpi5-4gb'])\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tiny_models["llama"])], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
 
@@ -263,7 +263,7 @@ def test_kv_cache_of_sliding_window_layers_is_their_window_on_the_engine():
     from edgepack.runtime.engine import NativeCache, _native
 
     config = Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=512)  # fmt: skip
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=512)
     gemma = describe_model(config, name="tiny-gemma3")
     assert gemma.engine and not gemma.lean and (gemma.sliding_layers, gemma.sliding_window) == (5, 512)
     per_position = 2 * 1 * 16 * 2  # K and V, 1 KV head, 16 dims, bf16
@@ -355,7 +355,7 @@ def test_8bit_layers_offloaded_beside_a_gpu_are_float32(describe):
     llama = describe("llama")
     t4 = load_profile("t4")
     first = planner.device_budget(llama, t4, 8, "offload", "cuda:0", ["model.embed_tokens", "model.layers.0", "lm_head"],
-                                  context=128).total_bytes  # fmt: skip
+                                  context=128).total_bytes
     p = planner.place(llama, profile("t4", gpu_usable_bytes=first), 8, "offload", context=128)
     assert [n for n, d in p.device_map.items() if d == "cpu"] == ["model.layers.1", "model.norm", "model.rotary_emb"]
     assert p.devices["cpu"].weights_bytes == 147_712 + 2 * 64  # layer 1 in float32 + the final norm
@@ -375,7 +375,7 @@ def test_two_gpus_split_whole_blocks_and_keep_tied_weights_together(describe):
     assert {n: p.device_map[n] for n in first} == {n: "cuda:0" for n in first}
     assert p.device_map["model.layers.1"] == p.device_map["model.norm"] == "cuda:1"
     assert p.devices["cuda:0"].activations_bytes >= sizing.activation_bytes(
-        llama, sizing.TRANSFORMERS, 128, 1, holds_layers=True, holds_output=True)["logits"]  # fmt: skip
+        llama, sizing.TRANSFORMERS, 128, 1, holds_layers=True, holds_output=True)["logits"]
 
 
 def test_4bit_never_mixes_gpu_and_cpu(describe):
@@ -391,7 +391,7 @@ def test_refuses_with_numbers_and_the_nearest_fit(describe):
     llama = describe("llama")
     # the least any setting needs at context 128; a GPU too small for anything
     need = min(planner.place(llama, load_profile("t4"), b, "cpu", context=128).devices["cpu"].total_bytes
-               for b in (16, 8, 4))  # fmt: skip
+               for b in (16, 8, 4))
     box = profile("t4", gpu_usable_bytes=1 * MIB, ram_usable_bytes=need - 1)
     with pytest.raises(PlanError) as caught:
         planner.plan(llama, box, context=128, alternatives=list_profiles())
@@ -412,7 +412,7 @@ def test_refusal_names_the_smallest_builtin_profile(describe):
     with pytest.raises(PlanError) as caught:
         planner.plan(llama, profile("rpi4-4gb", ram_usable_bytes=64 * MIB), context=128, alternatives=list_profiles())
     smallest = min(list_profiles(), key=lambda p: p.ram_usable_bytes + sum(g.usable_bytes for g in p.gpus)
-                   * (not p.unified_memory))  # fmt: skip
+                   * (not p.unified_memory))
     assert f"is {smallest.name} (" in caught.value.hint
 
 
@@ -506,7 +506,7 @@ def test_planner_never_imports_torch():
     import sys
 
     code = ("import sys; from edgepack.plan import planner; from edgepack.plan.profile import load_profile; "
-            "planner._Target.of(load_profile('t4')); print('torch' in sys.modules)")  # fmt: skip
+            "planner._Target.of(load_profile('t4')); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -534,7 +534,7 @@ def test_cli_json(tiny_models, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["profile"] == "rpi4-4gb" and d["bits"] == 16 and d["fits"]
     assert set(d["device_map"]) == {"transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.h.1",
-                                    "transformer.ln_f", "lm_head"}  # fmt: skip
+                                    "transformer.ln_f", "lm_head"}
 
 
 def test_cli_refusal_is_an_error_with_a_hint(tiny_models, tmp_path, capsys):

@@ -20,7 +20,7 @@ def test_runtime_and_planner_read_the_same_objects():
     from edgepack.runtime.torch import linear
 
     names = ("DEQUANT_CHUNK_WEIGHTS", "WIDE_ROWS", "WIDE_CHUNK_WEIGHTS", "INT8_WIDE_ROWS", "INT8_WIDE_CHUNK",
-             "INT8_DIGIT_ROWS", "INT8_TWO_DIGITS_MAX_IN")  # fmt: skip
+             "INT8_DIGIT_ROWS", "INT8_TWO_DIGITS_MAX_IN")
     for name in names:
         assert getattr(linear, name) == getattr(planner, name) == getattr(constants, name), name
     assert (runtime.TORCH_OVERHEAD_BYTES, runtime.NATIVE_OVERHEAD_BYTES) == (400 << 20, 96 << 20)

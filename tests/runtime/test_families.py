@@ -123,7 +123,7 @@ def compare(lm, references: dict, prompt_ids: list[int], steps: int = DECODE_STE
     out = {"backend": lm.backend, "tokens": len(ids)}
     for name, row in rows.items():
         out[name] = {"prompt_rel": row[0][0], "decode_rel": max(r[0] for r in row[1:]),
-                     "top1": (sum(d and same for _e, d, same in row), sum(d for _e, d, _s in row))}  # fmt: skip
+                     "top1": (sum(d and same for _e, d, same in row), sum(d for _e, d, _s in row))}
     return out
 
 

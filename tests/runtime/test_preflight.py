@@ -103,7 +103,7 @@ def test_cgroup_v1_nested_group_and_its_ancestors(tmp_path):
     mnt = tmp_path / "memory mnt"  # a space: mountinfo escapes it as \040
     _group(mnt / "outer", {"memory.limit_in_bytes": str(1024 * MIB), "memory.usage_in_bytes": str(900 * MIB)})
     _group(mnt / "outer" / "inner", {"memory.limit_in_bytes": str(512 * MIB), "memory.usage_in_bytes": str(300 * MIB),
-                                      "memory.stat": f"cache 1\ntotal_inactive_file {50 * MIB}\n"})  # fmt: skip
+                                      "memory.stat": f"cache 1\ntotal_inactive_file {50 * MIB}\n"})
     proc = _fake_proc(
         tmp_path,
         "5:cpu,cpuacct:/\n4:memory:/outer/inner\n0::/\n",
@@ -119,7 +119,7 @@ def test_cgroup_v2_with_a_mount_root_and_max(tmp_path):
     mnt = tmp_path / "cg2"
     _group(mnt / "app", {"memory.max": "max", "memory.current": "1"})
     _group(mnt / "app" / "worker", {"memory.max": str(2048 * MIB), "memory.current": str(1000 * MIB),
-                                     "memory.stat": f"anon 5\ninactive_file {200 * MIB}\n"})  # fmt: skip
+                                     "memory.stat": f"anon 5\ninactive_file {200 * MIB}\n"})
     # a container that mounts only its own subtree: the mount root is /kube/pod1
     proc = _fake_proc(
         tmp_path, "0::/kube/pod1/app/worker\n", f"30 1 0:26 /kube/pod1 {mnt} rw - cgroup2 cgroup2 rw,nsdelegate\n"
@@ -157,7 +157,7 @@ def memory_cgroup(tmp_path):
         pytest.skip("needs root to create a memory cgroup")
     mounted = None
     dirs = memory._memory_cgroup_dirs(Path("/proc/self/cgroup").read_text().splitlines(),
-                                      Path("/proc/self/mountinfo").read_text().splitlines())  # fmt: skip
+                                      Path("/proc/self/mountinfo").read_text().splitlines())
     parent = next((d for (d, _mnt), version in dirs if version == 1), None)
     if parent is None:  # no v1 memory hierarchy mounted: mount one (works where v2 lacks the controller)
         mounted = tmp_path / "cg"
@@ -205,7 +205,7 @@ def test_preflight_under_a_real_memory_limited_cgroup(packed, memory_cgroup, cap
     rc, out, err, seconds, peak_rss = _run_peak(above, argv)
     peak_charged = int((above / "memory.max_usage_in_bytes").read_text())
     report.update(ran_limit_mib=(need + 100 * MIB) // MIB, ran_seconds=round(seconds, 2),
-                  peak_rss_mib=peak_rss // MIB, peak_cgroup_charge_mib=peak_charged // MIB)  # fmt: skip
+                  peak_rss_mib=peak_rss // MIB, peak_cgroup_charge_mib=peak_charged // MIB)
     assert rc == 0 and out.strip() and _oom_kills(above) == 0, err
     with capsys.disabled():
         print(f"\ncgroup preflight: {report}")

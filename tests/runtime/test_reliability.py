@@ -121,7 +121,7 @@ KINDS = {
     "tensor not in manifest": (lambda b: edit_manifest(b, lambda m: m["tensors"].pop("model.norm.weight")),
                                "tensor 'model.norm.weight' is not in the manifest's tensor table"),
     "config disagrees with weights": (_config, "config.json disagrees with the weights: vocab_size 512 and hidden size 64"),
-}  # fmt: skip
+}
 
 
 def _flip_header_len(b: Path) -> None:
@@ -413,7 +413,7 @@ def _load_and_run_native(bundle_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("reader,examples", [(_read_with_torch_reader, 300), (_load_and_run_native, 150)],
-                         ids=["torch-reader", "native-engine"])  # fmt: skip
+                         ids=["torch-reader", "native-engine"])
 def test_fuzz_shard_header_bytes(fuzz_bundle, reader, examples):
     """Mutated shard headers, resealed in the manifest so the parser is reached; then
     verify_bundle and the torch backend's shard reader, or a whole load and run by edgepack's
@@ -444,7 +444,7 @@ def test_fuzz_shard_header_bytes(fuzz_bundle, reader, examples):
 
 @pytest.mark.parametrize("key", ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                  "intermediate_size", "num_hidden_layers", "vocab_size", "max_position_embeddings",
-                                 "rms_norm_eps", "rope_theta", "tie_word_embeddings"])  # fmt: skip
+                                 "rms_norm_eps", "rope_theta", "tie_word_embeddings"])
 def test_crafted_config_numbers_through_the_native_engine(bundle_copy, key):
     """config.json passes its hash but lies about a dimension: refused with an EdgepackError
     (or, for harmless values, loaded and run), never a crash in C."""

@@ -177,7 +177,7 @@ def test_int4_refuses_shapes_the_kernel_cannot_run():
     layer = Int4Linear(128, 40, False, torch.float32, 32)  # 40 rows: not a multiple of 16
     with pytest.raises(ValueError, match="cannot run int4"):
         layer.attach({"weight": torch.zeros(40, 64, dtype=torch.uint8),
-                      "weight.scales_and_zeros": torch.zeros(4, 40, 2)})  # fmt: skip
+                      "weight.scales_and_zeros": torch.zeros(4, 40, 2)})
 
 
 def test_int8_linear_is_weight_only():

@@ -145,7 +145,7 @@ def test_hostile_template_fails_fast_and_small(template, why):
     "{% for i in range(99999) %}{{ 'A' * 1000 }}{% endfor %}", "{{ 9 ** (9 ** 9) }}",
     "{% set xs = 'A' * 100000 %}{% for a in xs %}{% for b in xs %}{% endfor %}{% endfor %}",
     "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
-])  # fmt: skip
+])
 def test_other_template_bombs_are_stopped(template):
     t0 = time.perf_counter()
     with pytest.raises(ChatTemplateError):
@@ -158,7 +158,7 @@ def test_real_templates_render_as_before(lm):
     text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == "<|user|>Hi</s><|assistant|>Hello</s><|assistant|>"
     loop = ("{% for m in messages %}{{ loop.index }}{{ m.content|upper|tojson }}"
-            "{% if not loop.last %},{% endif %}{% endfor %}")  # fmt: skip
+            "{% if not loop.last %},{% endif %}{% endfor %}")
     out = render_bounded(_compile_template(loop), {"messages": messages}, max_seconds=1.0, max_chars=1000)
     assert out == '1"HI",2"HELLO"'
 
@@ -236,7 +236,7 @@ def test_half_sent_body_is_408(live, monkeypatch):
     host, port = live.url.rsplit("/", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100\r\n\r\n{\"prompt\":")  # fmt: skip
+                  b"Content-Length: 100\r\n\r\n{\"prompt\":")
         t0 = time.perf_counter()
         reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408") and time.perf_counter() - t0 < 5
@@ -262,20 +262,20 @@ def test_docs_only_when_asked(live, lm):
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]), ("tool_choice", "auto"),
     ("response_format", {"type": "json_object"}), ("logit_bias", {"42": 5}), ("frequency_penalty", 0.5),
     ("presence_penalty", -1), ("top_logprobs", 2), ("functions", [{"name": "f"}]), ("n", 3), ("logprobs", True),
-])  # fmt: skip
+])
 def test_unsupported_parameters_are_400_naming_them(live, param, value):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, param: value}
     error = _assert_openai_error(httpx.post(live.url + "/v1/chat/completions", json=body), 400, param,
-                                 None if param in ("n", "logprobs") else "unsupported_parameter")  # fmt: skip
+                                 None if param in ("n", "logprobs") else "unsupported_parameter")
     assert param in error["message"]
 
 
 def test_unused_values_of_unsupported_parameters_pass(live):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "frequency_penalty": 0,
-            "presence_penalty": 0.0, "response_format": {"type": "text"}, "logit_bias": {}, "tools": []}  # fmt: skip
+            "presence_penalty": 0.0, "response_format": {"type": "text"}, "logit_bias": {}, "tools": []}
     assert httpx.post(live.url + "/v1/chat/completions", json=body).status_code == 200
     _assert_openai_error(httpx.post(live.url + "/v1/completions", json={**GOOD, "suffix": "x"}), 400, "suffix",
-                         "unsupported_parameter")  # fmt: skip
+                         "unsupported_parameter")
 
 
 # --- #20: API keys ---------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_api_key_required_except_health(lm):
 
 def _args(**overrides):
     base = dict(host="127.0.0.1", api_key=[], insecure_no_key=False, allowed_host=[], allowed_origin=[],
-                max_body_bytes=serve.DEFAULT_MAX_BODY_BYTES, docs=False)  # fmt: skip
+                max_body_bytes=serve.DEFAULT_MAX_BODY_BYTES, docs=False)
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -318,7 +318,7 @@ def test_cli_refuses_an_open_bind_in_one_line(packed, monkeypatch):
     result = subprocess.run(
         [sys.executable, "-m", "edgepack.cli", "serve", str(packed("llama", 8)), "--host", "0.0.0.0", "--port", "1"],
         capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("error: refusing to serve on 0.0.0.0") and lines[1].startswith("hint: ")

@@ -146,7 +146,7 @@ def test_chat_greedy_equals_generate(client, lm):
     stream = client.chat.completions.create(
         model=lm.name, messages=MESSAGES, max_tokens=24, temperature=0, stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
@@ -304,7 +304,7 @@ def test_disconnect_while_queued_drops_the_request(live, lm, monkeypatch):
     before = live.metrics()
     with pytest.raises(httpx.ReadTimeout):  # waits in the queue, then the client gives up
         httpx.post(live.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 20, "min_tokens": 20},
-                   timeout=0.3)  # fmt: skip
+                   timeout=0.3)
     busy.join(30)
     time.sleep(0.5)
     after = live.metrics()
@@ -343,7 +343,7 @@ def test_cli_refuses_a_missing_bundle(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "edgepack.cli", "serve", str(tmp_path / "nope"), "--port", "1"],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode != 0
     assert "error:" in result.stderr and "Traceback" not in result.stderr
 
@@ -358,7 +358,7 @@ MAX_IMAGE_BYTES = 250_000_000
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="podman build --isolation=chroot needs root")
 @pytest.mark.skipif(shutil.which("podman") is None and shutil.which("apt-get") is None,
-                    reason="needs podman, which build-local.sh installs with apt-get")  # fmt: skip
+                    reason="needs podman, which build-local.sh installs with apt-get")
 def test_docker_image_answers_a_completion(packed, request):
     """docker/build-local.sh installs podman (apt-get) when missing, builds the CPU image
     offline (minutes the first time, then cached), runs it on an 8-bit, an int4 and a
@@ -373,7 +373,7 @@ def test_docker_image_answers_a_completion(packed, request):
         if shutil.which("podman") is None:  # not installed yet: nothing to leave behind
             return set()
         out = subprocess.run(["podman", "images", "-q", "--filter", "dangling=true"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+                             capture_output=True, text=True, check=True).stdout
         return set(out.split())
 
     before = untagged_images()
@@ -383,7 +383,7 @@ def test_docker_image_answers_a_completion(packed, request):
         ["bash", str(REPO / "docker" / "build-local.sh"), *map(str, bundles)],
         env={**os.environ, "EDGEPACK_PORT": str(port), "PYTHON": sys.executable, "EDGEPACK_IMAGE": image},
         capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     # stdout also carries podman build's output; the completions are its JSON lines
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"id"')]
@@ -391,13 +391,13 @@ def test_docker_image_answers_a_completion(packed, request):
     for reply in replies:
         assert reply["object"] == "text_completion" and reply["usage"]["completion_tokens"] >= 1
     inspect = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}} {{.Config.User}} {{.Config.Healthcheck}}",
-                              image], capture_output=True, text=True, check=True).stdout.split(maxsplit=2)  # fmt: skip
+                              image], capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
     assert int(inspect[0]) <= MAX_IMAGE_BYTES and inspect[1] == "10001" and "/health" in inspect[2]
     # with the script's containers.conf and runtime: podman's defaults fail in this sandbox
     work = os.environ.get("EDGEPACK_BUILD_DIR", "/var/tmp/edgepack-build")
     no_torch = subprocess.run(["podman", "--runtime", "runc", "run", "--rm", image, "python3", "-c", "import torch"],
                               capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "CONTAINERS_CONF": f"{work}/containers.conf"})  # fmt: skip
+                              env={**os.environ, "CONTAINERS_CONF": f"{work}/containers.conf"})
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     # A rebuild leaves no untagged images behind: each run used to leave ~3 GB of them,
     # until CI's disk filled up.

@@ -20,7 +20,7 @@ def _native(packed, kind, bits, **options):
 
 
 @pytest.mark.parametrize("kind, bits, options", [("llama", 8, {}), ("llama-untied", 4, {"quant_type": "int4"}),
-                                                 ("llama", 16, {})])  # fmt: skip
+                                                 ("llama", 16, {})])
 def test_step_batch_is_bitwise_forward(packed, kind, bits, options):
     lm = _native(packed, kind, bits, **options)
     m = lm.model

@@ -257,7 +257,7 @@ class _Plan:
 def _check_config(config: dict[str, Any]) -> None:
     """The numbers the C module trusts: positive integers and positive finite floats."""
     ints = ["hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "num_hidden_layers",
-            "max_position_embeddings", "num_key_value_heads", "head_dim"]  # fmt: skip
+            "max_position_embeddings", "num_key_value_heads", "head_dim"]
     for key in ints:
         value = config.get(key, 1 if key in ("max_position_embeddings", "num_key_value_heads", "head_dim") else None)
         if value is None and key in ("num_key_value_heads", "head_dim"):
@@ -303,7 +303,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
         p = f"model.layers.{i}"
         a, m = p + ".self_attn", p + ".mlp"
         qkv = _plan_matrix([a + ".q_proj", a + ".k_proj", a + ".v_proj"], header, layout, slots, hidden,
-                           [heads * dim, kv_heads * dim, kv_heads * dim])  # fmt: skip
+                           [heads * dim, kv_heads * dim, kv_heads * dim])
         o = _plan_matrix([a + ".o_proj"], header, layout, slots, heads * dim, [hidden])
         gate_up = _plan_matrix([m + ".gate_proj", m + ".up_proj"], header, layout, slots, hidden, [inter, inter])
         down = _plan_matrix([m + ".down_proj"], header, layout, slots, inter, [hidden])
@@ -317,7 +317,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
         else:
             pre_mlp = vector(p + ".post_attention_layernorm.weight", hidden)
         layers.append((vector(p + ".input_layernorm.weight", hidden), pre_mlp, qkv, o, gate_up, down,
-                       q_norm, k_norm, attn_out, mlp_out))  # fmt: skip
+                       q_norm, k_norm, attn_out, mlp_out))
     norm = vector("model.norm.weight", hidden)
     if "lm_head.weight" in header:
         head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
@@ -378,7 +378,7 @@ class NativeLM:
         self._model = _native.new(
             dims, float(config.get("rms_norm_eps", 1e-6)), (getattr(_native, plan.embed_dtype), base + plan.embed),
             base + plan.norm, mat(plan.head), layers, *extra,
-        )  # fmt: skip
+        )
         self.weight_bytes = plan.layout.size
 
     @property
@@ -446,7 +446,7 @@ class NativeLM:
             raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {cache.length + n} were asked for")
         logits = bytearray(4 * self.vocab)
         _native.forward(self._model, tokens, cache.length, cache.k, cache.v, cache.max_tokens, self.rope_theta,
-                        _native.address(logits), self._threads, self.adapt)  # fmt: skip
+                        _native.address(logits), self._threads, self.adapt)
         cache.length += n
         return memoryview(logits).cast("f")
 
@@ -466,7 +466,7 @@ class NativeLM:
         out = bytearray(4 * self.vocab * len(tokens))
         base = _native.address(out) if tokens else 0
         steps = [(int(t), c.length, c.k, c.v, c.max_tokens, base + 4 * self.vocab * i)
-                 for i, (t, c) in enumerate(zip(tokens, caches))]  # fmt: skip
+                 for i, (t, c) in enumerate(zip(tokens, caches))]
         _native.step_batch(self._model, steps, self.rope_theta, self.threads)
         for cache in caches:
             cache.length += 1
@@ -474,7 +474,7 @@ class NativeLM:
         return [view[i * self.vocab : (i + 1) * self.vocab] for i in range(len(tokens))]
 
     def sample(self, logits: memoryview, temperature: float, top_p: float = 1.0, top_k: int = 0,
-               rng: random.Random | None = None) -> int:  # fmt: skip
+               rng: random.Random | None = None) -> int:
         """Greedy (temperature 0), or sampled with temperature, top-k and top-p, as the torch path does."""
         if temperature == 0:
             return _native.argmax(_native.address(logits), len(logits))
@@ -482,7 +482,7 @@ class NativeLM:
         return _native.sample(_native.address(logits), len(logits), float(temperature), int(top_k), float(top_p), u)
 
     def generate_tokens(self, prompt_ids: list[int], eos_ids: set[int], temperature: float, top_p: float, top_k: int,
-                        seed: int | None, min_new_tokens: int, max_new_tokens: int) -> Iterator[int]:  # fmt: skip
+                        seed: int | None, min_new_tokens: int, max_new_tokens: int) -> Iterator[int]:
         rng = random.Random(seed) if seed is not None else None
         cache = self.new_cache(len(prompt_ids) + max_new_tokens)
         ids, n = list(prompt_ids), 0

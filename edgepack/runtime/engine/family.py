@@ -53,7 +53,7 @@ class Features:
         """Nothing beyond the plain Llama layer: new() gets no features, and makes its one
         rotary table from rope_theta."""
         return not self.inv_freq and self == Features(layer_rope=[0] * len(self.layer_rope),
-                                                      layer_sliding=[False] * len(self.layer_sliding))  # fmt: skip
+                                                      layer_sliding=[False] * len(self.layer_sliding))
 
     def c_tuple(self, head_dim: int) -> tuple:
         """(embed_scale, attn_scale, attn_softcap, final_softcap, act, window, n_ropes, freqs)
@@ -62,7 +62,7 @@ class Features:
         freqs = array("f", [v for table in self.inv_freq for v in table])
         assert all(len(t) == head_dim // 2 for t in self.inv_freq)
         return (self.embed_scale, self.attn_scale, self.attn_softcap, self.final_softcap, self.act, self.window,
-                len(self.inv_freq), freqs)  # fmt: skip
+                len(self.inv_freq), freqs)
 
 
 def _f32(v: float) -> float:

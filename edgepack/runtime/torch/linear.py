@@ -287,7 +287,7 @@ class Int4Linear(nn.Module):
         return (
             self.weight.device.type == "cpu" and self.scales_and_zeros.dtype == torch.bfloat16
             and self.group % 32 == 0 and self._kernel_weight is None
-        )  # fmt: skip
+        )
 
     def prepare_native(self) -> None:
         """Keep the stored codes (edgepack.runtime.engine._engine reads them: decode steps there, prompts

@@ -176,7 +176,7 @@ TORCH_DTYPES = {
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+}
 
 
 def read_shard(
@@ -294,7 +294,7 @@ def _to_bnb_cuda(bnb: Any, layer: nn.Module, quant: dict, device: str) -> nn.Mod
 
 @torch.inference_mode()
 def generate_tokens(model: nn.Module, prompt_ids: list[int], eos_ids: set[int], temperature: float, top_p: float,
-                    top_k: int, seed: int | None, min_new_tokens: int, max_new_tokens: int) -> Iterator[int]:  # fmt: skip
+                    top_k: int, seed: int | None, min_new_tokens: int, max_new_tokens: int) -> Iterator[int]:
     """Token ids, one per step, until the caller stops asking."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = getattr(model, "_edgepack_input_device", torch.device("cpu"))

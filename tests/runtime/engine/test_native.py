@@ -63,7 +63,7 @@ INT4_SHAPES = [(1, 32), (7, 64), (33, 576), (130, 1536)]  # 18 / 48 groups: over
 
 
 @pytest.mark.parametrize("kind,rows,cols", [(k, r, c) for k in ("INT8", "BF16", "F16", "F32") for r, c in SHAPES]
-                         + [("INT4", r, c) for r, c in INT4_SHAPES])  # fmt: skip
+                         + [("INT4", r, c) for r, c in INT4_SHAPES])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gemv_matches_float64(isa, kind, rows, cols, threads):
     """Every weight type on every instruction set, shapes off the kernels' 4-row / 8- and
@@ -255,7 +255,7 @@ def test_portable_kernels_only_when_asked(packed, monkeypatch):
 
 def test_argmax_is_torchs():
     for values in (torch.randn(49152), torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([5.0, float("nan"), 7.0]),
-                   torch.full((3,), float("-inf")), torch.tensor([2.0])):  # fmt: skip
+                   torch.full((3,), float("-inf")), torch.tensor([2.0])):
         assert llama.argmax(values) == int(torch.argmax(values))
 
 
@@ -419,7 +419,7 @@ def _draws(logits: list[float], n: int = 2000, **kw) -> dict[int, int]:
     counts: dict[int, int] = {}
     for i in range(n):
         t = native.sample(native.address(values), len(values), kw.get("temperature", 1.0), kw.get("top_k", 0),
-                          kw.get("top_p", 1.0), (i + 0.5) / n)  # fmt: skip
+                          kw.get("top_p", 1.0), (i + 0.5) / n)
         counts[t] = counts.get(t, 0) + 1
     return counts
 
@@ -457,7 +457,7 @@ def test_convert_rounds_as_torch():
 
     gen = torch.Generator().manual_seed(0)
     values = torch.cat([torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-9, 4, (4000,), generator=gen),
-                        torch.tensor([0.0, -0.0, 60000.0, 6e-8, 1e-8])])  # fmt: skip
+                        torch.tensor([0.0, -0.0, 60000.0, 6e-8, 1e-8])])
     bf16 = values.to(torch.bfloat16)
     out = torch.empty(len(values), dtype=torch.float16)
     assert native.convert(bf16.data_ptr(), native.BF16, out.data_ptr(), native.F16, len(values))
