@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError
 from edgepack.runtime.engine.cache import NativeCache
-from edgepack.runtime.engine.family import Features, features
+from edgepack.runtime.engine.family import GEMMA, LLAMA_LIKE, Features, features
 
 try:  # built by setup.py; absent where edgepack was installed without a C compiler
     from edgepack.runtime.engine import _engine as _native
@@ -87,6 +87,8 @@ def unavailable(config: dict[str, Any], manifest: dict[str, Any], device_map: di
         return reason
     if any(v != "cpu" for v in device_map.values()):
         return "the device_map places layers on a GPU"
+    if config.get("model_type") in ENGINE_TYPES:
+        _check_config(config)  # before features() builds per-layer lists and rotary tables
     found = features(config)
     if isinstance(found, str):
         return found
@@ -254,6 +256,11 @@ class _Plan:
     norms: list[tuple[int, int]]  # (offset32, size) of every norm vector (Gemma adds 1 to each)
 
 
+ENGINE_TYPES = LLAMA_LIKE + GEMMA
+MAX_HEAD_DIM = 4096  # 16x the widest heads in use (Gemma's 256): the rotary tables stay small
+MAX_LAYERS = 4096  # 32x the deepest models in use: per-layer lists stay small
+
+
 def _check_config(config: dict[str, Any]) -> None:
     """The numbers the C module trusts: positive integers and positive finite floats."""
     ints = ["hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "num_hidden_layers",
@@ -267,6 +274,17 @@ def _check_config(config: dict[str, Any]) -> None:
                 f"config.json's {key} is {value!r}; a positive integer was expected",
                 hint="the bundle's config.json is damaged; pack the model again",
             )
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise BundleIntegrityError(
+            f"config.json says {config['num_hidden_layers']} layers; no model has more than {MAX_LAYERS}",
+            hint="the bundle's config.json is damaged; pack the model again",
+        )
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim > MAX_HEAD_DIM:
+        raise BundleIntegrityError(
+            f"config.json's attention heads are {head_dim} wide; no model's exceed {MAX_HEAD_DIM}",
+            hint="the bundle's config.json is damaged; pack the model again",
+        )
     for key in ("rms_norm_eps", "rope_theta"):
         value = config.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
