@@ -39,7 +39,7 @@ def test_reference_and_lazy_source_match_transformers_per_family(family):
     """Both reference models compute what transformers' float32 forward does, past the
     sliding window, for every family: Gemma's embedding is scaled by sqrt(hidden_size) inside
     its embedding module, which the 16-bit table must keep (without it, 17-97% apart)."""
-    from edgepack.export import reference
+    from edgepack.export import reference, streamed
     from edgepack.export.quantize import Settings, quantize_model
 
     settings = Settings(16)
@@ -52,7 +52,7 @@ def test_reference_and_lazy_source_match_transformers_per_family(family):
     state = {k: v.detach().clone() for k, v in source.state_dict().items()}
     linears = {n for n, m in source.named_modules() if isinstance(m, torch.nn.Linear)}
     lazy = reference.lazy_source_model(source.config, state.__getitem__, linears, list(state))
-    assert isinstance(ref.get_input_embeddings(), reference.UpcastEmbedding)  # no float32 table
+    assert isinstance(ref.get_input_embeddings(), streamed.UpcastEmbedding)  # no float32 table
     ids = torch.tensor([list(range(3, 23))])  # 20 tokens: past the window of 8
     with torch.no_grad():
         for got, want in ((ref, rounded), (lazy, source)):
@@ -63,7 +63,7 @@ def test_reference_and_lazy_source_match_transformers_per_family(family):
 def test_embedding_with_an_unknown_forward_is_not_replaced():
     """An embedding module whose forward does something UpcastEmbedding does not know
     keeps its own forward (its table upcast whole), rather than silently losing that step."""
-    from edgepack.export.reference import _embedding_scale
+    from edgepack.export.streamed import _embedding_scale
 
     class Shifted(torch.nn.Embedding):
         def forward(self, ids):

@@ -422,7 +422,7 @@ def test_cpu_only(describe):
     # workspace for a long prompt, so only a short one makes 8-bit the smaller setting
     short = {"context": 128, "prompt_tokens": 4}
     p = planner.plan(llama, load_profile("rpi4-4gb"), **short)
-    assert (p.bits, p.strategy, p.runtime) == (16, "cpu", "lean")
+    assert (p.bits, p.strategy, p.runtime) == (16, "cpu", "native")  # the engine's NEON kernels on a Pi
     assert set(p.device_map.values()) == {"cpu"} and set(p.devices) == {"cpu"}
     assert p.devices["cpu"].capacity_bytes == load_profile("rpi4-4gb").ram_usable_bytes
     need16 = p.devices["cpu"].total_bytes
