@@ -53,6 +53,7 @@ static int run_model(const char *model_path, const char *calls_path, const char 
     char magic[8];
     if (!f || fread(magic, 8, 1, f) != 1 || memcmp(magic, "EPARM1", 6)) return fprintf(stderr, "bad model file\n"), 2;
     Model *m = calloc(1, sizeof(Model));
+    m->embed_scale = 1.f; /* as new() without features: a plain Llama layer (family.c) */
     m->hidden = rd32(f), m->heads = rd32(f), m->kv_heads = rd32(f), m->head_dim = rd32(f), m->inter = rd32(f);
     m->vocab = rd32(f), m->n_layers = rd32(f), m->embed_type = rd32(f);
     const int max_tokens = rd32(f);
