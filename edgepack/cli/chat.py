@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from edgepack.cli.run import add_load_arguments, add_sampling_arguments, apply_threads
 from edgepack.errors import GenerationError, printable
 
 # Room a turn needs for its reply before older turns are dropped; a reply longer than what
@@ -34,19 +35,8 @@ def configure_parser(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--context", type=int, default=None,
                    help="tokens of conversation kept (default: the model's context length)")
-    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the bundle's generation_config)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample from the smallest set of tokens whose probability reaches this (default: the bundle's)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="sample from the k likeliest tokens, 0 for all (default: the bundle's)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
-    p.add_argument("--backend", choices=["native", "torch"], default=None,
-                   help="native: edgepack's CPU engine; torch: torch modules (default: native where it can run the bundle)")
-    p.add_argument("--key", default=None, metavar="PUBKEY",
-                   help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
-    p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
-    p.add_argument("--force", action="store_true", help="load even if this box looks too small")
+    add_sampling_arguments(p)
+    add_load_arguments(p)
     p.add_argument("--stats", action="store_true", help="after each reply, its time to first token and speed (stderr)")
 
 
@@ -292,6 +282,7 @@ def _lines(interactive: bool) -> Iterator[str]:
 def main(args) -> int:
     from edgepack.runtime import load
 
+    apply_threads(args.threads)
     say = None if getattr(args, "quiet", False) else (lambda m: print(f"[edgepack] {printable(m)}", file=sys.stderr))
     t0 = time.perf_counter()
     lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,

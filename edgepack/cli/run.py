@@ -14,12 +14,25 @@ def configure_parser(p) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     p.add_argument("--min-new-tokens", type=int, default=0, help="ignore end-of-sequence before this many tokens")
+    add_sampling_arguments(p)
+    add_load_arguments(p)
+    p.add_argument("--stats", action="store_true",
+                   help="print load time, prompt and decode speed and peak memory to stderr")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the text, token counts, speeds, peak memory) instead of streaming")
+
+
+def add_sampling_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the bundle's generation_config)")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest set of tokens whose probability reaches this (default: the bundle's)")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample from the k likeliest tokens, 0 for all (default: the bundle's)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
+
+
+def add_load_arguments(p) -> None:
+    """How a command that runs a bundle (run, chat, serve) loads it."""
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
     p.add_argument(
         "--backend",
@@ -31,10 +44,6 @@ def configure_parser(p) -> None:
     p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--key", default=None, metavar="PUBKEY",
                    help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
-    p.add_argument("--stats", action="store_true",
-                   help="print load time, prompt and decode speed and peak memory to stderr")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (the text, token counts, speeds, peak memory) instead of streaming")
     add_threads_argument(p)
 
 

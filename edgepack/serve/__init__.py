@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from edgepack.errors import EdgepackError, MissingDependencyError, SourceNotFoundError
-from edgepack.cli.run import add_threads_argument, apply_threads
+from edgepack.cli.run import add_load_arguments, apply_threads
 from edgepack.serve.api import GenerationRequest, parse_chat, parse_completion
 from edgepack.serve.app import create_app
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, add_guard_arguments, guard_options
@@ -131,21 +131,10 @@ def configure_parser(p) -> None:
                    help="memory for the KV caches of recent requests, reused when a prompt starts the same "
                    f"(a chat's history); 0 turns reuse off (default {DEFAULT_CACHE_BYTES:,})")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle's directory name)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the bundle's device_map)")
-    p.add_argument(
-        "--backend",
-        choices=["native", "torch"],
-        default=None,
-        help="native: edgepack's CPU engine (no torch); torch: torch modules (default: native where it can run the bundle)",
-    )
-    p.add_argument("--no-verify", action="store_true", help="check file sizes only, skip hashing")
-    p.add_argument("--force", action="store_true", help="load even if this box looks too small")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
-    p.add_argument("--key", default=None, metavar="PUBKEY",
-                   help="refuse the bundle unless this Ed25519 public key signed it (default: $EDGEPACK_TRUSTED_KEY)")
+    add_load_arguments(p)
     add_guard_arguments(p)
-    add_threads_argument(p)
 
 
 def main(args) -> int:
