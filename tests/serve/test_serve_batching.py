@@ -1,7 +1,6 @@
 """Continuous batching and prefix reuse in `edgepack serve`: concurrent streams and reused
 KV caches give exactly the answers of serving each request alone from scratch."""
 
-import socket
 import threading
 import time
 
@@ -13,34 +12,14 @@ pytest.importorskip("fastapi")
 
 from edgepack import serve  # noqa: E402
 from edgepack.runtime.engine import c_module_unavailable  # noqa: E402
-from edgepack.serve.guard import server_config  # noqa: E402
+from test_serve import LiveServer  # noqa: E402  (same folder)
 
 pytestmark = pytest.mark.skipif(c_module_unavailable() is not None, reason="the C engine cannot run here")
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at one"]
 
 
-class Live:
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        config = server_config(app, host="127.0.0.1", port=0, max_queue=8, log_level="warning")
-        config.timeout_graceful_shutdown = 2
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the test server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+class Live(LiveServer):
+    """test_serve's live server, answering plain HTTP posts."""
 
     def post(self, path, body):
         response = httpx.post(self.url + path, json=body, timeout=60)
