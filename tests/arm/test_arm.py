@@ -56,9 +56,9 @@ def qemu(cpu: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    """A tiny Llama, larger than conftest's where the kernels care: 130-token prompts (256
+    """A tiny Llama, larger than tiny.py's where the kernels care: 130-token prompts (256
     positions), hidden 96 (three int4 groups, six 16-column steps), untied head."""
-    from conftest import make_tokenizer
+    from tiny import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
@@ -71,7 +71,7 @@ def llama(tmp_path_factory) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.mul_(4.0)  # decisive logits, as conftest's models
+                p.mul_(4.0)  # decisive logits, as tiny.py's models
     path = tmp_path_factory.mktemp("arm-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -87,7 +87,7 @@ def prompt_of(bundle: Path, tokens: int) -> str:
 
 
 def tiny_sources(root: Path) -> dict[str, Path]:
-    from conftest import make_model, make_tokenizer
+    from tiny import make_model, make_tokenizer
 
     tokenizer = make_tokenizer()
     paths = {}

@@ -37,7 +37,7 @@ PROMPT = "The capital of France is"
 def tiny_bundle(out: Path) -> Path:
     """The test suite's tiny Llama, packed at 8 bits (no network)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_model, make_tokenizer
+    from tiny import make_model, make_tokenizer
 
     from edgepack.export.pack import pack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer
 from edgepack.format import bundle as bundle_format
 from edgepack.export import gptq, smoothing
 

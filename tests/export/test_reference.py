@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_model
+from tiny import make_model
 from families import FAMILIES, make_family_model
 
 

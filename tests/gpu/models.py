@@ -10,7 +10,13 @@ embedding table and the output layer still have the real vocabulary's rows.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+# the tokenizer and corpus every test uses (tests/tiny.py), so the GPU check and the CPU
+# tests tokenize alike
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny import CORPUS, make_tokenizer  # noqa: E402
 
 # name -> LlamaConfig fields. "smollm2-135m": HuggingFaceTB/SmolLM2-135M's config.json;
 # "llama-1b": meta-llama/Llama-3.2-1B's (max_position_embeddings cut to 8192: only the
@@ -28,34 +34,6 @@ SHAPES = {
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True),
 }
-
-CORPUS = [
-    "The capital of France is Paris. The capital of Italy is Rome.",
-    "Water boils at one hundred degrees, and the quick brown fox jumps over the lazy dog.",
-    "Small boxes run small models: a Raspberry Pi, a Jetson, a laptop without a GPU.",
-    "Quantization stores weights in eight or four bits instead of sixteen.",
-] * 20
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
 
 def write_model(shape: str, folder: Path, seed: int = 0) -> Path:
     """A model folder (config.json, model.safetensors in bfloat16, tokenizer) at SHAPES[shape].

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tokenizer
+from tiny import make_tokenizer
 from families import FAMILIES, SLIDING_WINDOW, make_family_model
 
 PROMPT = "Quantization stores weights in eight or four bits instead of sixteen. The capital of Italy is Rome."
