@@ -38,20 +38,15 @@
 #define ACT_UNIT 1
 #endif
 
-/* the bytes of 32 activations (16 from a, 16 from b): x ~ d (65536 hi + 256 mid + lo),
- * each a balanced base-256 digit in [-128, 127] */
-typedef struct {
-    int8_t *hi, *mid, *lo;
-    float *d;
-} Act;
-
-static inline __attribute__((always_inline)) void quant_block(const float *a, const float *b, Act q, int bk) {
+/* the digits of 32 activations (16 from a, 16 from b) at q + 96 bk: 32 hi, 32 mid, 32 lo
+ * bytes, x ~ d (65536 hi + 256 mid + lo), each a balanced base-256 digit in [-128, 127] */
+static inline __attribute__((always_inline)) void quant_block(const float *a, const float *b, int8_t *q, float *d) {
     float32x4_t v[8];
     for (int i = 0; i < 4; i++) v[i] = vld1q_f32(a + 4 * i), v[4 + i] = vld1q_f32(b + 4 * i);
     float32x4_t m = vabsq_f32(v[0]);
     for (int i = 1; i < 8; i++) m = vmaxq_f32(m, vabsq_f32(v[i]));
     const float amax = vmaxvq_f32(m), inv = amax > 0.f ? ACT_LEVELS / amax : 0.f;
-    q.d[bk] = amax / ACT_LEVELS / ACT_UNIT;
+    *d = amax / ACT_LEVELS / ACT_UNIT;
     const int32x4_t half = vdupq_n_s32(128), byte = vdupq_n_s32(255), top = vdupq_n_s32((int)ACT_LEVELS);
     for (int i = 0; i < 8; i += 2) {
         int32x4_t h[2], md[2], l[2];
@@ -64,42 +59,43 @@ static inline __attribute__((always_inline)) void quant_block(const float *a, co
             md[j] = vsubq_s32(vandq_s32(vaddq_s32(x1, half), byte), half);
             h[j] = vshrq_n_s32(vsubq_s32(x1, md[j]), 8);
         }
-        const int at = 32 * bk + 4 * i;
-        vst1_s8(q.hi + at, vmovn_s16(vcombine_s16(vmovn_s32(h[0]), vmovn_s32(h[1]))));
-        vst1_s8(q.mid + at, vmovn_s16(vcombine_s16(vmovn_s32(md[0]), vmovn_s32(md[1]))));
-        vst1_s8(q.lo + at, vmovn_s16(vcombine_s16(vmovn_s32(l[0]), vmovn_s32(l[1]))));
+        vst1_s8(q + 4 * i, vmovn_s16(vcombine_s16(vmovn_s32(h[0]), vmovn_s32(h[1]))));
+        vst1_s8(q + 32 + 4 * i, vmovn_s16(vcombine_s16(vmovn_s32(md[0]), vmovn_s32(md[1]))));
+        vst1_s8(q + 64 + 4 * i, vmovn_s16(vcombine_s16(vmovn_s32(l[0]), vmovn_s32(l[1]))));
     }
 }
 
-/* sum over block bk of w * (65536 hi + 256 mid + lo), in 4 float lanes (times d: the caller) */
-DP static inline __attribute__((always_inline)) float32x4_t dot32(int8x16_t w0, int8x16_t w1, Act q, int bk) {
-    const int32x4_t z = vdupq_n_s32(0);
-    const int8_t *hi = q.hi + 32 * bk, *mid = q.mid + 32 * bk, *lo = q.lo + 32 * bk;
-    const int32x4_t h = vdotq_s32(vdotq_s32(z, w0, vld1q_s8(hi)), w1, vld1q_s8(hi + 16));
-    const int32x4_t md = vdotq_s32(vdotq_s32(z, w0, vld1q_s8(mid)), w1, vld1q_s8(mid + 16));
-    const int32x4_t l = vdotq_s32(vdotq_s32(z, w0, vld1q_s8(lo)), w1, vld1q_s8(lo + 16));
-    const int32x4_t top = vmlaq_n_s32(md, h, 256); /* |h| <= 32 x 127 x 128: x 256 fits 32 bits, x 65536 would not */
-    return vfmaq_n_f32(vcvtq_f32_s32(l), vcvtq_f32_s32(top), 256.f);
+/* One block's activation digits in six registers, shared by the rows of a pass */
+typedef struct {
+    int8x16_t h0, h1, m0, m1, l0, l1;
+} Digits;
+static inline __attribute__((always_inline)) Digits digits(const int8_t *q) {
+    return (Digits){vld1q_s8(q), vld1q_s8(q + 16), vld1q_s8(q + 32), vld1q_s8(q + 48), vld1q_s8(q + 64),
+                    vld1q_s8(q + 80)};
 }
 
-/* int8 rows: 4 at a time share the activations' loads; per block of 32 weights a row spends
- * 2 loads, 6 sdots, a multiply-add and an FMA to join the bytes, two conversions and an FMA with d */
-#define EP_DP_RUN(NR)                                                                          \
-    {                                                                                          \
-        float32x4_t f[NR];                                                                     \
-        for (int i = 0; i < NR; i++) f[i] = vdupq_n_f32(0.f);                                  \
-        for (int bk = 0; bk < nb; bk++) {                                                      \
-            for (int i = 0; i < NR; i++) {                                                     \
-                const int8_t *w = (const int8_t *)W + (size_t)(r + i) * K + 32 * bk;           \
-                if (EP_PF) __builtin_prefetch(w + EP_PF);                                      \
-                f[i] = vfmaq_n_f32(f[i], dot32(vld1q_s8(w), vld1q_s8(w + 16), q, bk), q.d[bk]);  \
-            }                                                                                  \
-        }                                                                                      \
-        for (int i = 0; i < NR; i++) {                                                         \
-            float sum = vaddvq_f32(f[i]);                                                      \
-            for (int k = kq; k < K; k++) sum += (float)((const int8_t *)W)[(size_t)(r + i) * K + k] * x[k]; \
-            y[r + i] = sum;                                                                    \
-        }                                                                                      \
+/* a block's sum of w x / d in 4 float lanes: (sum w hi) 65536 + (sum w mid) 256 + sum w lo.
+ * The last two join in 32 bits (|sum w mid| <= 32 x 127 x 128 < 2^19: x 256 fits; x 65536
+ * would not), so two chains a row start from zero, not three. */
+DP static inline __attribute__((always_inline)) float32x4_t dot32(int8x16_t w0, int8x16_t w1, Digits q) {
+    const int32x4_t z = vdupq_n_s32(0);
+    const int32x4_t h = vdotq_s32(vdotq_s32(z, w0, q.h0), w1, q.h1);
+    const int32x4_t ml = vshlq_n_s32(vdotq_s32(vdotq_s32(z, w0, q.m0), w1, q.m1), 8);
+    const int32x4_t l = vdotq_s32(vdotq_s32(ml, w0, q.l0), w1, q.l1);
+    return vfmaq_n_f32(vcvtq_f32_s32(l), vcvtq_f32_s32(h), 65536.f);
+}
+
+/* int8 rows, four a pass sharing each block's digit loads, accumulators in registers; per
+ * block of 32 weights a row spends a load pair, 6 sdots, 2 zeroings, a shift, 2
+ * conversions, an FMA to join them and one with d */
+#define DP_INT8_BLOCK(j)                                                                            \
+    {                                                                                               \
+        const Digits a = digits(qb + 96 * (j));                                                     \
+        const float dj = db[j];                                                                     \
+        f0 = vfmaq_n_f32(f0, dot32(vld1q_s8(p0 + 32 * (j)), vld1q_s8(p0 + 32 * (j) + 16), a), dj);   \
+        f1 = vfmaq_n_f32(f1, dot32(vld1q_s8(p1 + 32 * (j)), vld1q_s8(p1 + 32 * (j) + 16), a), dj);   \
+        f2 = vfmaq_n_f32(f2, dot32(vld1q_s8(p2 + 32 * (j)), vld1q_s8(p2 + 32 * (j) + 16), a), dj);   \
+        f3 = vfmaq_n_f32(f3, dot32(vld1q_s8(p3 + 32 * (j)), vld1q_s8(p3 + 32 * (j) + 16), a), dj);   \
     }
 
 DP void gemv_int8_dotprod(const void *W, const float *x, int K, int r0, int r1, float *y) {
@@ -108,20 +104,62 @@ DP void gemv_int8_dotprod(const void *W, const float *x, int K, int r0, int r1, 
         return;
     }
     const int nb = K / 32, kq = nb * 32;
-    int8_t bytes[3 * kq + 1];
+    int8_t q[3 * kq + 1];
     float d[nb + 1];
-    const Act q = {bytes, bytes + kq, bytes + 2 * kq, d};
-    for (int bk = 0; bk < nb; bk++) quant_block(x + 32 * bk, x + 32 * bk + 16, q, bk);
+    for (int bk = 0; bk < nb; bk++) quant_block(x + 32 * bk, x + 32 * bk + 16, q + 96 * bk, d + bk);
     int r = r0;
-    for (; r + 4 <= r1; r += 4) EP_DP_RUN(4)
-    for (; r < r1; r++) EP_DP_RUN(1)
+    for (; r + 4 <= r1; r += 4) {
+        const int8_t *p0 = (const int8_t *)W + (size_t)r * K, *p1 = p0 + K, *p2 = p1 + K, *p3 = p2 + K;
+        float32x4_t f0 = vdupq_n_f32(0.f), f1 = f0, f2 = f0, f3 = f0;
+        const int8_t *qb = q;
+        const float *db = d;
+        int bk = 0;
+        /* two blocks a pass: a 64-byte line of each row, prefetched once */
+        for (; bk + 2 <= nb; bk += 2, qb += 192, db += 2, p0 += 64, p1 += 64, p2 += 64, p3 += 64) {
+            if (EP_PF) {
+                __builtin_prefetch(p0 + EP_PF), __builtin_prefetch(p1 + EP_PF);
+                __builtin_prefetch(p2 + EP_PF), __builtin_prefetch(p3 + EP_PF);
+            }
+            DP_INT8_BLOCK(0);
+            __asm__ volatile("" ::: "memory"); /* the second block's loads stay after the first's sums */
+            DP_INT8_BLOCK(1);
+        }
+        if (bk < nb) DP_INT8_BLOCK(0);
+        p0 -= 32 * bk, p1 -= 32 * bk, p2 -= 32 * bk, p3 -= 32 * bk;
+        float s0 = vaddvq_f32(f0), s1 = vaddvq_f32(f1), s2 = vaddvq_f32(f2), s3 = vaddvq_f32(f3);
+        for (int k = kq; k < K; k++) s0 += p0[k] * x[k], s1 += p1[k] * x[k], s2 += p2[k] * x[k], s3 += p3[k] * x[k];
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < r1; r++) {
+        const int8_t *restrict p0 = (const int8_t *)W + (size_t)r * K;
+        float32x4_t f0 = vdupq_n_f32(0.f);
+        for (int bk = 0; bk < nb; bk++) {
+            if (EP_PF) __builtin_prefetch(p0 + 32 * bk + EP_PF);
+            f0 = vfmaq_n_f32(f0, dot32(vld1q_s8(p0 + 32 * bk), vld1q_s8(p0 + 32 * bk + 16), digits(q + 96 * bk)), d[bk]);
+        }
+        float s0 = vaddvq_f32(f0);
+        for (int k = kq; k < K; k++) s0 += p0[k] * x[k];
+        y[r] = s0;
+    }
 }
 
 /* int4 rows: a block of 32 codes is 16 bytes, low nibbles (even inputs) by mask, high ones
  * (odd inputs) by shift, each already a signed byte 0..15; so each block of the input, as
- * prep_int4 made it, is rounded from its 16 even and 16 odd values. The group's scale s
- * multiplies the block sums; (z - 8 s) meets the group's float sum of inputs, as in
- * kernels.h. */
+ * prep_int4 made it, is rounded from its 16 even and 16 odd values. Four rows a pass: their
+ * groups' (s, z) pairs gathered into one register, so a group's scales (s d) and constant
+ * ((z - 8 s) times the group's input sum, as in kernels.h) take a few instructions for all
+ * four rows. */
+static inline __attribute__((always_inline)) uint32x4_t pairs4(const uint16_t *sz, size_t stride, int g) {
+    uint32x4_t v = vld1q_dup_u32((const uint32_t *)(sz + 2 * g));
+    v = vld1q_lane_u32((const uint32_t *)(sz + stride + 2 * g), v, 1);
+    v = vld1q_lane_u32((const uint32_t *)(sz + 2 * stride + 2 * g), v, 2);
+    return vld1q_lane_u32((const uint32_t *)(sz + 3 * stride + 2 * g), v, 3);
+}
+#define DP_NIBBLES(p, k, even, odd)                                                   \
+    const uint8x16_t even##_v = vld1q_u8((p) + (k));                                  \
+    const int8x16_t even = vreinterpretq_s8_u8(vandq_u8(even##_v, nib));               \
+    const int8x16_t odd = vreinterpretq_s8_u8(vshrq_n_u8(even##_v, 4))
+
 DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float *y) {
     const int K = m->cols, half = K / 2, G = m->group, ng = K / G, per = G / 32, nb = K / 32;
     if (K > DP_MAX_K) {
@@ -129,24 +167,54 @@ DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float
         return;
     }
     const float *xe = prep, *xo = prep + half, *xs = prep + K;
-    int8_t bytes[3 * K];
+    int8_t q[3 * K];
     float d[nb];
-    const Act q = {bytes, bytes + K, bytes + 2 * K, d};
-    for (int bk = 0; bk < nb; bk++) quant_block(xe + 16 * bk, xo + 16 * bk, q, bk);
+    for (int bk = 0; bk < nb; bk++) quant_block(xe + 16 * bk, xo + 16 * bk, q + 96 * bk, d + bk);
     const uint8x16_t nib = vdupq_n_u8(15);
-    for (int r = r0; r < r1; r++) {
+    const size_t stride = (size_t)ng * 2; /* a row's (s, z) pairs, in uint16 */
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint8_t *restrict c0 = (const uint8_t *)m->w + (size_t)r * half, *restrict c1 = c0 + half;
+        const uint8_t *restrict c2 = c1 + half, *restrict c3 = c2 + half;
+        const uint16_t *sz = m->sz + (size_t)r * stride;
+        prefetch_row(c0, 4 * (size_t)half);
+        prefetch_row(sz, 4 * stride * 2);
+        float32x4_t f0 = vdupq_n_f32(0.f), f1 = f0, f2 = f0, f3 = f0, cst = f0;
+        for (int g = 0; g < ng; g++) {
+            /* bfloat16 s in the low half of each pair, z in the high: float32 by shift, by mask */
+            const uint32x4_t p = pairs4(sz, stride, g);
+            const float32x4_t s = vreinterpretq_f32_u32(vshlq_n_u32(p, 16));
+            const float32x4_t z = vreinterpretq_f32_u32(vandq_u32(p, vdupq_n_u32(0xffff0000u)));
+            cst = vfmaq_n_f32(cst, vfmaq_n_f32(z, s, -8.f), xs[g]);
+            for (int bk = g * per; bk < (g + 1) * per; bk++) {
+                const Digits a = digits(q + 96 * bk);
+                const float32x4_t sd = vmulq_n_f32(s, d[bk]);
+                const int k = 16 * bk;
+                DP_NIBBLES(c0, k, e0, o0);
+                f0 = vfmaq_laneq_f32(f0, dot32(e0, o0, a), sd, 0);
+                DP_NIBBLES(c1, k, e1, o1);
+                f1 = vfmaq_laneq_f32(f1, dot32(e1, o1, a), sd, 1);
+                DP_NIBBLES(c2, k, e2, o2);
+                f2 = vfmaq_laneq_f32(f2, dot32(e2, o2, a), sd, 2);
+                DP_NIBBLES(c3, k, e3, o3);
+                f3 = vfmaq_laneq_f32(f3, dot32(e3, o3, a), sd, 3);
+            }
+        }
+        y[r] = vaddvq_f32(f0) + vgetq_lane_f32(cst, 0), y[r + 1] = vaddvq_f32(f1) + vgetq_lane_f32(cst, 1);
+        y[r + 2] = vaddvq_f32(f2) + vgetq_lane_f32(cst, 2), y[r + 3] = vaddvq_f32(f3) + vgetq_lane_f32(cst, 3);
+    }
+    for (; r < r1; r++) {
         const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
-        const uint16_t *sz = m->sz + (size_t)r * ng * 2;
+        const uint16_t *sz = m->sz + (size_t)r * stride;
         prefetch_row(c, half);
-        prefetch_row(sz, (size_t)ng * 4);
+        prefetch_row(sz, stride * 2);
         float32x4_t acc = vdupq_n_f32(0.f);
         float cst = 0.f;
         for (int g = 0; g < ng; g++) {
             const float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
             for (int bk = g * per; bk < (g + 1) * per; bk++) {
-                const uint8x16_t v = vld1q_u8(c + 16 * bk);
-                const int8x16_t even = vreinterpretq_s8_u8(vandq_u8(v, nib)), odd = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
-                acc = vfmaq_n_f32(acc, dot32(even, odd, q, bk), s * d[bk]);
+                DP_NIBBLES(c, 16 * bk, even, odd);
+                acc = vfmaq_n_f32(acc, dot32(even, odd, digits(q + 96 * bk)), s * d[bk]);
             }
             cst += (z - 8.f * s) * xs[g];
         }

@@ -36,38 +36,88 @@ static inline __attribute__((always_inline)) void ld16_f32(const void *p, size_t
     v[0] = vld1q_f32(f), v[1] = vld1q_f32(f + 4), v[2] = vld1q_f32(f + 8), v[3] = vld1q_f32(f + 12);
 }
 
-/* NR rows from row r: 16 columns a step, each load of x shared by the rows; two accumulators
- * a row (an FMA's latency is 4 cycles on the A76, 7 on the A72, each one's chain is half as long) */
-#define EP_NEON_RUN(T, NR)                                                                    \
-    {                                                                                         \
-        float32x4_t a[NR][2];                                                                 \
-        for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = vdupq_n_f32(0.f);                     \
-        for (int k = 0; k < kv; k += 16) {                                                    \
-            const float32x4_t x0 = vld1q_f32(x + k), x1 = vld1q_f32(x + k + 4);                \
-            const float32x4_t x2 = vld1q_f32(x + k + 8), x3 = vld1q_f32(x + k + 12);           \
-            for (int i = 0; i < NR; i++) {                                                    \
-                const size_t at = (size_t)(r + i) * K + k;                                    \
-                float32x4_t w[4];                                                             \
-                EP_PREFETCH(T, W, at);                                                        \
-                ld16_##T(W, at, w);                                                           \
-                a[i][0] = vfmaq_f32(a[i][0], w[0], x0);                                       \
-                a[i][1] = vfmaq_f32(a[i][1], w[1], x1);                                       \
-                a[i][0] = vfmaq_f32(a[i][0], w[2], x2);                                       \
-                a[i][1] = vfmaq_f32(a[i][1], w[3], x3);                                       \
-            }                                                                                 \
-        }                                                                                     \
-        for (int i = 0; i < NR; i++) {                                                        \
-            float sum = vaddvq_f32(vaddq_f32(a[i][0], a[i][1]));                              \
-            for (int k = kv; k < K; k++) sum += load_value(TYPE_##T, W, (size_t)(r + i) * K + k) * x[k]; \
-            y[r + i] = sum;                                                                   \
-        }                                                                                     \
+/* 16-column steps in one 64-byte cache line of a row: each row is prefetched once a line */
+#define STEPS_int8 4
+#define STEPS_bf16 2
+#define STEPS_f16 2
+#define STEPS_f32 1
+
+/* 16 columns of one row into its two accumulators (an FMA's latency is 4 cycles on the A76,
+ * 7 on the A72: two chains a row, each half as long) */
+#define EP_ROW16(T, p, k, acc0, acc1)                   \
+    {                                                   \
+        float32x4_t w[4];                               \
+        ld16_##T(p, k, w);                              \
+        acc0 = vfmaq_f32(acc0, w[0], x0);               \
+        acc1 = vfmaq_f32(acc1, w[1], x1);               \
+        acc0 = vfmaq_f32(acc0, w[2], x2);               \
+        acc1 = vfmaq_f32(acc1, w[3], x3);               \
     }
-#define EP_NEON_ROWS(T)                                                             \
-    static void gemv_##T(const void *W, const float *x, int K, int r0, int r1, float *y) { \
-        const int kv = K & ~15;                                                     \
-        int r = r0;                                                                 \
-        for (; r + 4 <= r1; r += 4) EP_NEON_RUN(T, 4)                               \
-        for (; r < r1; r++) EP_NEON_RUN(T, 1)                                       \
+#define EP_X16(k)                                                                \
+    const float32x4_t x0 = vld1q_f32(x + (k)), x1 = vld1q_f32(x + (k) + 4);     \
+    const float32x4_t x2 = vld1q_f32(x + (k) + 8), x3 = vld1q_f32(x + (k) + 12)
+#define EP_PF_ROW(T, p, k) \
+    (EP_PF ? __builtin_prefetch((const char *)(p) + (size_t)(k) * ESIZE_##T + EP_PF) : (void)0)
+
+/* Four rows share each load of x, their 8 accumulators named variables (an array of them GCC
+ * kept in memory: a store each step); a line of each row a loop pass, unrolled, so that the
+ * pass prefetches each row once (int8: one row a 16-column step) */
+#define EP_NEON_ROWS(T)                                                                         \
+    static void gemv_##T(const void *W, const float *restrict x, int K, int r0, int r1, float *restrict y) { \
+        const int kv = K & ~15, kl = K & ~(16 * STEPS_##T - 1);                                 \
+        int r = r0;                                                                             \
+        for (; r + 4 <= r1; r += 4) {                                                           \
+            const char *restrict p0 = (const char *)W + (size_t)r * K * ESIZE_##T;              \
+            const char *restrict p1 = p0 + (size_t)K * ESIZE_##T;                               \
+            const char *restrict p2 = p1 + (size_t)K * ESIZE_##T;                               \
+            const char *restrict p3 = p2 + (size_t)K * ESIZE_##T;                               \
+            float32x4_t a0 = vdupq_n_f32(0.f), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0; \
+            int k = 0;                                                                          \
+            for (; k < kl; k += 16 * STEPS_##T) {                                               \
+                _Pragma("GCC unroll 4") for (int j = 0; j < STEPS_##T; j++) {                   \
+                    EP_X16(k + 16 * j);                                                         \
+                    if (0 % STEPS_##T == j) EP_PF_ROW(T, p0, k + 16 * j);                       \
+                    if (1 % STEPS_##T == j) EP_PF_ROW(T, p1, k + 16 * j);                       \
+                    if (2 % STEPS_##T == j) EP_PF_ROW(T, p2, k + 16 * j);                       \
+                    if (3 % STEPS_##T == j) EP_PF_ROW(T, p3, k + 16 * j);                       \
+                    EP_ROW16(T, p0, k + 16 * j, a0, b0)                                         \
+                    EP_ROW16(T, p1, k + 16 * j, a1, b1)                                         \
+                    EP_ROW16(T, p2, k + 16 * j, a2, b2)                                         \
+                    EP_ROW16(T, p3, k + 16 * j, a3, b3)                                         \
+                    __asm__ volatile("" ::: "memory"); /* no loads hoisted out of their step */ \
+                }                                                                               \
+            }                                                                                   \
+            for (; k < kv; k += 16) {                                                           \
+                EP_X16(k);                                                                      \
+                EP_PF_ROW(T, p0, k), EP_PF_ROW(T, p1, k), EP_PF_ROW(T, p2, k), EP_PF_ROW(T, p3, k); \
+                EP_ROW16(T, p0, k, a0, b0)                                                      \
+                EP_ROW16(T, p1, k, a1, b1)                                                      \
+                EP_ROW16(T, p2, k, a2, b2)                                                      \
+                EP_ROW16(T, p3, k, a3, b3)                                                      \
+            }                                                                                   \
+            float s0 = vaddvq_f32(vaddq_f32(a0, b0)), s1 = vaddvq_f32(vaddq_f32(a1, b1));       \
+            float s2 = vaddvq_f32(vaddq_f32(a2, b2)), s3 = vaddvq_f32(vaddq_f32(a3, b3));       \
+            for (; k < K; k++) {                                                                \
+                const size_t at = (size_t)r * K + k;                                            \
+                s0 += load_value(TYPE_##T, W, at) * x[k], s1 += load_value(TYPE_##T, W, at + K) * x[k]; \
+                s2 += load_value(TYPE_##T, W, at + 2 * (size_t)K) * x[k];                       \
+                s3 += load_value(TYPE_##T, W, at + 3 * (size_t)K) * x[k];                       \
+            }                                                                                   \
+            y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;                             \
+        }                                                                                       \
+        for (; r < r1; r++) {                                                                   \
+            const char *restrict p0 = (const char *)W + (size_t)r * K * ESIZE_##T;              \
+            float32x4_t a0 = vdupq_n_f32(0.f), b0 = a0;                                         \
+            int k = 0;                                                                          \
+            for (; k < kv; k += 16) {                                                           \
+                EP_X16(k);                                                                      \
+                EP_PF_ROW(T, p0, k);                                                            \
+                EP_ROW16(T, p0, k, a0, b0)                                                      \
+            }                                                                                   \
+            float s0 = vaddvq_f32(vaddq_f32(a0, b0));                                           \
+            for (; k < K; k++) s0 += load_value(TYPE_##T, W, (size_t)r * K + k) * x[k];         \
+            y[r] = s0;                                                                          \
+        }                                                                                       \
     }
 EP_NEON_ROWS(int8)
 EP_NEON_ROWS(bf16)

@@ -1,0 +1,86 @@
+"""The speed case for the ARM kernels on paper: cross-compiles arch/arm/*.c as setup.py does
+(aarch64-linux-gnu-gcc -O3), disassembles each kernel and prints its hottest inner loop (the
+one with the most multiply instructions per instruction) and the instructions it spends per 64 weights.
+
+A loop's weights are read off its multiplies: a float FMA (fmla) meets 4 weights, an sdot
+16 activation bytes, i.e. 16/3 weights at three activation bytes (dotprod.c's 24 bits) in
+the decode kernels. In the prompt tiles an fmla is 4 tokens x 1 weight, so they count
+weights x tokens. A decode loop has no reason to store: its
+stores are accumulators GCC keeps in memory.
+
+    python tests/arm/loops.py [--show FUNCTION]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[2] / "edgepack" / "runtime" / "engine" / "csrc"
+CC, OBJDUMP = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump"
+FLAGS = ["-O3", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno"]  # setup.py's
+# kernel: the weights (or weight x tokens) one multiply stands for
+KERNELS = {
+    "gemv_int8": ("fmla", 4), "gemv_bf16": ("fmla", 4), "gemv_f16": ("fmla", 4), "gemv_f32": ("fmla", 4),
+    "int4_rows": ("fmla", 4), "gemv_int8_dotprod": ("sdot", 16 / 3), "int4_rows_dotprod": ("sdot", 16 / 3),
+    "tile_8_3": ("fmla", 4),
+}
+LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
+FUNC = re.compile(r"^[0-9a-f]+ <(\w+)>:$")
+BRANCH = re.compile(r"^(b\.\w+|b|cbn?z|tbn?z)$")
+
+
+def disassemble(source: Path, out: Path) -> dict[str, list[tuple[int, str, str]]]:
+    obj = out / (source.stem + ".o")
+    subprocess.run([CC, *FLAGS, f"-I{CSRC}", "-c", str(source), "-o", str(obj)], check=True)
+    text = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", str(obj)], check=True, capture_output=True, text=True).stdout
+    funcs, cur = {}, None
+    for line in text.splitlines():
+        if m := FUNC.match(line):
+            cur = funcs.setdefault(m.group(1), [])
+        elif cur is not None and (m := LINE.match(line)):
+            cur.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return funcs
+
+
+def loops(code: list[tuple[int, str, str]]) -> list[list[tuple[int, str, str]]]:
+    """every backward branch's body, innermost first"""
+    found = []
+    for i, (at, op, args) in enumerate(code):
+        if BRANCH.match(op):
+            target = int(re.search(r"([0-9a-f]+) <", args).group(1), 16)
+            if target <= at:
+                found.append([c for c in code if target <= c[0] <= at])
+    return sorted(found, key=len)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--show", help="print this kernel's loop")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        funcs = {}
+        for source in sorted((CSRC / "arch" / "arm").glob("*.c")):
+            funcs.update(disassemble(source, Path(tmp)))
+    print(f"{'kernel':<20} {'loop insns':>10} {'weights':>8} {'per 64 w':>8} {'stores':>6}  mix")
+    for name, (mul, per) in KERNELS.items():
+        body = max(loops(funcs[name]), key=lambda b: sum(op == mul for _, op, _ in b) / len(b))
+        weights = sum(op == mul for _, op, _ in body) * per
+        spills = sum(op.startswith("st") for _, op, _ in body)
+        mix = {}
+        for _, op, _ in body:
+            mix[op] = mix.get(op, 0) + 1
+        top = " ".join(f"{op}:{n}" for op, n in sorted(mix.items(), key=lambda kv: -kv[1])[:8])
+        print(f"{name:<20} {len(body):>10} {weights:>8.0f} {len(body) * 64 / weights:>8.1f} {spills:>6}  {top}")
+        if args.show == name:
+            for at, op, a in body:
+                print(f"    {at:6x}  {op:<8} {a}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
