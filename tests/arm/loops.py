@@ -29,14 +29,18 @@ KERNELS = {
     "int4_rows": ("fmla", 4), "gemv_int8_dotprod": ("sdot", 16 / 3), "int4_rows_dotprod": ("sdot", 16 / 3),
     "tile_8_3": ("fmla", 4),
 }
+# An int4 kernel's densest loop is its block loop, all that runs for large groups; at the
+# default group of 32 a block is a group, so the loop that also reads the group's (s, z)
+# pairs (scalar bfloat16 loads: ldrh; four rows' pairs gathered: ld1) runs once a block.
+GROUP_OPS = ("ldrh", "ld1", "ld1r")
 LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 FUNC = re.compile(r"^[0-9a-f]+ <(\w+)>:$")
 BRANCH = re.compile(r"^(b\.\w+|b|cbn?z|tbn?z)$")
 
 
-def disassemble(source: Path, out: Path) -> dict[str, list[tuple[int, str, str]]]:
+def disassemble(source: Path, out: Path, csrc: Path = CSRC) -> dict[str, list[tuple[int, str, str]]]:
     obj = out / (source.stem + ".o")
-    subprocess.run([CC, *FLAGS, f"-I{CSRC}", "-c", str(source), "-o", str(obj)], check=True)
+    subprocess.run([CC, *FLAGS, f"-I{csrc}", "-c", str(source), "-o", str(obj)], check=True)
     text = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", str(obj)], check=True, capture_output=True, text=True).stdout
     funcs, cur = {}, None
     for line in text.splitlines():
@@ -60,22 +64,43 @@ def loops(code: list[tuple[int, str, str]]) -> list[list[tuple[int, str, str]]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--show", help="print this kernel's loop")
+    ap.add_argument("--show", help="print this kernel's loop (NAME or NAME@G32)")
+    ap.add_argument("--git", metavar="REV", help="the kernels of this git revision instead of the work tree")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        csrc = CSRC
+        if args.git:  # the revision's csrc/ in a scratch copy
+            root = CSRC.parents[3]
+            csrc = Path(tmp) / "csrc"
+            files = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", "--name-only", args.git, str(CSRC)],
+                                   check=True, capture_output=True, text=True).stdout.split()
+            for f in files:
+                dest = csrc / Path(f).relative_to(CSRC.relative_to(root))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(subprocess.run(["git", "-C", str(root), "show", f"{args.git}:{f}"], check=True,
+                                                capture_output=True).stdout)
         funcs = {}
-        for source in sorted((CSRC / "arch" / "arm").glob("*.c")):
-            funcs.update(disassemble(source, Path(tmp)))
-    print(f"{'kernel':<20} {'loop insns':>10} {'weights':>8} {'per 64 w':>8} {'stores':>6}  mix")
+        for source in sorted((csrc / "arch" / "arm").glob("*.c")):
+            funcs.update(disassemble(source, Path(tmp), csrc))
+    print(f"{'kernel':<24} {'loop insns':>10} {'weights':>8} {'per 64 w':>8} {'stores':>6}  mix")
+    rows = []
     for name, (mul, per) in KERNELS.items():
-        body = max(loops(funcs[name]), key=lambda b: sum(op == mul for _, op, _ in b) / len(b))
-        weights = sum(op == mul for _, op, _ in body) * per
+        found = [b for b in loops(funcs[name]) if any(op == mul for _, op, _ in b)]
+        weights = lambda b: sum(op == mul for _, op, _ in b) * per  # noqa: E731
+        block = max(found, key=lambda b: weights(b) / len(b))
+        rows.append((name, block, weights(block)))
+        if name.startswith("int4"):  # a loop holding the block loop runs it once a group of 32
+            held = lambda b: weights(block) if block[0] in b else weights(b)  # noqa: E731
+            grouped = [b for b in found if any(op in GROUP_OPS for _, op, _ in b)]
+            group = max(grouped, key=lambda b: held(b) / len(b))
+            rows.append((name + "@G32", group, held(group)))
+    for name, body, weights in rows:
         spills = sum(op.startswith("st") for _, op, _ in body)
         mix = {}
         for _, op, _ in body:
             mix[op] = mix.get(op, 0) + 1
         top = " ".join(f"{op}:{n}" for op, n in sorted(mix.items(), key=lambda kv: -kv[1])[:8])
-        print(f"{name:<20} {len(body):>10} {weights:>8.0f} {len(body) * 64 / weights:>8.1f} {spills:>6}  {top}")
+        print(f"{name:<24} {len(body):>10} {weights:>8.0f} {len(body) * 64 / weights:>8.1f} {spills:>6}  {top}")
         if args.show == name:
             for at, op, a in body:
                 print(f"    {at:6x}  {op:<8} {a}")

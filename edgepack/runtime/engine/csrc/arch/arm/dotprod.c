@@ -38,21 +38,26 @@
 #define ACT_UNIT 1
 #endif
 
-/* the digits of 32 activations (16 from a, 16 from b) at q + 96 bk: 32 hi, 32 mid, 32 lo
- * bytes, x ~ d (65536 hi + 256 mid + lo), each a balanced base-256 digit in [-128, 127] */
-static inline __attribute__((always_inline)) void quant_block(const float *a, const float *b, int8_t *q, float *d) {
-    float32x4_t v[8];
-    for (int i = 0; i < 4; i++) v[i] = vld1q_f32(a + 4 * i), v[4 + i] = vld1q_f32(b + 4 * i);
-    float32x4_t m = vabsq_f32(v[0]);
-    for (int i = 1; i < 8; i++) m = vmaxq_f32(m, vabsq_f32(v[i]));
-    const float amax = vmaxvq_f32(m), inv = amax > 0.f ? ACT_LEVELS / amax : 0.f;
-    *d = amax / ACT_LEVELS / ACT_UNIT;
+/* max |x| over 32 activations (16 from a, 16 from b) */
+static inline __attribute__((always_inline)) float block_amax(const float *a, const float *b) {
+    float32x4_t m = vabsq_f32(vld1q_f32(a));
+    for (int i = 1; i < 4; i++) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(a + 4 * i)));
+    for (int i = 0; i < 4; i++) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(b + 4 * i)));
+    return vmaxvq_f32(m);
+}
+
+/* the digits of 32 activations (16 from a, 16 from b) at q: 32 hi, 32 mid, 32 lo bytes,
+ * x ~ d (65536 hi + 256 mid + lo) with d = amax / ACT_LEVELS / ACT_UNIT, each a balanced
+ * base-256 digit in [-128, 127]; amax: the largest |x| of the span sharing d */
+static inline __attribute__((always_inline)) void quant_block(const float *a, const float *b, float amax, int8_t *q) {
+    const float inv = amax > 0.f ? ACT_LEVELS / amax : 0.f;
     const int32x4_t half = vdupq_n_s32(128), byte = vdupq_n_s32(255), top = vdupq_n_s32((int)ACT_LEVELS);
     for (int i = 0; i < 8; i += 2) {
         int32x4_t h[2], md[2], l[2];
         for (int j = 0; j < 2; j++) {
+            const float32x4_t v = vld1q_f32(i + j < 4 ? a + 4 * (i + j) : b + 4 * (i + j - 4));
             /* the largest |x| times inv may round one past ACT_LEVELS */
-            const int32x4_t r = vcvtnq_s32_f32(vmulq_n_f32(v[i + j], inv));
+            const int32x4_t r = vcvtnq_s32_f32(vmulq_n_f32(v, inv));
             const int32x4_t x = vmulq_n_s32(vmaxq_s32(vminq_s32(r, top), vnegq_s32(top)), ACT_UNIT);
             l[j] = vsubq_s32(vandq_s32(vaddq_s32(x, half), byte), half);
             const int32x4_t x1 = vshrq_n_s32(vsubq_s32(x, l[j]), 8);
@@ -85,58 +90,86 @@ DP static inline __attribute__((always_inline)) float32x4_t dot32(int8x16_t w0, 
     return vfmaq_n_f32(vcvtq_f32_s32(l), vcvtq_f32_s32(h), 65536.f);
 }
 
-/* int8 rows, four a pass sharing each block's digit loads, accumulators in registers; per
- * block of 32 weights a row spends a load pair, 6 sdots, 2 zeroings, a shift, 2
- * conversions, an FMA to join them and one with d */
-#define DP_INT8_BLOCK(j)                                                                            \
-    {                                                                                               \
-        const Digits a = digits(qb + 96 * (j));                                                     \
-        const float dj = db[j];                                                                     \
-        f0 = vfmaq_n_f32(f0, dot32(vld1q_s8(p0 + 32 * (j)), vld1q_s8(p0 + 32 * (j) + 16), a), dj);   \
-        f1 = vfmaq_n_f32(f1, dot32(vld1q_s8(p1 + 32 * (j)), vld1q_s8(p1 + 32 * (j) + 16), a), dj);   \
-        f2 = vfmaq_n_f32(f2, dot32(vld1q_s8(p2 + 32 * (j)), vld1q_s8(p2 + 32 * (j) + 16), a), dj);   \
-        f3 = vfmaq_n_f32(f3, dot32(vld1q_s8(p3 + 32 * (j)), vld1q_s8(p3 + 32 * (j) + 16), a), dj);   \
+/* int8 rows: activations share d over spans of SPAN blocks (128 inputs), so a row's three
+ * digit sums stay in 32-bit chains over the span (|sum w mid| <= 128 x 127 x 128 < 2^21:
+ * x 256 fits; x 65536 would not) and meet d once a span: per 128 weights a row spends 4
+ * load pairs and 24 sdots, then 3 zeroings, a multiply-add, 2 conversions and 2 FMAs. Four
+ * rows a pass share each block's digit loads. */
+#define SPAN 4
+#define DP_ZERO(i) int32x4_t h##i = vdupq_n_s32(0), m##i = h##i, l##i = h##i
+#define DP_ROW(i, p)                                                       \
+    {                                                                      \
+        const int8x16_t w0 = vld1q_s8(p), w1 = vld1q_s8((p) + 16);         \
+        h##i = vdotq_s32(vdotq_s32(h##i, w0, a.h0), w1, a.h1);             \
+        m##i = vdotq_s32(vdotq_s32(m##i, w0, a.m0), w1, a.m1);             \
+        l##i = vdotq_s32(vdotq_s32(l##i, w0, a.l0), w1, a.l1);             \
     }
+#define DP_JOIN(i, dv) \
+    f##i = vfmaq_n_f32(f##i, vfmaq_n_f32(vcvtq_f32_s32(vmlaq_n_s32(l##i, m##i, 256)), vcvtq_f32_s32(h##i), 65536.f), dv)
 
 DP void gemv_int8_dotprod(const void *W, const float *x, int K, int r0, int r1, float *y) {
     if (K > DP_MAX_K) {
         kernels_neon.gemv[W_INT8](W, x, K, r0, r1, y);
         return;
     }
-    const int nb = K / 32, kq = nb * 32;
+    const int nb = K / 32, kq = nb * 32, ns = (nb + SPAN - 1) / SPAN;
     int8_t q[3 * kq + 1];
-    float d[nb + 1];
-    for (int bk = 0; bk < nb; bk++) quant_block(x + 32 * bk, x + 32 * bk + 16, q + 96 * bk, d + bk);
+    float d[ns + 1];
+    for (int sp = 0; sp < ns; sp++) {
+        const int b0 = sp * SPAN, b1 = b0 + SPAN < nb ? b0 + SPAN : nb;
+        float amax = 0.f;
+        for (int bk = b0; bk < b1; bk++) amax = fmaxf(amax, block_amax(x + 32 * bk, x + 32 * bk + 16));
+        for (int bk = b0; bk < b1; bk++) quant_block(x + 32 * bk, x + 32 * bk + 16, amax, q + 96 * bk);
+        d[sp] = amax / ACT_LEVELS / ACT_UNIT;
+    }
     int r = r0;
     for (; r + 4 <= r1; r += 4) {
         const int8_t *p0 = (const int8_t *)W + (size_t)r * K, *p1 = p0 + K, *p2 = p1 + K, *p3 = p2 + K;
         float32x4_t f0 = vdupq_n_f32(0.f), f1 = f0, f2 = f0, f3 = f0;
         const int8_t *qb = q;
-        const float *db = d;
-        int bk = 0;
-        /* two blocks a pass: a 64-byte line of each row, prefetched once */
-        for (; bk + 2 <= nb; bk += 2, qb += 192, db += 2, p0 += 64, p1 += 64, p2 += 64, p3 += 64) {
-            if (EP_PF) {
-                __builtin_prefetch(p0 + EP_PF), __builtin_prefetch(p1 + EP_PF);
-                __builtin_prefetch(p2 + EP_PF), __builtin_prefetch(p3 + EP_PF);
+        for (int sp = 0; sp < ns; sp++) {
+            DP_ZERO(0);
+            DP_ZERO(1);
+            DP_ZERO(2);
+            DP_ZERO(3);
+            const int n = sp < ns - 1 ? SPAN : nb - sp * SPAN;
+            for (int j = 0; j < n; j++, qb += 96, p0 += 32, p1 += 32, p2 += 32, p3 += 32) {
+                if (EP_PF && !(j & 1)) { /* a 64-byte line a row every other block */
+                    __builtin_prefetch(p0 + EP_PF), __builtin_prefetch(p1 + EP_PF);
+                    __builtin_prefetch(p2 + EP_PF), __builtin_prefetch(p3 + EP_PF);
+                }
+                const Digits a = digits(qb);
+                DP_ROW(0, p0);
+                DP_ROW(1, p1);
+                DP_ROW(2, p2);
+                DP_ROW(3, p3);
+                __asm__ volatile("" ::: "memory"); /* the next block's loads stay after these sums */
             }
-            DP_INT8_BLOCK(0);
-            __asm__ volatile("" ::: "memory"); /* the second block's loads stay after the first's sums */
-            DP_INT8_BLOCK(1);
+            DP_JOIN(0, d[sp]);
+            DP_JOIN(1, d[sp]);
+            DP_JOIN(2, d[sp]);
+            DP_JOIN(3, d[sp]);
         }
-        if (bk < nb) DP_INT8_BLOCK(0);
-        p0 -= 32 * bk, p1 -= 32 * bk, p2 -= 32 * bk, p3 -= 32 * bk;
+        p0 -= kq, p1 -= kq, p2 -= kq, p3 -= kq;
         float s0 = vaddvq_f32(f0), s1 = vaddvq_f32(f1), s2 = vaddvq_f32(f2), s3 = vaddvq_f32(f3);
         for (int k = kq; k < K; k++) s0 += p0[k] * x[k], s1 += p1[k] * x[k], s2 += p2[k] * x[k], s3 += p3[k] * x[k];
         y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
     }
     for (; r < r1; r++) {
-        const int8_t *restrict p0 = (const int8_t *)W + (size_t)r * K;
+        const int8_t *p0 = (const int8_t *)W + (size_t)r * K;
         float32x4_t f0 = vdupq_n_f32(0.f);
-        for (int bk = 0; bk < nb; bk++) {
-            if (EP_PF) __builtin_prefetch(p0 + 32 * bk + EP_PF);
-            f0 = vfmaq_n_f32(f0, dot32(vld1q_s8(p0 + 32 * bk), vld1q_s8(p0 + 32 * bk + 16), digits(q + 96 * bk)), d[bk]);
+        const int8_t *qb = q;
+        for (int sp = 0; sp < ns; sp++) {
+            DP_ZERO(0);
+            const int n = sp < ns - 1 ? SPAN : nb - sp * SPAN;
+            for (int j = 0; j < n; j++, qb += 96, p0 += 32) {
+                if (EP_PF) __builtin_prefetch(p0 + EP_PF);
+                const Digits a = digits(qb);
+                DP_ROW(0, p0);
+            }
+            DP_JOIN(0, d[sp]);
         }
+        p0 -= kq;
         float s0 = vaddvq_f32(f0);
         for (int k = kq; k < K; k++) s0 += p0[k] * x[k];
         y[r] = s0;
@@ -160,6 +193,28 @@ static inline __attribute__((always_inline)) uint32x4_t pairs4(const uint16_t *s
     const int8x16_t even = vreinterpretq_s8_u8(vandq_u8(even##_v, nib));               \
     const int8x16_t odd = vreinterpretq_s8_u8(vshrq_n_u8(even##_v, 4))
 
+/* group g's scales of the four rows: s (bfloat16, the low half of each pair: float32 by
+ * shift) and z (the high half: by mask); the constant (z - 8 s) times the input sum */
+#define DP_INT4_GROUP(g)                                                                   \
+    const uint32x4_t pr = pairs4(sz, stride, g);                                           \
+    const float32x4_t s = vreinterpretq_f32_u32(vshlq_n_u32(pr, 16));                      \
+    const float32x4_t z = vreinterpretq_f32_u32(vandq_u32(pr, vdupq_n_u32(0xffff0000u)));  \
+    cst = vfmaq_n_f32(cst, vfmaq_n_f32(z, s, -8.f), xs[g])
+#define DP_INT4_BLOCK(bk)                                                   \
+    {                                                                       \
+        const Digits a = digits(q + 96 * (bk));                             \
+        const float32x4_t sd = vmulq_n_f32(s, d[bk]);                       \
+        const int k = 16 * (bk);                                            \
+        DP_NIBBLES(c0, k, e0, o0);                                          \
+        f0 = vfmaq_laneq_f32(f0, dot32(e0, o0, a), sd, 0);                  \
+        DP_NIBBLES(c1, k, e1, o1);                                          \
+        f1 = vfmaq_laneq_f32(f1, dot32(e1, o1, a), sd, 1);                  \
+        DP_NIBBLES(c2, k, e2, o2);                                          \
+        f2 = vfmaq_laneq_f32(f2, dot32(e2, o2, a), sd, 2);                  \
+        DP_NIBBLES(c3, k, e3, o3);                                          \
+        f3 = vfmaq_laneq_f32(f3, dot32(e3, o3, a), sd, 3);                  \
+    }
+
 DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float *y) {
     const int K = m->cols, half = K / 2, G = m->group, ng = K / G, per = G / 32, nb = K / 32;
     if (K > DP_MAX_K) {
@@ -169,7 +224,11 @@ DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float
     const float *xe = prep, *xo = prep + half, *xs = prep + K;
     int8_t q[3 * K];
     float d[nb];
-    for (int bk = 0; bk < nb; bk++) quant_block(xe + 16 * bk, xo + 16 * bk, q + 96 * bk, d + bk);
+    for (int bk = 0; bk < nb; bk++) {
+        const float amax = block_amax(xe + 16 * bk, xo + 16 * bk);
+        quant_block(xe + 16 * bk, xo + 16 * bk, amax, q + 96 * bk);
+        d[bk] = amax / ACT_LEVELS / ACT_UNIT;
+    }
     const uint8x16_t nib = vdupq_n_u8(15);
     const size_t stride = (size_t)ng * 2; /* a row's (s, z) pairs, in uint16 */
     int r = r0;
@@ -180,26 +239,16 @@ DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float
         prefetch_row(c0, 4 * (size_t)half);
         prefetch_row(sz, 4 * stride * 2);
         float32x4_t f0 = vdupq_n_f32(0.f), f1 = f0, f2 = f0, f3 = f0, cst = f0;
-        for (int g = 0; g < ng; g++) {
-            /* bfloat16 s in the low half of each pair, z in the high: float32 by shift, by mask */
-            const uint32x4_t p = pairs4(sz, stride, g);
-            const float32x4_t s = vreinterpretq_f32_u32(vshlq_n_u32(p, 16));
-            const float32x4_t z = vreinterpretq_f32_u32(vandq_u32(p, vdupq_n_u32(0xffff0000u)));
-            cst = vfmaq_n_f32(cst, vfmaq_n_f32(z, s, -8.f), xs[g]);
-            for (int bk = g * per; bk < (g + 1) * per; bk++) {
-                const Digits a = digits(q + 96 * bk);
-                const float32x4_t sd = vmulq_n_f32(s, d[bk]);
-                const int k = 16 * bk;
-                DP_NIBBLES(c0, k, e0, o0);
-                f0 = vfmaq_laneq_f32(f0, dot32(e0, o0, a), sd, 0);
-                DP_NIBBLES(c1, k, e1, o1);
-                f1 = vfmaq_laneq_f32(f1, dot32(e1, o1, a), sd, 1);
-                DP_NIBBLES(c2, k, e2, o2);
-                f2 = vfmaq_laneq_f32(f2, dot32(e2, o2, a), sd, 2);
-                DP_NIBBLES(c3, k, e3, o3);
-                f3 = vfmaq_laneq_f32(f3, dot32(e3, o3, a), sd, 3);
+        if (per == 1) /* the default group of 32: one block a group, no inner loop */
+            for (int g = 0; g < ng; g++) {
+                DP_INT4_GROUP(g);
+                DP_INT4_BLOCK(g);
             }
-        }
+        else
+            for (int g = 0; g < ng; g++) {
+                DP_INT4_GROUP(g);
+                for (int bk = g * per; bk < (g + 1) * per; bk++) DP_INT4_BLOCK(bk);
+            }
         y[r] = vaddvq_f32(f0) + vgetq_lane_f32(cst, 0), y[r + 1] = vaddvq_f32(f1) + vgetq_lane_f32(cst, 1);
         y[r + 2] = vaddvq_f32(f2) + vgetq_lane_f32(cst, 2), y[r + 3] = vaddvq_f32(f3) + vgetq_lane_f32(cst, 3);
     }
