@@ -131,31 +131,31 @@ static double uniform(void) { /* xorshift64*, in [-1, 1) */
     return (double)((rng * 0x2545f4914f6cdd1dull) >> 11) / 4503599627370496.0 - 1.0;
 }
 
-/* one matrix of each type and shape through the set in use: the worst |y - exact| / max|exact| */
-static double check(int type, int rows, int cols) {
+/* one matrix of each type and shape (int4: and group) through the set in use: the worst
+ * |y - exact| / max|exact| */
+static double check(int type, int rows, int cols, int group) {
     const int esize = type == W_INT8 ? 1 : type == W_F32 ? 4 : 2;
     const size_t n = (size_t)rows * cols;
     void *w = malloc(type == W_INT4 ? n / 2 : n * esize);
-    uint16_t *sz = malloc(sizeof(uint16_t) * 2 * (n / 32 + 1));
+    uint16_t *sz = malloc(sizeof(uint16_t) * 2 * (n / group + 1));
     float *x = malloc(sizeof(float) * cols), *y = malloc(sizeof(float) * rows);
     float *prep = malloc(sizeof(float) * (cols + cols / 32 + 1));
     double *exact = calloc(rows, sizeof(double));
     for (int k = 0; k < cols; k++) x[k] = (float)(uniform() * (k % 7 == 0 ? 8.0 : 1.0)); /* a few large values */
-    Mat m = {.type = type, .rows = rows, .cols = cols, .w = w, .sz = sz, .group = 32};
+    Mat m = {.type = type, .rows = rows, .cols = cols, .w = w, .sz = sz, .group = group};
     for (int r = 0; r < rows; r++)
         for (int k = 0; k < cols; k++) {
             const size_t i = (size_t)r * cols + k;
             double v;
             if (type == W_INT4) {
                 if (k % 2 == 0) ((uint8_t *)w)[i / 2] = (uint8_t)((rng >> 7) & 0xff), uniform();
-                const int g = k / 32;
-                if (k % 32 == 0) {
-                    sz[((size_t)r * (cols / 32) + g) * 2] = f32_to_bf16((float)uniform() / 8);
-                    sz[((size_t)r * (cols / 32) + g) * 2 + 1] = f32_to_bf16((float)uniform() / 8);
+                const size_t at = ((size_t)r * (cols / group) + k / group) * 2;
+                if (k % group == 0) {
+                    sz[at] = f32_to_bf16((float)uniform() / 8);
+                    sz[at + 1] = f32_to_bf16((float)uniform() / 8);
                 }
                 const int q = k % 2 ? ((uint8_t *)w)[i / 2] >> 4 : ((uint8_t *)w)[i / 2] & 15;
-                v = (q - 8) * (double)bf16_to_f32(sz[((size_t)r * (cols / 32) + g) * 2]) +
-                    bf16_to_f32(sz[((size_t)r * (cols / 32) + g) * 2 + 1]);
+                v = (q - 8) * (double)bf16_to_f32(sz[at]) + bf16_to_f32(sz[at + 1]);
             } else {
                 const float f = (float)uniform();
                 if (type == W_INT8) ((int8_t *)w)[i] = (int8_t)lrint(f * 127);
@@ -184,16 +184,17 @@ static int run_kernels(void) {
     static const char *sets[] = {"neon-dotprod", "neon", "generic"};
     static const char *names[] = {"int8", "bf16", "f16", "f32", "int4"};
     static const int shapes[][2] = {{1, 16}, {7, 37}, {33, 200}, {130, 576}, {5, 4096}};
-    static const int int4_shapes[][2] = {{1, 32}, {7, 64}, {33, 576}, {130, 1536}};
+    /* rows, columns, group: the default group of 32 and larger ones (several blocks a group) */
+    static const int int4_shapes[][3] = {{1, 32, 32}, {7, 64, 32}, {33, 576, 32}, {130, 1536, 32}, {9, 512, 128}, {6, 384, 64}};
     int bad = 0;
     for (int s = 0; s < 3; s++) {
         if (set_isa(sets[s])) continue;
         for (int type = 0; type <= W_INT4; type++) {
             double worst = 0;
-            const int count = type == W_INT4 ? 4 : 5;
+            const int count = type == W_INT4 ? 6 : 5;
             for (int i = 0; i < count; i++) {
-                const double e = type == W_INT4 ? check(type, int4_shapes[i][0], int4_shapes[i][1])
-                                                : check(type, shapes[i][0], shapes[i][1]);
+                const double e = type == W_INT4 ? check(type, int4_shapes[i][0], int4_shapes[i][1], int4_shapes[i][2])
+                                                : check(type, shapes[i][0], shapes[i][1], 32);
                 worst = e > worst ? e : worst;
             }
             printf("%-13s %-5s worst error %.2e of the largest output\n", sets[s], names[type], worst);

@@ -2,10 +2,11 @@
 (aarch64-linux-gnu-gcc -O3), disassembles each kernel and prints its hottest inner loop (the
 one with the most multiply instructions per instruction) and the instructions it spends per 64 weights.
 
-A loop's weights are read off its multiplies: a float FMA (fmla) meets 4 weights, an sdot
-16 activation bytes, i.e. 16/3 weights at three activation bytes (dotprod.c's 24 bits) in
-the decode kernels. In the prompt tiles an fmla is 4 tokens x 1 weight, so they count
-weights x tokens. A decode loop has no reason to store: its
+A loop's weights are read off the instructions each weight passes once: a float FMA (fmla)
+meets 4 weights, a conversion (scvtf, ucvtf) makes 4, a table lookup (tbl) 8 (two a code),
+an sdot takes 16 activation bytes, i.e. 16/3 weights at three activation bytes (dotprod.c's
+24 bits). In the prompt tiles an fmla is 4 tokens x 1 weight, so they count weights x
+tokens. A decode loop has no reason to store: its
 stores are accumulators GCC keeps in memory.
 
     python tests/arm/loops.py [--show FUNCTION]
@@ -23,11 +24,11 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parents[2] / "edgepack" / "runtime" / "engine" / "csrc"
 CC, OBJDUMP = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump"
 FLAGS = ["-O3", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno"]  # setup.py's
-# kernel: the weights (or weight x tokens) one multiply stands for
+# kernel: {instruction: the weights (prompt tiles: weights x tokens) one stands for}
 KERNELS = {
-    "gemv_int8": ("fmla", 4), "gemv_bf16": ("fmla", 4), "gemv_f16": ("fmla", 4), "gemv_f32": ("fmla", 4),
-    "int4_rows": ("fmla", 4), "gemv_int8_dotprod": ("sdot", 16 / 3), "int4_rows_dotprod": ("sdot", 16 / 3),
-    "tile_8_3": ("fmla", 4),
+    "gemv_int8": {"scvtf": 4}, "gemv_bf16": {"fmla": 4}, "gemv_f16": {"fmla": 4}, "gemv_f32": {"fmla": 4},
+    "int4_rows": {"ucvtf": 4, "tbl": 8}, "gemv_int8_dotprod": {"sdot": 16 / 3},
+    "int4_rows_dotprod": {"sdot": 16 / 3}, "tile_8_3": {"fmla": 4},
 }
 # An int4 kernel's densest loop is its block loop, all that runs for large groups; at the
 # default group of 32 a block is a group, so the loop that also reads the group's (s, z)
@@ -84,9 +85,9 @@ def main() -> int:
             funcs.update(disassemble(source, Path(tmp), csrc))
     print(f"{'kernel':<24} {'loop insns':>10} {'weights':>8} {'per 64 w':>8} {'stores':>6}  mix")
     rows = []
-    for name, (mul, per) in KERNELS.items():
-        found = [b for b in loops(funcs[name]) if any(op == mul for _, op, _ in b)]
-        weights = lambda b: sum(op == mul for _, op, _ in b) * per  # noqa: E731
+    for name, per in KERNELS.items():
+        weights = lambda b: sum(per.get(op, 0) for _, op, a in b if "v" in a)  # noqa: E731 (vector forms)
+        found = [b for b in loops(funcs[name]) if weights(b)]
         block = max(found, key=lambda b: weights(b) / len(b))
         rows.append((name, block, weights(block)))
         if name.startswith("int4"):  # a loop holding the block loop runs it once a group of 32
