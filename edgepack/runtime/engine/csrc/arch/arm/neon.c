@@ -244,13 +244,41 @@ static void attn(const float *q, const uint16_t *K, const uint16_t *V, int n, in
 
 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 
-/* prompt tiles: 8 rows x 3 registers of 4 tokens = 24 accumulators, 3 input loads and 8
- * broadcast loads (ld1r) of 32 registers */
-static inline float32x4_t zero4(void) { return vdupq_n_f32(0.f); }
-static inline float32x4_t bcast4(float v) { return vdupq_n_f32(v); }
-static inline float32x4_t fma4(float32x4_t a, float32x4_t b, float32x4_t c) { return vfmaq_f32(c, a, b); }
-#define EP_TILE_NEON(RB, TV) \
-    EP_GEMM_TILE(tile_##RB##_##TV, , float32x4_t, 4, RB, TV, zero4, vld1q_f32, bcast4, fma4, vst1q_f32)
+/* prompt tiles (kernels.h's EP_GEMM_TILE, written out): RB rows x TV registers of 4 tokens,
+ * 8 x 3 = 24 accumulators, 3 input loads and 8 broadcast loads (ld1r) of 32 registers. The
+ * accumulators are named variables: as an array GCC kept them in memory, a store per FMA;
+ * and the 8 x 3 tile keeps each row's load beside its FMAs (all 8 hoisted, 35 registers
+ * would be live). */
+#define T_ACC(i, RB)                                                              \
+    float32x4_t a##i##0 = vdupq_n_f32(0.f), a##i##1 = a##i##0, a##i##2 = a##i##0; \
+    const float *w##i = w + (size_t)((i) < RB ? (i) : 0) * K
+#define T_FMA(i, RB, TV)                                       \
+    if ((i) < RB) {                                            \
+        const float32x4_t b = vld1q_dup_f32(w##i++);           \
+        a##i##0 = vfmaq_f32(a##i##0, b, x0);                   \
+        if (TV > 1) a##i##1 = vfmaq_f32(a##i##1, b, x1);       \
+        if (TV > 2) a##i##2 = vfmaq_f32(a##i##2, b, x2);       \
+        if (RB * TV >= 24) __asm__ volatile("" ::: "memory");   \
+    }
+#define T_OUT(i, RB, TV)                                       \
+    if ((i) < RB) {                                            \
+        vst1q_f32(raw + (i) * TV * 4, a##i##0);                \
+        if (TV > 1) vst1q_f32(raw + (i) * TV * 4 + 4, a##i##1); \
+        if (TV > 2) vst1q_f32(raw + (i) * TV * 4 + 8, a##i##2); \
+    }
+#define EP_TILE_NEON(RB, TV)                                                                      \
+    static void tile_##RB##_##TV(const float *w, int K, const float *xt, int ldx, float *raw) {  \
+        T_ACC(0, RB); T_ACC(1, RB); T_ACC(2, RB); T_ACC(3, RB);                                   \
+        T_ACC(4, RB); T_ACC(5, RB); T_ACC(6, RB); T_ACC(7, RB);                                   \
+        for (int k = 0; k < K; k++, xt += ldx) {                                                  \
+            const float32x4_t x0 = vld1q_f32(xt), x1 = TV > 1 ? vld1q_f32(xt + 4) : x0;           \
+            const float32x4_t x2 = TV > 2 ? vld1q_f32(xt + 8) : x0;                               \
+            T_FMA(0, RB, TV) T_FMA(1, RB, TV) T_FMA(2, RB, TV) T_FMA(3, RB, TV)                   \
+            T_FMA(4, RB, TV) T_FMA(5, RB, TV) T_FMA(6, RB, TV) T_FMA(7, RB, TV)                   \
+        }                                                                                         \
+        T_OUT(0, RB, TV) T_OUT(1, RB, TV) T_OUT(2, RB, TV) T_OUT(3, RB, TV)                       \
+        T_OUT(4, RB, TV) T_OUT(5, RB, TV) T_OUT(6, RB, TV) T_OUT(7, RB, TV)                       \
+    }
 EP_TILE_NEON(8, 1)
 EP_TILE_NEON(8, 2)
 EP_TILE_NEON(8, 3)
