@@ -217,6 +217,33 @@ static inline __attribute__((always_inline)) uint32x4_t pairs4(const uint16_t *s
         f3 = vfmaq_laneq_f32(f3, dot32(e3, o3, a), sd, 3);                  \
     }
 
+/* Groups of 32 four at a time: row i's four (s, z) pairs are one 16-byte load, so its
+ * scales times d (sd_i) and its constants (c_is, one lane a group) take six instructions
+ * for four blocks; block j of the four then meets lane j of each row's sd */
+#define DP_INT4_ROW4(i, g)                                                                        \
+    float32x4_t sd##i;                                                                            \
+    {                                                                                             \
+        const uint32x4_t pr = vld1q_u32((const uint32_t *)(sz + (i) * stride + 2 * (g)));         \
+        const float32x4_t s = vreinterpretq_f32_u32(vshlq_n_u32(pr, 16));                         \
+        const float32x4_t z = vreinterpretq_f32_u32(vandq_u32(pr, vdupq_n_u32(0xffff0000u)));     \
+        c##i##s = vfmaq_f32(c##i##s, vfmaq_n_f32(z, s, -8.f), x4);                                \
+        sd##i = vmulq_f32(s, d4);                                                                 \
+    }
+#define DP_INT4_BLOCK_LANE(bk, j)                                           \
+    {                                                                       \
+        const Digits a = digits(q + 96 * (bk));                             \
+        const int k = 16 * (bk);                                            \
+        DP_NIBBLES(c0, k, e0, o0);                                          \
+        f0 = vfmaq_laneq_f32(f0, dot32(e0, o0, a), sd0, j);                 \
+        DP_NIBBLES(c1, k, e1, o1);                                          \
+        f1 = vfmaq_laneq_f32(f1, dot32(e1, o1, a), sd1, j);                 \
+        DP_NIBBLES(c2, k, e2, o2);                                          \
+        f2 = vfmaq_laneq_f32(f2, dot32(e2, o2, a), sd2, j);                 \
+        DP_NIBBLES(c3, k, e3, o3);                                          \
+        f3 = vfmaq_laneq_f32(f3, dot32(e3, o3, a), sd3, j);                 \
+        __asm__ volatile("" ::: "memory"); /* the next block's loads after these sums */ \
+    }
+
 DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float *y) {
     const int K = m->cols, half = K / 2, G = m->group, ng = K / G, per = G / 32, nb = K / 32;
     if (K > DP_MAX_K) {
@@ -241,12 +268,27 @@ DP void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float
         prefetch_row(c0, 4 * (size_t)half);
         prefetch_row(sz, 4 * stride * 2);
         float32x4_t f0 = vdupq_n_f32(0.f), f1 = f0, f2 = f0, f3 = f0, cst = f0;
-        if (per == 1) /* the default group of 32: one block a group, no inner loop */
-            for (int g = 0; g < ng; g++) {
+        if (per == 1) { /* the default group of 32: a block a group, four groups a pass */
+            float32x4_t c0s = cst, c1s = cst, c2s = cst, c3s = cst;
+            int g = 0;
+            for (; g + 4 <= ng; g += 4) {
+                const float32x4_t x4 = vld1q_f32(xs + g), d4 = vld1q_f32(d + g);
+                DP_INT4_ROW4(0, g);
+                DP_INT4_ROW4(1, g);
+                DP_INT4_ROW4(2, g);
+                DP_INT4_ROW4(3, g);
+                DP_INT4_BLOCK_LANE(g, 0);
+                DP_INT4_BLOCK_LANE(g + 1, 1);
+                DP_INT4_BLOCK_LANE(g + 2, 2);
+                DP_INT4_BLOCK_LANE(g + 3, 3);
+            }
+            cst = vsetq_lane_f32(vaddvq_f32(c0s), cst, 0), cst = vsetq_lane_f32(vaddvq_f32(c1s), cst, 1);
+            cst = vsetq_lane_f32(vaddvq_f32(c2s), cst, 2), cst = vsetq_lane_f32(vaddvq_f32(c3s), cst, 3);
+            for (; g < ng; g++) {
                 DP_INT4_GROUP(g);
                 DP_INT4_BLOCK(g);
             }
-        else
+        } else
             for (int g = 0; g < ng; g++) {
                 DP_INT4_GROUP(g);
                 for (int bk = g * per; bk < (g + 1) * per; bk++) DP_INT4_BLOCK(bk);
