@@ -3,7 +3,8 @@
 one with the most multiply instructions per instruction) and the instructions it spends per 64 weights.
 
 A loop's weights are read off the instructions each weight passes once: a float FMA (fmla)
-meets 4 weights, a conversion (scvtf, ucvtf) makes 4, a table lookup (tbl) 8 (two a code),
+meets 4 weights, a conversion (scvtf, ucvtf) makes 4, a 16-bit multiply(-add) (smlal, smull)
+meets 2 (4 products, two digits a weight), a table lookup (tbl) 8 (two a code),
 an sdot takes 16 activation bytes, i.e. 16/3 weights at three activation bytes (dotprod.c's
 24 bits). In the prompt tiles an fmla is 4 tokens x 1 weight, so they count weights x
 tokens. A decode loop has no reason to store: its
@@ -26,14 +27,18 @@ CC, OBJDUMP = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump"
 FLAGS = ["-O3", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno"]  # setup.py's
 # kernel: {instruction: the weights (prompt tiles: weights x tokens) one stands for}
 KERNELS = {
-    "gemv_int8": {"scvtf": 4}, "gemv_bf16": {"fmla": 4}, "gemv_f16": {"fmla": 4}, "gemv_f32": {"fmla": 4},
+    "gemv_int8_i16": {"smlal": 2, "smlal2": 2, "smull": 2, "smull2": 2}, "gemv_int8": {"scvtf": 4},
+    "gemv_bf16": {"fmla": 4}, "gemv_f16": {"fmla": 4}, "gemv_f32": {"fmla": 4},
     "int4_rows": {"ucvtf": 4, "tbl": 8}, "gemv_int8_dotprod": {"sdot": 16 / 3},
     "int4_rows_dotprod": {"sdot": 16 / 3}, "tile_8_3": {"fmla": 4},
 }
 # An int4 kernel's densest loop is its block loop, all that runs for large groups; at the
-# default group of 32 a block is a group, so the loop that also reads the group's (s, z)
-# pairs (scalar bfloat16 loads: ldrh; four rows' pairs gathered: ld1) runs once a block.
-GROUP_OPS = ("ldrh", "ld1", "ld1r")
+# default group of 32 a block is a group, so the loop that also turns the groups' bfloat16
+# scales into float32 (a shift left by 16: shl, lsl) runs once a block (or once four).
+def converts_scales(op: str, args: str) -> bool:
+    return op in ("shl", "lsl") and args.endswith("#16")
+
+
 LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 FUNC = re.compile(r"^[0-9a-f]+ <(\w+)>:$")
 BRANCH = re.compile(r"^(b\.\w+|b|cbn?z|tbn?z)$")
@@ -87,12 +92,14 @@ def main() -> int:
     rows = []
     for name, per in KERNELS.items():
         weights = lambda b: sum(per.get(op, 0) for _, op, a in b if "v" in a)  # noqa: E731 (vector forms)
+        if name not in funcs:  # a kernel another revision lacks
+            continue
         found = [b for b in loops(funcs[name]) if weights(b)]
         block = max(found, key=lambda b: weights(b) / len(b))
         rows.append((name, block, weights(block)))
         if name.startswith("int4"):  # a loop holding the block loop runs it once a group of 32
             held = lambda b: weights(block) if block[0] in b else weights(b)  # noqa: E731
-            grouped = [b for b in found if any(op in GROUP_OPS for _, op, _ in b)]
+            grouped = [b for b in found if any(converts_scales(op, a) for _, op, a in b)]
             group = max(grouped, key=lambda b: held(b) / len(b))
             rows.append((name + "@G32", group, held(group)))
     for name, body, weights in rows:

@@ -119,10 +119,138 @@ static inline __attribute__((always_inline)) void ld16_f32(const void *p, size_t
             y[r] = s0;                                                                          \
         }                                                                                       \
     }
-EP_NEON_ROWS(int8)
+EP_NEON_ROWS(int8) /* gemv_int8: rows longer than I16_MAX_K */
 EP_NEON_ROWS(bf16)
 EP_NEON_ROWS(f16)
 EP_NEON_ROWS(f32)
+
+/* int8 rows in integers: each activation rounded to 24 bits, float32's precision, as two
+ * 16-bit digits x ~ d (256 hi + lo), |hi| <= 32767, lo in [-128, 127], d = max|x| / 8388479
+ * over a span of 128 inputs; widened to 16 bits, each weight meets both digits in multiply-
+ * accumulates into 32-bit lanes (smlal): 4 a 4 weights where converting to float and an FMA
+ * took 6. A lane adds 32 products a span, |w hi| <= 128 x 32767: 2^27, in range. Digits of
+ * 16 inputs at q + 32 s (in int16): 16 hi, 16 lo. */
+#define I16_LEVELS 8388479.f /* 32767 x 256 + 127 */
+#define I16_SPAN 8           /* 16-input steps a span: 128 inputs share d */
+#define I16_MAX_K 16384      /* stack bytes 4 K + K / 32 */
+
+static inline __attribute__((always_inline)) void quant16(const float *x, float inv, int16_t *q) {
+    const int32x4_t top = vdupq_n_s32((int)I16_LEVELS), half = vdupq_n_s32(128);
+    for (int i = 0; i < 4; i += 2) {
+        int32x4_t h[2], l[2];
+        for (int j = 0; j < 2; j++) {
+            /* the largest |x| times inv may round one past I16_LEVELS */
+            const int32x4_t r = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + 4 * (i + j)), inv));
+            const int32x4_t v = vmaxq_s32(vminq_s32(r, top), vnegq_s32(top));
+            h[j] = vshrq_n_s32(vaddq_s32(v, half), 8);
+            l[j] = vsubq_s32(v, vshlq_n_s32(h[j], 8));
+        }
+        vst1q_s16(q + 4 * i, vcombine_s16(vmovn_s32(h[0]), vmovn_s32(h[1])));
+        vst1q_s16(q + 16 + 4 * i, vcombine_s16(vmovn_s32(l[0]), vmovn_s32(l[1])));
+    }
+}
+
+#define I16_ZERO(i) int32x4_t h##i = vdupq_n_s32(0), l##i = h##i
+#define I16_ROW(i, p)                                                                       \
+    {                                                                                       \
+        const int8x16_t b = vld1q_s8(p);                                                    \
+        const int16x8_t w0 = vmovl_s8(vget_low_s8(b)), w1 = vmovl_high_s8(b);               \
+        h##i = vmlal_high_s16(vmlal_s16(h##i, vget_low_s16(w0), vget_low_s16(xh0)), w0, xh0); \
+        h##i = vmlal_high_s16(vmlal_s16(h##i, vget_low_s16(w1), vget_low_s16(xh1)), w1, xh1); \
+        l##i = vmlal_high_s16(vmlal_s16(l##i, vget_low_s16(w0), vget_low_s16(xl0)), w0, xl0); \
+        l##i = vmlal_high_s16(vmlal_s16(l##i, vget_low_s16(w1), vget_low_s16(xl1)), w1, xl1); \
+    }
+#define I16_JOIN(i, dv) \
+    f##i = vfmaq_n_f32(f##i, vfmaq_n_f32(vcvtq_f32_s32(l##i), vcvtq_f32_s32(h##i), 256.f), dv)
+#define I16_DIGITS(qs)                                                 \
+    const int16x8_t xh0 = vld1q_s16(qs), xh1 = vld1q_s16((qs) + 8);    \
+    const int16x8_t xl0 = vld1q_s16((qs) + 16), xl1 = vld1q_s16((qs) + 24)
+
+#define I16_PF4                                                                            \
+    if (EP_PF) {                                                                           \
+        __builtin_prefetch(p0 + EP_PF), __builtin_prefetch(p1 + EP_PF);                    \
+        __builtin_prefetch(p2 + EP_PF), __builtin_prefetch(p3 + EP_PF);                    \
+    }
+/* step t of a pass: 16 inputs' digits, 16 weights of each of the four rows */
+#define I16_STEP4(t)                                                  \
+    {                                                                 \
+        I16_DIGITS(qs + 32 * (t));                                    \
+        I16_ROW(0, p0 + 16 * (t));                                    \
+        I16_ROW(1, p1 + 16 * (t));                                    \
+        I16_ROW(2, p2 + 16 * (t));                                    \
+        I16_ROW(3, p3 + 16 * (t));                                    \
+        __asm__ volatile("" ::: "memory"); /* the next step's loads after these sums */ \
+    }
+
+static void gemv_int8_i16(const void *W, const float *x, int K, int r0, int r1, float *y) {
+    if (K > I16_MAX_K) {
+        gemv_int8(W, x, K, r0, r1, y);
+        return;
+    }
+    const int ns16 = K / 16, kq = ns16 * 16, nsp = (ns16 + I16_SPAN - 1) / I16_SPAN;
+    int16_t q[2 * kq + 1];
+    float d[nsp + 1];
+    for (int sp = 0; sp < nsp; sp++) {
+        const int s0 = sp * I16_SPAN, s1 = s0 + I16_SPAN < ns16 ? s0 + I16_SPAN : ns16;
+        float32x4_t m = vdupq_n_f32(0.f);
+        for (int k = 16 * s0; k < 16 * s1; k += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(x + k)));
+        const float amax = vmaxvq_f32(m), inv = amax > 0.f ? I16_LEVELS / amax : 0.f;
+        for (int st = s0; st < s1; st++) quant16(x + 16 * st, inv, q + 32 * st);
+        d[sp] = amax / I16_LEVELS;
+    }
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const int8_t *p0 = (const int8_t *)W + (size_t)r * K, *p1 = p0 + K, *p2 = p1 + K, *p3 = p2 + K;
+        float32x4_t f0 = vdupq_n_f32(0.f), f1 = f0, f2 = f0, f3 = f0;
+        const int16_t *qs = q;
+        for (int sp = 0; sp < nsp; sp++) {
+            I16_ZERO(0);
+            I16_ZERO(1);
+            I16_ZERO(2);
+            I16_ZERO(3);
+            if (sp < ns16 / I16_SPAN) /* a whole span: two passes of four steps, each a 64-byte line of each row */
+                _Pragma("GCC unroll 2") for (int j = 0; j < I16_SPAN; j += 4, qs += 128, p0 += 64, p1 += 64, p2 += 64, p3 += 64) {
+                    I16_PF4;
+                    I16_STEP4(0);
+                    I16_STEP4(1);
+                    I16_STEP4(2);
+                    I16_STEP4(3);
+                }
+            else
+                for (int j = sp * I16_SPAN; j < ns16; j++, qs += 32, p0 += 16, p1 += 16, p2 += 16, p3 += 16) {
+                    I16_PF4;
+                    I16_STEP4(0);
+                }
+            I16_JOIN(0, d[sp]);
+            I16_JOIN(1, d[sp]);
+            I16_JOIN(2, d[sp]);
+            I16_JOIN(3, d[sp]);
+        }
+        p0 -= kq, p1 -= kq, p2 -= kq, p3 -= kq;
+        float s0 = vaddvq_f32(f0), s1 = vaddvq_f32(f1), s2 = vaddvq_f32(f2), s3 = vaddvq_f32(f3);
+        for (int k = kq; k < K; k++) s0 += p0[k] * x[k], s1 += p1[k] * x[k], s2 += p2[k] * x[k], s3 += p3[k] * x[k];
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < r1; r++) {
+        const int8_t *p0 = (const int8_t *)W + (size_t)r * K;
+        float32x4_t f0 = vdupq_n_f32(0.f);
+        const int16_t *qs = q;
+        for (int sp = 0; sp < nsp; sp++) {
+            I16_ZERO(0);
+            const int n = sp < nsp - 1 ? I16_SPAN : ns16 - sp * I16_SPAN;
+            for (int j = 0; j < n; j++, qs += 32, p0 += 16) {
+                if (EP_PF) __builtin_prefetch(p0 + EP_PF);
+                I16_DIGITS(qs);
+                I16_ROW(0, p0);
+            }
+            I16_JOIN(0, d[sp]);
+        }
+        p0 -= kq;
+        float s0 = vaddvq_f32(f0);
+        for (int k = kq; k < K; k++) s0 += p0[k] * x[k];
+        y[r] = s0;
+    }
+}
 
 /* int4 rows (kernels.h explains the sum). A code's weight q - 8 (-8..7) is a bfloat16 whose
  * two bytes two table lookups give, 16 codes at a time; zipped and shifted they are float32:
@@ -298,7 +426,7 @@ static void bf16_to_f16_neon(const uint16_t *s, uint16_t *d, size_t n) {
 }
 
 const Kernels kernels_neon = {
-    "neon", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles_neon, bf16_to_f16_neon,
+    "neon", {gemv_int8_i16, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles_neon, bf16_to_f16_neon,
 };
 
 /* the dot-product set: its own integer kernels (dotprod.c), the rest as above */
