@@ -195,3 +195,19 @@ def test_fewer_activation_bits_miss_the_bound(bundles, tmp_path):
             print(f"\ncortex-a76  {bits}-bit activations {weights:<5} worst logit error {worst[bits, weights]:.1e} of the largest", end="")
     assert min(worst[8, w] for w in ("int8", "int4")) > 1e-4
     assert all(worst[16, w] < worst[8, w] / 30 for w in ("int8", "int4"))
+
+
+def test_inner_loops_keep_accumulators_in_registers():
+    """The speed case on paper (loops.py): no decode kernel's or prompt tile's inner loop
+    stores (GCC kept accumulator arrays in memory, a store each step), and the dot-product
+    kernels spend fewer instructions per weight than the NEON ones they replace."""
+    sys.path.insert(0, str(HERE))
+    from loops import figures
+
+    per64 = {}
+    for name, body, weights in figures():
+        stores = [f"{op} {args}" for _, op, args in body if op.startswith("st")]
+        assert not stores, f"{name}: {stores}"
+        per64[name] = len(body) * 64 / weights
+    assert per64["gemv_int8_dotprod"] < per64["gemv_int8_i16"]
+    assert per64["int4_rows_dotprod@G32"] < per64["int4_rows@G32"]
