@@ -1,7 +1,9 @@
-/* NEON kernels with float32 activations (every aarch64 CPU: Raspberry Pi 4's Cortex-A72 on):
- * 4 float32 lanes, 32 registers. Weights are widened to float32 in registers and meet the
- * activations in FMAs, so results are the x86 kernels' to float32 rounding. The dot-product
- * set (dotprod.c) takes the 16-bit float rows, attention and the prompt tiles from here. */
+/* NEON kernels (every aarch64 CPU: Raspberry Pi 4's Cortex-A72 on): 4 float32 lanes, 32
+ * registers. Float and int4 weights are widened to float32 in registers and meet float32
+ * activations in FMAs; int8 rows meet 24-bit integer activations in 16-bit multiply-adds
+ * (gemv_int8_i16); either way results are the x86 kernels' to float32 rounding. The
+ * dot-product set (dotprod.c) takes the 16-bit float rows, attention and the prompt tiles
+ * from here. */
 #include "../../kernels.h"
 
 #if EP_ARM
