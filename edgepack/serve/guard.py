@@ -446,7 +446,7 @@ class PromptGate:
         if roles > ROLES_PER_MESSAGE * self.context:
             # before json.loads, which holds the GIL (the event loop's too) for the whole parse and
             # makes ~9 bytes of Python objects of each byte of a list of small messages
-            raise self.too_many_messages(roles // ROLES_PER_MESSAGE)
+            raise self.too_many_messages(roles // ROLES_PER_MESSAGE, at_least=True)
         try:
             value = json.loads(body)  # RequestGuard capped the body's size and the time it took
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -458,10 +458,10 @@ class PromptGate:
             raise self.too_many_messages(len(messages))
         return parse(value)
 
-    def too_many_messages(self, n: int) -> ApiError:
+    def too_many_messages(self, n: int, at_least: bool = False) -> ApiError:
         # chat templates mark every message with its role: at least a token each
-        return ApiError(400, f"this model's maximum context length is {self.context} tokens; {n:,} messages "
-                        "cannot fit", param="messages", code="context_length_exceeded")
+        return ApiError(400, f"this model's maximum context length is {self.context} tokens; "
+                        f"{'over ' if at_least else ''}{n:,} messages cannot fit", param="messages", code="context_length_exceeded")
 
     async def count(self, prompt: Any, chat: bool) -> int:
         """Prompt tokens, or a number over the context when the prompt cannot fit."""
