@@ -184,7 +184,17 @@ def _headers(scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
+def closing(err: ApiError) -> ApiError:
+    """The error closes the connection: the request's body has not been read, and the rest of
+    it (up to the cap, or 15 MB of a refused upload) would otherwise be read and thrown away
+    on the event loop before the connection could serve another request."""
+    err.headers["Connection"] = "close"
+    return err
+
+
 async def send_error(send, err: ApiError) -> None:
+    """Answer before the app runs (the body unread): the connection is closed after."""
+    err = closing(err)
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -286,13 +296,13 @@ class RequestGuard:
             share.release()
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_body_bytes:,} bytes (--max-body-bytes)")
+        return closing(ApiError(413, f"the request body is over {self.max_body_bytes:,} bytes (--max-body-bytes)"))
 
     def _busy(self) -> ApiError:
         err = ApiError(503, f"the server is busy reading {self.bodies_at_once} large request bodies; retry shortly",
                        type="server_overloaded", code="bodies_busy")
         err.headers["Retry-After"] = "1"
-        return err
+        return closing(err)
 
     def _bounded(self, receive, share: _BodyShare):
         started, received, done = time.monotonic(), 0, False
@@ -305,8 +315,8 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
             except asyncio.TimeoutError:
-                raise ApiError(408, f"the request body did not arrive in time (a pause over "
-                               f"{BODY_IDLE_SECONDS:g} s, or over {BODY_SECONDS:g} s in all)") from None
+                raise closing(ApiError(408, f"the request body did not arrive in time (a pause over "
+                                       f"{BODY_IDLE_SECONDS:g} s, or over {BODY_SECONDS:g} s in all)")) from None
             if message["type"] == "http.request":
                 chunk = len(message.get("body", b""))
                 received += chunk
@@ -351,7 +361,7 @@ def _over_limit_app(limit: int):
     async def over_limit(scope, receive, send):
         err = ApiError(503, f"the server is busy: over {limit} connections are open; retry shortly",
                        type="server_overloaded", code="too_many_connections")
-        err.headers.update({"Retry-After": "1", "Connection": "close"})
+        err.headers["Retry-After"] = "1"
         await send_error(send, err)
 
     return over_limit
