@@ -28,16 +28,21 @@ def server_memory(lm, *, parallel: int, context: int, cache_bytes: int, max_body
                                  cache_bytes=cache_bytes, max_body_bytes=max_body_bytes, max_held=MAX_HELD)
 
 
-def default_parallel(lm, *, context: int, cache_bytes: int, max_body_bytes: int) -> int:
-    """DEFAULT_MAX_PARALLEL slots, fewer where the planner's peak for them (with its headroom)
-    is more than this process holds now plus what it may still take (RAM or cgroup limit);
-    1 with the torch backend."""
-    if lm.backend != "native":
-        return 1
+def memory_for_serving() -> int:
+    """What this process may hold in all: what it holds now (the model is loaded) plus what it
+    may still take (RAM, or its cgroup's limit)."""
     import psutil
 
     from edgepack.runtime.memory import budget
 
-    total = psutil.Process().memory_info().rss + budget().available_bytes
+    return psutil.Process().memory_info().rss + budget().available_bytes
+
+
+def default_parallel(lm, *, context: int, cache_bytes: int, max_body_bytes: int, budget_bytes: int | None = None) -> int:
+    """DEFAULT_MAX_PARALLEL slots, fewer where the planner's peak for them (with its headroom)
+    is more than ``budget_bytes`` (default: memory_for_serving()); 1 with the torch backend."""
+    if lm.backend != "native":
+        return 1
+    total = memory_for_serving() if budget_bytes is None else budget_bytes
     return fit_parallel(total, shape_of(lm), most=DEFAULT_MAX_PARALLEL, weights_bytes=_weights_bytes(lm),
                         context=context, cache_bytes=cache_bytes, max_body_bytes=max_body_bytes, max_held=MAX_HELD)
