@@ -150,3 +150,12 @@ def test_context_option_bounds_requests(lm):
         assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
         assert "maximum context length is 16 tokens" in response.json()["error"]["message"]
         live.post("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4})
+
+
+@pytest.mark.parametrize("option, value", [("--context", "1"), ("--parallel", "0"), ("--cache-bytes", "-1")])
+def test_bad_serve_numbers_are_one_line_errors(packed, capsys, option, value):
+    from edgepack.cli import main as cli_main
+
+    assert cli_main(["serve", str(packed("llama", 8)), option, value]) != 0
+    err = capsys.readouterr().err
+    assert f"error: {option} must be" in err and "hint:" in err and "Traceback" not in err
