@@ -25,15 +25,18 @@ import math
 from dataclasses import dataclass, field
 
 from edgepack.plan.model import ModelDescription
-from edgepack.plan.sizing import HEADROOM_FRACTION, HEADROOM_MIN_BYTES, NATIVE, NATIVE_THREADS, TOKENIZER_BYTES_PER_TOKEN, kv_cache_bytes
+from edgepack.plan.sizing import (
+    HEADROOM_FRACTION, HEADROOM_MIN_BYTES, NATIVE, NATIVE_THREADS, TOKENIZER_BYTES_PER_TOKEN, kv_cache_bytes,
+)
 from edgepack.runtime.constants import PROMPT_CHUNK, PROMPT_ROWS
 
 MIB = 1 << 20
 # The server process before any weight, tokenizer or cache: the interpreter, edgepack's
 # runtime and C module, psutil, FastAPI, Starlette, pydantic, uvicorn and h11, its threads'
 # stacks. Measured by tests/bench/serve_memory.py --overhead on 2026-12-07 (x86-64 Linux,
-# Python 3.11, fastapi 0.12x, uvicorn 0.3x): RSS of `edgepack serve` on the test suite's
-# tiny bundle, idle after one request, minus that bundle's weights, tokenizers and caches.
+# Python 3.11, fastapi 0.165, uvicorn 0.55, pydantic 2.14): RSS of `edgepack serve` on the
+# test suite's tiny bundle, idle after one request (57.8 MiB), minus that bundle's weights,
+# tokenizers, caches and engine scratch (0.8 MiB).
 SERVER_BASELINE_BYTES = 57 * MIB
 SERVER_BASELINE_SOURCE = "measured by tests/bench/serve_memory.py --overhead, x86-64 Linux, Python 3.11, 2026-12-07"
 # Python objects json.loads and the request parser make of a body, per byte of it: a chat

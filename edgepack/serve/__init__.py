@@ -11,9 +11,9 @@ Or from Python, with the official client:
     client.chat.completions.create(model="smollm2-8bit", messages=[{"role": "user", "content": "Hi"}])
 
 One process serves one bundle, loaded once at start-up. Generation is CPU-bound and the
-model is not thread-safe, so a single worker thread generates one request at a time while
-the event loop keeps answering; requests wait in a bounded queue and a full queue answers
-503 with Retry-After, so a burst costs latency, never memory. A client that goes away
+model is not thread-safe, so a single worker thread generates up to ``--parallel`` requests
+at once, stepped together, while the event loop keeps answering; requests wait in a bounded
+queue and a full queue answers 503 with Retry-After, so a burst costs latency, never memory. A client that goes away
 cancels its request between two tokens. FastAPI and uvicorn are imported only when an
 app is made or served: ``edgepack run`` and ``import edgepack`` never pay for them.
 

@@ -471,7 +471,8 @@ class PromptGate:
     def too_many_messages(self, n: int, at_least: bool = False) -> ApiError:
         # chat templates mark every message with its role: at least a token each
         return ApiError(400, f"this model's maximum context length is {self.context} tokens; "
-                        f"{'over ' if at_least else ''}{n:,} messages cannot fit", param="messages", code="context_length_exceeded")
+                        f"{'over ' if at_least else ''}{n:,} messages cannot fit", param="messages",
+                        code="context_length_exceeded")
 
     async def count(self, prompt: Any, chat: bool) -> int:
         """Prompt tokens, or a number over the context when the prompt cannot fit."""
