@@ -51,7 +51,48 @@ def load_tokenizer(bundle: Path):
                    packages=("transformers",))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(bundle))
+    return TransformersTokenizer(AutoTokenizer.from_pretrained(str(bundle)))
+
+
+class TransformersTokenizer:
+    """transformers' tokenizer (a bundle without tokenizer.json) whose chat template is
+    rendered bounded, as BundleTokenizer's is: transformers renders it without a deadline or
+    a size limit. Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._compiled = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("tokenizer", "_compiled"):  # copy/pickle probe before __init__
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_compiled": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            **kwargs):
+        template = self.tokenizer.chat_template
+        if isinstance(template, dict):  # named templates: use "default"
+            template = template.get("default")
+        if not isinstance(template, str) or not template:
+            raise ChatTemplateError("this bundle's tokenizer has no chat template",
+                                    hint="send a plain prompt (without --chat)")
+        max_seconds = kwargs.pop("max_seconds", CHAT_TEMPLATE_SECONDS)
+        max_chars = kwargs.pop("max_chars", CHAT_TEMPLATE_MAX_CHARS)
+        if self._compiled is None:
+            self._compiled = _compile_template(template)
+        special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        variables = {**special, "messages": list(messages), "add_generation_prompt": add_generation_prompt, **kwargs}
+        text = render_bounded(self._compiled, variables, max_seconds=max_seconds, max_chars=max_chars)
+        return self.tokenizer.encode(text, add_special_tokens=False) if tokenize else text
 
 
 def _token_text(value: Any) -> str | None:

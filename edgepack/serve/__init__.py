@@ -11,14 +11,17 @@ Or from Python, with the official client:
     client.chat.completions.create(model="smollm2-8bit", messages=[{"role": "user", "content": "Hi"}])
 
 One process serves one bundle, loaded once at start-up. Generation is CPU-bound and the
-model is not thread-safe, so a single worker thread generates one request at a time while
-the event loop keeps answering; requests wait in a bounded queue and a full queue answers
-503 with Retry-After, so a burst costs latency, never memory. A client that goes away
+model is not thread-safe, so a single worker thread generates up to ``--parallel`` requests
+at once, stepped together, while the event loop keeps answering; requests wait in a bounded
+queue and a full queue answers 503 with Retry-After, so a burst costs latency, never memory. A client that goes away
 cancels its request between two tokens. FastAPI and uvicorn are imported only when an
 app is made or served: ``edgepack run`` and ``import edgepack`` never pay for them.
 
 Files: api.py (OpenAI request and reply shapes), worker.py (the generation thread),
-metrics.py (/metrics), app.py (routes and admission), guard.py (keys, hosts, body limits).
+prefix.py (KV caches kept for reuse), metrics.py (/metrics), app.py (routes and admission),
+guard.py (keys, hosts, body limits), memory.py (the planner's figure for this server's
+memory, edgepack/plan/serving.py: logged at start, on /metrics, and what sets the default
+--parallel).
 """
 
 import sys
@@ -30,7 +33,8 @@ from edgepack.serve.api import GenerationRequest, parse_chat, parse_completion
 from edgepack.serve.app import create_app
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, add_guard_arguments, guard_options
 from edgepack.serve.metrics import Metrics
-from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, Job, Worker, default_parallel
+from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, Job, Worker
+from edgepack.plan.serving import DEFAULT_MAX_PARALLEL
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_QUEUE", "GenerationRequest", "Job", "Metrics", "Worker",
            "create_app", "configure_parser", "main", "parse_chat", "parse_completion", "resolve_bundle", "serve"]
@@ -99,7 +103,7 @@ def resolve_bundle(ref: str) -> Path:
 
 
 def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int | None = None,
-          cache_bytes: int = DEFAULT_CACHE_BYTES,
+          cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None,
           model_name: str | None = None, log_level: str = "info", **guards) -> None:
     """Serve a loaded EdgeModel until interrupted (Ctrl-C, SIGTERM). ``guards``: create_app's
     max_body_bytes, api_keys, allowed_hosts, allowed_origins, docs."""
@@ -109,9 +113,22 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEF
     from edgepack.serve.guard import server_config
 
     app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, parallel=parallel,
-                     cache_bytes=cache_bytes, **guards)
+                     cache_bytes=cache_bytes, context=context, **guards)
     slots = app.state.worker.parallel
+    print(memory_line(app.state.memory, slots, parallel is None), file=sys.stderr)
     uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue + slots, log_level=log_level)).run()
+
+
+def memory_line(memory, slots: int, chosen: bool) -> str:
+    """The planner's figure for this server, one line for the log."""
+    from edgepack.plan.sizing import human
+
+    how = "as this box's memory allows" if chosen else "as asked"
+    if memory is None:
+        return f"{slots} slot(s) {how}; no memory prediction for the torch backend"
+    parts = ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in memory.parts.items() if v)
+    return (f"{slots} slot(s) {how}, {memory.context} tokens each: predicted peak RSS {human(memory.peak_bytes)} "
+            f"({parts})")
 
 
 def configure_parser(p) -> None:
@@ -125,8 +142,11 @@ def configure_parser(p) -> None:
         help=f"requests that may wait behind the one generating; more get 503 (default {DEFAULT_MAX_QUEUE})",
     )
     p.add_argument("--parallel", type=int, default=None, metavar="N",
-                   help=f"requests generated at once, stepped together (default {DEFAULT_PARALLEL}, fewer if memory is "
-                   "short; 1 with the torch backend)")
+                   help=f"requests generated at once, stepped together (default {DEFAULT_MAX_PARALLEL}, fewer where the "
+                   "planner's figure for the server's memory does not fit this box; 1 with the torch backend)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="tokens one request may hold, prompt and reply (default: the model's context); "
+                   "each slot's KV cache grows up to it")
     p.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
                    help="memory for the KV caches of recent requests, reused when a prompt starts the same "
                    f"(a chat's history); 0 turns reuse off (default {DEFAULT_CACHE_BYTES:,})")
@@ -142,6 +162,8 @@ def main(args) -> int:
         raise EdgepackError(f"--max-queue must be at least 1, not {args.max_queue}", hint="pass --max-queue 1 or more")
     if args.parallel is not None and args.parallel < 1:
         raise EdgepackError(f"--parallel must be at least 1, not {args.parallel}", hint="pass --parallel 4")
+    if args.context is not None and args.context < 2:
+        raise EdgepackError(f"--context must be at least 2 tokens, not {args.context}", hint="pass --context 4096")
     if args.cache_bytes < 0:
         raise EdgepackError(f"--cache-bytes must be 0 or more, not {args.cache_bytes}", hint="pass --cache-bytes 0 to turn reuse off")
     guards = guard_options(args)  # refuses an open bind without a key, before the model loads
@@ -159,6 +181,6 @@ def main(args) -> int:
     name = args.model_name or (lm.name if Path(args.bundle).expanduser().is_dir() else args.bundle)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (queue {args.max_queue})", file=sys.stderr)
     serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, parallel=args.parallel,
-          cache_bytes=args.cache_bytes, model_name=name, log_level=args.log_level,
+          cache_bytes=args.cache_bytes, context=args.context, model_name=name, log_level=args.log_level,
           **guards)
     return 0

@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgepack.errors import EdgepackError, GenerationError
+# request bodies read at once, each up to the cap; beyond them 503 (the planner counts them)
+from edgepack.plan.serving import BODIES_AT_ONCE
 
 # A 128k-token prompt is about 0.5 MiB of text, 16 times that is room for long chats.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -31,13 +33,19 @@ HEADER_SECONDS = 10.0
 BODY_IDLE_SECONDS = 10.0
 BODY_SECONDS = 60.0
 # Open connections beyond the request queue (streams being read, keep-alive clients) before
-# uvicorn answers 503; each half-sent one is closed after HEADER_SECONDS anyway.
+# the server answers 503; each half-sent one is closed after HEADER_SECONDS anyway.
 SPARE_CONNECTIONS = 64
+BODY_SCOPE_KEY = "edgepack.body"  # the scope entry holding a request's share of the bodies' bytes
 # A prompt is first tokenised in prefixes of context x this many characters, growing 4x each
 # time: an English token is ~4 characters, so the first prefix usually settles it.
 PREFIX_CHARS_PER_TOKEN = 16
 # How far back from a prefix's end to look for the start of a word to cut at.
 CUT_SEARCH_CHARS = 1024
+# Every chat message has a "role" key; inside a string a quote is escaped, so b'"role"' in a
+# body is that key or a string that is exactly "role" (a message's content or name): at most
+# this many a message.
+ROLE = b'"role"'
+ROLES_PER_MESSAGE = 3
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 EXEMPT_PATHS = ("/health",)  # answered without a key: load balancers and Docker's HEALTHCHECK
 # OpenAI parameters this server does not implement, with the values that mean "not used":
@@ -176,7 +184,17 @@ def _headers(scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
+def closing(err: ApiError) -> ApiError:
+    """The error closes the connection: the request's body has not been read, and the rest of
+    it (up to the cap, or 15 MB of a refused upload) would otherwise be read and thrown away
+    on the event loop before the connection could serve another request."""
+    err.headers["Connection"] = "close"
+    return err
+
+
 async def send_error(send, err: ApiError) -> None:
+    """Answer before the app runs (the body unread): the connection is closed after."""
+    err = closing(err)
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -208,13 +226,43 @@ class SiteGuard:
         return await self.app(scope, receive, send)
 
 
+class _BodyShare:
+    """The bytes of one request's body counted against the bytes all bodies being read may
+    hold; given back once the app has parsed it (release_body) or the request ends."""
+
+    def __init__(self, guard: "RequestGuard"):
+        self.guard, self.bytes = guard, 0
+
+    def take(self, n: int) -> bool:
+        if self.guard.body_bytes_in_flight + n > self.guard.max_body_bytes * self.guard.bodies_at_once:
+            return False
+        self.guard.body_bytes_in_flight += n
+        self.bytes += n
+        return True
+
+    def release(self) -> None:
+        self.guard.body_bytes_in_flight -= self.bytes
+        self.bytes = 0
+
+
+def release_body(scope) -> None:
+    """The app has parsed the request's body: its bytes no longer count (see _BodyShare)."""
+    share = scope.get(BODY_SCOPE_KEY)
+    if share is not None:
+        share.release()
+
+
 class RequestGuard:
     """ASGI middleware: the API key (Authorization: Bearer KEY, compared in constant time),
-    then the body: 413 beyond ``max_body_bytes``, 408 when it stops arriving."""
+    then the body: 413 beyond ``max_body_bytes``, 408 when it stops arriving, 503 when the
+    bodies being read already hold ``bodies_at_once`` times the cap (memory stays bounded
+    whatever the number of clients; the event loop runs all of them, so no lock)."""
 
-    def __init__(self, app, api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app, api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 bodies_at_once: int = BODIES_AT_ONCE):
+        self.app, self.max_body_bytes, self.bodies_at_once = app, max_body_bytes, bodies_at_once
         self.keys = [k.encode() for k in api_keys]
+        self.body_bytes_in_flight = 0
 
     def key_ok(self, authorization: str | None) -> bool:
         scheme, _, token = (authorization or "").strip().partition(" ")
@@ -241,12 +289,22 @@ class RequestGuard:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return await send_error(send, self._too_large())
-        return await self.app(scope, self._bounded(receive), send)
+        share = scope[BODY_SCOPE_KEY] = _BodyShare(self)
+        try:
+            return await self.app(scope, self._bounded(receive, share), send)
+        finally:
+            share.release()
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_body_bytes:,} bytes (--max-body-bytes)")
+        return closing(ApiError(413, f"the request body is over {self.max_body_bytes:,} bytes (--max-body-bytes)"))
 
-    def _bounded(self, receive):
+    def _busy(self) -> ApiError:
+        err = ApiError(503, f"the server is busy reading {self.bodies_at_once} large request bodies; retry shortly",
+                       type="server_overloaded", code="bodies_busy")
+        err.headers["Retry-After"] = "1"
+        return closing(err)
+
+    def _bounded(self, receive, share: _BodyShare):
         started, received, done = time.monotonic(), 0, False
 
         async def bounded_receive():
@@ -257,12 +315,15 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
             except asyncio.TimeoutError:
-                raise ApiError(408, f"the request body did not arrive in time (a pause over "
-                               f"{BODY_IDLE_SECONDS:g} s, or over {BODY_SECONDS:g} s in all)") from None
+                raise closing(ApiError(408, f"the request body did not arrive in time (a pause over "
+                                       f"{BODY_IDLE_SECONDS:g} s, or over {BODY_SECONDS:g} s in all)")) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                received += chunk
                 if received > self.max_body_bytes:
                     raise self._too_large()
+                if not share.take(chunk):
+                    raise self._busy()
                 done = not message.get("more_body", False)
             else:
                 done = True
@@ -285,23 +346,52 @@ def install_guards(app, api_keys, max_body_bytes: int, policy: HostPolicy) -> No
 
 def server_config(app, *, host: str, port: int, max_queue: int, log_level: str = "info", **kwargs):
     """uvicorn's Config for ``app``: h11 with a header deadline, at most max_queue +
-    SPARE_CONNECTIONS connections, idle keep-alive closed after 5 s."""
+    SPARE_CONNECTIONS connections (beyond them 503 in OpenAI's shape), idle keep-alive closed
+    after 5 s."""
     import uvicorn
 
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, http=_header_timeout_protocol(),
-        limit_concurrency=max_queue + SPARE_CONNECTIONS, timeout_keep_alive=5, timeout_graceful_shutdown=5, **kwargs,
+        app, host=host, port=port, log_level=log_level, http=_header_timeout_protocol(max_queue + SPARE_CONNECTIONS),
+        timeout_keep_alive=5, timeout_graceful_shutdown=5, **kwargs,
     )
 
 
-def _header_timeout_protocol():
+def _over_limit_app(limit: int):
+    """What answers a request beyond the connection limit (uvicorn's own answer is plain text)."""
+    async def over_limit(scope, receive, send):
+        err = ApiError(503, f"the server is busy: over {limit} connections are open; retry shortly",
+                       type="server_overloaded", code="too_many_connections")
+        err.headers["Retry-After"] = "1"
+        await send_error(send, err)
+
+    return over_limit
+
+
+def _header_timeout_protocol(limit_concurrency: int | None = None):
     """uvicorn's h11 protocol, closing a connection whose request headers have not all
-    arrived HEADER_SECONDS after it opened or after its first bytes (uvicorn waits forever)."""
+    arrived HEADER_SECONDS after it opened or after its first bytes (uvicorn waits forever),
+    and answering a request that finds ``limit_concurrency`` connections (or requests)
+    already open with 503 in OpenAI's JSON shape, where uvicorn's limit answers plain text."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    over_limit = _over_limit_app(limit_concurrency or 0)
+
     class HeaderTimeoutProtocol(H11Protocol):
         _header_timer = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if limit_concurrency is not None:
+                app = self.app
+
+                async def limited(scope, receive, send):
+                    # as uvicorn counts: this connection is among them, this request's task too
+                    if len(self.connections) >= limit_concurrency or len(self.tasks) > limit_concurrency:
+                        return await over_limit(scope, receive, send)
+                    return await app(scope, receive, send)
+
+                self.app = limited
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -362,6 +452,11 @@ class PromptGate:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._decode, body, parse)
 
     def _decode(self, body: bytes, parse) -> Any:
+        roles = body.count(ROLE) if self.context is not None else 0
+        if roles > ROLES_PER_MESSAGE * self.context:
+            # before json.loads, which holds the GIL (the event loop's too) for the whole parse and
+            # makes ~9 bytes of Python objects of each byte of a list of small messages
+            raise self.too_many_messages(roles // ROLES_PER_MESSAGE, at_least=True)
         try:
             value = json.loads(body)  # RequestGuard capped the body's size and the time it took
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -370,11 +465,14 @@ class PromptGate:
             raise ApiError(400, "the request body is nested too deeply to be a request") from None
         messages = value.get("messages") if isinstance(value, dict) else None
         if self.context is not None and isinstance(messages, list) and len(messages) > self.context:
-            # chat templates mark every message with its role: at least a token each
-            raise ApiError(400, f"this model's maximum context length is {self.context} tokens; "
-                           f"{len(messages):,} messages cannot fit", param="messages",
-                           code="context_length_exceeded")
+            raise self.too_many_messages(len(messages))
         return parse(value)
+
+    def too_many_messages(self, n: int, at_least: bool = False) -> ApiError:
+        # chat templates mark every message with its role: at least a token each
+        return ApiError(400, f"this model's maximum context length is {self.context} tokens; "
+                        f"{'over ' if at_least else ''}{n:,} messages cannot fit", param="messages",
+                        code="context_length_exceeded")
 
     async def count(self, prompt: Any, chat: bool) -> int:
         """Prompt tokens, or a number over the context when the prompt cannot fit."""

@@ -6,8 +6,8 @@ computes them: a request reuses at most that many, so its answer is bitwise the 
 without reuse. Generated tokens are written by decode steps, whose sums run in another
 order; the worker recomputes them as a prompt pass when it is idle (``refresh``) before
 they count as held. Held caches are evicted least recently used first beyond
-``budget_bytes`` (counting each cache's filled positions; its pages past them are never
-touched, so never resident).
+``budget_bytes``, counting each cache's positions ever written: a cache cut back keeps its
+later pages resident, while pages past the last written position were never touched.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ class Held:
     cache: object  # NativeCache
     tokens: list[int]  # held exactly (prompt-pass values)
     pending: list[int] = field(default_factory=list)  # generated after them, not yet recomputed
+    written: int = 0  # positions ever written to the cache: its resident part
+
+    @property
+    def resident_tokens(self) -> int:
+        return max(self.written, self.cache.length)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -44,10 +49,11 @@ class PrefixStore:
         self.bytes_per_token = 2 * model.layers * model.kv_heads * model.head_dim * 2  # keys + values, bfloat16
         self.held: list[Held] = []
         self.reused_tokens = 0  # prompt tokens not computed, since start
+        self._written: dict[int, int] = {}  # id of a cache taken over -> positions it had written
 
     @property
     def held_bytes(self) -> int:
-        return sum(h.cache.length for h in self.held) * self.bytes_per_token
+        return sum(h.resident_tokens for h in self.held) * self.bytes_per_token
 
     def take(self, prompt: list[int], need_tokens: int) -> tuple[object, int]:
         """A cache for ``prompt`` (and ``need_tokens`` in all) and how many of its first
@@ -64,6 +70,7 @@ class PrefixStore:
         if match == len(best.tokens) and best.cache.max_tokens >= need_tokens:
             self.held.remove(best)  # this conversation goes on: take its cache over
             cache = best.cache
+            self._written[id(cache)] = best.resident_tokens
             cache.truncate(match)
         else:  # another conversation shares the start: copy it, keep that one's cache
             cache = self._new(need_tokens)
@@ -78,10 +85,11 @@ class PrefixStore:
 
     def give(self, cache, prompt: list[int], generated: list[int]) -> None:
         """Hold a finished request's cache: its prompt exactly, its generated tokens once refreshed."""
+        written = max(cache.length, self._written.pop(id(cache), 0))
         if self.budget_bytes <= 0 or len(prompt) < 2:
             return
         cache.truncate(min(cache.length, len(prompt)))
-        self.held.append(Held(cache, list(prompt), list(generated)))
+        self.held.append(Held(cache, list(prompt), list(generated), written))
         self._evict()
 
     def _evict(self) -> None:

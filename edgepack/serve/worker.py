@@ -25,20 +25,7 @@ from edgepack.serve.metrics import Metrics
 from edgepack.serve.prefix import PrefixStore
 
 DEFAULT_MAX_QUEUE = 8
-DEFAULT_PARALLEL = 4  # slots where memory allows: 4 streams get ~3x one's tokens/s (SmolLM2 8-bit)
 DEFAULT_CACHE_BYTES = 512 << 20  # held prompt caches: ~22k tokens of SmolLM2-135M, ~4k of a 1B model
-
-
-def default_parallel(lm) -> int:
-    """DEFAULT_PARALLEL slots, fewer where the memory this process may still take would not
-    hold each slot's KV cache at full context (half of it, for the held caches and the rest)."""
-    if lm.backend != "native":
-        return 1
-    from edgepack.runtime.memory import budget
-
-    m = lm.model
-    per_slot = 2 * m.layers * m.kv_heads * m.head_dim * 2 * lm.max_positions
-    return max(1, min(DEFAULT_PARALLEL, budget().available_bytes // 2 // max(per_slot, 1)))
 
 
 @dataclass
@@ -58,15 +45,15 @@ class Worker:
     for one of ``parallel`` slots."""
 
     def __init__(self, lm, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None):
         self.lm, self.metrics, self.max_queue = lm, metrics, max_queue
+        self.context = min(context or lm.max_positions, lm.max_positions)  # tokens a request may hold
         self.batched = lm.backend == "native"
         self.parallel = parallel if self.batched else 1
         # a sliding-window layer's cache is a ring: its prefixes cannot be cut back or copied,
         # so such models get no reuse budget
-        if getattr(lm.model, "sliding", 0):
-            cache_bytes = 0
-        self.prefixes = PrefixStore(lm.model, cache_bytes, lm.max_positions) if self.batched else None
+        self.cache_bytes = 0 if getattr(lm.model, "sliding", 0) or not self.batched else cache_bytes
+        self.prefixes = PrefixStore(lm.model, self.cache_bytes, self.context) if self.batched else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -89,7 +76,7 @@ class Worker:
         held = list(self.prefixes.held) if self.prefixes else []
         per_token = self.prefixes.bytes_per_token if self.prefixes else 0
         return {"slots_in_use": len(self.active), "slots": self.parallel, "held_caches": len(held),
-                "held_cache_bytes": sum(h.cache.length for h in held) * per_token}
+                "held_cache_bytes": sum(h.resident_tokens for h in held) * per_token}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgepack-generate", daemon=True)

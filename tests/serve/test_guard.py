@@ -322,3 +322,136 @@ def test_cli_refuses_an_open_bind_in_one_line(packed, monkeypatch):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("error: refusing to serve on 0.0.0.0") and lines[1].startswith("hint: ")
+
+
+# --- transformers' tokenizer (a bundle without tokenizer.json): its template bounded too ---
+
+
+def test_transformers_tokenizer_renders_as_transformers_and_bounded():
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from tiny import make_tokenizer
+
+    from edgepack.runtime.tokenizer import TransformersTokenizer
+
+    hf = make_tokenizer()
+    tok = TransformersTokenizer(hf)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    assert tok.apply_chat_template(messages, tokenize=True) == hf.encode(
+        hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    assert tok.encode("Paris") == hf.encode("Paris") and len(tok) == len(hf)
+    copied = copy.deepcopy(tok)  # the server's prompt gate works on a copy
+    for template in (NESTED_LOOPS, HUGE_STRING):
+        copied.tokenizer.chat_template, copied._compiled = template, None
+        t0 = time.perf_counter()
+        with pytest.raises(ChatTemplateError, match="stopped"):
+            copied.apply_chat_template(messages, max_seconds=1.0, max_chars=1 << 20)
+        assert time.perf_counter() - t0 < 3
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(messages, add_generation_prompt=True,
+                                                                       tokenize=False)  # the original kept its own
+
+
+def test_server_bounds_a_transformers_tokenizer_template(lm):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from tiny import make_tokenizer
+
+    from edgepack.runtime.tokenizer import TransformersTokenizer
+
+    hf = make_tokenizer()
+    hf.chat_template = NESTED_LOOPS
+    other = copy.copy(lm)
+    other.tokenizer = TransformersTokenizer(hf)
+    with LiveServer(serve.create_app(other)) as server:
+        t0 = time.perf_counter()
+        response = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert time.perf_counter() - t0 < 5
+        assert "chat template" in _assert_openai_error(response, 400, "messages")["message"]
+
+
+# --- memory bounds: connections, bodies read at once, message counts -----------------------
+
+
+def test_connection_limit_answers_json_503(lm, monkeypatch):
+    monkeypatch.setattr(serve_guard, "SPARE_CONNECTIONS", 0)
+    app = serve.create_app(lm)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    import uvicorn
+
+    server = uvicorn.Server(serve_guard.server_config(app, host="127.0.0.1", port=0, max_queue=2, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        idle = socket.create_connection(sock.getsockname())  # one connection open: the next one is the limit's 2nd
+        time.sleep(0.2)
+        response = httpx.get(url + "/v1/models")
+        error = _assert_openai_error(response, 503, code="too_many_connections")
+        assert error["type"] == "server_overloaded" and response.headers["retry-after"] == "1"
+        idle.close()
+        time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 200  # under the limit again
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_bodies_read_at_once_are_bounded(lm):
+    """Two bodies of 40 KiB under a 64 KiB cap with room for one at a time: while the first is
+    still being sent, the second gets 503 at once; then it goes through."""
+    app = serve.create_app(lm, max_body_bytes=64 * 1024)
+    for middleware in app.user_middleware:
+        if middleware.cls is serve_guard.RequestGuard:
+            middleware.kwargs["bodies_at_once"] = 1
+    body = json.dumps({"prompt": PROMPT + " " + "x" * 40_000, "max_tokens": 1}).encode()
+    with LiveServer(app) as server:
+        host, port = server.sock.getsockname()
+        slow = socket.create_connection((host, port))
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        slow.sendall(head + body[: len(body) - 10])  # all but the end: its bytes stay counted
+        time.sleep(0.5)
+        _assert_openai_error(httpx.post(server.url + "/v1/completions", content=body,
+                                        headers={"content-type": "application/json"}), 503, code="bodies_busy")
+        slow.sendall(body[len(body) - 10:])
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += slow.recv(65536)
+        slow.close()
+        assert reply.startswith(b"HTTP/1.1 400")  # the first one, answered: over the tiny context
+        time.sleep(0.2)
+        assert httpx.post(server.url + "/v1/completions", content=body,
+                          headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_too_many_messages_refused_before_parsing(lm, monkeypatch):
+    gate = serve_guard.PromptGate(lm, 128)
+    parsed = []
+    monkeypatch.setattr(serve_guard.json, "loads", lambda body: parsed.append(body))
+    body = json.dumps({"messages": [{"role": "user", "content": "a"}] * 500}).encode()
+    with pytest.raises(serve_guard.ApiError) as caught:
+        gate._decode(body, lambda v: v)
+    assert caught.value.code == "context_length_exceeded" and "over 166 messages" in caught.value.message
+    assert parsed == []  # json.loads never ran
+    few = json.dumps({"messages": [{"role": "user", "content": "role"}] * 100}).encode()
+    gate._decode(few, lambda v: v)  # "role" as content too: 200 matches for 100 messages, still parsed
+    assert parsed == [few]
+    gate.close()
+
+
+def test_metrics_report_the_planners_figure(lm):
+    from edgepack.serve.memory import server_memory
+
+    app = serve.create_app(lm, parallel=2, cache_bytes=1 << 20, max_body_bytes=64 * 1024)
+    expected = server_memory(lm, parallel=2, context=lm.max_positions, cache_bytes=1 << 20, max_body_bytes=64 * 1024)
+    with LiveServer(app) as server:
+        metrics = server.metrics()
+        prometheus = httpx.get(server.url + "/metrics", params={"format": "prometheus"}).text
+    assert metrics["predicted_peak_bytes"] == expected.peak_bytes == app.state.memory.peak_bytes
+    assert metrics["predicted_serving_bytes"] == expected.serving_bytes
+    assert f"edgepack_predicted_peak_bytes {expected.peak_bytes}" in prometheus
+    assert expected.parts["prefix_caches"] == 1 << 20 and expected.parts["weights"] == lm.model.weight_bytes

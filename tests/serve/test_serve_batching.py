@@ -109,3 +109,53 @@ def test_held_caches_stay_within_the_budget(lm):
     assert [h.tokens[0] for h in store.held] == [43, 63, 83]  # least recently used went first
     cache, reused = store.take(list(range(43, 55)) + [9, 9], 32)
     assert reused == 12 and cache.length == 12
+
+
+def test_held_caches_count_the_positions_written(lm):
+    """A cache cut back to its prompt keeps the pages its reply wrote: they count."""
+    from edgepack.serve.prefix import PrefixStore
+
+    store = PrefixStore(lm.model, budget_bytes=1 << 30, max_positions=lm.max_positions)
+    prompt = list(range(3, 15))
+    cache, _ = store.take(prompt, 40)
+    lm.model.forward(prompt + [7] * 10, cache)  # the prompt and ten generated positions
+    store.give(cache, prompt, [7] * 10)
+    assert store.held[0].cache.length == 12 and store.held_bytes == 22 * store.bytes_per_token
+    cache, reused = store.take(prompt + [5, 6], 40)  # the conversation goes on in the same cache
+    assert reused == 12
+    store.give(cache, prompt + [5, 6], [])
+    assert store.held_bytes == 22 * store.bytes_per_token  # still 22 written, though 14 are kept
+
+
+def test_default_parallel_follows_the_memory_left(lm, monkeypatch):
+    from edgepack.plan.serving import headroom_bytes
+    from edgepack.serve import memory
+    from edgepack.serve.memory import default_parallel, server_memory
+
+    sizes = {"context": lm.max_positions, "cache_bytes": 0, "max_body_bytes": 1 << 20}
+    peak3 = server_memory(lm, parallel=3, **sizes).peak_bytes
+    assert default_parallel(lm, budget_bytes=1 << 40, **sizes) == 4
+    assert default_parallel(lm, budget_bytes=peak3 + headroom_bytes(peak3), **sizes) == 3
+    assert default_parallel(lm, budget_bytes=0, **sizes) == 1
+    monkeypatch.setattr(memory, "memory_for_serving", lambda: peak3 + headroom_bytes(peak3))
+    assert serve.create_app(lm, max_body_bytes=1 << 20, cache_bytes=0).state.worker.parallel == 3  # the default
+
+
+def test_context_option_bounds_requests(lm):
+    app = serve.create_app(lm, context=16, parallel=1)
+    assert app.state.worker.prefixes.max_positions == 16 and app.state.memory.context == 16
+    with Live(app) as live:
+        response = httpx.post(live.url + "/v1/completions", json={"prompt": "The capital of France is",
+                                                                   "max_tokens": 64}, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert "maximum context length is 16 tokens" in response.json()["error"]["message"]
+        live.post("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4})
+
+
+@pytest.mark.parametrize("option, value", [("--context", "1"), ("--parallel", "0"), ("--cache-bytes", "-1")])
+def test_bad_serve_numbers_are_one_line_errors(packed, capsys, option, value):
+    from edgepack.cli import main as cli_main
+
+    assert cli_main(["serve", str(packed("llama", 8)), option, value]) != 0
+    err = capsys.readouterr().err
+    assert f"error: {option} must be" in err and "hint:" in err and "Traceback" not in err
