@@ -43,7 +43,9 @@ def load_source(source: str, revision: str | None = None, gguf_file: str | None 
 
     local = source in sources.ALIASES or source.endswith(".gguf") or is_local_path(source)
     try:
-        if local:
+        if local and (found := _local_gguf(source, gguf_file)):
+            folder, gguf = found
+        elif local:
             resolved = sources.resolve_source(source, revision=revision, gguf_file=gguf_file)
             folder, gguf = str(resolved.path), resolved.gguf_file
         else:
@@ -62,6 +64,31 @@ def load_source(source: str, revision: str | None = None, gguf_file: str | None 
             f"cannot read the model config of {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="is this a Hugging Face transformers model?",
         ) from None
+
+
+def _local_gguf(source: str, gguf_file: str | None) -> tuple[str, str] | None:
+    """(folder, file name) of a local GGUF source, found without what resolve_source adds for
+    packing (the file's SHA-256: seconds for a large file; the gguf package); None for any
+    other source, or one that is missing, for resolve_source to report."""
+    import importlib.util
+
+    from edgepack.export import sources
+
+    if source in sources.ALIASES:
+        entry = sources.ALIASES[source]
+        spec = importlib.util.find_spec(entry["package"])  # finds the folder without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder, name = Path(list(spec.submodule_search_locations)[0]), entry["gguf_file"]
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            folder, name = path.parent, path.name
+        elif gguf_file and path.is_dir():
+            folder, name = path, gguf_file
+        else:
+            return None
+    return (str(folder), name) if (folder / name).is_file() else None
 
 
 def _precision(folder: Path, gguf: str | None, asked_gguf: str | None) -> SourcePrecision:

@@ -371,7 +371,8 @@ def plan(
     ``context`` tokens (default: min(2048, the model's maximum)), chosen by ``prefer``:
 
     quality: the most bits that fit; balanced: the fewest bits whose measured quality loss
-    (source.KL_BUDGET) is within budget; speed: the fastest predicted decode (speed.py).
+    (source.KL_BUDGET) is within budget, unless more bits within it are predicted faster;
+    speed: the fastest predicted decode (speed.py).
     Never more bits than ``source`` (the source's own precision) holds. The default here is
     quality, as before the preference existed; `edgepack plan` and `pack --profile` default
     to balanced.
@@ -424,13 +425,18 @@ def _choose(tried: list[Plan], prefer: str, source: SourcePrecision, quant_type:
         return best, f"the fastest predicted decode that fits ({best.speed.tokens_per_s:.0f} tokens/s){capped}"
     if prefer == "balanced":
         within = [p for p in allowed if (kl := expected_kl(p.bits, p.quant_type, source)) is not None and kl <= KL_BUDGET]
-        if within:
-            fewest = min(p.bits for p in within)
-            best = next(p for p in within if p.bits == fewest)
-            kl = expected_kl(best.bits, best.quant_type, source)
-            return best, (f"the fewest bits whose measured quality loss is within budget (mean KL {kl:.5f} <= "
-                          f"{KL_BUDGET}, llama.cpp Q8_0's on the default model){capped}")
-        return allowed[0], f"the best quality that fits (none that fits has a measured loss within budget){capped}"
+        if not within:
+            return allowed[0], f"the best quality that fits (none that fits has a measured loss within budget){capped}"
+        fewest = min(p.bits for p in within)
+        best = next(p for p in within if p.bits == fewest)
+        # fewer bits are worth it for speed and size; where more bits are predicted faster too
+        # (bitsandbytes' int8 on a GPU), fewer buy nothing
+        if all(p.speed for p in within):
+            best = max(within, key=lambda p: (round(p.speed.tokens_per_s, 6), -p.bits))
+        kl = expected_kl(best.bits, best.quant_type, source)
+        why = ("the fewest bits" if best.bits == fewest else f"more bits than {fewest}, predicted faster,")
+        return best, (f"{why} whose measured quality loss is within budget (mean KL {kl:.5f} <= {KL_BUDGET}, "
+                      f"llama.cpp Q8_0's on the default model){capped}")
     return allowed[0], "the best quality that fits" + capped
 
 

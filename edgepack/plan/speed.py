@@ -2,6 +2,7 @@
 
     seconds per step = sum over devices of bytes read there / (bandwidth x efficiency)
                        (+ kernel launches per layer on a GPU)
+    (int4's weights at a lower efficiency than its KV cache: unpacking nibbles costs time)
     tokens/s = batch / seconds per step
 
 Bytes read per step: every stored tensor at its stored type (the bundle's bytes, as
@@ -88,16 +89,18 @@ def native_efficiency(num_parameters: int) -> float:
     return e0 + (e1 - e0) * (math.log(x) - math.log(b0)) / (math.log(b1) - math.log(b0))
 
 
-def efficiency(runtime: str, device: str, q: Quant, num_parameters: int) -> tuple[float, str]:
-    """(share of the bound, where the figure comes from) for one device of a setting."""
+def efficiency(runtime: str, device: str, q: Quant, num_parameters: int) -> tuple[float, float, str]:
+    """(share of the bound reading weights, reading the KV cache, where the figures come
+    from) for one device of a setting. int4's unpacking slows its weights, not its cache."""
     if device.startswith("cuda"):
-        return GPU_EFFICIENCY[q.bits], GPU_SOURCE
-    if runtime == "native" and q.bits == 4:
-        return (native_efficiency(num_parameters) * NATIVE_INT4_FACTOR,
-                NATIVE_EFFICIENCY_SOURCE + f"; int4 x {NATIVE_INT4_FACTOR:.3f} (cpu_bench: 144 vs 163 tokens/s)")
+        return GPU_EFFICIENCY[q.bits], GPU_EFFICIENCY[16], GPU_SOURCE
     if runtime == "native":
-        return native_efficiency(num_parameters), NATIVE_EFFICIENCY_SOURCE
-    return TORCH_CPU_EFFICIENCY[q.bits], TORCH_CPU_SOURCE
+        base = native_efficiency(num_parameters)
+        if q.bits == 4:
+            return (base * NATIVE_INT4_FACTOR, base,
+                    NATIVE_EFFICIENCY_SOURCE + f"; int4 weights x {NATIVE_INT4_FACTOR:.3f} (cpu_bench: 144 vs 163 tokens/s)")
+        return base, base, NATIVE_EFFICIENCY_SOURCE
+    return TORCH_CPU_EFFICIENCY[q.bits], TORCH_CPU_EFFICIENCY[16], TORCH_CPU_SOURCE
 
 
 def read_bytes(desc: ModelDescription, q: Quant, device_map: dict[str, str], strategy: str) -> dict[str, int]:
@@ -140,15 +143,15 @@ def predict(desc: ModelDescription, q: Quant, device_map: dict[str, str], strate
         bw = bandwidth.get("cuda" if device.startswith("cuda") else "cpu")
         if not bw:
             return None
-        eff, source = efficiency(runtime, device, q, desc.num_parameters)
+        eff, kv_eff, source = efficiency(runtime, device, q, desc.num_parameters)
         kv = batch * kv_read_bytes(desc, layers.get(device, 0), context, runtime)
         w = weights.get(device, 0)
         launch = GPU_LAUNCH_S_PER_LAYER * layers.get(device, 0) if device.startswith("cuda") else 0.0
-        seconds += (w + kv) / (bw * eff) + launch
+        seconds += w / (bw * eff) + kv / (bw * kv_eff) + launch
         seconds_empty += w / (bw * eff) + launch
         kv_total += kv
         devices[device] = {"weight_bytes": w, "kv_bytes": kv, "read_bytes_per_s": bw, "efficiency": round(eff, 4),
-                           "efficiency_source": source, "launch_s": launch}
+                           "kv_efficiency": round(kv_eff, 4), "efficiency_source": source, "launch_s": launch}
     return Speed(batch / seconds, batch / seconds_empty, context, total, kv_total, devices)
 
 
