@@ -418,6 +418,9 @@ def _choose(tried: list[Plan], prefer: str, source: SourcePrecision, quant_type:
     if not allowed:
         return (fitting[0] if fitting else None), "the best quality that fits"
     capped = f"; the source is already {source.bits}-bit ({source.label}), so no more than {cap} bits" if cap < 16 else ""
+    # a model that fits the GPU stays there whatever the preference: the CPU figures leave out
+    # per-step costs that dominate a tiny model, and the GPU is what the box is for
+    allowed = [p for p in allowed if p.strategy == "gpu"] or allowed
     if prefer == "speed":
         if any(p.speed is None for p in allowed):
             return allowed[0], "the best quality that fits (no bandwidth figure in the profile to predict speed)" + capped
