@@ -189,15 +189,16 @@ def _signature_problems(data: Any) -> list[str]:
     return problems
 
 
-def verify_signature(bundle_dir: str | os.PathLike, public_key_path: str | os.PathLike) -> dict[str, Any]:
+def verify_signature(bundle_dir: str | os.PathLike, public_key_path: str | os.PathLike,
+                     progress=None) -> dict[str, Any]:
     """Check ``edgepack.sig`` against the public key and the manifest, then verify the
     whole bundle with hashes against exactly the manifest bytes that were signed. Returns
-    the manifest."""
+    the manifest. ``progress``: as verify_bundle's."""
     bundle = Path(bundle_dir)
     signature = read_signature(bundle)
     manifest_bytes = bundle_format.read_manifest_bytes(bundle)
     check_manifest_signature(manifest_bytes, signature, public_key_path, f"bundle {bundle}")
-    return bundle_format.verify_bundle(bundle, check_hashes=True, manifest_bytes=manifest_bytes)
+    return bundle_format.verify_bundle(bundle, check_hashes=True, manifest_bytes=manifest_bytes, progress=progress)
 
 
 def check_manifest_signature(manifest_bytes: bytes, signature: dict[str, Any],

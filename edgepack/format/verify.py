@@ -6,6 +6,8 @@ quick on a small box."""
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 from edgepack.format import bundle as bundle_format
 from edgepack.errors import printable
@@ -18,14 +20,42 @@ def configure_verify_parser(p) -> None:
                    help="also check edgepack.sig against this Ed25519 public key (PEM); always hashes")
 
 
+class HashProgress:
+    """``hashing 312 / 1024 MB (30%)`` on stderr, rewritten in place, for bundles of at least
+    MIN_BYTES and only when stderr is a terminal (-q sends it to /dev/null: nothing shows);
+    cleared when hashing ends."""
+
+    MIN_BYTES = 64 << 20  # smaller bundles hash in well under a second
+    INTERVAL_S = 0.2
+
+    def __enter__(self):
+        self.shown, self.last = False, 0.0
+        return self if sys.stderr.isatty() else None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if total < self.MIN_BYTES or (now - self.last < self.INTERVAL_S and done < total):
+            return
+        self.last, self.shown = now, True
+        sys.stderr.write(f"\rhashing {done / 1e6:.0f} / {total / 1e6:.0f} MB ({done / total:.0%})")
+        sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 40 + "\r")
+            sys.stderr.flush()
+
+
 def main_verify(args) -> int:
     if getattr(args, "key", None):
         from edgepack.format import signing
 
-        manifest = signing.verify_signature(args.bundle, args.key)
+        with HashProgress() as progress:
+            manifest = signing.verify_signature(args.bundle, args.key, progress=progress)
         args.no_hash = False
     else:
-        manifest = bundle_format.verify_bundle(args.bundle, check_hashes=not args.no_hash)
+        with HashProgress() as progress:
+            manifest = bundle_format.verify_bundle(args.bundle, check_hashes=not args.no_hash, progress=progress)
     total = sum(e["size"] for e in manifest["files"])
     what = "sizes" if args.no_hash else "sizes and sha256"
     if getattr(args, "key", None):
