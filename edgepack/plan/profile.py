@@ -8,6 +8,10 @@ the OS, the driver and the CUDA context keep for themselves (``*_reserved_bytes`
 On a unified-memory box (Jetson) CPU and GPU share one pool: ``gpus[0].memory_bytes``
 equals ``ram_bytes`` and the GPU's reserve includes the OS's, so count the pool once.
 
+``memory_bandwidth`` (top level: the CPU's read of RAM; in each GPU: its memory's) is what
+bounds decoding, which reads every weight once a token (plan/speed.py). It is optional: a
+profile written before it existed loads, and plans without a speed.
+
     >>> from edgepack.plan.profile import load_profile
     >>> p = load_profile("rpi5-8gb")           # or a path: load_profile("mybox.json")
     >>> p.ram_usable_bytes // 2**20
