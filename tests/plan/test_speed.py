@@ -250,3 +250,17 @@ def test_inspect_says_a_gguf_source_was_already_quantized(packed):
     manifest["source"] = {"kind": "gguf", "alias": "smollm2-135m", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     first = describe(manifest).splitlines()[0]
     assert first.endswith("already 4-bit (GGUF Q4_1; these 8 bits hold no more than its 4)")
+
+
+def test_pack_follows_the_plans_preference(tiny_models, tmp_path, capsys):
+    from edgepack.format import bundle as bundle_format
+
+    out = tmp_path / "balanced"
+    args = ["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "rpi4-4gb", "--context", "128", "-q"]
+    assert cli_main(args) == 0
+    manifest = bundle_format.read_manifest(out)
+    assert manifest["quantization"]["bits"] == 8  # a float32 source: 8 bits are within the quality budget
+    assert manifest["plan"]["prefer"] == "balanced" and manifest["plan"]["speed"]["tokens_per_s"] > 0
+    assert cli_main(["pack", str(tiny_models["llama"]), "-o", str(tmp_path / "x"), "--prefer", "speed"]) == 2
+    assert "--prefer applies to the plan of --profile" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
