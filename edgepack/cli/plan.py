@@ -297,6 +297,8 @@ def _settings_table(p: planner.Plan) -> list[str]:
            for r in rows]
     out.append(f"tok/s: predicted decode on an empty cache and at {ctx} tokens of context: bytes read a token "
                "(weights + KV cache) / the profile's read bandwidth x the engine's measured share of it")
+    if any(x["speed"] is None for x in p.settings):
+        out.append("?: the profile has no memory_bandwidth figure for that device; `edgepack profile` measures this box's")
     out.append(f"mean KL: the project's measured quality loss vs the source; --prefer balanced's budget: {KL_BUDGET}")
     return out
 
