@@ -106,14 +106,15 @@ def backend_line(bundle_dir, manifest: dict) -> str:
 def _source_bits(src: dict, bits) -> str:
     """", already 4-bit (GGUF Q4_1)" for a quantized GGUF source, by its file name (the
     manifest keeps the name; the type is written in it by convention)."""
-    from edgepack.plan.source import from_gguf_name  # standard library only
+    from edgepack.format.ggml import GGUF_BITS, type_in_name
 
     name = src.get("gguf_file")
-    precision = from_gguf_name(name) if isinstance(name, str) else None
-    if precision is None or not precision.quantized:
+    kind = type_in_name(name) if isinstance(name, str) else None
+    if kind is None or GGUF_BITS[kind] >= 16:
         return ""
-    more = f"; these {bits} bits hold no more than its {precision.bits}" if isinstance(bits, int) and bits > precision.bits else ""
-    return f", already {precision.bits}-bit ({precision.label}{more})"
+    held = GGUF_BITS[kind]
+    more = f"; these {bits} bits hold no more than its {held}" if isinstance(bits, int) and bits > held else ""
+    return f", already {held}-bit (GGUF {kind}{more})"
 
 
 def describe(manifest: dict) -> str:

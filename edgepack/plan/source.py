@@ -13,16 +13,12 @@ Standard library only: the GGUF header (gguf.py) or config.json's quantization_c
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# bits per weight of each ggml type's codes (scales aside)
-GGUF_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8, "I8": 8, "Q6_K": 6,
-             "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4,
-             "Q3_K": 3, "IQ3_XXS": 3, "IQ3_S": 3, "Q2_K": 2, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 2,
-             "TQ2_0": 2, "IQ1_S": 1, "IQ1_M": 1, "TQ1_0": 1}
+from edgepack.format.ggml import GGUF_BITS, type_in_name
+
 # ggml types whose values edgepack's int4 (affine groups of 32 inputs, a 16-bit scale and
 # zero each) holds as they are: Q4_0 (symmetric groups of 32) and Q4_1 (affine groups of 32)
 INT4_HOLDS = ("Q4_0", "Q4_1")
@@ -98,10 +94,9 @@ def from_gguf(path: str | Path) -> SourcePrecision:
 
 def from_gguf_name(name: str) -> SourcePrecision:
     """From a GGUF file name alone ("...Q4_1.gguf"), when the file is not here (a Hub repo)."""
-    found = [t for t in GGUF_BITS if re.search(rf"(?<![A-Za-z0-9]){t}(?![A-Za-z0-9])", name, re.IGNORECASE)]
-    if not found:
+    kind = type_in_name(name)
+    if kind is None:
         return UNKNOWN
-    kind = max(found, key=len)
     return SourcePrecision(GGUF_BITS[kind], f"GGUF {kind}", kind, f"from the file name {name}")
 
 
