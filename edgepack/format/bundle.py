@@ -177,7 +177,8 @@ def check_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], check_h
             progress(done, total)
 
         for rel, entry in listed.items():
-            if sha256_file(bundle / rel, hashed if progress else None) != entry["sha256"]:
+            digest = sha256_file(bundle / rel, hashed) if progress else sha256_file(bundle / rel)
+            if digest != entry["sha256"]:
                 raise BundleIntegrityError(
                     f"{rel} does not match its sha256 in the manifest (the file was changed or damaged)",
                     hint="pull or pack the bundle again; never edit a bundle's files by hand",
