@@ -14,6 +14,7 @@ DynamicCache where it can, else run the whole conversation again each turn.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -38,6 +39,9 @@ def configure_parser(p) -> None:
     add_sampling_arguments(p)
     add_load_arguments(p)
     p.add_argument("--stats", action="store_true", help="after each reply, its time to first token and speed (stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a turn on stdout (the reply, its tokens, time to first token, speed) "
+                        "instead of the streamed text")
 
 
 # --- the conversation ----------------------------------------------------------------------------
@@ -298,6 +302,7 @@ def main(args) -> int:
             say(f"note: {notice}")
         say(f"loaded {lm.name} in {load_seconds:.2f} s ({lm.backend} backend, context {chat.context} tokens); "
             "/reset forgets the conversation, /exit or Ctrl-D leaves")
+    turns = 0
     for line in _lines(interactive):
         text = line.strip()
         if not text:
@@ -316,8 +321,9 @@ def main(args) -> int:
                       f"{chat.last.dropped_turns} turn(s), running the rest again", file=sys.stderr)
             try:
                 for piece in pieces:
-                    sys.stdout.write(shown(piece))
-                    sys.stdout.flush()
+                    if not args.json:
+                        sys.stdout.write(shown(piece))
+                        sys.stdout.flush()
             except KeyboardInterrupt:  # stops this reply; the next prompt follows
                 pieces.close()
                 chat.last.finish_reason = "interrupted"
@@ -328,11 +334,24 @@ def main(args) -> int:
             if not interactive:
                 return exc.exit_code
             continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        turns += 1
+        if args.json:
+            print(json.dumps(_turn_json(chat.last, turns)), flush=True)
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         if args.stats:
             print(_stats_line(chat.last), file=sys.stderr)
     return 0
+
+
+def _turn_json(turn: Turn, number: int) -> dict:
+    """What --json prints for one reply."""
+    decode = (turn.generated_tokens - 1) / turn.decode_seconds if turn.decode_seconds > 0 else None
+    return {"turn": number, "reply": turn.text, "finish_reason": turn.finish_reason,
+            "prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
+            "generated_tokens": turn.generated_tokens, "first_token_s": round(turn.first_token_seconds, 4),
+            "decode_tokens_per_s": round(decode, 2) if decode else None, "dropped_turns": turn.dropped_turns}
 
 
 def _stats_line(turn: Turn) -> str:

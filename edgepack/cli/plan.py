@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 from edgepack.format.refs import is_local_path
 from edgepack.plan import planner
+from edgepack.plan import source as source_precision
 from edgepack.plan.model import ModelDescription, describe_model
+from edgepack.plan.source import KL_BUDGET, SourcePrecision
 from edgepack.plan.sizing import GIB, MIB
 from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModelError, printable
 
@@ -31,21 +33,30 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
     """The config of SOURCE (local dir, .gguf, alias or Hub id), weights untouched: config.json's
     dict (a GGUF file's numbers for a Llama-family one) where edgepack.plan.model can describe
     it without torch, else a transformers config."""
+    return load_source(source, revision, gguf_file)[0]
+
+
+def load_source(source: str, revision: str | None = None, gguf_file: str | None = None):
+    """(config as load_config returns it, the source's own precision: a GGUF's tensor types
+    from its header, or config.json's quantization_config / dtype)."""
     from edgepack.export import sources
 
     local = source in sources.ALIASES or source.endswith(".gguf") or is_local_path(source)
     try:
-        if local:
+        if local and (found := _local_gguf(source, gguf_file)):
+            folder, gguf = found
+        elif local:
             resolved = sources.resolve_source(source, revision=revision, gguf_file=gguf_file)
             folder, gguf = str(resolved.path), resolved.gguf_file
         else:
             folder, gguf = _hub_config(source, revision, gguf_file), None
+        precision = _precision(Path(folder), gguf, gguf_file)
         quick = _config_dict(Path(folder), gguf)
         if quick is not None:
-            return quick
+            return quick, precision
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {})), precision
     except EdgepackError:
         raise
     except (ValueError, KeyError, RecursionError) as exc:  # RecursionError: a config nested too deeply
@@ -53,6 +64,44 @@ def load_config(source: str, revision: str | None = None, gguf_file: str | None 
             f"cannot read the model config of {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="is this a Hugging Face transformers model?",
         ) from None
+
+
+def _local_gguf(source: str, gguf_file: str | None) -> tuple[str, str] | None:
+    """(folder, file name) of a local GGUF source, found without what resolve_source adds for
+    packing (the file's SHA-256: seconds for a large file; the gguf package); None for any
+    other source, or one that is missing, for resolve_source to report."""
+    import importlib.util
+
+    from edgepack.export import sources
+
+    if source in sources.ALIASES:
+        entry = sources.ALIASES[source]
+        spec = importlib.util.find_spec(entry["package"])  # finds the folder without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder, name = Path(list(spec.submodule_search_locations)[0]), entry["gguf_file"]
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            folder, name = path.parent, path.name
+        elif gguf_file and path.is_dir():
+            folder, name = path, gguf_file
+        else:
+            return None
+    return (str(folder), name) if (folder / name).is_file() else None
+
+
+def _precision(folder: Path, gguf: str | None, asked_gguf: str | None) -> SourcePrecision:
+    """The source's own precision; a Hub GGUF repo's file is not downloaded, so its name says."""
+    if gguf:
+        return source_precision.from_gguf(folder / gguf)
+    if asked_gguf:
+        return source_precision.from_gguf_name(asked_gguf)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return source_precision.UNKNOWN
+    return source_precision.from_config(config) if isinstance(config, dict) else source_precision.UNKNOWN
 
 
 def _config_dict(folder: Path, gguf_file: str | None) -> dict[str, Any] | None:
@@ -101,18 +150,19 @@ def _hub_config(repo_id: str, revision: str | None, gguf_file: str | None) -> st
 
 def plan_for_pack(source: str, profile: str, context: int | None, bits: int | None, revision: str | None,
                   gguf_file: str | None, quant_type: str | None, say: Callable[[str], None] | None,
-                  double_quant: bool = False) -> dict[str, Any]:
-    """Plan for PROFILE; return pack()'s bits, quant_type (None: ``default_quant_type``),
-    dtype (``storage_dtype``), device_map, target_profile and plan."""
+                  double_quant: bool = False, prefer: str = "balanced") -> dict[str, Any]:
+    """Plan for PROFILE, choosing by ``prefer``; return pack()'s bits, quant_type (None:
+    ``default_quant_type``), dtype (``storage_dtype``), device_map, target_profile and plan."""
     from edgepack.errors import PlanError
     from edgepack.plan.profile import list_profiles, load_profile
 
     target = load_profile(profile)
     quant_type = quant_type or default_quant_type(target, double_quant)
     dtype = storage_dtype(target, quant_type)
-    desc = describe_model(load_config(source, revision, gguf_file), name=source)
+    config, precision = load_source(source, revision, gguf_file)
+    desc = describe_model(config, name=source)
     p = planner.plan(desc, target, context=context, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                     dtype=dtype, alternatives=_builtin_profiles(list_profiles))
+                     dtype=dtype, alternatives=_builtin_profiles(list_profiles), prefer=prefer, source=precision)
     if not p.fits:
         raise PlanError(f"--bits {bits} does not fit {target.name}: {p.reasons[0]}",
                         hint=" ".join(p.instead) or "leave out --bits to let the planner choose")
@@ -158,6 +208,10 @@ def configure_parser(p) -> None:
                    help="longest prompt prefilled at once (default: the context)")
     p.add_argument("--batch", type=int, default=1, help="sequences generated at once (default 1)")
     p.add_argument("--bits", type=int, default=None, help="force 16, 8 or 4 and report whether it fits")
+    p.add_argument("--prefer", choices=planner.PREFER, default="balanced",
+                   help="how to choose among settings that fit: quality (most bits), balanced (fewest bits "
+                        f"whose measured quality loss is within budget: mean KL <= {KL_BUDGET}), speed (fastest "
+                        "predicted decode); never more bits than the source has")
     p.add_argument("--quant-type", default=None,
                    help="4-bit data type: nf4 or fp4 (bitsandbytes), or int4 (edgepack's CPU format); "
                         "default int4 on a CPU-only profile, else nf4")
@@ -171,12 +225,13 @@ def main(args) -> int:
     from edgepack.plan.profile import list_profiles, load_profile
 
     target = load_profile(args.profile)
-    desc = describe_model(load_config(args.source, args.revision, args.gguf_file), name=args.source)
+    config, precision = load_source(args.source, args.revision, args.gguf_file)
+    desc = describe_model(config, name=args.source)
     quant_type = args.quant_type or default_quant_type(target, args.double_quant)
     p = planner.plan(desc, target, context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch,
                      bits=args.bits, quant_type=quant_type, double_quant=args.double_quant,
                      dtype=storage_dtype(target, quant_type),
-                     alternatives=_builtin_profiles(list_profiles))
+                     alternatives=_builtin_profiles(list_profiles), prefer=args.prefer, source=precision)
     if args.json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:
@@ -191,7 +246,10 @@ def render(p: planner.Plan, desc: ModelDescription) -> str:
     lines = [
         f"{desc.name} ({desc.model_type}, {desc.num_hidden_layers} layers, {desc.num_parameters / 1e6:.1f}M params) "
         f"on {p.profile}, context {p.context}, batch {p.batch}",
-        f"decision: {setting}, {_placement(p)}: {head}",
+        f"source: {_source_text(p.source)}",
+        f"decision: {setting}, {_placement(p)}: {head}"
+        + (f"; ~{p.speed.tokens_per_s_empty:.0f} tokens/s predicted" if p.speed else "")
+        + f" (--prefer {p.prefer})",
         "",
     ]
     cols = [("device", None), ("capacity", "capacity"), ("weights", "weights"), ("KV cache", "kv_cache"),
@@ -206,10 +264,43 @@ def render(p: planner.Plan, desc: ModelDescription) -> str:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     lines.append("total = baseline + weights + CUDA ctx + max(loading, allocator + KV cache + activations) + headroom")
     lines.append(f"device_map: {_device_map_text(p.device_map)}")
+    lines += [""] + _settings_table(p)
     lines += ["", "why:"] + [f"  - {r}" for r in p.reasons]
     if p.instead:
         lines += ["", "instead:"] + [f"  - {r}" for r in p.instead]
     return "\n".join(lines)
+
+
+def _source_text(src: SourcePrecision) -> str:
+    if src.bits is None:
+        return f"precision {src.label}"
+    if src.quantized:
+        return f"already {src.bits}-bit ({src.label}; {src.detail})"
+    return f"{src.bits}-bit ({src.label})"
+
+
+def _settings_table(p: planner.Plan) -> list[str]:
+    """Every setting weighed: fits, bytes, predicted decode speed, measured quality loss."""
+    ctx = p.context
+    rows = [["setting", "placement", "fits", "weights", "tok/s", f"tok/s @{ctx}", "mean KL", ""]]
+    for s in p.settings:
+        label = f"{s['bits']}-bit" + (f" {s['quant_type']}" if s["quant_type"] else "")
+        sp = s["speed"]
+        kl = s["expected_kl"]
+        chosen = (s["bits"], s["strategy"]) == (p.bits, p.strategy)
+        note = "chosen" if chosen else ("" if s["within_source_bits"] else "more bits than the source")
+        rows.append([label, s["strategy"], "yes" if s["fits"] else "no", _short(s["weight_bytes"]),
+                     f"{sp['tokens_per_s_empty']:.0f}" if sp else "?", f"{sp['tokens_per_s']:.0f}" if sp else "?",
+                     "unmeasured" if kl is None else f"{kl:.5f}", note])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+           for r in rows]
+    out.append(f"tok/s: predicted decode on an empty cache and at {ctx} tokens of context: bytes read a token "
+               "(weights + KV cache) / the profile's read bandwidth x the engine's measured share of it")
+    if any(x["speed"] is None for x in p.settings):
+        out.append("?: the profile has no memory_bandwidth figure for that device; `edgepack profile` measures this box's")
+    out.append(f"mean KL: the project's measured quality loss vs the source; --prefer balanced's budget: {KL_BUDGET}")
+    return out
 
 
 def _placement(p: planner.Plan) -> str:

@@ -41,15 +41,17 @@ def main_profiles(args) -> int:
     if args.json:
         sys.stdout.write(json.dumps([p.to_dict() for p in profiles], indent=2) + "\n")
         return 0
-    rows = [("NAME", "RAM USABLE", "GPU USABLE", "UNIFIED", "DESCRIPTION")]
+    rows = [("NAME", "RAM USABLE", "GPU USABLE", "UNIFIED", "READ GB/S", "DESCRIPTION")]
     for p in profiles:
         gpu = " + ".join(_gib(g.usable_bytes) for g in p.gpus) or "-"
-        rows.append((p.name, _gib(p.ram_usable_bytes), gpu, "yes" if p.unified_memory else "no", p.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((p.name, _gib(p.ram_usable_bytes), gpu, "yes" if p.unified_memory else "no", _bandwidth(p),
+                     p.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
     print("\nusable = physical minus what the OS, driver and CUDA context keep (each file's reserved_note);"
-          "\nunified: RAM and GPU are one pool, count it once.")
+          "\nunified: RAM and GPU are one pool, count it once; read GB/s: RAM (+ GPU), what a decode step"
+          "\nstreams its weights at (memory_bandwidth.basis: measured, estimated or theoretical; .source says how).")
     return 0
 
 
@@ -66,6 +68,14 @@ def _check_writable(out: Path) -> None:
                            "pick another --out")
 
 
+def _bandwidth(p: DeviceProfile) -> str:
+    """RAM read GB/s (+ each GPU's), "?" where the profile has no figure."""
+    def gb(bw) -> str:
+        return f"{bw.read_bytes_per_s / 1e9:.1f}" if bw else "?"
+
+    return " + ".join([gb(p.memory_bandwidth)] + [gb(g.memory_bandwidth) for g in p.gpus])
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
@@ -77,6 +87,8 @@ def _summary(p: DeviceProfile, out: Path | None) -> str:
     lines = [f"{'wrote ' + str(out) if out else 'profile'} {p.name}: {p.cpu.model}, {p.cpu.cores} CPUs, "
              f"RAM {_gib(p.ram_bytes)} ({_gib(p.ram_usable_bytes)} available), {gpus}",
              f"bitsandbytes: cpu {bnb[p.bitsandbytes.cpu]}, cuda {cuda}"]
+    if p.memory_bandwidth:
+        lines.append(f"memory read: {p.memory_bandwidth.read_bytes_per_s / 1e9:.1f} GB/s ({p.memory_bandwidth.source})")
     if p.probed and p.probed.bitsandbytes_error:
         lines.append(f"bitsandbytes error: {p.probed.bitsandbytes_error}")
     return "\n".join(lines)

@@ -39,9 +39,14 @@ def main(args) -> int:
         from edgepack.plan.profile import load_profile
 
         profile = load_profile(args.profile)
-    result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
-                  token=args.token, profile=profile, progress=_say)
     key = getattr(args, "key", None) or os.environ.get("EDGEPACK_TRUSTED_KEY") or None
+    if key is not None:  # a missing or unreadable key file: refused before anything is fetched
+        from edgepack.format.signing import load_public_key
+
+        load_public_key(key)
+    # with a key, pull() checks the signature over the manifest before fetching any weight
+    result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
+                  token=args.token, profile=profile, progress=_say, key=key)
     from edgepack.format import signing
 
     if key is not None:

@@ -488,6 +488,8 @@ def configure_parser(p) -> None:
     p.add_argument("--max-shard-size", default="512MB", help="largest weight shard (default 512MB)")
     p.add_argument("--profile", default=None, help="target device profile (name or file): plan bits and device_map for it")
     p.add_argument("--context", type=int, default=None, help="with --profile: context length to plan for")
+    p.add_argument("--prefer", choices=("quality", "balanced", "speed"), default=None,
+                   help="with --profile: how the plan chooses bits (see `edgepack plan --help`; default balanced)")
     p.add_argument("--no-smoothing", action="store_true",
                    help="8-bit: quantize the weights as they are (default: activation-aware smoothing first on "
                         "Llama-family models; exact in float, lower quantization error)")
@@ -510,6 +512,8 @@ def check_options(args) -> None:
     if four_bit_only and args.bits is None and args.profile is None:
         raise UsageError(f"{four_bit_only[0]} applies to 4-bit packing, and --bits defaults to 8",
                          hint="add --bits 4")
+    if getattr(args, "prefer", None) and not args.profile:
+        raise UsageError("--prefer applies to the plan of --profile", hint="add --profile NAME, or drop --prefer")
     if args.bits == 4 and (args.no_smoothing or args.no_gptq):
         flag = "--no-smoothing" if args.no_smoothing else "--no-gptq"
         raise UsageError(f"{flag} applies to 8-bit packing only, not --bits 4", hint=f"drop {flag}")
@@ -526,7 +530,8 @@ def main(args) -> int:
         from edgepack.cli import plan as plan_cli
 
         options = plan_cli.plan_for_pack(args.source, args.profile, args.context, args.bits, args.revision,
-                                         args.gguf_file, args.quant_type, say, double_quant=args.double_quant)
+                                         args.gguf_file, args.quant_type, say, double_quant=args.double_quant,
+                                         prefer=getattr(args, "prefer", None) or "balanced")
         bits = options.pop("bits")
     quant_type = options.pop("quant_type", None) or args.quant_type or "nf4"
     planned_dtype = options.pop("dtype", None)  # float16 for a profile whose GPU has no bfloat16

@@ -26,7 +26,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgepack.errors import BundleIntegrityError, EdgepackError, ManifestError
 from edgepack.format.files import (
@@ -140,8 +140,10 @@ def _bundle_files_on_disk(bundle: Path) -> tuple[set[str], list[str]]:
     return found, odd
 
 
-def check_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], check_hashes: bool = True) -> None:
+def check_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], check_hashes: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> None:
     """The file set on disk is exactly the manifest's, each of the listed size (and hash).
+    ``progress(done_bytes, total_bytes)`` as the hashing goes.
 
     Collects every problem of the file set before raising, then checks sizes, and hashes
     only once every size is right (hashing a truncated 2 GB shard tells nothing new).
@@ -167,8 +169,16 @@ def check_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], check_h
                 hint="the copy is damaged; pull or pack the bundle again",
             )
     if check_hashes:
+        total, done = sum(e["size"] for e in listed.values()), 0
+
+        def hashed(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
         for rel, entry in listed.items():
-            if sha256_file(bundle / rel) != entry["sha256"]:
+            digest = sha256_file(bundle / rel, hashed) if progress else sha256_file(bundle / rel)
+            if digest != entry["sha256"]:
                 raise BundleIntegrityError(
                     f"{rel} does not match its sha256 in the manifest (the file was changed or damaged)",
                     hint="pull or pack the bundle again; never edit a bundle's files by hand",
@@ -280,7 +290,8 @@ def _check_finished(bundle: Path) -> None:
 
 
 def verify_bundle(
-    bundle_dir: str | os.PathLike, check_hashes: bool | str = True, *, manifest_bytes: bytes | None = None
+    bundle_dir: str | os.PathLike, check_hashes: bool | str = True, *, manifest_bytes: bytes | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run every check on a bundle and return its manifest.
 
@@ -288,8 +299,8 @@ def verify_bundle(
     the first load and then trusts files whose size, mtime, inode and ctime are unchanged (a record
     kept under ~/.cache/edgepack/verified, or $EDGEPACK_CACHE). ``manifest_bytes``: verify
     against these bytes of edgepack.json (already read, e.g. to check a signature over
-    them) instead of reading it again. Every failure, an unreadable file included, is an
-    EdgepackError.
+    them) instead of reading it again. ``progress(done_bytes, total_bytes)``: called as
+    files are hashed. Every failure, an unreadable file included, is an EdgepackError.
     """
     bundle = Path(bundle_dir)
     try:
@@ -304,7 +315,7 @@ def verify_bundle(
             except (OSError, ValueError):
                 trusted = False
             check_hashes = not trusted
-        check_files(bundle, manifest, check_hashes=bool(check_hashes))
+        check_files(bundle, manifest, check_hashes=bool(check_hashes), progress=progress)
         check_tensors(bundle, manifest)
         check_config(bundle, manifest)
     except EdgepackError:

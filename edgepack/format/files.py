@@ -11,7 +11,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 from edgepack.errors import BundleIntegrityError
 
@@ -42,11 +42,14 @@ def open_regular(path: str | os.PathLike) -> IO[bytes]:
     return os.fdopen(fd, "rb", buffering=0)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's sha256; ``on_bytes(n)`` after each chunk of n bytes (for progress)."""
     digest = hashlib.sha256()
     with open_regular(path) as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return digest.hexdigest()
 
 

@@ -189,31 +189,40 @@ def _signature_problems(data: Any) -> list[str]:
     return problems
 
 
-def verify_signature(bundle_dir: str | os.PathLike, public_key_path: str | os.PathLike) -> dict[str, Any]:
+def verify_signature(bundle_dir: str | os.PathLike, public_key_path: str | os.PathLike,
+                     progress=None) -> dict[str, Any]:
     """Check ``edgepack.sig`` against the public key and the manifest, then verify the
     whole bundle with hashes against exactly the manifest bytes that were signed. Returns
-    the manifest."""
-    _, _, InvalidSignature = _crypto()
+    the manifest. ``progress``: as verify_bundle's."""
     bundle = Path(bundle_dir)
-    public_key = load_public_key(public_key_path)
     signature = read_signature(bundle)
+    manifest_bytes = bundle_format.read_manifest_bytes(bundle)
+    check_manifest_signature(manifest_bytes, signature, public_key_path, f"bundle {bundle}")
+    return bundle_format.verify_bundle(bundle, check_hashes=True, manifest_bytes=manifest_bytes, progress=progress)
+
+
+def check_manifest_signature(manifest_bytes: bytes, signature: dict[str, Any],
+                             public_key_path: str | os.PathLike, what: str) -> None:
+    """That ``signature`` (read_signature's) is the public key's over these manifest bytes:
+    enough to refuse a bundle before any of its weights is fetched, since the manifest holds
+    every file's sha256. ``what`` names the bundle in messages."""
+    _, _, InvalidSignature = _crypto()
+    public_key = load_public_key(public_key_path)
     expected_id = key_id(public_key)
     if signature["key_id"] != expected_id:
         raise SignatureError(
-            f"bundle {bundle} was signed by key {signature['key_id'][:16]}..., not by {public_key_path} "
+            f"{what} was signed by key {signature['key_id'][:16]}..., not by {public_key_path} "
             f"({expected_id[:16]}...)",
             hint="verify with the public key of whoever signed it; do not trust this bundle otherwise",
         )
-    manifest_bytes = bundle_format.read_manifest_bytes(bundle)
     try:
         public_key.verify(base64.b64decode(signature["signature"]), MESSAGE_PREFIX + manifest_bytes)
     except InvalidSignature:
         raise SignatureError(
-            f"the signature of bundle {bundle} does not match its {bundle_format.MANIFEST_NAME} "
+            f"the signature of {what} does not match its {bundle_format.MANIFEST_NAME} "
             "(the manifest was changed after signing, or the signature is forged)",
             hint="do not trust this bundle; pull it again from its publisher",
         ) from None
-    return bundle_format.verify_bundle(bundle, check_hashes=True, manifest_bytes=manifest_bytes)
 
 
 # --- CLI ---------------------------------------------------------------------------------------

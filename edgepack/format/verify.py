@@ -6,6 +6,8 @@ quick on a small box."""
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 from edgepack.format import bundle as bundle_format
 from edgepack.errors import printable
@@ -18,14 +20,42 @@ def configure_verify_parser(p) -> None:
                    help="also check edgepack.sig against this Ed25519 public key (PEM); always hashes")
 
 
+class HashProgress:
+    """``hashing 312 / 1024 MB (30%)`` on stderr, rewritten in place, for bundles of at least
+    MIN_BYTES and only when stderr is a terminal (-q sends it to /dev/null: nothing shows);
+    cleared when hashing ends."""
+
+    MIN_BYTES = 64 << 20  # smaller bundles hash in well under a second
+    INTERVAL_S = 0.2
+
+    def __enter__(self):
+        self.shown, self.last = False, 0.0
+        return self if sys.stderr.isatty() else None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if total < self.MIN_BYTES or (now - self.last < self.INTERVAL_S and done < total):
+            return
+        self.last, self.shown = now, True
+        sys.stderr.write(f"\rhashing {done / 1e6:.0f} / {total / 1e6:.0f} MB ({done / total:.0%})")
+        sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 40 + "\r")
+            sys.stderr.flush()
+
+
 def main_verify(args) -> int:
     if getattr(args, "key", None):
         from edgepack.format import signing
 
-        manifest = signing.verify_signature(args.bundle, args.key)
+        with HashProgress() as progress:
+            manifest = signing.verify_signature(args.bundle, args.key, progress=progress)
         args.no_hash = False
     else:
-        manifest = bundle_format.verify_bundle(args.bundle, check_hashes=not args.no_hash)
+        with HashProgress() as progress:
+            manifest = bundle_format.verify_bundle(args.bundle, check_hashes=not args.no_hash, progress=progress)
     total = sum(e["size"] for e in manifest["files"])
     what = "sizes" if args.no_hash else "sizes and sha256"
     if getattr(args, "key", None):
@@ -73,12 +103,27 @@ def backend_line(bundle_dir, manifest: dict) -> str:
     return f"backend:       torch; edgepack's CPU engine cannot run it: {reason}"
 
 
+def _source_bits(src: dict, bits) -> str:
+    """", already 4-bit (GGUF Q4_1)" for a quantized GGUF source, by its file name (the
+    manifest keeps the name; the type is written in it by convention)."""
+    from edgepack.format.ggml import GGUF_BITS, type_in_name
+
+    name = src.get("gguf_file")
+    kind = type_in_name(name) if isinstance(name, str) else None
+    if kind is None or GGUF_BITS[kind] >= 16:
+        return ""
+    held = GGUF_BITS[kind]
+    more = f"; these {bits} bits hold no more than its {held}" if isinstance(bits, int) and bits > held else ""
+    return f", already {held}-bit (GGUF {kind}{more})"
+
+
 def describe(manifest: dict) -> str:
     """One line per field, every field escaped (a manifest is untrusted input)."""
     arch, quant, mem, src = manifest["architecture"], manifest["quantization"], manifest["memory"], manifest["source"]
     origin = src.get("repo_id") or src.get("alias") or src.get("path")
     lines = [
-        f"source:        {origin} ({src.get('kind')}{', commit ' + src['commit'] if src.get('commit') else ''})",
+        f"source:        {origin} ({src.get('kind')}{', commit ' + src['commit'] if src.get('commit') else ''})"
+        + _source_bits(src, quant.get("bits")),
         f"architecture:  {arch.get('model_type')}, {arch.get('num_parameters', 0) / 1e6:.1f}M parameters, "
         f"{arch.get('num_hidden_layers')} layers, hidden {arch.get('hidden_size')}, "
         f"{arch.get('num_key_value_heads')} kv heads, vocab {arch.get('vocab_size')}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,7 @@ def pull(
     profile=None,
     check_hashes: bool | str = True,
     progress: Progress | None = None,
+    key: str | os.PathLike | None = None,
 ) -> PullResult:
     """Download one bundle of a Hub repo, verify every file, return where it is and why.
 
@@ -92,7 +94,9 @@ def pull(
     (``edgepack.plan.profile.probe()``) or the given DeviceProfile. Neither: the root bundle, or
     the only variant. ``out``: the directory to write (default: under ~/.cache/edgepack/hub,
     or $EDGEPACK_CACHE/hub). ``check_hashes="once"`` trusts a copy already pulled and hashed
-    whose files are unchanged since; fresh downloads are always hashed.
+    whose files are unchanged since; fresh downloads are always hashed. ``key``: an Ed25519
+    public key file; the bundle's signature over its manifest is checked before any weight
+    is fetched, so a refused bundle leaves nothing behind.
     """
     say = progress or (lambda _msg: None)
     repo_id, ref_revision = parse_repo_ref(repo_ref)
@@ -106,14 +110,15 @@ def pull(
     if out is not None:
         _check_out(Path(out))
     try:
-        return _pull(repo_id, revision, out, variant, auto or profile is not None, token, profile, check_hashes, say)
+        return _pull(repo_id, revision, out, variant, auto or profile is not None, token, profile, check_hashes, say,
+                     key)
     except hub_exceptions() as exc:
         if isinstance(exc, EdgepackError):
             raise
         raise hub_error(exc, repo_id, revision, token) from exc
 
 
-def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say) -> PullResult:
+def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say, key=None) -> PullResult:
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
     if auto and profile is None:
@@ -131,6 +136,9 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     if auto:
         _check_choice(repo_id, entry, manifest, profile)
     manifest_bytes = Path(manifest_path).read_bytes()
+    if key is not None:
+        _check_signature(repo_id, prefix, commit, token, manifest_bytes, key)
+        say(f"{prefix or '(root)'} is signed by the given key")
     target = Path(out) if out is not None else _default_dir(repo_id, commit, entry["name"])
 
     existing = target / bundle_format.MANIFEST_NAME
@@ -150,6 +158,25 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     say(f"verifying {len(names)} files against {bundle_format.MANIFEST_NAME}")
     _materialize(snapshot / prefix if prefix else snapshot, manifest, target, repo_id)
     return PullResult(target, repo_id, commit, entry["name"], reason)
+
+
+def _check_signature(repo_id: str, prefix: str, commit: str, token, manifest_bytes: bytes, key) -> None:
+    """The signature over the manifest, before any weight is fetched: the manifest holds every
+    file's sha256, so a manifest the key signed vouches for the files checked against it."""
+    from edgepack.errors import SignatureError
+    from edgepack.format import signing
+
+    what = f"{repo_id}@{commit[:8]} {prefix.rstrip('/') or '(root)'}"
+    sig_path = _fetch(repo_id, prefix + bundle_format.SIGNATURE_NAME, commit, token)
+    if sig_path is None:
+        raise SignatureError(f"{what} is not signed (no {bundle_format.SIGNATURE_NAME}); nothing was downloaded",
+                             hint="ask its publisher to sign it (`edgepack sign`), or pull without --key if you "
+                             "trust it another way")
+    with tempfile.TemporaryDirectory() as tmp:  # the cache's copy is a symlink, which read_signature refuses
+        copy = Path(tmp) / bundle_format.SIGNATURE_NAME
+        copy.write_bytes(Path(sig_path).read_bytes()[: signing.MAX_SIGNATURE_BYTES + 1])
+        signature = signing.read_signature(tmp)
+    signing.check_manifest_signature(manifest_bytes, signature, key, what)
 
 
 def _check_choice(repo_id: str, entry: dict[str, Any], manifest: dict[str, Any], profile) -> None:

@@ -66,6 +66,38 @@ def llama_config(path: str | Path) -> dict[str, Any] | None:
     return config if all(k in config for k in REQUIRED) else None
 
 
+def tensor_types(path: str | Path) -> dict[str, int] | None:
+    """Elements stored at each ggml type (its name: "Q4_1", "F16", ...) over the file's
+    2-D weight matrices, read from the header; None for a file that is not GGUF v2/v3."""
+    with open(path, "rb") as f:
+        if f.read(4) != MAGIC:
+            return None
+        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version not in VERSIONS:
+            return None
+        for _ in range(n_kv):
+            _string(f)
+            _skip(f, _u32(f))
+        counts: dict[str, int] = {}
+        for _ in range(n_tensors):
+            _string(f)
+            n_dims = _u32(f)
+            shape = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+            kind = _u32(f)
+            f.seek(8, 1)  # data offset
+            if n_dims == 2:
+                name = GGML_TYPES.get(kind, f"type {kind}")
+                counts[name] = counts.get(name, 0) + shape[0] * shape[1]
+    return counts
+
+
+# ggml's tensor types (ggml.h, enum ggml_type) -> name; the bits of each are source.py's
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
+              25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0"}
+
+
 def _u32(f: BinaryIO) -> int:
     return struct.unpack("<I", f.read(4))[0]
 

@@ -25,7 +25,9 @@ from typing import Any, Sequence
 
 from edgepack.errors import PlanError
 from edgepack.plan.model import Block, ModelDescription
+from edgepack.plan import speed as speed_model
 from edgepack.plan.reasons import explain, need_text, parts_text, setting_text, size_text
+from edgepack.plan.source import KL_BUDGET, UNKNOWN, SourcePrecision, expected_kl
 from edgepack.plan.sizing import (
     BITS,
     CUDA_CONTEXT_BYTES,
@@ -84,6 +86,14 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     instead: list[str] = field(default_factory=list)  # what would fit, when this does not
     weight_bytes: int = 0  # as stored in the bundle, all devices
+    speed: speed_model.Speed | None = None  # predicted decode speed; None without bandwidth figures
+    prefer: str = "quality"  # quality | balanced | speed: how the setting was chosen
+    source: SourcePrecision = UNKNOWN  # the source's own precision
+    settings: list[dict[str, Any]] = field(default_factory=list)  # every setting weighed, best quality first
+
+    @property
+    def expected_kl(self) -> float | None:
+        return expected_kl(self.bits, self.quant_type, self.source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,7 +102,9 @@ class Plan:
             "context": self.context, "prompt_tokens": self.prompt_tokens, "batch": self.batch,
             "fits": self.fits, "weight_bytes": self.weight_bytes, "device_map": dict(self.device_map),
             "devices": {k: v.to_dict() for k, v in self.devices.items()}, "reasons": list(self.reasons),
-            "instead": list(self.instead),
+            "instead": list(self.instead), "prefer": self.prefer, "source": self.source.to_dict(),
+            "speed": self.speed.to_dict() if self.speed else None, "expected_kl": self.expected_kl,
+            "settings": list(self.settings),
         }
 
 
@@ -106,6 +118,7 @@ class _Target:
     gpus: tuple[tuple[str, int, int], ...]  # (name, usable bytes, reserved bytes)
     unified: bool
     bnb_cuda: bool | None
+    bandwidth: tuple[tuple[str, int | None], ...] = ()  # ("cpu", bytes/s), ("cuda", bytes/s)
 
     @classmethod
     def of(cls, profile: Any) -> _Target:
@@ -116,7 +129,7 @@ class _Target:
         gpus = tuple((g.name, g.usable_bytes, g.reserved_bytes) for g in profile.gpus)
         arch = "aarch64" if profile.cpu.arch in ("aarch64", "arm64") else "x86_64"  # others: as x86-64
         return cls(profile.name, arch, profile.ram_usable_bytes, gpus, profile.unified_memory,
-                   profile.bitsandbytes.cuda)
+                   profile.bitsandbytes.cuda, tuple(speed_model.profile_bandwidth(profile).items()))
 
     @property
     def size_bytes(self) -> int:
@@ -335,6 +348,9 @@ def _overflow(p: Plan) -> float:
 # --- the decision ----------------------------------------------------------------------------
 
 
+PREFER = ("quality", "balanced", "speed")
+
+
 def plan(
     desc: ModelDescription,
     profile: Any,
@@ -348,9 +364,18 @@ def plan(
     dtype: str = "bfloat16",
     runtime: str = "auto",
     alternatives: Sequence[Any] = (),
+    prefer: str = "quality",
+    source: SourcePrecision = UNKNOWN,
 ) -> Plan:
-    """The best-quality setting that fits ``profile`` (a DeviceProfile or its dict) with
-    headroom at ``context`` tokens (default: min(2048, the model's maximum)).
+    """The setting that fits ``profile`` (a DeviceProfile or its dict) with headroom at
+    ``context`` tokens (default: min(2048, the model's maximum)), chosen by ``prefer``:
+
+    quality: the most bits that fit; balanced: the fewest bits whose measured quality loss
+    (source.KL_BUDGET) is within budget, unless more bits within it are predicted faster;
+    speed: the fastest predicted decode (speed.py).
+    Never more bits than ``source`` (the source's own precision) holds. The default here is
+    quality, as before the preference existed; `edgepack plan` and `pack --profile` default
+    to balanced.
 
     prompt_tokens: the longest prompt prefilled at once (default: the context).
     bits: 16, 8 or 4 to force; the plan then says whether it fits instead of raising.
@@ -362,16 +387,68 @@ def plan(
                  double_quant=double_quant, dtype=dtype, runtime=runtime)
     if bits is not None and bits not in BITS:
         raise PlanError(f"unsupported bits {bits!r}", hint="use --bits 16, 8 or 4, or leave it out")
+    if prefer not in PREFER:
+        raise PlanError(f"unknown preference {prefer!r}", hint="use --prefer quality, balanced or speed")
     tried = _tried(desc, t, o, bits)
-    chosen = next((p for p in tried if p.fits), None)
+    for p in tried:
+        p.prefer, p.source, p.speed = prefer, source, _speed(desc, t, o, p)
+    chosen, chosen_by = _choose(tried, prefer, source, o.quant_type) if bits is None else (
+        next((p for p in tried if p.fits), None), f"bits forced to {bits}")
     if chosen is None and bits is None:
         raise _nothing_fits(desc, t, o, tried, alternatives)
     if chosen is None:  # the forced setting: report how far it is from fitting
         chosen = min(tried, key=_overflow)
-    chosen.reasons = explain(desc, t, o, chosen, tried, bits)
+    chosen.reasons = explain(desc, t, o, chosen, tried, bits, chosen_by)
+    chosen.settings = [_setting_summary(p, source, o.quant_type) for p in tried]
     if not chosen.fits:
         chosen.instead = _nearest(desc, t, o, alternatives, bits)
     return chosen
+
+
+def _speed(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> speed_model.Speed | None:
+    q = Quant(p.bits, o.quant_type, o.double_quant, o.dtype)
+    return speed_model.predict(desc, q, p.device_map, p.strategy, p.runtime, dict(t.bandwidth), o.context, o.batch)
+
+
+def _choose(tried: list[Plan], prefer: str, source: SourcePrecision, quant_type: str) -> tuple[Plan | None, str]:
+    """The plan ``prefer`` picks among those that fit, and the words for why."""
+    fitting = [p for p in tried if p.fits]
+    cap = source.cap_bits(quant_type)
+    allowed = [p for p in fitting if p.bits <= cap]
+    if not allowed:
+        return (fitting[0] if fitting else None), "the best quality that fits"
+    capped = f"; the source is already {source.bits}-bit ({source.label}), so no more than {cap} bits" if cap < 16 else ""
+    # a model that fits the GPU stays there whatever the preference: the CPU figures leave out
+    # per-step costs that dominate a tiny model, and the GPU is what the box is for
+    allowed = [p for p in allowed if p.strategy == "gpu"] or allowed
+    if prefer == "speed":
+        if any(p.speed is None for p in allowed):
+            return allowed[0], "the best quality that fits (no bandwidth figure in the profile to predict speed)" + capped
+        best = max(allowed, key=lambda p: p.speed.tokens_per_s)
+        return best, f"the fastest predicted decode that fits ({best.speed.tokens_per_s:.0f} tokens/s){capped}"
+    if prefer == "balanced":
+        within = [p for p in allowed if (kl := expected_kl(p.bits, p.quant_type, source)) is not None and kl <= KL_BUDGET]
+        if not within:
+            return allowed[0], f"the best quality that fits (none that fits has a measured loss within budget){capped}"
+        fewest = min(p.bits for p in within)
+        best = next(p for p in within if p.bits == fewest)
+        # fewer bits are worth it for speed and size; where more bits are predicted faster too
+        # (bitsandbytes' int8 on a GPU), fewer buy nothing
+        if all(p.speed for p in within):
+            best = max(within, key=lambda p: (round(p.speed.tokens_per_s, 6), -p.bits))
+        kl = expected_kl(best.bits, best.quant_type, source)
+        why = ("the fewest bits" if best.bits == fewest else f"more bits than {fewest}, predicted faster,")
+        return best, (f"{why} whose measured quality loss is within budget (mean KL {kl:.5f} <= {KL_BUDGET}, "
+                      f"llama.cpp Q8_0's on the default model){capped}")
+    return allowed[0], "the best quality that fits" + capped
+
+
+def _setting_summary(p: Plan, source: SourcePrecision, quant_type: str) -> dict[str, Any]:
+    cap = source.cap_bits(quant_type)
+    return {"bits": p.bits, "quant_type": p.quant_type, "strategy": p.strategy, "runtime": p.runtime, "fits": p.fits,
+            "weight_bytes": p.weight_bytes, "within_source_bits": p.bits <= cap,
+            "expected_kl": expected_kl(p.bits, p.quant_type, source),
+            "speed": p.speed.to_dict() if p.speed else None}
 
 
 def place(desc: ModelDescription, profile: Any, bits: int, strategy: str, **options: Any) -> Plan:

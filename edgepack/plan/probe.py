@@ -1,6 +1,7 @@
-"""Describe this machine as a device profile: CPU model and SIMD, RAM, CUDA GPUs and
-whether bitsandbytes' kernels run (checked in a child process). The only code in plan/
-that reads hardware; psutil and torch are imported lazily, inside probe().
+"""Describe this machine as a device profile: CPU model and SIMD, RAM, its memory read
+bandwidth (timed, under half a second), CUDA GPUs and whether bitsandbytes' kernels run
+(checked in a child process). The only code in plan/ that reads hardware; psutil, numpy
+and torch are imported lazily, inside probe().
 """
 
 from __future__ import annotations
@@ -53,7 +54,15 @@ print("EDGEPACK_BNB " + json.dumps(result))
 """
 
 
-def probe(name: str | None = None, *, check_bitsandbytes: bool = True, timeout_s: float = 120.0) -> dict:
+# The read-bandwidth probe: a buffer well past any CPU's last-level cache (the largest here:
+# 96 MiB of L3 on a Ryzen 7950X3D), one untimed pass to fault its pages in, then the best of
+# a few timed passes; 256 MiB at the Pi 4's 5.5 GB/s is ~50 ms a pass.
+BANDWIDTH_PROBE_BYTES = 256 << 20
+BANDWIDTH_PROBE_PASSES = 2
+
+
+def probe(name: str | None = None, *, check_bitsandbytes: bool = True, timeout_s: float = 120.0,
+          measure_bandwidth: bool = True) -> dict:
     """Describe this machine as a profile dict (schema edgepack-profile/1).
 
     ram_reserved_bytes is what is in use right now (total - available), and a GPU's
@@ -109,7 +118,64 @@ def probe(name: str | None = None, *, check_bitsandbytes: bool = True, timeout_s
         "probed": {"at": at, "host": host, "available_ram_bytes": vm.available,
                    "torch": torch_version, "bitsandbytes_error": bnb_error},
     }
+    if measure_bandwidth:
+        read, how = read_bandwidth()
+        d["memory_bandwidth"] = {"read_bytes_per_s": read, "basis": "measured", "theoretical_bytes_per_s": None,
+                                 "source": f"measured by `edgepack profile` at {at}: {how}"}
     return DeviceProfile.from_dict(d, origin=f"probe of {host}").to_dict()
+
+
+def read_bandwidth(size_bytes: int = BANDWIDTH_PROBE_BYTES, passes: int = BANDWIDTH_PROBE_PASSES) -> tuple[int, str]:
+    """(bytes/s, how) of a streaming read of RAM, as a decode step reads its weights: numpy
+    sums, one thread per CPU this process may use, each its own slice (numpy's reductions
+    release the GIL), timed by each thread's own CPU time so that time the scheduler gives
+    other processes on a busy box does not read as low bandwidth (tests/bench/membw.py's
+    on-CPU figure, which the engine's measured efficiency is relative to). Without numpy:
+    one thread's memchr over the buffer (bytearray.find), which a multi-core box exceeds."""
+    import time
+
+    try:
+        import numpy as np
+    except ImportError:
+        buf = bytearray(size_bytes)  # zeros: find() scans it all for a byte that is not there
+        buf.find(b"\x01")
+        best = min(_timed(lambda: buf.find(b"\x01")) for _ in range(passes))
+        return int(size_bytes / best), (f"one thread's memchr over {size_bytes >> 20} MiB, best of {passes} "
+                                        "passes, on its own CPU time (numpy absent: a multi-core box reads more)")
+    import threading
+
+    threads = _cpu_count()
+    n = size_bytes // 8 // threads
+    parts: list = [None] * threads
+    cpu_s = [0.0] * threads
+
+    def read(i: int) -> None:
+        if parts[i] is None:  # each thread writes its own slice: the page faults run in parallel
+            parts[i] = np.ones(n, dtype=np.int64)
+        start = time.thread_time()
+        np.add.reduce(parts[i])
+        cpu_s[i] = time.thread_time() - start
+
+    best = float("inf")
+    for p in range(passes + 1):
+        workers = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if p:  # the first pass only faults the pages in
+            best = min(best, max(cpu_s))  # a pass lasts as long as its slowest thread
+    total = 8 * n * threads
+    return int(total / best), (f"numpy int64 sums over {total >> 20} MiB, {threads} threads, best of "
+                                      f"{passes} passes, on each thread's own CPU time")
+
+
+def _timed(f) -> float:
+    import time
+
+    start = time.thread_time()
+    f()
+    return max(time.thread_time() - start, 1e-9)
 
 
 def _probed_name(host: str) -> str:

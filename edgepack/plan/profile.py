@@ -8,6 +8,10 @@ the OS, the driver and the CUDA context keep for themselves (``*_reserved_bytes`
 On a unified-memory box (Jetson) CPU and GPU share one pool: ``gpus[0].memory_bytes``
 equals ``ram_bytes`` and the GPU's reserve includes the OS's, so count the pool once.
 
+``memory_bandwidth`` (top level: the CPU's read of RAM; in each GPU: its memory's) is what
+bounds decoding, which reads every weight once a token (plan/speed.py). It is optional: a
+profile written before it existed loads, and plans without a speed.
+
     >>> from edgepack.plan.profile import load_profile
     >>> p = load_profile("rpi5-8gb")           # or a path: load_profile("mybox.json")
     >>> p.ram_usable_bytes // 2**20
@@ -39,7 +43,10 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _COMPUTE_RE = re.compile(r"\d+\.\d+\Z")
 _KEYS = ("schema", "name", "description", "source", "cpu", "ram_bytes", "ram_reserved_bytes",
          "reserved_note", "swap_bytes", "unified_memory", "gpus", "disk_free_bytes",
-         "bitsandbytes", "probed")
+         "bitsandbytes", "probed", "memory_bandwidth")
+# how a bandwidth figure was obtained: a streaming read timed on the device, the memory's
+# peak transfer rate x bus width from its spec, or an estimate from either (said how)
+BANDWIDTH_BASES = ("measured", "theoretical", "estimated")
 _FIX_HINT = "compare with a built-in profile: `edgepack profiles --json` prints them all"
 
 
@@ -66,12 +73,24 @@ class CPU:
 
 
 @dataclass(frozen=True)
+class MemoryBandwidth:
+    """What bounds decoding: every weight is read once per token. Optional in a profile
+    (older files have none; ``edgepack profile`` measures it)."""
+
+    read_bytes_per_s: int  # what the planner divides by: a streaming read of the whole memory
+    basis: str  # measured | theoretical | estimated (BANDWIDTH_BASES)
+    theoretical_bytes_per_s: int | None  # the spec's peak (transfers/s x bus bytes), if known
+    source: str  # where the figures come from
+
+
+@dataclass(frozen=True)
 class GPU:
     name: str
     memory_bytes: int
     reserved_bytes: int  # CUDA context, display, driver: never available to a model
     compute_capability: str  # "8.6"
     bf16: bool
+    memory_bandwidth: MemoryBandwidth | None = None
 
     @property
     def usable_bytes(self) -> int:
@@ -110,6 +129,7 @@ class DeviceProfile:
     disk_free_bytes: int | None
     bitsandbytes: BitsAndBytesSupport
     probed: ProbeInfo | None = None
+    memory_bandwidth: MemoryBandwidth | None = None  # the CPU's (RAM)
     origin: str = field(default="<dict>", compare=False)  # where it was loaded from, for messages
 
     @property
@@ -138,10 +158,11 @@ class DeviceProfile:
             "reserved_note": self.reserved_note,
             "swap_bytes": self.swap_bytes,
             "unified_memory": self.unified_memory,
-            "gpus": [dataclasses.asdict(g) for g in self.gpus],
+            "gpus": [_gpu_dict(g) for g in self.gpus],
             "disk_free_bytes": self.disk_free_bytes,
             "bitsandbytes": dataclasses.asdict(self.bitsandbytes),
             "probed": dataclasses.asdict(self.probed) if self.probed else None,
+            **({"memory_bandwidth": dataclasses.asdict(self.memory_bandwidth)} if self.memory_bandwidth else {}),
         }
 
     @classmethod
@@ -172,6 +193,7 @@ class DeviceProfile:
             disk_free_bytes=v.get(d, "disk_free_bytes", _opt(_is_nonneg_int), "a non-negative integer or null"),
             bitsandbytes=_bitsandbytes(v, d),
             probed=_probed(v, d),
+            memory_bandwidth=_bandwidth(v, d, ""),
         )
         _check_across(v, **profile)
         if v.problems:
@@ -264,7 +286,7 @@ def _gpus(v: _Validator, d: dict) -> tuple[GPU, ...] | None:
         if not isinstance(g, dict):
             v.problems.append(f"gpus[{i}] must be an object, got {_short(g)}")
             continue
-        v.unknown_keys(g, ("name", "memory_bytes", "reserved_bytes", "compute_capability", "bf16"), p)
+        v.unknown_keys(g, ("name", "memory_bytes", "reserved_bytes", "compute_capability", "bf16", "memory_bandwidth"), p)
         name = v.get(g, "name", _is_text, "a non-empty string", p)
         memory = v.get(g, "memory_bytes", _is_pos_int, "a positive integer", p)
         reserved = v.get(g, "reserved_bytes", _is_nonneg_int, "a non-negative integer", p)
@@ -273,7 +295,7 @@ def _gpus(v: _Validator, d: dict) -> tuple[GPU, ...] | None:
         bf16 = v.get(g, "bf16", _is_bool, "true or false", p)
         if memory is not None and reserved is not None and reserved >= memory:
             v.problems.append(f"{p}reserved_bytes ({reserved}) must be less than memory_bytes ({memory})")
-        out.append(GPU(name, memory, reserved, cc, bf16))
+        out.append(GPU(name, memory, reserved, cc, bf16, _bandwidth(v, g, p)))
     return None if len(v.problems) > before else tuple(out)
 
 
@@ -297,6 +319,31 @@ def _check_across(v: _Validator, ram_bytes, ram_reserved_bytes, unified_memory, 
     if reserved is not None and gpus[0].reserved_bytes < reserved:
         v.problems.append(f"unified_memory: gpus[0].reserved_bytes ({gpus[0].reserved_bytes}) must be at "
                           f"least ram_reserved_bytes ({reserved}), the OS uses the same pool")
+
+
+def _gpu_dict(g: GPU) -> dict[str, Any]:
+    d = dataclasses.asdict(g)
+    if g.memory_bandwidth is None:  # absent, as in the files written before the field existed
+        del d["memory_bandwidth"]
+    return d
+
+
+def _bandwidth(v: _Validator, d: dict, prefix: str) -> MemoryBandwidth | None:
+    """The optional memory_bandwidth object: absent or null means not known."""
+    bw = d.get("memory_bandwidth")
+    if bw is None:
+        return None
+    p = f"{prefix}memory_bandwidth."
+    if not isinstance(bw, dict):
+        v.problems.append(f"{prefix}memory_bandwidth must be an object or null, got {_short(bw)}")
+        return None
+    before = len(v.problems)
+    v.unknown_keys(bw, ("read_bytes_per_s", "basis", "theoretical_bytes_per_s", "source"), p)
+    read = v.get(bw, "read_bytes_per_s", _is_pos_int, "a positive integer", p)
+    basis = v.get(bw, "basis", lambda x: x in BANDWIDTH_BASES, " or ".join(BANDWIDTH_BASES), p)
+    peak = v.get(bw, "theoretical_bytes_per_s", _opt(_is_pos_int), "a positive integer or null", p)
+    source = v.get(bw, "source", _is_text, "a non-empty string", p)
+    return None if len(v.problems) > before else MemoryBandwidth(read, basis, peak, source)
 
 
 def _bitsandbytes(v: _Validator, d: dict) -> BitsAndBytesSupport | None:

@@ -60,14 +60,23 @@ def parts_text(b: DeviceBudget) -> str:
     return " + ".join(f"{name} {human(v)}" for name, v in parts if v)
 
 
-def explain(desc: ModelDescription, t: _Target, o: Options, p: Plan, tried: list[Plan], bits: int | None) -> list[str]:
+def explain(desc: ModelDescription, t: _Target, o: Options, p: Plan, tried: list[Plan], bits: int | None,
+            chosen_by: str | None = None) -> list[str]:
     r = []
     verdict = "fits" if p.fits else "does NOT fit"
-    chosen_by = f"bits forced to {bits}" if bits else "the best quality that fits"
+    chosen_by = chosen_by or (f"bits forced to {bits}" if bits else "the best quality that fits")
     r.append(f"{setting_text(p)} {verdict} {t.name} ({size_text(t)}) at a context of {o.context} tokens: "
              f"{need_text(p)}; {chosen_by}.")
+    if p.source.quantized:
+        r.append(f"The source is already {p.source.bits}-bit ({p.source.label}: {p.source.detail}); "
+                 f"more bits than {p.source.cap_bits(o.quant_type)} would add bytes and no quality.")
+    if p.speed:
+        r.append(speed_text(p))
     better = tried[: tried.index(p)] if p in tried else [x for x in tried if x is not p]
-    for x in better:  # every better setting that was tried and missed, best first
+    for x in better:  # every better-quality setting, best first: why it was not taken
+        if x.fits:
+            r.append(f"{setting_text(x)} also fits{_speed_note(x)}; not chosen: {_passed_over(x, p, o)}.")
+            continue
         worst = max(x.devices.values(), key=lambda d: d.total_bytes / d.capacity_bytes)
         r.append(f"{setting_text(x)} would need {human(worst.total_bytes)} on {worst.device}, "
                  f"which has {human(worst.capacity_bytes)} usable.")
@@ -92,6 +101,34 @@ def explain(desc: ModelDescription, t: _Target, o: Options, p: Plan, tried: list
             r.append(f"{block.name} is tied to {block.tied_to}: one tensor, both on {p.device_map[block.name]}.")
     r.extend(_memory_reasons(desc, t, o, p))
     return r
+
+
+def speed_text(p: Plan) -> str:
+    """The predicted decode speed and the terms it comes from."""
+    sp = p.speed
+    terms = "; ".join(f"{d}: {human(v['weight_bytes'] + v['kv_bytes'])} / {v['read_bytes_per_s'] / 1e9:.1f} GB/s x "
+                      f"{v['efficiency']:.0%}" + (f" + {v['launch_s'] * 1e3:.1f} ms of kernel launches" if v["launch_s"] else "")
+                      for d, v in sp.devices.items())
+    return (f"Decode: ~{sp.tokens_per_s_empty:.0f} tokens/s predicted on an empty cache, ~{sp.tokens_per_s:.0f} at "
+            f"{sp.context} tokens of context ({human(sp.bytes_per_token)} of weights + {human(sp.kv_bytes_per_token)} "
+            f"of KV cache read a token; {terms}: bytes / read bandwidth x the engine's measured share of it).")
+
+
+def _speed_note(x: Plan) -> str:
+    return f" (~{x.speed.tokens_per_s:.0f} tokens/s)" if x.speed else ""
+
+
+def _passed_over(x: Plan, p: Plan, o: Options) -> str:
+    cap = x.source.cap_bits(o.quant_type)
+    if x.bits > cap:
+        faster = " (though predicted faster)" if x.speed and p.speed and x.speed.tokens_per_s > p.speed.tokens_per_s else ""
+        return (f"the source is {x.source.bits}-bit, so {x.bits} bits would add bytes and no quality{faster}; "
+                f"--bits {x.bits} forces it")
+    if x.prefer == "speed" and x.speed and p.speed:
+        return f"slower than {p.bits}-bit's ~{p.speed.tokens_per_s:.0f} tokens/s"
+    if x.prefer == "balanced":
+        return f"{p.bits} bits are within the quality budget and {x.bits} are more bytes to read"
+    return f"{'GPU' if p.strategy == 'gpu' else 'this placement'} preferred"
 
 
 def _memory_reasons(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> list[str]:

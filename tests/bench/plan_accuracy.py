@@ -1,6 +1,14 @@
-"""The planner's memory model against reality, on this machine's CPU.
+"""The planner's memory and speed models against reality, on this machine's CPU.
 
     .venv/bin/python tests/bench/plan_accuracy.py [--bundles DIR] [--tiny-only]
+    .venv/bin/python tests/bench/plan_accuracy.py --speed [--bundles DIR] [--repeats 3]
+
+--speed: the predicted decode tokens/s (plan/speed.py: bytes read a token / this box's read
+bandwidth as `edgepack profile` measures it x the engine's efficiency) beside the measured
+decode speed of the default model at 8 bits and int4, each a median of fresh processes
+(a 16-token prompt, then 64 greedy steps on edgepack's C engine, threads as shipped), with
+the 1-minute load average at each run; exit status 1 if a prediction is off by more than
+20%.
 
 For the default model (alias smollm2-135m) and the tiny test models, packed at 16/8/4 bits,
 at two context lengths, a fresh ``edgepack run BUNDLE PROMPT --max-new-tokens N
@@ -226,14 +234,112 @@ def _row(r: dict) -> str:
             f"{mib('measured'):>10}{err:>+8.1%}{flag}")
 
 
+# --- speed --------------------------------------------------------------------------------------
+
+SPEED_TOLERANCE = 0.20
+SPEED_PROMPT, SPEED_NEW = 16, 64
+DECODE_WORKER = """
+import json, sys, time
+import edgepack
+lm = edgepack.load(sys.argv[1], verify=False)
+if lm.backend != "native":
+    raise SystemExit(f"the {lm.backend} backend ran, not edgepack's CPU engine")
+prompt_n, new_n = int(sys.argv[2]), int(sys.argv[3])
+ids = (lm.tokenizer.encode("The capital of France is Paris. " * 8, add_special_tokens=False) * prompt_n)[:prompt_n]
+model = lm.model
+cache = model.new_cache(prompt_n + 4 + new_n + 1)  # prompt, warm-up steps, timed steps
+token = model.sample(model.forward(ids, cache), 0)
+for _ in range(4):  # warm: first steps fault the weights in
+    token = model.sample(model.forward([token], cache), 0)
+start, cpu = time.perf_counter(), time.process_time()
+for _ in range(new_n):
+    token = model.sample(model.forward([token], cache), 0)
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"decode_tok_s": new_n / wall, "on_cpu_tok_s": new_n / (cpu / model.threads), "threads": model.threads}))
+"""
+
+
+def speed_report(root: Path, repeats: int) -> int:
+    import json
+    import statistics
+
+    from edgepack.cli.plan import load_source
+    from edgepack.plan.model import describe_model
+    from edgepack.plan.probe import read_bandwidth
+
+    config, precision = load_source(DEFAULT_MODEL)
+    desc = describe_model(config, name=DEFAULT_MODEL)
+    settings = {"8-bit": (8, "nf4"), "int4": (4, "int4")}
+    bundles = {}
+    for label, (bits, quant_type) in settings.items():
+        path = root / f"{DEFAULT_MODEL}-{label}"
+        if not (path / "edgepack.json").is_file():
+            from edgepack.export.pack import pack
+
+            print(f"packing {DEFAULT_MODEL} at {label}", file=sys.stderr, flush=True)
+            # smoothing and GPTQ change values only, not the bytes a step reads (decode_bench.py packs so too)
+            pack(DEFAULT_MODEL, path, bits=bits, quant_type=quant_type, force=True, smoothing=False, gptq=False)
+        bundles[label] = path
+    reads = []
+    runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in settings}
+    for _ in range(repeats):  # bandwidth and engines alternate, so load swings hit them alike
+        reads.append(read_bandwidth()[0])
+        for label, path in bundles.items():
+            load = os.getloadavg()[0]
+            done = subprocess.run([sys.executable, "-c", DECODE_WORKER, str(path), str(SPEED_PROMPT), str(SPEED_NEW)],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"decode worker on {path} exited {done.returncode}: {done.stderr[-2000:]}")
+            got = json.loads(done.stdout.splitlines()[-1])
+            runs[label].append((got["decode_tok_s"], load, got["on_cpu_tok_s"]))
+    bandwidth = statistics.median(reads)
+    profile = _profile()
+    profile["memory_bandwidth"] = {"read_bytes_per_s": int(bandwidth), "basis": "measured",
+                                   "theoretical_bytes_per_s": None, "source": "plan_accuracy.py --speed"}
+    context = SPEED_PROMPT + 4 + SPEED_NEW // 2  # the cache's mean length over the timed steps
+    print(f"read bandwidth (edgepack profile's probe, median of {repeats}): {bandwidth / 1e9:.1f} GB/s "
+          f"({', '.join(f'{r / 1e9:.1f}' for r in reads)})")
+    try:  # the C loop decode_bench.py's efficiency was measured against, for comparison
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import membw
+
+        c_read = membw.measure(gib=0.5, passes=3)["threads_all"]["on_cpu"]
+        print(f"membw.py (C, all threads, on-CPU time): {c_read:.1f} GB/s")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"membw.py: not run ({exc})")
+    print(f"{'setting':<8}{'MB/token':>9}{'efficiency':>11}{'predicted':>10}{'measured':>10}{'error':>8}"
+          f"{'on-CPU':>8}{'error':>8}  runs (tok/s @ load avg)")
+    off = 0
+    for label, (bits, quant_type) in settings.items():
+        p = planner.plan(desc, profile, context=context, prompt_tokens=SPEED_PROMPT, bits=bits, quant_type=quant_type,
+                         runtime="native", source=precision)
+        measured = statistics.median(r[0] for r in runs[label])
+        on_cpu = statistics.median(r[2] for r in runs[label])
+        err = p.speed.tokens_per_s / measured - 1
+        off += abs(err) > SPEED_TOLERANCE
+        cpu = p.speed.devices["cpu"]
+        print(f"{label:<8}{p.speed.bytes_per_token / 1e6:>9.1f}{cpu['efficiency']:>11.3f}{p.speed.tokens_per_s:>10.1f}"
+              f"{measured:>10.1f}{err:>+8.1%}{on_cpu:>8.1f}{p.speed.tokens_per_s / on_cpu - 1:>+8.1%}  "
+              + ", ".join(f"{t:.1f} @ {la:.1f}" for t, la, _ in runs[label])
+              + ("  <-- off" if abs(err) > SPEED_TOLERANCE else ""))
+    print(f"(predicted at {context} tokens of cache, the mean over the timed steps; tolerance ±{SPEED_TOLERANCE:.0%} "
+          "on the wall-clock figure; on-CPU: steps over the process's CPU time / threads, which a busy box "
+          "inflates less but spinning workers deflate)")
+    return 1 if off else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundles", type=Path, default=None, help="keep bundles here and reuse them (default: a temp dir)")
     parser.add_argument("--tiny-only", action="store_true", help=f"skip {DEFAULT_MODEL}")
+    parser.add_argument("--speed", action="store_true", help="predicted decode tokens/s beside the measured, only")
+    parser.add_argument("--repeats", type=int, default=3, help="--speed: fresh processes per setting")
     args = parser.parse_args()
     root = args.bundles or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.speed:
+        return speed_report(root, args.repeats)
     tiny = {name: (str(path), bundles_for(name, str(path), root)) for name, path in tiny_sources(root).items()}
 
     print(f"platform: {platform.machine()} {platform.system()}, python {platform.python_version()}")

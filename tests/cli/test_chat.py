@@ -4,6 +4,7 @@ in-process, through a pipe and through a pseudo-terminal."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -181,3 +182,18 @@ def test_terminal_session_streams_each_reply_and_resets(packed):
     assert len(re.findall(r"^first token \d+\.\d\d s ", stderr, re.M)) == 4
     assert "(conversation cleared)" in stderr
     assert re.search(r"^\[edgepack\] loaded llama-8\S* in \d+\.\d\d s \(native backend, context 128 tokens\)", stderr, re.M)
+
+
+def test_pipe_json_one_object_per_turn(packed):
+    bundle = packed("llama", 8)
+    lm = edgepack.load(bundle)
+    turns = TURNS[:3]
+    proc = subprocess.run(_chat_argv(bundle, "--json"), input="\n".join(turns[:1] + ["/reset"] + turns[1:]) + "\n",
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    objects = [json.loads(line) for line in proc.stdout.splitlines()]
+    expected = _expected(lm, turns[:1]) + _expected(lm, turns[1:])  # /reset: a new conversation
+    assert [o["reply"] for o in objects] == expected and [o["turn"] for o in objects] == [1, 2, 3]
+    for o in objects:
+        assert o["finish_reason"] in ("stop", "length") and o["generated_tokens"] >= 1 and o["first_token_s"] > 0
+    assert objects[1]["reused_tokens"] <= objects[2]["reused_tokens"] and objects[2]["reused_tokens"] > 0

@@ -530,9 +530,12 @@ def test_cli_default_profile_run(tiny_models, capsys):
 
 
 def test_cli_json(tiny_models, capsys):
-    assert cli_main(["plan", str(tiny_models["gpt2"]), "--profile", "rpi4-4gb", "--json"]) == 0
+    assert cli_main(["plan", str(tiny_models["gpt2"]), "--profile", "rpi4-4gb", "--json", "--prefer", "quality"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["profile"] == "rpi4-4gb" and d["bits"] == 16 and d["fits"]
+    assert d["profile"] == "rpi4-4gb" and d["bits"] == 16 and d["fits"] and d["prefer"] == "quality"
+    assert cli_main(["plan", str(tiny_models["gpt2"]), "--profile", "rpi4-4gb", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)  # balanced, the default: a float32 source, 8 bits within budget
+    assert d["prefer"] == "balanced" and d["bits"] == 8 and d["expected_kl"] == 0.00137
     assert set(d["device_map"]) == {"transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.h.1",
                                     "transformer.ln_f", "lm_head"}
 
@@ -583,7 +586,8 @@ def test_pack_for_a_cpu_only_profile_at_more_than_4_bits(tiny_models, tmp_path):
     from edgepack.format import bundle as bundle_format
 
     out = tmp_path / "cpu"
-    args = ["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "rpi4-4gb", "--context", "128", "-q"]
+    args = ["pack", str(tiny_models["llama"]), "-o", str(out), "--profile", "rpi4-4gb", "--context", "128", "-q",
+            "--prefer", "quality"]
     assert cli_main(args) == 0
     assert bundle_format.read_manifest(out)["quantization"]["bits"] == 16
     assert cli_main([*args[:3], str(tmp_path / "cpu8"), *args[4:], "--bits", "8"]) == 0
