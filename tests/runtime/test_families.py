@@ -33,7 +33,7 @@ DECISIVE_LEAD = 4.0
 PACKINGS = {16: {}, 8: {}, 4: {"quant_type": "int4"}}
 # The families edgepack's CPU engine runs (where its C module is usable on this box); the rest
 # load through torch.
-ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "mistral-sw")
+ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4-mini", "smollm3", "mistral-sw")
 
 
 @pytest.fixture(scope="module")
@@ -171,19 +171,19 @@ def test_sliding_window_layers_of_any_llama_like_type():
     assert features(Qwen2Config(num_hidden_layers=3).to_dict()).plain
 
 
-def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, capsys):
+def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, packed, capsys):
     """Where the engine cannot run a bundle, `run --stats` and `inspect` say so in one line,
     with the reason and the backend that runs instead; where it can, inspect says native."""
     from edgepack.runtime import engine as native
     from edgepack.cli import main
 
-    phi3, qwen2 = family_bundle("phi3", 16), family_bundle("qwen2", 16)
-    assert main(["run", str(phi3), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
+    gpt2, qwen2 = packed("gpt2", 16), family_bundle("qwen2", 16)
+    assert main(["run", str(gpt2), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
-    assert "backend: torch, not edgepack's CPU engine: model_type 'phi3'\n" in err
-    assert main(["inspect", str(phi3)]) == 0
+    assert "backend: torch, not edgepack's CPU engine: model_type 'gpt2'\n" in err
+    assert main(["inspect", str(gpt2)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("backend:")]
-    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'phi3'"]
+    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'gpt2'"]
     if native.c_module_unavailable() is None:  # else the C module is not built or not usable here
         assert main(["inspect", str(qwen2)]) == 0
         assert "backend:       native (edgepack's CPU engine)\n" in capsys.readouterr().out
@@ -217,3 +217,50 @@ def test_sliding_window_cache_across_chunks_and_calls(family, sources, family_bu
     assert sliding == (5 if family == "gemma3" else 2)
     full_bytes = 2 * 2 * model.kv_heads * model.head_dim * len(ids)  # keys and values, bfloat16
     assert len(cache.memory) == (model.layers - sliding) * full_bytes + sliding * full_bytes * SLIDING_WINDOW // len(ids)
+
+
+def _hf_calls(model, ids: list[int], parts: list[int]) -> list[torch.Tensor]:
+    """transformers' logits of the last token of each call, the calls splitting ``ids`` as
+    ``parts`` says and sharing one cache (as its generate() runs a prompt, then steps)."""
+    from transformers import DynamicCache
+
+    cache, at, out = DynamicCache(config=model.config), 0, []
+    with torch.no_grad():
+        for n in parts:
+            out.append(model(input_ids=torch.tensor([ids[at : at + n]]), cache=cache, use_cache=True).logits[0, -1])
+            at += n
+    return out
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi4-mini"])
+def test_longrope_switches_to_long_factors_where_transformers_does(family, sources, family_bundle):
+    """longrope rotates a call's tokens with the short factors while the call ends before
+    original_max_position_embeddings (64 here), with the long ones from there on, as
+    transformers picks them by the length it is given; keys already cached keep theirs. A
+    prompt past 64 matches transformers' full forward; a prompt and steps that cross 64 match
+    its cached calls split the same way, which differ from the full forward past 64."""
+    from edgepack import runtime
+    from edgepack.runtime import engine as native
+    from families import ORIGINAL_MAX
+
+    if native.c_module_unavailable() is not None:
+        pytest.skip(f"edgepack's CPU engine is not usable here: {native.c_module_unavailable()}")
+    lm = runtime.load(family_bundle(family, 16), device="cpu", force=True)
+    assert lm.backend == "native" and lm.model._features.long_from == ORIGINAL_MAX
+    model, source = lm.model, sources[family][1]
+    ids = torch.randint(3, model.vocab, (76,), generator=torch.Generator().manual_seed(2)).tolist()
+    rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
+    for parts in ([70, 1, 1, 1, 1, 1, 1], [60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 10], [40, 30, 1, 5]):
+        cache, at = model.new_cache(len(ids)), 0
+        wants = _hf_calls(source, ids, parts)
+        for n, want in zip(parts, wants):
+            got = torch.frombuffer(bytearray(model.forward(ids[at : at + n], cache)), dtype=torch.float32)
+            at += n
+            assert rel(got, want) <= RTOL[16], (parts, at)
+            with torch.no_grad():
+                full = source(input_ids=torch.tensor([ids[:at]])).logits[0, -1]
+            if parts[0] > ORIGINAL_MAX or at <= ORIGINAL_MAX:  # one set of factors for every key
+                assert rel(got, full) <= RTOL[16], (parts, at)
+            elif at > ORIGINAL_MAX + 1 and not model.sliding:  # (a window of 8 soon drops the short keys)
+                # keys of both sets: the full forward rotates all with the long ones
+                assert rel(want, full) > 4 * RTOL[16], (parts, at, rel(want, full))
