@@ -264,3 +264,44 @@ def test_longrope_switches_to_long_factors_where_transformers_does(family, sourc
             elif at > ORIGINAL_MAX + 1 and not model.sliding:  # (a window of 8 soon drops the short keys)
                 # keys of both sets: the full forward rotates all with the long ones
                 assert rel(want, full) > 4 * RTOL[16], (parts, at, rel(want, full))
+
+
+def test_phi_configs_as_released_read_like_transformers_reads_them():
+    """Phi-4-mini's and Phi-3-mini's config.json as released (rope_scaling of type longrope
+    without a factor, partial_rotary_factor and original_max_position_embeddings at the top
+    level; Phi-3-mini-4k: no scaling, a window of 2047) give the engine the tables, attention
+    factor and switch that transformers computes from them."""
+    import copy
+    import math
+
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from edgepack.runtime.engine.family import features
+
+    short, long = [1.0 + i / 8 for i in range(48)], [1.0 + i for i in range(48)]
+    phi4_mini = {"model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8,
+                 "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 200064, "hidden_act": "silu",
+                 "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+                 "partial_rotary_factor": 0.75, "sliding_window": 262144, "tie_word_embeddings": True,
+                 "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long}}
+    found = features(phi4_mini)
+    assert not isinstance(found, str), found
+    assert found.rot_dim == 96 and found.long_from == 4096 and found.window == 262144
+    assert found.rope_mult == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    # torch's float32 pow rounds an odd value of theta^(2i / 96) 1 ulp away from the correctly
+    # rounded one family.py takes (1e-7 of an angle: far below bf16 keys' 4e-3)
+    same = lambda table: pytest.approx(table, rel=2.4e-7, abs=0)  # noqa: E731
+    rotary = Phi3RotaryEmbedding(Phi3Config(**copy.deepcopy(phi4_mini)))  # it edits rope_scaling in place
+    assert rotary.inv_freq.tolist() == same(found.inv_freq[0]) and rotary.attention_scaling == found.rope_mult
+    rotary(torch.zeros(1), torch.tensor([[4096]]))  # a sequence of 4097: transformers switches to the long factors
+    assert rotary.inv_freq.tolist() == same(found.long_inv_freq[0])
+
+    phi3_4k = {**phi4_mini, "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 4096,
+               "sliding_window": 2047, "rope_scaling": None, "partial_rotary_factor": 1.0}
+    found = features(phi3_4k)
+    assert found.rot_dim == 0 and found.long_from == 0 and found.rope_mult == 1.0
+    assert found.layer_sliding == [True] * 32 and found.window == 2047
+    assert features({**phi4_mini, "partial_rotary_factor": 0.7}) == "partial rotary embedding"  # 89 dims
+    assert features({**phi4_mini, "rope_scaling": {**phi4_mini["rope_scaling"], "long_factor": long[:3]}}).startswith(
+        "rope parameters the engine cannot read")
