@@ -18,6 +18,18 @@ float32 forward; each bundle one token a step through edgepack's CPU engine, as 
 decodes. Per bundle: perplexity and its change against the source (standard error from the
 per-token log-likelihood differences), mean and max KL(source || bundle) per position, and
 top-1 agreement.
+
+Measured on a 2-core AVX2 box shared with other jobs (tok/s meaningless there), 2047 tokens,
+source perplexity 12.912; every bundle verified and answered "The capital of France is" with
+greedy tokens (16 and 8 bits: the source's own continuation):
+
+    bundle   weights MiB  ppl vs source   (1 SE)   mean KL   max KL   top-1
+    16             511.5        -0.014%   0.035%   0.00010   0.0048   99.6%
+    8              416.3        -0.196%   0.198%   0.00341   0.0922   96.4%
+    int4           380.0       +29.887%   1.669%   0.24339   4.8208   76.4%
+
+The 16-bit embedding table (262,144 x 640, 320 MiB) is most of every bundle. int4 loses
+badly on this 270M model whose source already carries Q4_K_M's rounding.
 """
 
 from __future__ import annotations
