@@ -57,16 +57,41 @@ def _gemma3(vocab_size):
     return Gemma3ForCausalLM(config)
 
 
-def _phi3(vocab_size):
-    from transformers import Phi3Config, Phi3ForCausalLM
+# longrope's switch: transformers rotates with the long factors once a forward reaches this
+# position (Phi-3-mini-128k: 4096 of 131072); max_position_embeddings 128 makes the factor 2,
+# the attention factor sqrt(1 + ln 2 / ln 64) = 1.080 on cos and sin.
+ORIGINAL_MAX = 64
 
-    # 0.75 of each 16-wide head rotates (6 frequencies); longrope's short factors apply while
-    # the sequence stays within original_max_position_embeddings (64), with its attention
-    # factor sqrt(1 + ln(128/64) / ln 64) on cos and sin.
+
+def _phi3_config(vocab_size, **kwargs):
+    from transformers import Phi3Config
+
+    # original_max_position_embeddings at the top level: Phi3Config's own (default 4096)
+    # overrides the rope parameters' copy (transformers' standardize_rope_params)
+    return Phi3Config(vocab_size=vocab_size, num_hidden_layers=2, original_max_position_embeddings=ORIGINAL_MAX,
+                      **COMMON, **kwargs)
+
+
+def _phi3(vocab_size):
+    from transformers import Phi3ForCausalLM
+
+    # Phi-3-mini-128k's longrope over whole heads (8 frequencies), with Phi-3-mini-4k's window
+    # on every layer; q/k/v and gate/up stored fused (qkv_proj, gate_up_proj)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0], "long_factor": [1.0, 1.5, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0]}
+    config = _phi3_config(vocab_size, rope_parameters=rope, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
+    return Phi3ForCausalLM(config)
+
+
+def _phi4_mini(vocab_size):
+    from transformers import Phi3ForCausalLM
+
+    # Phi-4-mini: model_type phi3, 0.75 of each 16-wide head rotates (6 frequencies), the last
+    # 4 dims pass through; tied embeddings
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-            "original_max_position_embeddings": 64, "factor": 2.0,
             "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}
-    config = Phi3Config(vocab_size=vocab_size, num_hidden_layers=2, rope_parameters=rope, tie_word_embeddings=False, **COMMON)
+    config = _phi3_config(vocab_size, rope_parameters=rope, tie_word_embeddings=True)
+    assert config.rope_parameters["original_max_position_embeddings"] == ORIGINAL_MAX
     return Phi3ForCausalLM(config)
 
 
@@ -88,7 +113,7 @@ def _mistral(vocab_size):
 
 BUILDERS = {
     "llama3": _llama3, "qwen2": _qwen2, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3,
-    "phi3": _phi3, "smollm3": _smollm3, "mistral-sw": _mistral,
+    "phi3": _phi3, "phi4-mini": _phi4_mini, "smollm3": _smollm3, "mistral-sw": _mistral,
 }
 FAMILIES = tuple(BUILDERS)
 

@@ -56,6 +56,7 @@ static int run_model(const char *model_path, const char *calls_path, const char 
     m->embed_scale = 1.f; /* as new() without features: a plain Llama layer (family.c) */
     m->hidden = rd32(f), m->heads = rd32(f), m->kv_heads = rd32(f), m->head_dim = rd32(f), m->inter = rd32(f);
     m->vocab = rd32(f), m->n_layers = rd32(f), m->embed_type = rd32(f);
+    m->rot_dim = m->head_dim, m->rope_mult = 1.f; /* rotary over whole heads, as new() without features */
     const int max_tokens = rd32(f);
     rd32(f);
     m->eps = rdf(f);

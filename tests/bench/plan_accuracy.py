@@ -1,6 +1,6 @@
 """The planner's memory and speed models against reality, on this machine's CPU.
 
-    .venv/bin/python tests/bench/plan_accuracy.py [--bundles DIR] [--tiny-only]
+    .venv/bin/python tests/bench/plan_accuracy.py [--bundles DIR] [--tiny-only] [--sliding-only]
     .venv/bin/python tests/bench/plan_accuracy.py --speed [--bundles DIR] [--repeats 3]
 
 --speed: the predicted decode tokens/s (plan/speed.py: bytes read a token / this box's read
@@ -17,8 +17,11 @@ generation fill the context. Its peak RSS (VmHWM, reported by the process at exi
 printed beside the planner's predicted peak for the same setting (baseline + weights +
 max(loading copies, allocator heap + KV cache + activations); headroom is a margin, not
 use). Llama-family models run every runtime path: edgepack's C engine (native: int8, int4
-and 16-bit), its lean decoder on torch and transformers (EDGEPACK_LEAN=0). Exit status 1 if any
-prediction is off by more than 10%.
+and 16-bit), its lean decoder on torch and transformers (EDGEPACK_LEAN=0). A random
+Gemma-3-shaped model (sliding_case: 10 of 12 layers attend to a 512-token window, 44M
+weights) runs on the C engine at contexts past its window, where the KV cache of the
+sliding-window layers is a ring of 512 positions. Exit status 1 if any prediction is off by
+more than 10%.
 
 It first measures what sizing.BASELINE_BYTES and TOKENIZER_BYTES_PER_TOKEN hold: the
 process of `edgepack run` on a tiny bundle (weights, KV cache and activations under 1 MiB:
@@ -128,6 +131,60 @@ def bundles_for(name: str, source: str, root: Path) -> dict[int | str, Path]:
             pack(source, path, bits=bits, quant_type=quant_type, force=True)
         out[label] = path
     return out
+
+
+# A Gemma-3-shaped model (gemma-3-1b's 5 sliding-window layers to 1 global, head_dim 256,
+# one KV head; narrower and shallower): 44M weights, 88 MB at 16 bits, so the weights are
+# measurable beside the engine's ~30 MiB process. At 4096 tokens of context its KV cache is
+# 13 MiB with rings of the 512-token window, 48 MiB without: a cache kept whole would put the
+# prediction ~35 MiB (20-40%) under the measured peak.
+SLIDING_MODEL = "gemma3-sw"
+SLIDING_SETTINGS = (16, 8, "int4")
+SLIDING_CONTEXTS = (1024, 4096)
+
+
+def sliding_case(root: Path) -> tuple:
+    """(name, source, bundles, contexts, new_tokens, paths) of the sliding-window model, packed
+    into ``root`` once (bundles kept there are reused)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from edgepack.export.pack import pack
+    from tiny import make_tokenizer
+
+    source = root / SLIDING_MODEL
+    if not (source / "config.json").is_file():
+        tokenizer = make_tokenizer()
+        config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536,
+                                  num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                  sliding_window=512, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0)
+        assert config.layer_types.count("sliding_attention") == 10
+        torch.manual_seed(0)
+        Gemma3ForCausalLM(config).save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    bundles = {}
+    for label in SLIDING_SETTINGS:
+        bits, quant_type = SETTINGS[label]
+        path = root / f"{SLIDING_MODEL}-{label}bit"
+        if not (path / "edgepack.json").is_file():
+            print(f"packing {SLIDING_MODEL} at {label}", file=sys.stderr, flush=True)
+            pack(str(source), path, bits=bits, quant_type=quant_type, force=True)
+        bundles[label] = path
+    return SLIDING_MODEL, str(source), bundles, SLIDING_CONTEXTS, 16, ("native",)
+
+
+def sliding_only(root: Path, keep: bool) -> int:
+    """--sliding-only: the sliding-window model's rows and their worst error; 1 if one is off."""
+    print(HEADER)
+    rows = compare(*sliding_case(root))
+    worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
+    print(f"\n{len(rows)} runs of {SLIDING_MODEL}, worst error {worst:.1%} (tolerance ±{TOLERANCE:.0%})")
+    if not keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if worst > TOLERANCE else 0
 
 
 # --- baseline -----------------------------------------------------------------------------------
@@ -334,12 +391,15 @@ def main() -> int:
     parser.add_argument("--tiny-only", action="store_true", help=f"skip {DEFAULT_MODEL}")
     parser.add_argument("--speed", action="store_true", help="predicted decode tokens/s beside the measured, only")
     parser.add_argument("--repeats", type=int, default=3, help="--speed: fresh processes per setting")
+    parser.add_argument("--sliding-only", action="store_true", help=f"only the sliding-window model ({SLIDING_MODEL})")
     args = parser.parse_args()
     root = args.bundles or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.speed:
         return speed_report(root, args.repeats)
+    if args.sliding_only:
+        return sliding_only(root, keep=args.bundles is not None)
     tiny = {name: (str(path), bundles_for(name, str(path), root)) for name, path in tiny_sources(root).items()}
 
     print(f"platform: {platform.machine()} {platform.system()}, python {platform.python_version()}")
@@ -350,6 +410,7 @@ def main() -> int:
               f"sizing.BASELINE_BYTES has {held / MIB:.1f} MiB ({held / measured - 1:+.1%})")
     models = [("tiny-gpt2", *tiny["tiny-gpt2"], (64, 128), 8, ("transformers",)),
               ("tiny-llama", *tiny["tiny-llama"], (64, 128), 8, ("native", "lean", "transformers"))]
+    models.append(sliding_case(root))
     if not args.tiny_only:
         smol = bundles_for(DEFAULT_MODEL, DEFAULT_MODEL, root)
         per_token = measure_tokenizer(smol[16])

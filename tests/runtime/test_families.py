@@ -33,7 +33,7 @@ DECISIVE_LEAD = 4.0
 PACKINGS = {16: {}, 8: {}, 4: {"quant_type": "int4"}}
 # The families edgepack's CPU engine runs (where its C module is usable on this box); the rest
 # load through torch.
-ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "mistral-sw")
+ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4-mini", "smollm3", "mistral-sw")
 
 
 @pytest.fixture(scope="module")
@@ -171,19 +171,19 @@ def test_sliding_window_layers_of_any_llama_like_type():
     assert features(Qwen2Config(num_hidden_layers=3).to_dict()).plain
 
 
-def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, capsys):
+def test_run_stats_and_inspect_say_which_backend_and_why(family_bundle, packed, capsys):
     """Where the engine cannot run a bundle, `run --stats` and `inspect` say so in one line,
     with the reason and the backend that runs instead; where it can, inspect says native."""
     from edgepack.runtime import engine as native
     from edgepack.cli import main
 
-    phi3, qwen2 = family_bundle("phi3", 16), family_bundle("qwen2", 16)
-    assert main(["run", str(phi3), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
+    gpt2, qwen2 = packed("gpt2", 16), family_bundle("qwen2", 16)
+    assert main(["run", str(gpt2), "The capital", "--max-new-tokens", "2", "--stats", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
-    assert "backend: torch, not edgepack's CPU engine: model_type 'phi3'\n" in err
-    assert main(["inspect", str(phi3)]) == 0
+    assert "backend: torch, not edgepack's CPU engine: model_type 'gpt2'\n" in err
+    assert main(["inspect", str(gpt2)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("backend:")]
-    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'phi3'"]
+    assert lines == ["backend:       torch; edgepack's CPU engine cannot run it: model_type 'gpt2'"]
     if native.c_module_unavailable() is None:  # else the C module is not built or not usable here
         assert main(["inspect", str(qwen2)]) == 0
         assert "backend:       native (edgepack's CPU engine)\n" in capsys.readouterr().out
@@ -217,3 +217,91 @@ def test_sliding_window_cache_across_chunks_and_calls(family, sources, family_bu
     assert sliding == (5 if family == "gemma3" else 2)
     full_bytes = 2 * 2 * model.kv_heads * model.head_dim * len(ids)  # keys and values, bfloat16
     assert len(cache.memory) == (model.layers - sliding) * full_bytes + sliding * full_bytes * SLIDING_WINDOW // len(ids)
+
+
+def _hf_calls(model, ids: list[int], parts: list[int]) -> list[torch.Tensor]:
+    """transformers' logits of the last token of each call, the calls splitting ``ids`` as
+    ``parts`` says and sharing one cache (as its generate() runs a prompt, then steps)."""
+    from transformers import DynamicCache
+
+    cache, at, out = DynamicCache(config=model.config), 0, []
+    with torch.no_grad():
+        for n in parts:
+            out.append(model(input_ids=torch.tensor([ids[at : at + n]]), cache=cache, use_cache=True).logits[0, -1])
+            at += n
+    return out
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi4-mini"])
+def test_longrope_switches_to_long_factors_where_transformers_does(family, sources, family_bundle):
+    """longrope rotates a call's tokens with the short factors while the call ends before
+    original_max_position_embeddings (64 here), with the long ones from there on, as
+    transformers picks them by the length it is given; keys already cached keep theirs. A
+    prompt past 64 matches transformers' full forward; a prompt and steps that cross 64 match
+    its cached calls split the same way, which differ from the full forward past 64."""
+    from edgepack import runtime
+    from edgepack.runtime import engine as native
+    from families import ORIGINAL_MAX
+
+    if native.c_module_unavailable() is not None:
+        pytest.skip(f"edgepack's CPU engine is not usable here: {native.c_module_unavailable()}")
+    lm = runtime.load(family_bundle(family, 16), device="cpu", force=True)
+    assert lm.backend == "native" and lm.model._features.long_from == ORIGINAL_MAX
+    model, source = lm.model, sources[family][1]
+    ids = torch.randint(3, model.vocab, (76,), generator=torch.Generator().manual_seed(2)).tolist()
+    rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
+    for parts in ([70, 1, 1, 1, 1, 1, 1], [60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 10], [40, 30, 1, 5]):
+        cache, at = model.new_cache(len(ids)), 0
+        wants = _hf_calls(source, ids, parts)
+        for n, want in zip(parts, wants):
+            got = torch.frombuffer(bytearray(model.forward(ids[at : at + n], cache)), dtype=torch.float32)
+            at += n
+            assert rel(got, want) <= RTOL[16], (parts, at)
+            with torch.no_grad():
+                full = source(input_ids=torch.tensor([ids[:at]])).logits[0, -1]
+            if parts[0] > ORIGINAL_MAX or at <= ORIGINAL_MAX:  # one set of factors for every key
+                assert rel(got, full) <= RTOL[16], (parts, at)
+            elif at > ORIGINAL_MAX + 1 and not model.sliding:  # (a window of 8 soon drops the short keys)
+                # keys of both sets: the full forward rotates all with the long ones
+                assert rel(want, full) > 4 * RTOL[16], (parts, at, rel(want, full))
+
+
+def test_phi_configs_as_released_read_like_transformers_reads_them():
+    """Phi-4-mini's and Phi-3-mini's config.json as released (rope_scaling of type longrope
+    without a factor, partial_rotary_factor and original_max_position_embeddings at the top
+    level; Phi-3-mini-4k: no scaling, a window of 2047) give the engine the tables, attention
+    factor and switch that transformers computes from them."""
+    import copy
+    import math
+
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from edgepack.runtime.engine.family import features
+
+    short, long = [1.0 + i / 8 for i in range(48)], [1.0 + i for i in range(48)]
+    phi4_mini = {"model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8,
+                 "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 200064, "hidden_act": "silu",
+                 "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+                 "partial_rotary_factor": 0.75, "sliding_window": 262144, "tie_word_embeddings": True,
+                 "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long}}
+    found = features(phi4_mini)
+    assert not isinstance(found, str), found
+    assert found.rot_dim == 96 and found.long_from == 4096 and found.window == 262144
+    assert found.rope_mult == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    # torch's float32 pow rounds an odd value of theta^(2i / 96) 1 ulp away from the correctly
+    # rounded one family.py takes (1e-7 of an angle: far below bf16 keys' 4e-3)
+    same = lambda table: pytest.approx(table, rel=2.4e-7, abs=0)  # noqa: E731
+    rotary = Phi3RotaryEmbedding(Phi3Config(**copy.deepcopy(phi4_mini)))  # it edits rope_scaling in place
+    assert rotary.inv_freq.tolist() == same(found.inv_freq[0]) and rotary.attention_scaling == found.rope_mult
+    rotary(torch.zeros(1), torch.tensor([[4096]]))  # a sequence of 4097: transformers switches to the long factors
+    assert rotary.inv_freq.tolist() == same(found.long_inv_freq[0])
+
+    phi3_4k = {**phi4_mini, "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 4096,
+               "sliding_window": 2047, "rope_scaling": None, "partial_rotary_factor": 1.0}
+    found = features(phi3_4k)
+    assert found.rot_dim == 0 and found.long_from == 0 and found.rope_mult == 1.0
+    assert found.layer_sliding == [True] * 32 and found.window == 2047
+    assert features({**phi4_mini, "partial_rotary_factor": 0.7}) == "partial rotary embedding"  # 89 dims
+    assert features({**phi4_mini, "rope_scaling": {**phi4_mini["rope_scaling"], "long_factor": long[:3]}}).startswith(
+        "rope parameters the engine cannot read")

@@ -16,8 +16,8 @@ jinja2 for chat templates).
 What it covers is what ``unavailable()`` does not refuse; the rest (nf4/fp4 layers, other
 architectures, GPUs, an x86 box without AVX2 unless EDGEPACK_NATIVE=1) loads through torch.
 Beyond plain Llama (``supports``), the families of ``family.py`` (Llama 3's rope scaling,
-Qwen3, SmolLM3, Gemma 2 / 3, Mistral's sliding window) run with the features it derives
-from config.json.
+Qwen3, SmolLM3, Gemma 2 / 3, Mistral's sliding window, Phi-3 / Phi-4-mini) run with the
+features it derives from config.json.
 """
 
 from __future__ import annotations
@@ -320,10 +320,17 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         a, m = p + ".self_attn", p + ".mlp"
-        qkv = _plan_matrix([a + ".q_proj", a + ".k_proj", a + ".v_proj"], header, layout, slots, hidden,
-                           [heads * dim, kv_heads * dim, kv_heads * dim])
+        # Phi-3 stores q/k/v and gate/up fused, rows in the engine's own order: one part each
+        if a + ".qkv_proj.weight" in header:
+            qkv = _plan_matrix([a + ".qkv_proj"], header, layout, slots, hidden, [(heads + 2 * kv_heads) * dim])
+        else:
+            qkv = _plan_matrix([a + ".q_proj", a + ".k_proj", a + ".v_proj"], header, layout, slots, hidden,
+                               [heads * dim, kv_heads * dim, kv_heads * dim])
         o = _plan_matrix([a + ".o_proj"], header, layout, slots, heads * dim, [hidden])
-        gate_up = _plan_matrix([m + ".gate_proj", m + ".up_proj"], header, layout, slots, hidden, [inter, inter])
+        if m + ".gate_up_proj.weight" in header:
+            gate_up = _plan_matrix([m + ".gate_up_proj"], header, layout, slots, hidden, [2 * inter])
+        else:
+            gate_up = _plan_matrix([m + ".gate_proj", m + ".up_proj"], header, layout, slots, hidden, [inter, inter])
         down = _plan_matrix([m + ".down_proj"], header, layout, slots, inter, [hidden])
         q_norm = k_norm = attn_out = mlp_out = None
         if feats.qk_norm:

@@ -78,8 +78,13 @@ typedef struct {
     Layer *layers;
     /* family features (family.c); a plain Llama has n_ropes 0 (one table from the caller's
      * rope_theta), embed_scale 1, attn_scale 0 (1 / sqrt(head_dim)), no caps, SiLU, no window */
-    int n_ropes;         /* rotary tables: inv_freq [n_ropes, head_dim / 2] */
+    int n_ropes;         /* rotary tables: inv_freq [n_ropes, rot_dim / 2] (twice that with long_from) */
     float *inv_freq, *rope; /* rope: this step's cos | sin of each table, [n_ropes, 2, head_dim] */
+    int rot_dim;         /* the leading dims of each head that rotate (Phi-4-mini: 0.75 of them), even */
+    float rope_mult;     /* cos and sin multiplied by it (longrope's attention factor), else 1 */
+    int long_from;       /* longrope: a call whose last position is at or past it uses the second set of
+                          * n_ropes tables (long factors) for all its tokens, as transformers picks by the
+                          * sequence length it is given; 0: one set */
     float embed_scale, attn_scale, attn_softcap, final_softcap;
     int act, window, n_sliding;
     int *sliding_before; /* sliding-window layers below each layer: where its KV cache starts */
@@ -316,8 +321,9 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
 
 /* ------------------------------------------------------------------ other families (family.c) */
 
-void rope_from_freqs(const float *inv_freq, int D, int pos, float *cos, float *sin);
-void model_rope(Model *m, int pos, float *cos, float *sin); /* each table's cos | sin, [n_ropes, 2, D] */
+void rope_from_freqs(const float *inv_freq, int R, int pos, float mult, float *cos, float *sin);
+const float *rope_set(const Model *m, int last); /* the tables of a call whose last position is `last` */
+void model_rope(Model *m, int pos, int last, float *cos, float *sin); /* each table's cos | sin, [n_ropes, 2, D] */
 void qk_norm(const Model *m, const Layer *L, float *qkv);
 void act_mul(const Model *m, const float *gate, const float *up, float *out, int n);
 void attn_capped(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float cap, float *s,

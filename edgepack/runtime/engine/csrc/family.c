@@ -2,22 +2,30 @@
  * rotary tables from per-frequency inverse frequencies (Llama 3's scaling, two bases in
  * Gemma 3), RMSNorm of each q / k head (Qwen3, Gemma 3), GeGLU with tanh-GELU and
  * soft-capped attention scores and logits (Gemma 2), norms of the attention's and MLP's
- * outputs (Gemma). Scalar code: these run once per token and head, not per weight. */
+ * outputs (Gemma), rotary over part of each head and longrope's two sets of tables (Phi-3,
+ * Phi-4-mini). Scalar code: these run once per token and head, not per weight. */
 #include "engine.h"
 
-void rope_from_freqs(const float *inv_freq, int D, int pos, float *cos, float *sin) {
-    const int half = D / 2;
+/* cos | sin of the first R dims of a head at position pos, each times mult */
+void rope_from_freqs(const float *inv_freq, int R, int pos, float mult, float *cos, float *sin) {
+    const int half = R / 2;
     for (int i = 0; i < half; i++) {
         const float f = (float)pos * inv_freq[i]; /* float32, as transformers' freqs = inv_freq @ positions */
-        cos[i] = cos[i + half] = cosf(f);
-        sin[i] = sin[i + half] = sinf(f);
+        cos[i] = cos[i + half] = cosf(f) * mult;
+        sin[i] = sin[i + half] = sinf(f) * mult;
     }
 }
 
-void model_rope(Model *m, int pos, float *cos, float *sin) {
-    const int D = m->head_dim;
+const float *rope_set(const Model *m, int last) {
+    const int far = m->long_from > 0 && last >= m->long_from;
+    return m->inv_freq + (far ? (size_t)m->n_ropes * m->rot_dim / 2 : 0);
+}
+
+void model_rope(Model *m, int pos, int last, float *cos, float *sin) {
+    const int D = m->head_dim, R = m->rot_dim;
+    const float *set = rope_set(m, last);
     for (int r = 0; r < m->n_ropes; r++)
-        rope_from_freqs(m->inv_freq + (size_t)r * D / 2, D, pos, cos + (size_t)r * 2 * D, sin + (size_t)r * 2 * D);
+        rope_from_freqs(set + (size_t)r * R / 2, R, pos, m->rope_mult, cos + (size_t)r * 2 * D, sin + (size_t)r * 2 * D);
 }
 
 /* q heads then k heads of one token's q/k/v row, each normalized over head_dim */

@@ -61,27 +61,31 @@ static void capsule_free(PyObject *cap) { free_model((Model *)PyCapsule_GetPoint
  *              mlp_out_norm, rope, sliding]), ...]: norms are addresses or None, rope the
  *              table the layer uses (-1: none), sliding 1 for a sliding-window layer
  *   features = (embed_scale, attn_scale, attn_softcap, final_softcap, act, window, n_ropes,
- *               inv_freq): inv_freq the address of n_ropes x head_dim / 2 float32 (copied);
- *              n_ropes 0: the one table forward() makes from its rope_theta (engine.h, Model) */
+ *               rot_dim, rope_mult, long_from, inv_freq): inv_freq the address of n_ropes x
+ *              rot_dim / 2 float32 (twice that where long_from > 0: the long set after; copied);
+ *              rot_dim 0: head_dim; n_ropes 0: the one table forward() makes from its
+ *              rope_theta (engine.h, Model) */
 static int parse_features(PyObject *t, Model *m) {
     PyObject *freqs;
-    m->embed_scale = 1.f;
+    m->embed_scale = 1.f, m->rope_mult = 1.f, m->rot_dim = m->head_dim;
     if (!t) return 0;
-    if (!PyArg_ParseTuple(t, "ffffiiiO", &m->embed_scale, &m->attn_scale, &m->attn_softcap, &m->final_softcap, &m->act,
-                          &m->window, &m->n_ropes, &freqs))
+    if (!PyArg_ParseTuple(t, "ffffiiiifiO", &m->embed_scale, &m->attn_scale, &m->attn_softcap, &m->final_softcap,
+                          &m->act, &m->window, &m->n_ropes, &m->rot_dim, &m->rope_mult, &m->long_from, &freqs))
         return -1;
     const float *inv = as_ptr(freqs);
     if (PyErr_Occurred()) return -1;
+    m->rot_dim = m->rot_dim ? m->rot_dim : m->head_dim;
     if (!(m->embed_scale > 0.f) || m->attn_scale < 0.f || m->attn_softcap < 0.f || m->final_softcap < 0.f ||
         (m->act != ACT_SILU && m->act != ACT_GELU_TANH) || m->window < 0 || m->n_ropes < 0 || m->n_ropes > 16 ||
-        (m->n_ropes && !inv)) {
+        (m->n_ropes && !inv) || m->rot_dim < 2 || m->rot_dim > m->head_dim || m->rot_dim % 2 ||
+        !(m->rope_mult > 0.f) || m->long_from < 0 || (m->n_ropes == 0 && (m->rot_dim != m->head_dim || m->long_from))) {
         PyErr_SetString(PyExc_ValueError, "bad model features");
         return -1;
     }
     if (!m->n_ropes) return 0;
-    const size_t half = (size_t)m->n_ropes * m->head_dim / 2;
+    const size_t half = (size_t)m->n_ropes * m->rot_dim / 2 * (m->long_from ? 2 : 1);
     m->inv_freq = malloc(half * sizeof(float));
-    m->rope = malloc(4 * half * sizeof(float));
+    m->rope = malloc((size_t)m->n_ropes * 2 * m->head_dim * sizeof(float));
     if (!m->inv_freq || !m->rope) {
         PyErr_NoMemory();
         return -1;

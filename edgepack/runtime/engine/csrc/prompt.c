@@ -238,7 +238,8 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
     Batch b = {.m = m, .w32 = s->w32, .w32_floats = s->w32_floats, .kc = kc, .vc = vc, .max_tokens = max_tokens,
                .scores = s->scores, .qkv_width = width, .q = s->qkv, .att = s->att};
     const size_t rope_floats = 2 * (size_t)CHUNK * D; /* a table's cos | sin for the chunk's positions, [2, CHUNK, D] */
-    const int lanes = kernels->tiles->lanes;
+    const int lanes = kernels->tiles->lanes, R = m->rot_dim;
+    const float *set = m->n_ropes ? rope_set(m, pos + T - 1) : NULL; /* one set for the whole call */
     for (int c0 = 0; c0 < T; c0 += CHUNK) {
         const int n = T - c0 < CHUNK ? T - c0 : CHUNK, p0 = pos + c0;
         for (int t = 0; t < n; t++)
@@ -249,7 +250,7 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
             float *cos = s->rope + (size_t)t * D, *sin = cos + (size_t)CHUNK * D;
             if (!m->n_ropes) rope_tables(theta, D, p0 + t, cos, sin);
             for (int r = 0; r < m->n_ropes; r++)
-                rope_from_freqs(m->inv_freq + (size_t)r * D / 2, D, p0 + t, cos + r * rope_floats, sin + r * rope_floats);
+                rope_from_freqs(set + (size_t)r * R / 2, R, p0 + t, m->rope_mult, cos + r * rope_floats, sin + r * rope_floats);
         }
         b.T = n, b.pos = p0, b.ldx = (n + lanes - 1) / lanes * lanes, b.xt = s->xt;
         for (int l = 0; l < m->n_layers; l++) {
@@ -263,7 +264,7 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
                 if (L->q_norm) qk_norm(m, L, row);
                 if (L->rope < 0) continue;
                 const float *cos = s->rope + L->rope * rope_floats + (size_t)t * D, *sin = cos + (size_t)CHUNK * D;
-                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos, sin, D);
+                for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(row + (size_t)h * D, cos, sin, R);
             }
             b.layer = l, b.cap = kv_positions(m, l, max_tokens), b.layer_at = kv_layer(m, l, max_tokens);
             write_kv(m, l, &b, s, n, width);

@@ -123,7 +123,7 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
     for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
     if (m->embed_scale != 1.f)
         for (int i = 0; i < H; i++) m->x[i] *= m->embed_scale;
-    if (m->n_ropes) model_rope(m, pos, m->rope, m->rope + D);
+    if (m->n_ropes) model_rope(m, pos, pos, m->rope, m->rope + D);
     Job j = {.m = m, .kc = kc, .vc = vc, .max_tokens = max_tokens};
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *L = &m->layers[l];
@@ -134,7 +134,7 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
         if (L->q_norm) qk_norm(m, L, m->qkv);
         if (L->rope >= 0) {
             const float *c = m->n_ropes ? m->rope + (size_t)L->rope * 2 * D : cos, *s = m->n_ropes ? c + D : sin;
-            for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, c, s, D);
+            for (int h = 0; h < m->heads + m->kv_heads; h++) rotate(m->qkv + (size_t)h * D, c, s, m->rot_dim);
         }
         j.cap = kv_positions(m, l, max_tokens), j.layer_at = kv_layer(m, l, max_tokens);
         j.n = pos + 1 < j.cap ? pos + 1 : j.cap; /* a ring holds the last cap positions */
