@@ -254,6 +254,7 @@ class _Plan:
     layers: list[tuple]
     features: Features
     norms: list[tuple[int, int]]  # (offset32, size) of every norm vector (Gemma adds 1 to each)
+    embed_rows: int | None = None  # an 8-bit table's row scales (quantization.tables)
 
 
 ENGINE_TYPES = LLAMA_LIKE + GEMMA
@@ -312,10 +313,15 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
     embed_name = "model.embed_tokens.weight"
     _expect(header, embed_name, [vocab, hidden])
     embed_dtype = header[embed_name]["dtype"]
-    if embed_dtype not in FLOATS:
-        raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 16/32-bit tables")
+    if embed_dtype not in FLOATS and embed_dtype != "I8":
+        raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 8/16/32-bit tables")
     embed = layout.take(vocab * hidden * bundle_format.DTYPE_BYTES[embed_dtype])
     slots[embed_name] = Slot((vocab, hidden), offset=embed)
+    embed_rows = None
+    if embed_dtype == "I8":  # an 8-bit table: int8 rows, their absmax -> scale in place
+        _expect(header, "model.embed_tokens.SCB", [vocab], "F32")
+        embed_rows = layout.take(vocab * 4)
+        slots["model.embed_tokens.SCB"] = Slot((vocab,), offset=embed_rows, divide=127.0)
     layers = []
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
@@ -340,7 +346,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
     if "lm_head.weight" in header:
         head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
     elif config.get("tie_word_embeddings", True):
-        head = Matrix(embed_dtype, vocab, hidden, embed)
+        head = Matrix("INT8" if embed_rows is not None else embed_dtype, vocab, hidden, embed, scale=embed_rows)
     else:
         raise BundleIntegrityError("the bundle has no lm_head.weight and config.json does not tie it to the embeddings")
     extra = sorted(set(header) - set(slots))
@@ -349,7 +355,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
             f"tensor {extra[0]!r} has no place in the model built from config.json",
             hint="the bundle's config and weights disagree; pack the model again",
         )
-    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms)
+    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms, embed_rows)
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -393,8 +399,12 @@ class NativeLM:
         if not feats.plain:  # new() copies the rotary tables out of `freqs`
             *numbers, freqs = feats.c_tuple(self.head_dim)
             extra = (tuple(numbers) + (_native.address(freqs) if freqs else None,),)
+        if plan.embed_rows is None:
+            embed = (getattr(_native, plan.embed_dtype), base + plan.embed)
+        else:
+            embed = (_native.INT8, base + plan.embed, base + plan.embed_rows)
         self._model = _native.new(
-            dims, float(config.get("rms_norm_eps", 1e-6)), (getattr(_native, plan.embed_dtype), base + plan.embed),
+            dims, float(config.get("rms_norm_eps", 1e-6)), embed,
             base + plan.norm, mat(plan.head), layers, *extra,
         )
         self.weight_bytes = plan.layout.size

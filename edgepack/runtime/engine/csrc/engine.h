@@ -73,6 +73,7 @@ typedef struct {
     float eps;
     int embed_type;
     const void *embed;
+    const float *embed_rows; /* W_INT8 tables only: each row's scale (absmax / 127) */
     const float *norm;
     Mat head;
     Layer *layers;
@@ -182,6 +183,21 @@ static inline float load_value(int type, const void *w, size_t i) {
 #endif
 static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_PF bytes on */
     for (size_t b = 0; EP_PF && b < bytes; b += 64) __builtin_prefetch((const char *)row + b + EP_PF);
+}
+
+/* token's row of the embedding table as float32 (times the family's embed_scale) */
+static inline void embed_row(const Model *m, int token, float *x) {
+    const int H = m->hidden;
+    const size_t at = (size_t)token * H;
+    if (m->embed_type == W_INT8) {
+        const int8_t *row = (const int8_t *)m->embed + at;
+        const float s = m->embed_rows[token] * m->embed_scale;
+        for (int i = 0; i < H; i++) x[i] = (float)row[i] * s;
+        return;
+    }
+    for (int i = 0; i < H; i++) x[i] = load_value(m->embed_type, m->embed, at + i);
+    if (m->embed_scale != 1.f)
+        for (int i = 0; i < H; i++) x[i] *= m->embed_scale;
 }
 
 static inline void rms_norm(const float *x, const float *w, float *y, int n, float eps) {

@@ -54,7 +54,8 @@ static void free_model(Model *m) {
 
 static void capsule_free(PyObject *cap) { free_model((Model *)PyCapsule_GetPointer(cap, CAPSULE)); }
 
-/* new(dims, eps, (embed_type, embed), norm, head, layers[, features])
+/* new(dims, eps, (embed_type, embed[, embed_rows]), norm, head, layers[, features])
+ *   embed_rows: an int8 table's float32 scale of each row (required for INT8, else None)
  *   dims = (hidden, heads, kv_heads, head_dim, inter, vocab)
  *   head / a layer's matrices = (type, rows, cols, weight, scale or None, bias or None)
  *   layers = [(in_norm, post_norm, qkv, o, gate_up, down[, q_norm, k_norm, attn_out_norm,
@@ -115,12 +116,13 @@ static int parse_layer_features(PyObject *t, Model *m, Layer *L, int i) {
 static PyObject *py_new(PyObject *self, PyObject *args) {
     int hidden, heads, kv_heads, head_dim, inter, vocab, embed_type;
     float eps;
-    PyObject *embed, *norm, *head, *layers, *features = NULL;
-    if (!PyArg_ParseTuple(args, "(iiiiii)f(iO)OOO|O", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
-                          &embed_type, &embed, &norm, &head, &layers, &features))
+    PyObject *table, *embed, *embed_rows = Py_None, *norm, *head, *layers, *features = NULL;
+    if (!PyArg_ParseTuple(args, "(iiiiii)fO!OOO|O", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
+                          &PyTuple_Type, &table, &norm, &head, &layers, &features) ||
+        !PyArg_ParseTuple(table, "iO|O", &embed_type, &embed, &embed_rows))
         return NULL;
     if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim % 2 || inter <= 0 ||
-        vocab <= 0 || embed_type < W_INT8 + 1 || embed_type > W_F32) {
+        vocab <= 0 || embed_type < W_INT8 || embed_type > W_F32 || (embed_type == W_INT8) != (embed_rows != Py_None)) {
         PyErr_SetString(PyExc_ValueError, "bad model dimensions");
         return NULL;
     }
@@ -131,7 +133,7 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
     m->hidden = hidden, m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->inter = inter;
     m->vocab = vocab, m->eps = eps, m->embed_type = embed_type;
     m->n_layers = (int)PySequence_Fast_GET_SIZE(seq);
-    m->embed = as_ptr(embed), m->norm = as_ptr(norm);
+    m->embed = as_ptr(embed), m->norm = as_ptr(norm), m->embed_rows = as_ptr(embed_rows);
     if (PyErr_Occurred() || parse_mat(head, &m->head)) goto fail;
     m->layers = calloc(m->n_layers ? m->n_layers : 1, sizeof(Layer));
     const int qkv = (heads + 2 * kv_heads) * head_dim;

@@ -120,9 +120,7 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
               const float *sin, float *logits, int nth) {
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
     double t = profiling ? now() : 0.0;
-    for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
-    if (m->embed_scale != 1.f)
-        for (int i = 0; i < H; i++) m->x[i] *= m->embed_scale;
+    embed_row(m, token, m->x);
     if (m->n_ropes) model_rope(m, pos, m->rope, m->rope + D);
     Job j = {.m = m, .kc = kc, .vc = vc, .max_tokens = max_tokens};
     for (int l = 0; l < m->n_layers; l++) {
