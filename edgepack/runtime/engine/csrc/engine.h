@@ -304,6 +304,13 @@ typedef struct {
 
 enum { P_SERIAL, P_QKV, P_ATTN, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_PARTS };
 extern const char *PART_NAMES[P_PARTS];
+/* what the pool counts while profiling (pool.c): parallel() calls, futex wakes the caller
+ * issued to sleeping workers, the caller's sleeps waiting for them, and the caller's
+ * seconds from finishing its own share to the last worker finishing (imbalance + hand-off) */
+enum { S_CALLS, S_WAKES, S_CALLER_SLEEPS, S_COUNTS };
+extern const char *SYNC_NAMES[S_COUNTS];
+extern long sync_counts[S_COUNTS];
+extern double sync_wait_seconds;
 extern int profiling;
 extern double part_seconds[P_PARTS];
 extern long profiled_steps;

@@ -521,10 +521,31 @@ static PyObject *py_profile(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_DECREF(steps);
+    /* the pool's counts ride along as {"sync": {name: count, ..., "wait seconds": s}} */
+    PyObject *sync = PyDict_New();
+    int bad = !sync;
+    for (int i = 0; !bad && i < S_COUNTS; i++) {
+        PyObject *v = PyLong_FromLong(sync_counts[i]);
+        bad = !v || PyDict_SetItemString(sync, SYNC_NAMES[i], v);
+        Py_XDECREF(v);
+    }
+    if (!bad) {
+        PyObject *v = PyFloat_FromDouble(sync_wait_seconds);
+        bad = !v || PyDict_SetItemString(sync, "wait seconds", v);
+        Py_XDECREF(v);
+    }
+    if (bad || PyDict_SetItemString(out, "sync", sync)) {
+        Py_XDECREF(sync);
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(sync);
     if (on != Py_None) {
         pthread_mutex_lock(&step_lock);
         profiling = PyObject_IsTrue(on);
         memset(part_seconds, 0, sizeof part_seconds);
+        memset(sync_counts, 0, sizeof sync_counts);
+        sync_wait_seconds = 0.0;
         profiled_steps = 0;
         pthread_mutex_unlock(&step_lock);
     }
