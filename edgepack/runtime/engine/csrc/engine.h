@@ -231,6 +231,8 @@ typedef void (*silu_fn)(const float *gate, const float *up, float *out, int n);
 /* a GEMM register tile (kernels.h, EP_GEMM_TILE) */
 typedef void (*tile_fn)(const float *w, int K, const float *xt, int ldx, float *raw);
 typedef void (*halve_fn)(const uint16_t *s, uint16_t *d, size_t n); /* bfloat16 -> float16 */
+/* int8 rows against the input rounded to int8 per block of 32 (prep_q8): raw dot products */
+typedef void (*q8_fn)(const Mat *m, const void *prep, int r0, int r1, float *y);
 
 typedef struct {
     int lanes, max_tv, n_rb, rb[3];
@@ -245,6 +247,7 @@ typedef struct {
     silu_fn silu;
     const Tiles *tiles;
     halve_fn bf16_to_f16;
+    q8_fn int8_q8; /* NULL: this set has none, int8 rows take gemv[W_INT8] */
 } Kernels;
 
 extern const Kernels kernels_generic;
@@ -252,6 +255,7 @@ extern const Kernels kernels_generic;
 extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
 void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
+void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
@@ -260,6 +264,11 @@ void gemv_int8_dotprod(const void *W, const float *x, int K, int r0, int r1, flo
 void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float *y);
 #endif
 extern const Kernels *kernels; /* the table in use */
+/* Activations into int8 matrix-vector products of a decode step: 32 (float32, the default:
+ * logits within 1e-4 of float64's) or 8 (rounded to int8 per block of 32 inputs, as
+ * llama.cpp's Q8_0 does: about half the instructions per weight on AVX2, where converting
+ * each int8 weight to float32 bounds the float kernel). EDGEPACK_ACTIVATION_BITS=8 at import. */
+extern int act_bits;
 void detect_isa(void);
 const char *current_isa(void);
 int set_isa(const char *name); /* 0, or -1 when this CPU lacks it */
@@ -316,6 +325,7 @@ extern double part_seconds[P_PARTS];
 extern long profiled_steps;
 
 void prep_int4(const Mat *m, const float *x, float *prep);
+int prep_q8(const Mat *m, const float *x, void *prep); /* 1 if the q8 kernel runs this matrix */
 void task_mat(void *ctx, int tid, int nth);
 void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, int add, int nth);
 int grow_scores(Model *m, int max_tokens);

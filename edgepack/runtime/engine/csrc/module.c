@@ -442,10 +442,13 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         return NULL;
     }
     float *prep = NULL;
-    if (mat.type == W_INT4) {
+    if (mat.type == W_INT4 || mat.type == W_INT8) {
         prep = malloc(((size_t)mat.cols + mat.cols / 32 + 1) * sizeof(float));
         if (!prep) return PyErr_NoMemory();
-        prep_int4(&mat, xp, prep);
+        if (mat.type == W_INT4)
+            prep_int4(&mat, xp, prep);
+        else if (!prep_q8(&mat, xp, prep))
+            free(prep), prep = NULL;
     }
     Job j = {.mat = &mat, .in = xp, .prep = prep, .out = yp, .add = 0};
     parallel_without_gil(task_mat, &j, mat.rows, threads);
@@ -564,6 +567,24 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(previous);
 }
 
+/* activation_bits(bits=None): 32 or 8, the activations into int8 matrix-vector products of
+ * decode steps from now on (engine.h, act_bits); returns the previous */
+static PyObject *py_activation_bits(PyObject *self, PyObject *args) {
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, "|i", &bits)) return NULL;
+    const int previous = act_bits;
+    if (bits && bits != 8 && bits != 32) {
+        PyErr_Format(PyExc_ValueError, "activation bits %d: 32 (float32) or 8 (int8 per block of 32) expected", bits);
+        return NULL;
+    }
+    if (bits) {
+        pthread_mutex_lock(&step_lock);
+        act_bits = bits;
+        pthread_mutex_unlock(&step_lock);
+    }
+    return PyLong_FromLong(previous);
+}
+
 /* threads_in_use(): the thread count adaptive decode steps run on now (0 before the first) */
 static PyObject *py_threads_in_use(PyObject *self, PyObject *noargs) { return PyLong_FromLong(adapt_current()); }
 
@@ -582,6 +603,7 @@ static PyMethodDef methods[] = {
     {"argmax", py_argmax, METH_VARARGS, "Index of the largest float32 value."},
     {"profile", py_profile, METH_VARARGS, "Seconds per part of the step: profile(True) starts, profile() reads."},
     {"set_isa", py_set_isa, METH_VARARGS, "Kernels to use ('generic', 'avx2', 'avx512'); returns the previous."},
+    {"activation_bits", py_activation_bits, METH_VARARGS, "Activations into int8 products: 32 or 8; returns the previous."},
     {NULL, NULL, 0, NULL},
 };
 

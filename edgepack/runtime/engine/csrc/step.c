@@ -17,12 +17,33 @@ void prep_int4(const Mat *m, const float *x, float *prep) {
     }
 }
 
+/* the input of an int8 matrix-vector product rounded to int8 per block of 32 (act_bits 8):
+ * K codes, then K / 32 float32 scales (max |x| / 127 of each block); 0 (nothing written)
+ * where the float kernel runs it: act_bits 32, no q8 kernel, K not a multiple of 32 */
+int prep_q8(const Mat *m, const float *x, void *prep) {
+    const int K = m->cols;
+    if (act_bits != 8 || m->type != W_INT8 || !kernels->int8_q8 || K % 32) return 0;
+    int8_t *q = prep;
+    float *d = (float *)(q + K);
+    for (int b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        d[b] = amax / 127.f;
+        for (int i = 0; i < 32; i++) q[32 * b + i] = (int8_t)lrintf(xb[i] * inv);
+    }
+    return 1;
+}
+
 /* y[r] for r in [r0, r1): the dot products, then the row's scale and bias (int4: `prep`,
- * the input as prep_int4 made it) */
+ * the input as prep_int4 made it; int8 with a `prep`: prep_q8's) */
 static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, int r0, int r1) {
     if (r1 <= r0) return;
     if (m->type == W_INT4)
         kernels->int4(m, prep, r0, r1, y);
+    else if (m->type == W_INT8 && prep)
+        kernels->int8_q8(m, prep, r0, r1, y);
     else
         kernels->gemv[m->type](m->w, x, m->cols, r0, r1, y);
     if (m->scale)
@@ -101,6 +122,8 @@ void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, 
     j->mat = mat, j->in = in, j->out = out, j->add = add, j->prep = NULL;
     if (mat->type == W_INT4) {
         prep_int4(mat, in, j->m->prep);
+        j->prep = j->m->prep;
+    } else if (prep_q8(mat, in, j->m->prep)) {
         j->prep = j->m->prep;
     }
     parallel_rows(task, j, task == task_mat ? mat->rows : j->m->inter, 4, nth);
