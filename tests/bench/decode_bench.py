@@ -25,6 +25,8 @@ the pool's counts (parallel calls, futex wake-ups and sleeps per step).
 --table-bits 8 (default): edgepack's bundles store the embedding table / output layer at 8
 bits (`pack --table-bits 8`), as llama.cpp's Q8_0 does; the same bundle with 16-bit tables
 runs in the same rounds at 2 threads ("edgepack t16"). 16: only the 16-bit-table bundles.
+"edgepack a8": the case's bundle with the engine's opt-in int8 activations
+(EDGEPACK_ACTIVATION_BITS=8: llama.cpp's Q8_0 arithmetic), 2 threads.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ import peer_llamacpp as peer  # noqa: E402
 ENGINES = (("edgepack", 0), ("edgepack", 2), ("edgepack", 1), ("llama.cpp", 2), ("llama.cpp", 1))  # 0: as shipped (threads adapted per step)
 # with --table-bits 8: the same bundle with 16-bit tables, 2 threads, in the same rounds
 BASELINE = ("edgepack t16", 2)
+# the engine's opt-in int8 activations (EDGEPACK_ACTIVATION_BITS=8) on the case's bundle, 2 threads
+INT8_ACTS = ("edgepack a8", 2)
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -95,8 +99,8 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def spawn_edgepack(*args) -> dict:
-    env = dict(os.environ, **{peer.T0_ENV: repr(time.time())})
+def spawn_edgepack(*args, activation_bits: int = 32) -> dict:
+    env = dict(os.environ, **{peer.T0_ENV: repr(time.time()), "EDGEPACK_ACTIVATION_BITS": str(activation_bits)})
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: bytecode cached
     load = load_average()
     out = subprocess.run([sys.executable, __file__, "worker", *map(str, args)], capture_output=True, text=True, env=env)
@@ -106,6 +110,8 @@ def spawn_edgepack(*args) -> dict:
 
 
 def one_run(engine: str, threads: int, case: dict, llama: dict, new_n: int) -> dict:
+    if engine == INT8_ACTS[0]:
+        return spawn_edgepack("edgepack", case["edgepack"], threads, 16, new_n, activation_bits=8)
     if engine.startswith("edgepack"):
         return spawn_edgepack("edgepack", case[engine], threads, 16, new_n)
     load = load_average()
@@ -126,7 +132,7 @@ class Spinner:
 
 
 def engines(case: dict) -> tuple:
-    return ENGINES + ((BASELINE,) if BASELINE[0] in case else ())
+    return ENGINES + ((BASELINE,) if BASELINE[0] in case else ()) + (INT8_ACTS,)
 
 
 def rounds(case: dict, llama: dict, repeats: int, new_n: int, label: str) -> dict:
@@ -255,7 +261,7 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
         head = f"{'engine':<13}{'thr':>5}{'MB/token':>10}{'bound t/s':>10}   {'quiet t/s':>9}{'of bound':>9}  {'load avg':<16}{'busy t/s':>9}{'of quiet':>9}  {'load avg':<16}"
         print(head + "\n" + "-" * len(head))
         for engine, threads in engines(case):
-            nbytes = case["bytes"][engine]
+            nbytes = case["bytes"]["edgepack" if engine == INT8_ACTS[0] else engine]
             bound = gb * 1e9 / nbytes
             q = results[case["name"]]["quiet"][(engine, threads)]
             b = results[case["name"]].get("busy", {}).get((engine, threads))
@@ -273,6 +279,8 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
                 auto = res[label][("edgepack", 0)]["decode_tok_s"]
                 print(f"{label}: edgepack/llama.cpp at 2 threads {e2 / l2:.2f}x, at 1 thread {e1 / l1:.2f}x, best of each "
                       f"{best_e / best_l:.2f}x; edgepack as shipped (auto) / llama.cpp's best {auto / best_l:.2f}x")
+                a8 = res[label][INT8_ACTS]["decode_tok_s"]
+                print(f"{label}: edgepack with int8 activations (2 threads) / llama.cpp's best {a8 / best_l:.2f}x")
                 if BASELINE in res[label]:
                     print(f"{label}: 8-bit tables / 16-bit tables at 2 threads {e2 / res[label][BASELINE]['decode_tok_s']:.2f}x")
     for name, lc in longs.items():

@@ -267,7 +267,8 @@ extern const Kernels *kernels; /* the table in use */
 /* Activations into int8 matrix-vector products of a decode step: 32 (float32, the default:
  * logits within 1e-4 of float64's) or 8 (rounded to int8 per block of 32 inputs, as
  * llama.cpp's Q8_0 does: about half the instructions per weight on AVX2, where converting
- * each int8 weight to float32 bounds the float kernel). EDGEPACK_ACTIVATION_BITS=8 at import. */
+ * each int8 weight to float32 bounds the float kernel). EDGEPACK_ACTIVATION_BITS=8 at import.
+ * One sequence's decode steps only (step.c): prompts and batched steps keep float32. */
 extern int act_bits;
 void detect_isa(void);
 const char *current_isa(void);
