@@ -129,3 +129,12 @@ def test_unknown_table_bits_are_refused(tiny_models, tmp_path):
     with pytest.raises(QuantizationError, match="table bits 4"):
         pack(str(tiny_models["llama"]), tmp_path / "out", bits=8, table_bits=4)
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_names_the_8bit_tables(packed):
+    from edgepack.format.verify import describe
+
+    shown = describe(edgepack.load(packed("llama-untied", 8, table_bits=8)).manifest)
+    assert "8-bit tables: model.embed_tokens, lm_head (int8-rowwise)" in shown
+    assert "kept 16-bit:  lm_head" not in shown
+    assert "8-bit tables" not in describe(edgepack.load(packed("llama-untied", 8)).manifest)
