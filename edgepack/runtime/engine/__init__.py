@@ -5,7 +5,11 @@ is read). This engine reads the bundle's tensors as stored (int8 + row scales, e
 int4, 16-bit) into one anonymous memory map, joins q/k/v and gate/up rows as it reads them
 (they land next to each other: no copy), and hands their addresses to the C module, which
 runs prompts (GEMMs over chunks of tokens) and decode steps (one call a token) with float32
-activations and a bfloat16 KV cache. Imports: the standard library, ``tokenizers`` (and
+activations and a bfloat16 KV cache (EDGEPACK_ACTIVATION_BITS=8: a decode step's int8
+products take their input rounded to int8 per block of 32, as llama.cpp's Q8_0 does; faster
+where converting int8 weights to float bounds the kernel, e.g. AVX2 on Zen 1; not the
+default: logits move ~1%). An 8-bit table (``pack --table-bits 8``) is read as stored: the
+embedding row times its scale, the output layer as an int8 matrix. Imports: the standard library, ``tokenizers`` (and
 jinja2 for chat templates).
 
     lm = NativeLM.load(path, manifest, config)
