@@ -501,7 +501,8 @@ def configure_parser(p) -> None:
                         "rounding on Llama-family models; same format, lower error, ~25 s more on the default model)")
     p.add_argument("--table-bits", type=int, choices=(8, 16), default=16,
                    help="the embedding table and output layer: 16 (default) or 8 (int8 rows with a scale each: "
-                        "the output layer is read every token; edgepack's runtime only, not plain transformers)")
+                        "the output layer is read every token; SmolLM2-135M: 17%% fewer bytes a token, mean KL to "
+                        "the source 0.0029 -> 0.0046; edgepack's runtime only, not plain transformers)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
