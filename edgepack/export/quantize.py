@@ -39,6 +39,11 @@ OUTPUT_LAYER_REASON = (
     "token's probabilities; bitsandbytes keeps it too (llama.cpp's k-quants keep it at 6 bits or more)"
 )
 TIED_REASON = "tied to the input embeddings, which are stored once in 16-bit"
+# 8-bit tables: the embedding table and the output layer as int8 rows with one float32
+# absmax each (bitsandbytes' int8 layout, W ~= weight * SCB / 127); the manifest's
+# quantization.tables lists them. SmolLM2-135M: its 49,152 x 576 tied table is 56 of the
+# 163 MB a decode step reads at 16 bits.
+TABLE_SCHEME = "int8-rowwise"
 INT4_SHAPE_REASON = (
     "int4: torch's CPU kernel needs out_features divisible by 16 and in_features by the "
     "group size; kept in 16-bit"
@@ -52,6 +57,7 @@ class Settings:
     double_quant: bool = False
     blocksize: int = 64
     dtype: str = "bfloat16"  # storage and compute dtype of everything not quantized
+    table_bits: int = 16  # the embedding table and output layer: 16 (as dtype) or 8 (TABLE_SCHEME)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -85,6 +91,8 @@ class Settings:
             section["rounding"] = result.gptq
         if self.bits == 4:
             section.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
+        if result.tables:
+            section["tables"] = {"bits": 8, "scheme": TABLE_SCHEME, "modules": list(result.tables)}
         return section
 
 
@@ -95,6 +103,7 @@ class Result:
     kept_modules: dict[str, str] = field(default_factory=dict)  # module -> why it stayed 16-bit
     smoothing: dict[str, Any] | None = None  # how the float model was rewritten first (smoothing.py)
     gptq: dict[str, Any] | None = None  # how 8-bit rows were rounded, when not to nearest (gptq.py)
+    tables: list[str] = field(default_factory=list)  # embedding / output modules stored as 8-bit tables
 
 
 def quantize_model(
@@ -118,13 +127,15 @@ def quantize_model(
         read = smoothing.wrap(read)
         result.smoothing = smoothing.describe()
     output = model.get_output_embeddings()
+    tables = _table_modules(model) if settings.table_bits == 8 else {}
     targets = {}
     for name, module in model.named_modules():
         if not is_linear(module):
             continue
         if module is output:
             tied = output.weight is model.get_input_embeddings().weight
-            result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
+            if not tables:  # at 8 bits it is a table (quantization.tables), not a kept layer
+                result.kept_modules[name] = TIED_REASON if tied else OUTPUT_LAYER_REASON
         elif settings.bits < 16:
             out_f, in_f = out_in(module)
             if settings.method == "edgepack" and not int4_fits(out_f, in_f, settings.blocksize):
@@ -144,12 +155,38 @@ def quantize_model(
             result.quantized_modules.append(owner)
             if len(result.quantized_modules) % 20 == 0:
                 say(f"quantized {len(result.quantized_modules)}/{len(targets)} layers")
+        elif owner in tables and attr == "weight":
+            codes, absmax = quantize_table(read(key))
+            result.tensors[key], result.tensors[f"{owner}.SCB"] = codes, absmax
+            result.tables.append(owner)
         else:
             result.tensors[key] = _store_plain(read(key), settings)
     if calibration is not None:
         result.gptq = calibration.describe()
     say(f"quantized {len(result.quantized_modules)} layers to {settings.bits}-bit ({settings.scheme})")
     return result
+
+
+def _table_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embedding and an untied output layer, by module name: the tables
+    Settings.table_bits 8 stores as int8 rows (a tied output layer is the embedding's table)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    tables = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if module is not None and id(module) in names and weight is not None and weight.dim() == 2:
+            tables[names[id(module)]] = module
+    return tables
+
+
+def quantize_table(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding table / output layer [rows, cols] as int8 codes and float32 absmax per
+    row, rounded to nearest (W ~= codes * absmax / 127; an all-zero row has absmax 0)."""
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    codes = torch.round(w * scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.contiguous(), absmax.contiguous()
 
 
 def _hessian(owner: str, calibration: Any, smoothing: Any, read: Callable[[str], torch.Tensor]) -> torch.Tensor | None:

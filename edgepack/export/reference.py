@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from edgepack.export.quantize import Result, Settings, bnb_functional
+from edgepack.runtime.torch.model import dequantized_tables
 from edgepack.export.streamed import assign, keep_tables_16bit, replace_module, skeleton
 
 # pack.py reads the streamed source through this module's names
@@ -55,8 +56,9 @@ def dequantized_model(config, result: Result, settings: Settings) -> nn.Module:
         stored = {k[len(prefix) :]: v for k, v in result.tensors.items() if k.startswith(prefix)}
         replace_module(model, name, DequantizedLinear(stored, settings))
     quantized = set(result.quantized_modules)
-    taken = keep_tables_16bit(model, result.tensors.get)
-    for key, tensor in result.tensors.items():
+    tensors = dequantized_tables(result.tensors, result.tables)  # 8-bit tables as float32
+    taken = keep_tables_16bit(model, tensors.get)
+    for key, tensor in tensors.items():
         if not _owned_by(key, quantized) and key not in taken:
             assign(model, key, tensor.float() if tensor.is_floating_point() else tensor)
     return model

@@ -152,6 +152,8 @@ def _schema_problems(data: dict[str, Any]) -> list[str]:
         problems += _files_problems(data["files"])
     if isinstance(data.get("tensors"), dict):
         problems += _tensors_problems(data["tensors"], data.get("files"))
+    if isinstance(data.get("quantization"), dict) and "tables" in data["quantization"]:
+        problems += _tables_problems(data["quantization"]["tables"], data.get("tensors"))
     if isinstance(data.get("device_map"), dict):
         for name, device in data["device_map"].items():
             if not (isinstance(device, str) and device) and not (is_int(device) and device >= 0):
@@ -178,6 +180,38 @@ def _quantization_problems(quant: dict[str, Any]) -> list[str]:
         problems.append("quantization.blocksize must be a positive integer for 4-bit")
     if quant.get("bits") == 4 and quant.get("quant_type") not in QUANT_TYPES_4BIT:
         problems.append(f"quantization.quant_type must be one of {', '.join(QUANT_TYPES_4BIT)} for 4-bit")
+    return problems
+
+
+TABLE_SCHEMES = ("int8-rowwise",)
+
+
+def _tables_problems(tables: Any, tensors: Any) -> list[str]:
+    """quantization.tables (optional; absent: the embedding table and output layer are
+    16-bit): {"bits": 8, "scheme": "int8-rowwise", "modules": [...]}, each module stored as
+    ``M.weight`` I8 [rows, cols] and ``M.SCB`` F32 [rows]."""
+    if not isinstance(tables, dict):
+        return ["quantization.tables must be an object"]
+    problems = []
+    if tables.get("bits") != 8 or isinstance(tables.get("bits"), bool):
+        problems.append(f"quantization.tables.bits must be 8, not {short_repr(tables.get('bits'))}")
+    if tables.get("scheme") not in TABLE_SCHEMES:
+        problems.append(f"quantization.tables.scheme must be one of {', '.join(TABLE_SCHEMES)}")
+    modules = tables.get("modules")
+    if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
+        return problems + ["quantization.tables.modules must be a non-empty list of module names"]
+    if not isinstance(tensors, dict):
+        return problems
+    for module in modules:
+        weight, absmax = tensors.get(module + ".weight"), tensors.get(module + ".SCB")
+        if not (isinstance(weight, dict) and isinstance(absmax, dict)):
+            problems.append(f"quantization.tables: {short_repr(module)} has no .weight and .SCB tensors")
+            continue
+        shape, rows = weight.get("shape"), absmax.get("shape")
+        if weight.get("dtype") != "I8" or absmax.get("dtype") != "F32" or not (
+            isinstance(shape, list) and len(shape) == 2 and isinstance(rows, list) and rows == shape[:1]
+        ):
+            problems.append(f"quantization.tables: {short_repr(module)} must be I8 [rows, cols] with SCB F32 [rows]")
     return problems
 
 

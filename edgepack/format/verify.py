@@ -138,6 +138,9 @@ def describe(manifest: dict) -> str:
     rounding = quant.get("rounding")
     if isinstance(rounding, dict):
         lines.append(f"  rounding:     GPTQ on {rounding.get('calibration_tokens', '?')} calibration tokens (damp {rounding.get('damp', '?')})")
+    tables = quant.get("tables")
+    if isinstance(tables, dict):
+        lines.append(f"  8-bit tables: {', '.join(map(str, tables.get('modules') or []))} ({tables.get('scheme')})")
     for module, reason in quant.get("kept_modules", {}).items():
         lines.append(f"  kept 16-bit:  {module}: {reason}")
     lines.append(f"weights:       {mem['weight_bytes'] / 1e6:.1f} MB  "

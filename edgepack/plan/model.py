@@ -44,6 +44,10 @@ class Block:
     bias_params: int = 0
     other_bytes: int = 0
     tied_to: str | None = None
+    # the embedding table / an untied output layer in this block (part of kept_params):
+    # its [rows, cols], which an 8-bit table stores as int8 + a float32 scale per row
+    table_rows: int = 0
+    table_cols: int = 0
 
     @property
     def linear_params(self) -> int:
@@ -136,11 +140,12 @@ def _describe_llama(c: dict[str, Any], name: str | None) -> ModelDescription:
     vocab = c["vocab_size"]
     layers = [Block(f"model.layers.{i}", "layer", linears, 2 * hidden, bias) for i in range(c["num_hidden_layers"])]
     blocks = (
-        Block("model.embed_tokens", "embedding", kept_params=vocab * hidden),
+        Block("model.embed_tokens", "embedding", kept_params=vocab * hidden, table_rows=vocab, table_cols=hidden),
         *layers,
         Block("model.norm", "norm", kept_params=hidden),
         Block("model.rotary_emb", "rotary"),
-        Block("lm_head", "output", tied_to="model.embed_tokens") if tied else Block("lm_head", "output", kept_params=vocab * hidden),
+        Block("lm_head", "output", tied_to="model.embed_tokens") if tied
+        else Block("lm_head", "output", kept_params=vocab * hidden, table_rows=vocab, table_cols=hidden),
     )
     return ModelDescription(
         name=name or c.get("_name_or_path") or c["model_type"], model_type=c["model_type"], blocks=blocks,
@@ -186,8 +191,11 @@ def _describe_meta(config, name: str | None) -> ModelDescription:
     for block_name, entry in sizes.items():
         kind = _kind(block_name, model, output_name, embeddings_name)
         tied_to = embeddings_name if tied and block_name == output_name else None
+        table = {output_name: output, embeddings_name: embeddings}.get(block_name) if not tied_to else None
+        shape = tuple(table.weight.shape) if table is not None and getattr(table, "weight", None) is not None else ()
+        rows, cols = shape if len(shape) == 2 else (0, 0)
         blocks.append(Block(block_name, kind, tuple(entry["linears"]), entry["kept_params"],
-                            entry["bias_params"], entry["other_bytes"], tied_to))
+                            entry["bias_params"], entry["other_bytes"], tied_to, rows, cols))
     summary = architecture_summary(model)
     return ModelDescription(
         name=name or getattr(config, "name_or_path", "") or config.model_type,

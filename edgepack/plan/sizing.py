@@ -81,6 +81,7 @@ class Quant:
     quant_type: str = "nf4"
     double_quant: bool = False
     dtype: str = "bfloat16"  # what stays 16-bit
+    table_bits: int = 16  # the embedding table and output layer (8: int8 + float32 scale per row)
 
     @property
     def label(self) -> str:
@@ -127,6 +128,8 @@ def block_weight_bytes(block: Block, q: Quant, fp32_linears: bool = False) -> in
     """Stored bytes of one block. fp32_linears: 8-bit layers bitsandbytes offloads to the
     CPU beside a GPU run in float32 there (llm_int8_enable_fp32_cpu_offload)."""
     plain = 2 * (block.kept_params + block.bias_params) + block.other_bytes
+    if q.table_bits == 8 and block.table_rows:  # int8 rows + a float32 scale each, not 2 bytes a value
+        plain -= block.table_rows * block.table_cols - 4 * block.table_rows
     if fp32_linears:
         return plain + 4 * block.linear_params
     return plain + sum(linear_weight_bytes(o, i, q) for _, o, i in block.linears)

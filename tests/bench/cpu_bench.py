@@ -288,11 +288,15 @@ def profile_decode_step(bundle: Path, threads: int) -> str:
 
 def _profile_lines(_engine, wall: float, what: str) -> str:
     parts = _engine.profile(False)
-    steps = parts.pop("steps")
+    steps, sync = parts.pop("steps"), parts.pop("sync", {})
     lines = [f"{what} ({_engine.set_isa()} kernels), 100 steps at positions 69-168: {wall * 1e3:.2f} ms a step"]
     lines += [f"  {name:<28}{sec / steps * 1e3:>7.3f} ms {sec / steps / wall:>6.1%}" for name, sec in parts.items()]
     rest = wall - sum(parts.values()) / steps
     lines.append(f"  {'Python, call, logits buffer':<28}{rest * 1e3:>7.3f} ms {rest / wall:>6.1%}")
+    if sync:  # the pool's own counts: how often the threads meet, and what meeting costs the caller
+        wait = sync.pop("wait seconds") / steps
+        lines.append("  per step: " + ", ".join(f"{n / steps:.1f} {name}" for name, n in sync.items())
+                     + f"; caller waiting for the others after its own rows {wait * 1e3:.3f} ms ({wait / wall:.1%}, inside the parts above)")
     return "\n".join(lines)
 
 

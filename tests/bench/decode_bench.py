@@ -1,7 +1,7 @@
 """Decode against the memory limit: edgepack 8-bit beside llama.cpp Q8_0 (llama-bench), quiet and busy.
 
     .venv/bin/python tests/bench/decode_bench.py [--cases 135m,1b] [--repeats 3] [--new-tokens 64]
-                                                 [--no-busy] [--long] [--profile] [--json F]
+                                                 [--no-busy] [--long] [--profile] [--table-bits 8] [--json F]
 
 A bench a weak peer cannot flatter: it prints the box's read bandwidth (membw.py), each
 bundle's bytes read per decoded token (every weight matrix once, the output layer included;
@@ -20,7 +20,13 @@ process (a pure Python busy loop, pinned nowhere) beside the run.
 
 --long: prompt speed at 256 and 2048 tokens, decode speed after 2048 tokens of context,
 and time from process start to the first token of a 2048-token prompt (135m only).
---profile: edgepack's own clock over one 8-bit decode step of each case (cpu_bench's).
+--profile: edgepack's own clock over one 8-bit decode step of each case (cpu_bench's), with
+the pool's counts (parallel calls, futex wake-ups and sleeps per step).
+--table-bits 8 (default): edgepack's bundles store the embedding table / output layer at 8
+bits (`pack --table-bits 8`), as llama.cpp's Q8_0 does; the same bundle with 16-bit tables
+runs in the same rounds at 2 threads ("edgepack t16"). 16: only the 16-bit-table bundles.
+"edgepack a8": the case's bundle with the engine's opt-in int8 activations
+(EDGEPACK_ACTIVATION_BITS=8: llama.cpp's Q8_0 arithmetic), 2 threads.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ import membw  # noqa: E402  (same folder)
 import peer_llamacpp as peer  # noqa: E402
 
 ENGINES = (("edgepack", 0), ("edgepack", 2), ("edgepack", 1), ("llama.cpp", 2), ("llama.cpp", 1))  # 0: as shipped (threads adapted per step)
+# with --table-bits 8: the same bundle with 16-bit tables, 2 threads, in the same rounds
+BASELINE = ("edgepack t16", 2)
+# the engine's opt-in int8 activations (EDGEPACK_ACTIVATION_BITS=8) on the case's bundle, 2 threads
+INT8_ACTS = ("edgepack a8", 2)
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -89,8 +99,8 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def spawn_edgepack(*args) -> dict:
-    env = dict(os.environ, **{peer.T0_ENV: repr(time.time())})
+def spawn_edgepack(*args, activation_bits: int = 32) -> dict:
+    env = dict(os.environ, **{peer.T0_ENV: repr(time.time()), "EDGEPACK_ACTIVATION_BITS": str(activation_bits)})
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: bytecode cached
     load = load_average()
     out = subprocess.run([sys.executable, __file__, "worker", *map(str, args)], capture_output=True, text=True, env=env)
@@ -100,8 +110,10 @@ def spawn_edgepack(*args) -> dict:
 
 
 def one_run(engine: str, threads: int, case: dict, llama: dict, new_n: int) -> dict:
-    if engine == "edgepack":
-        return spawn_edgepack("edgepack", case["edgepack"], threads, 16, new_n)
+    if engine == INT8_ACTS[0]:
+        return spawn_edgepack("edgepack", case["edgepack"], threads, 16, new_n, activation_bits=8)
+    if engine.startswith("edgepack"):
+        return spawn_edgepack("edgepack", case[engine], threads, 16, new_n)
     load = load_average()
     return {**peer.llama_bench(llama, case["gguf"], threads, 0, new_n), "load_avg": load}
 
@@ -119,11 +131,15 @@ class Spinner:
         self.proc.wait()
 
 
+def engines(case: dict) -> tuple:
+    return ENGINES + ((BASELINE,) if BASELINE[0] in case else ()) + (INT8_ACTS,)
+
+
 def rounds(case: dict, llama: dict, repeats: int, new_n: int, label: str) -> dict:
     """{(engine, threads): {"decode_tok_s": median, "load_avg": [..], "runs": [..]}}."""
-    runs: dict = {key: [] for key in ENGINES}
+    runs: dict = {key: [] for key in engines(case)}
     for r in range(repeats):
-        for engine, threads in ENGINES:
+        for engine, threads in engines(case):
             run = one_run(engine, threads, case, llama, new_n)
             runs[(engine, threads)].append(run)
             print(f"[{case['name']} {label} round {r + 1}] {engine} t={threads}: {run['decode_tok_s']:.1f} tok/s "
@@ -171,30 +187,45 @@ def kv_bytes_per_token(config: dict) -> int:
     return config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * dim * 2 * 2
 
 
-def prepare(names: list[str], llama: dict) -> list[dict]:
+def bundle_135m(table_bits: int) -> Path:
+    from edgepack.export.pack import pack
+
+    bundle = WORK / ("smollm2-135m-edgepack8" + ("-t8" if table_bits == 8 else ""))
+    if not (bundle / "edgepack.json").exists():
+        # smoothing and GPTQ change values only: the bytes and the kernels are the same
+        pack("smollm2-135m", bundle, bits=8, smoothing=False, gptq=False, force=True, table_bits=table_bits)
+    return bundle
+
+
+def prepare(names: list[str], llama: dict, table_bits: int) -> list[dict]:
     cases = []
     for name in names:
+        bundles = {}
         if name == "135m":
             import gguf_variants
 
-            from edgepack.export.pack import pack
-
-            bundle = WORK / "smollm2-135m-edgepack8"
-            if not (bundle / "edgepack.json").exists():
-                # smoothing and GPTQ change values only: the bytes and the kernels are the same
-                pack("smollm2-135m", bundle, bits=8, smoothing=False, gptq=False, force=True)
+            for bits in {table_bits, 16}:
+                bundles[bits] = bundle_135m(bits)
             gguf_path = gguf_variants.make_variants(out_dir=WORK / "gguf-135m")["Q8_0"]
             label = "SmolLM2-135M-Instruct (vocab 49152, tied)"
         else:
             import model_1b
 
-            built = model_1b.build()
-            bundle, gguf_path = Path(built["edgepack"]), Path(built["gguf"])
+            for bits in {table_bits, 16}:
+                built = model_1b.build(table_bits=bits)
+                bundles[bits] = Path(built["edgepack"])
+            gguf_path = Path(built["gguf"])
             label = "random Llama, Llama-3.2-1B shapes (vocab 128256, tied)"
+        bundle = bundles[table_bits]
         config = json.loads((bundle / "config.json").read_text())
-        cases.append({"name": name, "label": label, "edgepack": str(bundle), "gguf": str(gguf_path),
-                      "bytes": {"edgepack": weight_bytes_per_token(bundle), "llama.cpp": gguf_bytes_per_token(gguf_path)},
-                      "kv_bytes_per_position": kv_bytes_per_token(config)})
+        case = {"name": name, "label": label + (", edgepack with 8-bit tables" if table_bits == 8 else ""),
+                "edgepack": str(bundle), "gguf": str(gguf_path),
+                "bytes": {"edgepack": weight_bytes_per_token(bundle), "llama.cpp": gguf_bytes_per_token(gguf_path)},
+                "kv_bytes_per_position": kv_bytes_per_token(config)}
+        if table_bits == 8:
+            case[BASELINE[0]] = str(bundles[16])
+            case["bytes"][BASELINE[0]] = weight_bytes_per_token(bundles[16])
+        cases.append(case)
     return cases
 
 
@@ -227,14 +258,14 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
     print(f"llama.cpp: {llama['sdist']} vendor/llama.cpp {llama['commit']}, llama-bench, Release, GGML_NATIVE=ON")
     for case in cases:
         print(f"\n{case['label']}: {new_n} greedy tokens after a 16-token prompt, medians over rounds (load avg = 1-min loadavg at each run's start)")
-        head = f"{'engine':<10}{'threads':>8}{'MB/token':>10}{'bound t/s':>10}   {'quiet t/s':>9}{'of bound':>9}  {'load avg':<16}{'busy t/s':>9}{'of quiet':>9}  {'load avg':<16}"
+        head = f"{'engine':<13}{'thr':>5}{'MB/token':>10}{'bound t/s':>10}   {'quiet t/s':>9}{'of bound':>9}  {'load avg':<16}{'busy t/s':>9}{'of quiet':>9}  {'load avg':<16}"
         print(head + "\n" + "-" * len(head))
-        for engine, threads in ENGINES:
-            nbytes = case["bytes"][engine]
+        for engine, threads in engines(case):
+            nbytes = case["bytes"]["edgepack" if engine == INT8_ACTS[0] else engine]
             bound = gb * 1e9 / nbytes
             q = results[case["name"]]["quiet"][(engine, threads)]
             b = results[case["name"]].get("busy", {}).get((engine, threads))
-            line = (f"{engine:<10}{threads or 'auto':>8}{nbytes / 1e6:>10.1f}{bound:>10.1f}   {q['decode_tok_s']:>9.1f}{q['decode_tok_s'] / bound:>9.0%}  "
+            line = (f"{engine:<13}{threads or 'auto':>5}{nbytes / 1e6:>10.1f}{bound:>10.1f}   {q['decode_tok_s']:>9.1f}{q['decode_tok_s'] / bound:>9.0%}  "
                     f"{','.join(map(str, q['load_avg'])):<16}")
             if b:
                 line += f"{b['decode_tok_s']:>9.1f}{b['decode_tok_s'] / q['decode_tok_s']:>9.0%}  {','.join(map(str, b['load_avg'])):<16}"
@@ -248,6 +279,10 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
                 auto = res[label][("edgepack", 0)]["decode_tok_s"]
                 print(f"{label}: edgepack/llama.cpp at 2 threads {e2 / l2:.2f}x, at 1 thread {e1 / l1:.2f}x, best of each "
                       f"{best_e / best_l:.2f}x; edgepack as shipped (auto) / llama.cpp's best {auto / best_l:.2f}x")
+                a8 = res[label][INT8_ACTS]["decode_tok_s"]
+                print(f"{label}: edgepack with int8 activations (2 threads) / llama.cpp's best {a8 / best_l:.2f}x")
+                if BASELINE in res[label]:
+                    print(f"{label}: 8-bit tables / 16-bit tables at 2 threads {e2 / res[label][BASELINE]['decode_tok_s']:.2f}x")
     for name, lc in longs.items():
         case = next(c for c in cases if c["name"] == name)
         print(f"\nlong context, {case['label']}, 2 threads (medians):")
@@ -271,15 +306,18 @@ def main() -> None:
     ap.add_argument("--no-busy", action="store_true")
     ap.add_argument("--long", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--table-bits", type=int, choices=(8, 16), default=8,
+                    help="edgepack's embedding table / output layer (8: also runs the 16-bit-table bundle as a baseline)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     llama = peer.ensure_llamacpp_env()
-    cases = prepare(a.cases.split(","), llama)
+    cases = prepare(a.cases.split(","), llama, a.table_bits)
     bw = membw.measure()
     results: dict = {}
     for case in cases:
-        one_run("edgepack", 2, case, llama, 4), one_run("llama.cpp", 2, case, llama, 4)  # page cache warm
+        for engine, _ in set(engines(case)):  # page cache warm
+            one_run(engine, 2, case, llama, 4)
         results[case["name"]] = {"quiet": rounds(case, llama, a.repeats, a.new_tokens, "quiet")}
         if not a.no_busy:
             with Spinner():

@@ -7,7 +7,8 @@ Llama-3.2-1B's shapes (hidden 2048, 16 layers, 32 heads / 8 key-value heads of 6
 depend on the values), SmolLM2's tokenizer (49152 tokens; ids above it are never fed, and
 llama.cpp's converter names them [PAD<id>]). Written once, cached in tests/bench/.work/:
   - the Hugging Face checkpoint (bfloat16 safetensors, ~2.5 GB),
-  - the edgepack 8-bit bundle (packed with smoothing and GPTQ off: both only change values),
+  - the edgepack 8-bit bundle (packed with smoothing and GPTQ off: both only change values;
+    with --table-bits 8, its embedding table / output layer at 8 bits too),
   - the GGUF Q8_0 file as llama.cpp's users make it: its convert_hf_to_gguf.py (from the
     same llama-cpp-python sdist the peer is built from) to F16, then llama-quantize Q8_0.
 """
@@ -52,13 +53,13 @@ def checkpoint(vocab: int) -> Path:
     return out
 
 
-def bundle(hf: Path) -> Path:
-    out = hf.with_name(hf.name.replace("-hf", "-edgepack8"))
+def bundle(hf: Path, table_bits: int = 16) -> Path:
+    out = hf.with_name(hf.name.replace("-hf", "-edgepack8" + ("-t8" if table_bits == 8 else "")))
     if (out / "edgepack.json").exists():
         return out
     from edgepack.export.pack import pack
 
-    pack(str(hf), out, bits=8, smoothing=False, gptq=False, force=True)
+    pack(str(hf), out, bits=8, smoothing=False, gptq=False, force=True, table_bits=table_bits)
     return out
 
 
@@ -86,18 +87,20 @@ def gguf_q8(hf: Path, llama_bin: Path, convert_py: Path) -> Path:
     return out
 
 
-def build(vocab: int = 128256) -> dict:
+def build(vocab: int = 128256, table_bits: int = 16) -> dict:
     sys.path.insert(0, str(BENCH))
     import peer_llamacpp as peer
 
     WORK.mkdir(exist_ok=True)
     llama = peer.ensure_llamacpp_build()
     hf = checkpoint(vocab)
-    return {"hf": str(hf), "edgepack": str(bundle(hf)),
+    return {"hf": str(hf), "edgepack": str(bundle(hf, table_bits)),
             "gguf": str(gguf_q8(hf, Path(llama["bin"]), Path(llama["source"]) / "convert_hf_to_gguf.py"))}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=128256)
-    print(json.dumps(build(ap.parse_args().vocab)))
+    ap.add_argument("--table-bits", type=int, choices=(8, 16), default=16, help="the edgepack bundle's embedding table")
+    a = ap.parse_args()
+    print(json.dumps(build(a.vocab, a.table_bits)))

@@ -5,7 +5,11 @@ is read). This engine reads the bundle's tensors as stored (int8 + row scales, e
 int4, 16-bit) into one anonymous memory map, joins q/k/v and gate/up rows as it reads them
 (they land next to each other: no copy), and hands their addresses to the C module, which
 runs prompts (GEMMs over chunks of tokens) and decode steps (one call a token) with float32
-activations and a bfloat16 KV cache. Imports: the standard library, ``tokenizers`` (and
+activations and a bfloat16 KV cache (EDGEPACK_ACTIVATION_BITS=8: a decode step's int8
+products take their input rounded to int8 per block of 32, as llama.cpp's Q8_0 does; faster
+where converting int8 weights to float bounds the kernel, e.g. AVX2 on Zen 1; not the
+default: SmolLM2-135M's mean KL to the source 0.0029 -> 0.0049, tests/bench/table_quality.py). An 8-bit table (``pack --table-bits 8``) is read as stored: the
+embedding row times its scale, the output layer as an int8 matrix. Imports: the standard library, ``tokenizers`` (and
 jinja2 for chat templates).
 
     lm = NativeLM.load(path, manifest, config)
@@ -34,6 +38,7 @@ from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError
 from edgepack.runtime.engine.cache import NativeCache
 from edgepack.runtime.engine.family import GEMMA, LLAMA_LIKE, Features, features
+from edgepack.runtime.engine.threads import CPUS, THREADS_ENV, asked_threads, threads  # noqa: F401  (re-exported)
 
 try:  # built by setup.py; absent where edgepack was installed without a C compiler
     from edgepack.runtime.engine import _engine as _native
@@ -49,7 +54,6 @@ NATIVE_ENV = "EDGEPACK_NATIVE"
 ALIGN = 64  # every tensor starts on a cache line
 FLOATS = ("BF16", "F16", "F32")  # stored dtypes read as floats (16-bit weights, tables, norms, biases)
 # the CPUs this process may run on
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def supports(config: dict[str, Any]) -> str | None:
@@ -96,34 +100,6 @@ def unavailable(config: dict[str, Any], manifest: dict[str, Any], device_map: di
     if quant["bits"] == 4 and quant.get("quant_type") != "int4":
         return f"{quant.get('quant_type')} layers (int8, int4 and 16-bit only)"
     return None
-
-
-THREADS_ENV = "EDGEPACK_THREADS"
-
-
-def asked_threads() -> int | None:
-    """The thread count EDGEPACK_THREADS (else OMP_NUM_THREADS) asks for, if any."""
-    for env in (THREADS_ENV, "OMP_NUM_THREADS"):
-        wanted = os.environ.get(env, "").strip()
-        if wanted.isdigit() and int(wanted) > 0:
-            return int(wanted)
-    return None
-
-
-def threads() -> int:
-    """Most threads for the C kernels: the CPUs this process may run on, at most one per
-    physical core (two on one core only take turns), or the count asked for (asked_threads).
-    Unless asked, each decode step runs on the count measured fastest up to this (pool.c):
-    on a box where other programs keep cores busy, fewer threads than cores decode faster."""
-    cpus = CPUS
-    try:
-        import psutil
-
-        cpus = min(cpus, psutil.cpu_count(logical=False) or cpus)
-    except ImportError:
-        pass
-    wanted = asked_threads()
-    return max(1, min(cpus, wanted)) if wanted else cpus
 
 
 # --- where each stored tensor goes -----------------------------------------------------------
@@ -254,6 +230,7 @@ class _Plan:
     layers: list[tuple]
     features: Features
     norms: list[tuple[int, int]]  # (offset32, size) of every norm vector (Gemma adds 1 to each)
+    embed_rows: int | None = None  # an 8-bit table's row scales (quantization.tables)
 
 
 ENGINE_TYPES = LLAMA_LIKE + GEMMA
@@ -312,10 +289,15 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
     embed_name = "model.embed_tokens.weight"
     _expect(header, embed_name, [vocab, hidden])
     embed_dtype = header[embed_name]["dtype"]
-    if embed_dtype not in FLOATS:
-        raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 16/32-bit tables")
+    if embed_dtype not in FLOATS and embed_dtype != "I8":
+        raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 8/16/32-bit tables")
     embed = layout.take(vocab * hidden * bundle_format.DTYPE_BYTES[embed_dtype])
     slots[embed_name] = Slot((vocab, hidden), offset=embed)
+    embed_rows = None
+    if embed_dtype == "I8":  # an 8-bit table: int8 rows, their absmax -> scale in place
+        _expect(header, "model.embed_tokens.SCB", [vocab], "F32")
+        embed_rows = layout.take(vocab * 4)
+        slots["model.embed_tokens.SCB"] = Slot((vocab,), offset=embed_rows, divide=127.0)
     layers = []
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
@@ -347,7 +329,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
     if "lm_head.weight" in header:
         head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
     elif config.get("tie_word_embeddings", True):
-        head = Matrix(embed_dtype, vocab, hidden, embed)
+        head = Matrix("INT8" if embed_rows is not None else embed_dtype, vocab, hidden, embed, scale=embed_rows)
     else:
         raise BundleIntegrityError("the bundle has no lm_head.weight and config.json does not tie it to the embeddings")
     extra = sorted(set(header) - set(slots))
@@ -356,7 +338,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
             f"tensor {extra[0]!r} has no place in the model built from config.json",
             hint="the bundle's config and weights disagree; pack the model again",
         )
-    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms)
+    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms, embed_rows)
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -400,8 +382,12 @@ class NativeLM:
         if not feats.plain:  # new() copies the rotary tables out of `freqs`
             *numbers, freqs = feats.c_tuple(self.head_dim)
             extra = (tuple(numbers) + (_native.address(freqs) if freqs else None,),)
+        if plan.embed_rows is None:
+            embed = (getattr(_native, plan.embed_dtype), base + plan.embed)
+        else:
+            embed = (_native.INT8, base + plan.embed, base + plan.embed_rows)
         self._model = _native.new(
-            dims, float(config.get("rms_norm_eps", 1e-6)), (getattr(_native, plan.embed_dtype), base + plan.embed),
+            dims, float(config.get("rms_norm_eps", 1e-6)), embed,
             base + plan.norm, mat(plan.head), layers, *extra,
         )
         self.weight_bytes = plan.layout.size

@@ -141,16 +141,55 @@ def _attach_tensors(model: nn.Module, path: Path, manifest: dict, into: dict[str
     """Attach every stored tensor to its module, checking it against the skeleton's shape.
     ``into``: buffers to read some tensors into (see ``read_shard``)."""
     quantized = set(manifest["quantization"].get("quantized_modules", []))
+    tables = set(table_modules(manifest))
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    held: dict[str, torch.Tensor] = {}  # an 8-bit table's codes or absmax until its other half comes
     for rel in sorted({info["file"] for info in manifest["tensors"].values()}):
         for key, tensor in read_shard(path / rel, manifest, rel, into=into):
             owner = _quantized_owner(key, quantized)
             if owner is not None:
                 groups.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
+            elif key.rpartition(".")[0] in tables:
+                module = key.rpartition(".")[0]
+                held[key] = tensor
+                if module + ".weight" in held and module + ".SCB" in held:
+                    _set_plain_tensor(model, module + ".weight", dequantized_tables(held, [module])[module + ".weight"])
+                    del held[module + ".weight"], held[module + ".SCB"]
             else:
                 _set_plain_tensor(model, key, tensor)
+    if held:
+        raise BundleIntegrityError(
+            f"8-bit table tensor {sorted(held)[0]!r} has no codes / absmax beside it",
+            hint="the bundle is damaged or was crafted; pull or pack it again",
+        )
     for name, tensors in groups.items():
         _attach_quantized(model.get_submodule(name), name, tensors)
+
+
+def table_modules(manifest: dict) -> list[str]:
+    """The modules the bundle stores as 8-bit tables (quantization.tables; none in bundles
+    packed before it existed)."""
+    return list((manifest["quantization"].get("tables") or {}).get("modules", []))
+
+
+def dequantized_tables(tensors: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each 8-bit table of ``modules`` (``M.weight`` int8 [rows, cols] and
+    ``M.SCB`` float32 [rows]) replaced by its float32 value, weight * SCB / 127."""
+    out = dict(tensors)
+    for module in modules:
+        codes, absmax = out.get(module + ".weight"), out.get(module + ".SCB")
+        if codes is None or absmax is None:
+            raise BundleIntegrityError(f"8-bit table {module!r} lacks its weight or SCB tensor",
+                                       hint="the bundle is damaged or was crafted; pull or pack it again")
+        if codes.dtype != torch.int8 or absmax.dtype != torch.float32 or codes.dim() != 2 or list(absmax.shape) != [codes.shape[0]]:
+            raise BundleIntegrityError(
+                f"8-bit table {module!r} is {codes.dtype} {list(codes.shape)} with SCB {absmax.dtype} {list(absmax.shape)}; "
+                "int8 [rows, cols] with float32 [rows] was expected",
+                hint="the bundle is damaged or was crafted; pull or pack it again",
+            )
+        del out[module + ".SCB"]
+        out[module + ".weight"] = codes.float() * (absmax[:, None] / 127.0)
+    return out
 
 
 def _attach_quantized(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -139,7 +139,7 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
     s.scratch = scratch_floats, s.scores = scratch_floats + s.off[S_PARTS] * B, s.scores_len = longest;
     for (int b = 0; b < B; b++) {
         float *x = part(&s, b, S_X), *rope = part(&s, b, S_ROPE);
-        for (int i = 0; i < H; i++) x[i] = load_value(m->embed_type, m->embed, (size_t)seqs[b].token * H + i);
+        embed_row(m, seqs[b].token, x);
         rope_tables(theta, D, seqs[b].pos, rope, rope + D);
     }
     for (int l = 0; l < m->n_layers; l++) {

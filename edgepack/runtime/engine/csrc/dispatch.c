@@ -1,5 +1,7 @@
 /* The kernel table in use: the best this CPU runs, found at import; set_isa picks a lesser
  * one (tests compare every instruction set against the others on the same machine). */
+#include <stdlib.h>
+
 #include "engine.h"
 
 #if EP_ARM && defined(__linux__)
@@ -25,6 +27,7 @@ enum { N_TABLES = sizeof tables / sizeof tables[0] };
 
 static int best = N_TABLES - 1; /* index into tables */
 const Kernels *kernels = &kernels_generic;
+int act_bits = 32;
 
 void detect_isa(void) {
 #if EP_X86
@@ -41,6 +44,8 @@ void detect_isa(void) {
     best = 1; /* no getauxval: NEON, which every aarch64 CPU has */
 #endif
     kernels = tables[best];
+    const char *bits = getenv("EDGEPACK_ACTIVATION_BITS");
+    if (bits && !strcmp(bits, "8")) act_bits = 8;
 }
 
 const char *current_isa(void) { return kernels->name; }

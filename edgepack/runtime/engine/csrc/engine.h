@@ -73,6 +73,7 @@ typedef struct {
     float eps;
     int embed_type;
     const void *embed;
+    const float *embed_rows; /* W_INT8 tables only: each row's scale (absmax / 127) */
     const float *norm;
     Mat head;
     Layer *layers;
@@ -189,6 +190,21 @@ static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_P
     for (size_t b = 0; EP_PF && b < bytes; b += 64) __builtin_prefetch((const char *)row + b + EP_PF);
 }
 
+/* token's row of the embedding table as float32 (times the family's embed_scale) */
+static inline void embed_row(const Model *m, int token, float *x) {
+    const int H = m->hidden;
+    const size_t at = (size_t)token * H;
+    if (m->embed_type == W_INT8) {
+        const int8_t *row = (const int8_t *)m->embed + at;
+        const float s = m->embed_rows[token] * m->embed_scale;
+        for (int i = 0; i < H; i++) x[i] = (float)row[i] * s;
+        return;
+    }
+    for (int i = 0; i < H; i++) x[i] = load_value(m->embed_type, m->embed, at + i);
+    if (m->embed_scale != 1.f)
+        for (int i = 0; i < H; i++) x[i] *= m->embed_scale;
+}
+
 static inline void rms_norm(const float *x, const float *w, float *y, int n, float eps) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -220,6 +236,8 @@ typedef void (*silu_fn)(const float *gate, const float *up, float *out, int n);
 /* a GEMM register tile (kernels.h, EP_GEMM_TILE) */
 typedef void (*tile_fn)(const float *w, int K, const float *xt, int ldx, float *raw);
 typedef void (*halve_fn)(const uint16_t *s, uint16_t *d, size_t n); /* bfloat16 -> float16 */
+/* int8 rows against the input rounded to int8 per block of 32 (prep_q8): raw dot products */
+typedef void (*q8_fn)(const Mat *m, const void *prep, int r0, int r1, float *y);
 
 typedef struct {
     int lanes, max_tv, n_rb, rb[3];
@@ -234,6 +252,7 @@ typedef struct {
     silu_fn silu;
     const Tiles *tiles;
     halve_fn bf16_to_f16;
+    q8_fn int8_q8; /* NULL: this set has none, int8 rows take gemv[W_INT8] */
 } Kernels;
 
 extern const Kernels kernels_generic;
@@ -241,6 +260,7 @@ extern const Kernels kernels_generic;
 extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
 void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
+void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
@@ -249,6 +269,12 @@ void gemv_int8_dotprod(const void *W, const float *x, int K, int r0, int r1, flo
 void int4_rows_dotprod(const Mat *m, const float *prep, int r0, int r1, float *y);
 #endif
 extern const Kernels *kernels; /* the table in use */
+/* Activations into int8 matrix-vector products of a decode step: 32 (float32, the default:
+ * logits within 1e-4 of float64's) or 8 (rounded to int8 per block of 32 inputs, as
+ * llama.cpp's Q8_0 does: about half the instructions per weight on AVX2, where converting
+ * each int8 weight to float32 bounds the float kernel). EDGEPACK_ACTIVATION_BITS=8 at import.
+ * One sequence's decode steps only (step.c): prompts and batched steps keep float32. */
+extern int act_bits;
 void detect_isa(void);
 const char *current_isa(void);
 int set_isa(const char *name); /* 0, or -1 when this CPU lacks it */
@@ -293,11 +319,19 @@ typedef struct {
 
 enum { P_SERIAL, P_QKV, P_ATTN, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_PARTS };
 extern const char *PART_NAMES[P_PARTS];
+/* what the pool counts while profiling (pool.c): parallel() calls, futex wakes the caller
+ * issued to sleeping workers, the caller's sleeps waiting for them, and the caller's
+ * seconds from finishing its own share to the last worker finishing (imbalance + hand-off) */
+enum { S_CALLS, S_WAKES, S_CALLER_SLEEPS, S_COUNTS };
+extern const char *SYNC_NAMES[S_COUNTS];
+extern long sync_counts[S_COUNTS];
+extern double sync_wait_seconds;
 extern int profiling;
 extern double part_seconds[P_PARTS];
 extern long profiled_steps;
 
 void prep_int4(const Mat *m, const float *x, float *prep);
+int prep_q8(const Mat *m, const float *x, void *prep); /* 1 if the q8 kernel runs this matrix */
 void task_mat(void *ctx, int tid, int nth);
 void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, int add, int nth);
 int grow_scores(Model *m, int max_tokens);

@@ -54,7 +54,8 @@ static void free_model(Model *m) {
 
 static void capsule_free(PyObject *cap) { free_model((Model *)PyCapsule_GetPointer(cap, CAPSULE)); }
 
-/* new(dims, eps, (embed_type, embed), norm, head, layers[, features])
+/* new(dims, eps, (embed_type, embed[, embed_rows]), norm, head, layers[, features])
+ *   embed_rows: an int8 table's float32 scale of each row (required for INT8, else None)
  *   dims = (hidden, heads, kv_heads, head_dim, inter, vocab)
  *   head / a layer's matrices = (type, rows, cols, weight, scale or None, bias or None)
  *   layers = [(in_norm, post_norm, qkv, o, gate_up, down[, q_norm, k_norm, attn_out_norm,
@@ -119,12 +120,13 @@ static int parse_layer_features(PyObject *t, Model *m, Layer *L, int i) {
 static PyObject *py_new(PyObject *self, PyObject *args) {
     int hidden, heads, kv_heads, head_dim, inter, vocab, embed_type;
     float eps;
-    PyObject *embed, *norm, *head, *layers, *features = NULL;
-    if (!PyArg_ParseTuple(args, "(iiiiii)f(iO)OOO|O", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
-                          &embed_type, &embed, &norm, &head, &layers, &features))
+    PyObject *table, *embed, *embed_rows = Py_None, *norm, *head, *layers, *features = NULL;
+    if (!PyArg_ParseTuple(args, "(iiiiii)fO!OOO|O", &hidden, &heads, &kv_heads, &head_dim, &inter, &vocab, &eps,
+                          &PyTuple_Type, &table, &norm, &head, &layers, &features) ||
+        !PyArg_ParseTuple(table, "iO|O", &embed_type, &embed, &embed_rows))
         return NULL;
     if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim % 2 || inter <= 0 ||
-        vocab <= 0 || embed_type < W_INT8 + 1 || embed_type > W_F32) {
+        vocab <= 0 || embed_type < W_INT8 || embed_type > W_F32 || (embed_type == W_INT8) != (embed_rows != Py_None)) {
         PyErr_SetString(PyExc_ValueError, "bad model dimensions");
         return NULL;
     }
@@ -135,7 +137,7 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
     m->hidden = hidden, m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->inter = inter;
     m->vocab = vocab, m->eps = eps, m->embed_type = embed_type;
     m->n_layers = (int)PySequence_Fast_GET_SIZE(seq);
-    m->embed = as_ptr(embed), m->norm = as_ptr(norm);
+    m->embed = as_ptr(embed), m->norm = as_ptr(norm), m->embed_rows = as_ptr(embed_rows);
     if (PyErr_Occurred() || parse_mat(head, &m->head)) goto fail;
     m->layers = calloc(m->n_layers ? m->n_layers : 1, sizeof(Layer));
     const int qkv = (heads + 2 * kv_heads) * head_dim;
@@ -444,10 +446,13 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         return NULL;
     }
     float *prep = NULL;
-    if (mat.type == W_INT4) {
+    if (mat.type == W_INT4 || mat.type == W_INT8) {
         prep = malloc(((size_t)mat.cols + mat.cols / 32 + 1) * sizeof(float));
         if (!prep) return PyErr_NoMemory();
-        prep_int4(&mat, xp, prep);
+        if (mat.type == W_INT4)
+            prep_int4(&mat, xp, prep);
+        else if (!prep_q8(&mat, xp, prep))
+            free(prep), prep = NULL;
     }
     Job j = {.mat = &mat, .in = xp, .prep = prep, .out = yp, .add = 0};
     parallel_without_gil(task_mat, &j, mat.rows, threads);
@@ -523,10 +528,31 @@ static PyObject *py_profile(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_DECREF(steps);
+    /* the pool's counts ride along as {"sync": {name: count, ..., "wait seconds": s}} */
+    PyObject *sync = PyDict_New();
+    int bad = !sync;
+    for (int i = 0; !bad && i < S_COUNTS; i++) {
+        PyObject *v = PyLong_FromLong(sync_counts[i]);
+        bad = !v || PyDict_SetItemString(sync, SYNC_NAMES[i], v);
+        Py_XDECREF(v);
+    }
+    if (!bad) {
+        PyObject *v = PyFloat_FromDouble(sync_wait_seconds);
+        bad = !v || PyDict_SetItemString(sync, "wait seconds", v);
+        Py_XDECREF(v);
+    }
+    if (bad || PyDict_SetItemString(out, "sync", sync)) {
+        Py_XDECREF(sync);
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(sync);
     if (on != Py_None) {
         pthread_mutex_lock(&step_lock);
         profiling = PyObject_IsTrue(on);
         memset(part_seconds, 0, sizeof part_seconds);
+        memset(sync_counts, 0, sizeof sync_counts);
+        sync_wait_seconds = 0.0;
         profiled_steps = 0;
         pthread_mutex_unlock(&step_lock);
     }
@@ -543,6 +569,24 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
         return NULL;
     }
     return PyUnicode_FromString(previous);
+}
+
+/* activation_bits(bits=None): 32 or 8, the activations into int8 matrix-vector products of
+ * decode steps from now on (engine.h, act_bits); returns the previous */
+static PyObject *py_activation_bits(PyObject *self, PyObject *args) {
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, "|i", &bits)) return NULL;
+    const int previous = act_bits;
+    if (bits && bits != 8 && bits != 32) {
+        PyErr_Format(PyExc_ValueError, "activation bits %d: 32 (float32) or 8 (int8 per block of 32) expected", bits);
+        return NULL;
+    }
+    if (bits) {
+        pthread_mutex_lock(&step_lock);
+        act_bits = bits;
+        pthread_mutex_unlock(&step_lock);
+    }
+    return PyLong_FromLong(previous);
 }
 
 /* threads_in_use(): the thread count adaptive decode steps run on now (0 before the first) */
@@ -563,6 +607,7 @@ static PyMethodDef methods[] = {
     {"argmax", py_argmax, METH_VARARGS, "Index of the largest float32 value."},
     {"profile", py_profile, METH_VARARGS, "Seconds per part of the step: profile(True) starts, profile() reads."},
     {"set_isa", py_set_isa, METH_VARARGS, "Kernels to use ('generic', 'avx2', 'avx512'); returns the previous."},
+    {"activation_bits", py_activation_bits, METH_VARARGS, "Activations into int8 products: 32 or 8; returns the previous."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -149,9 +149,14 @@ int ensure_workers(int n) {
     return pool.workers + 1;
 }
 
+const char *SYNC_NAMES[S_COUNTS] = {"parallel calls", "worker wake-ups (futex)", "caller sleeps (futex)"};
+long sync_counts[S_COUNTS];
+double sync_wait_seconds;
+
 /* fn(ctx, tid, nth) on nth threads, the caller being tid 0; returns when all are done */
 void parallel(task_fn fn, void *ctx, int nth) {
     if (nth > pool.workers + 1) nth = pool.workers + 1;
+    sync_counts[S_CALLS] += profiling != 0;
     if (nth <= 1) {
         fn(ctx, 0, 1);
         return;
@@ -163,16 +168,22 @@ void parallel(task_fn fn, void *ctx, int nth) {
     pool.gen++;
     for (int t = 1; t < nth; t++) { /* seq_cst stores: publish fn/ctx/active first */
         atomic_store(&pool.slot[t].go, pool.gen);
-        if (atomic_load(&pool.slot[t].sleeping)) wake(&pool.slot[t].go);
+        if (atomic_load(&pool.slot[t].sleeping)) {
+            wake(&pool.slot[t].go);
+            sync_counts[S_WAKES] += profiling != 0;
+        }
     }
     fn(ctx, 0, nth);
+    const double own_done = profiling ? now_s() : 0.0;
     int left = atomic_load_explicit(&pool.pending, memory_order_acquire);
     if (left > 0 && !spin_while(&pool.pending, left)) {
+        sync_counts[S_CALLER_SLEEPS] += profiling != 0;
         atomic_store(&pool.caller_sleeping, 1);
         while ((left = atomic_load(&pool.pending)) > 0) sleep_on(&pool.pending, left);
         atomic_store(&pool.caller_sleeping, 0);
     }
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+    if (profiling) sync_wait_seconds += now_s() - own_done;
 }
 
 /* ------------------------------------------------------------------ rows shared out */

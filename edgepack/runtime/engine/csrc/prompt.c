@@ -242,10 +242,7 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
     const float *set = m->n_ropes ? rope_set(m, pos + T - 1) : NULL; /* one set for the whole call */
     for (int c0 = 0; c0 < T; c0 += CHUNK) {
         const int n = T - c0 < CHUNK ? T - c0 : CHUNK, p0 = pos + c0;
-        for (int t = 0; t < n; t++)
-            for (int i = 0; i < H; i++) s->x[(size_t)t * H + i] = load_value(m->embed_type, m->embed, (size_t)tokens[c0 + t] * H + i);
-        if (m->embed_scale != 1.f)
-            for (size_t i = 0; i < (size_t)n * H; i++) s->x[i] *= m->embed_scale;
+        for (int t = 0; t < n; t++) embed_row(m, tokens[c0 + t], s->x + (size_t)t * H);
         for (int t = 0; t < n; t++) {
             float *cos = s->rope + (size_t)t * D, *sin = cos + (size_t)CHUNK * D;
             if (!m->n_ropes) rope_tables(theta, D, p0 + t, cos, sin);

@@ -17,12 +17,33 @@ void prep_int4(const Mat *m, const float *x, float *prep) {
     }
 }
 
+/* the input of an int8 matrix-vector product rounded to int8 per block of 32 (act_bits 8):
+ * K codes, then K / 32 float32 scales (max |x| / 127 of each block); 0 (nothing written)
+ * where the float kernel runs it: act_bits 32, no q8 kernel, K not a multiple of 32 */
+int prep_q8(const Mat *m, const float *x, void *prep) {
+    const int K = m->cols;
+    if (act_bits != 8 || m->type != W_INT8 || !kernels->int8_q8 || K % 32) return 0;
+    int8_t *q = prep;
+    float *d = (float *)(q + K);
+    for (int b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        d[b] = amax / 127.f;
+        for (int i = 0; i < 32; i++) q[32 * b + i] = (int8_t)lrintf(xb[i] * inv);
+    }
+    return 1;
+}
+
 /* y[r] for r in [r0, r1): the dot products, then the row's scale and bias (int4: `prep`,
- * the input as prep_int4 made it) */
+ * the input as prep_int4 made it; int8 with a `prep`: prep_q8's) */
 static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, int r0, int r1) {
     if (r1 <= r0) return;
     if (m->type == W_INT4)
         kernels->int4(m, prep, r0, r1, y);
+    else if (m->type == W_INT8 && prep)
+        kernels->int8_q8(m, prep, r0, r1, y);
     else
         kernels->gemv[m->type](m->w, x, m->cols, r0, r1, y);
     if (m->scale)
@@ -102,6 +123,8 @@ void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, 
     if (mat->type == W_INT4) {
         prep_int4(mat, in, j->m->prep);
         j->prep = j->m->prep;
+    } else if (prep_q8(mat, in, j->m->prep)) {
+        j->prep = j->m->prep;
     }
     parallel_rows(task, j, task == task_mat ? mat->rows : j->m->inter, 4, nth);
 }
@@ -120,9 +143,7 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
               const float *sin, float *logits, int nth) {
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
     double t = profiling ? now() : 0.0;
-    for (int i = 0; i < H; i++) m->x[i] = load_value(m->embed_type, m->embed, (size_t)token * H + i);
-    if (m->embed_scale != 1.f)
-        for (int i = 0; i < H; i++) m->x[i] *= m->embed_scale;
+    embed_row(m, token, m->x);
     if (m->n_ropes) model_rope(m, pos, pos, m->rope, m->rope + D);
     Job j = {.m = m, .kc = kc, .vc = vc, .max_tokens = max_tokens};
     for (int l = 0; l < m->n_layers; l++) {

@@ -84,5 +84,6 @@ static const Tiles tiles = {16, 3, 3, {8, 4, 1}, {{NULL, tile_8_1, tile_8_2, til
 
 const Kernels kernels_avx512 = {
     "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
+    int8_q8_avx2,
 };
 #endif

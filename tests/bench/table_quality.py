@@ -1,0 +1,89 @@
+"""What 8-bit tables (``edgepack pack --table-bits 8``) cost in quality on the default model.
+
+    .venv/bin/python tests/bench/table_quality.py [--formats 8,4-int4] [--work DIR] [--activation-bits 8]
+
+Packs SmolLM2-135M-Instruct per format with 16-bit and with 8-bit tables (the tied
+embedding table / output layer), then scores each bundle as cpu_bench does: held-out
+perplexity, mean KL and top-1 agreement against the float32 source on cpu_bench's quality
+text (~4k tokens), one token a step through edgepack's CPU engine. Prints one row per
+bundle, and per format the perplexity delta the 8-bit tables add with its standard error
+(paired per-token differences between the two bundles: the same tokens). --activation-bits 8
+also scores each 8-bit bundle with the engine's int8 activations (EDGEPACK_ACTIVATION_BITS=8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import cpu_bench  # noqa: E402
+import gguf_variants  # noqa: E402
+import peer_llamacpp as peer  # noqa: E402
+
+FORMATS = {"8": {"bits": 8}, "4-int4": {"bits": 4, "quant_type": "int4"}, "16": {"bits": 16}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default="8,4-int4", help=f"comma-separated, of {', '.join(FORMATS)}")
+    parser.add_argument("--work", default=None, help="folder for the bundles (default: a new temporary one)")
+    parser.add_argument("--rtn", action="store_true",
+                        help="8-bit: pack without smoothing and GPTQ (round to nearest: minutes less on a busy box)")
+    parser.add_argument("--activation-bits", type=int, choices=(8, 32), default=32,
+                        help="8: also score the 8-bit bundles with int8 activations")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from edgepack.export.pack import pack
+    from edgepack.export.sources import resolve_source
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgepack-table-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bundles = {}
+    for fmt in args.formats.split(","):
+        for table_bits in (16, 8):
+            out = work / f"bundle-{fmt}{'-rtn' if args.rtn and fmt == '8' else ''}-t{table_bits}"
+            if not (out / "edgepack.json").exists():
+                rtn = {"smoothing": False, "gptq": False} if args.rtn and fmt == "8" else {}
+                pack("smollm2-135m", out, force=True, table_bits=table_bits, **FORMATS[fmt], **rtn)
+            bundles[f"{fmt} t{table_bits}"] = out
+    src = resolve_source("smollm2-135m")
+    tokens = np.array(cpu_bench.quality_ids(AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)))
+    ref = peer.reference_logprobs(gguf_variants.default_src_gguf(), tokens)
+    np.save(work / "tokens.npy", tokens)
+    ref_ppl = peer.perplexity(ref, tokens)
+    print(f"SmolLM2-135M-Instruct, {len(tokens)} tokens of cpu_bench's quality text; source perplexity {ref_ppl:.4f}")
+    print(f"{'bundle':<14}{'MB':>8}{'ppl':>9}{'vs source':>11}{'KL':>10}{'top1':>8}")
+    lps = {}
+    runs = [(name, path, "32") for name, path in bundles.items()]
+    if args.activation_bits == 8:
+        runs += [(name + " a8", path, "8") for name, path in bundles.items() if name.startswith("8 ")]
+    for name, path, act_bits in runs:
+        os.environ["EDGEPACK_ACTIVATION_BITS"] = act_bits  # the worker's engine reads it at import
+        out = cpu_bench.spawn("quality", str(path), str(work / "tokens.npy"), str(work / f"lp-{name.replace(' ', '-')}.npy"))
+        lps[name] = lp = np.load(out["logprobs"])
+        q = peer.compare_logprobs(ref, lp)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+        ppl = peer.perplexity(lp, tokens)
+        print(f"{name:<14}{size:>8.1f}{ppl:>9.4f}{100 * (ppl / ref_ppl - 1):>+10.2f}%{q['kl_mean']:>10.5f}{q['top1_agree']:>8.4f}")
+    pos = np.arange(len(tokens) - 1)
+    for fmt in args.formats.split(","):
+        wide, narrow = lps[f"{fmt} t16"], lps[f"{fmt} t8"]
+        diff = wide[pos, tokens[1:]].astype(np.float64) - narrow[pos, tokens[1:]]
+        print(f"{fmt}: 8-bit tables change perplexity by {100 * (np.exp(diff.mean()) - 1):+.3f}% "
+              f"(standard error {100 * diff.std(ddof=1) / np.sqrt(len(diff)):.3f}%)")
+    for name in [n for n in lps if n.endswith(" a8")]:
+        diff = lps[name[:-3]][pos, tokens[1:]].astype(np.float64) - lps[name][pos, tokens[1:]]
+        print(f"{name[:-3]}: int8 activations change perplexity by {100 * (np.exp(diff.mean()) - 1):+.3f}% "
+              f"(standard error {100 * diff.std(ddof=1) / np.sqrt(len(diff)):.3f}%)")
+
+
+if __name__ == "__main__":
+    main()
