@@ -6,9 +6,11 @@
  * Each sequence has its own token, position and KV cache; norms, rotary, attention and
  * SiLU are run_step's, sequence by sequence.
  *
- * The kernels are the step's (the dispatch table's gemv / int4), applied per row as in
- * run_step, so every sequence's logits are bitwise those of run_step: greedy decoding gives
- * the same tokens batched or alone. */
+ * The kernels are the step's (the dispatch table's gemv / int4) or, where the set has them,
+ * their batched twins (gemv_batch: each weight converted once for all sequences, which is
+ * what bounds a batched step once the block sits in cache), applied per row as in run_step,
+ * so every sequence's logits are bitwise those of run_step: greedy decoding gives the same
+ * tokens batched or alone. */
 #include <stdlib.h>
 
 #include "engine.h"
@@ -30,6 +32,8 @@ typedef struct {
     float *scratch, *scores;
     size_t off[S_PARTS + 1]; /* where each part starts in a sequence's scratch; its size last */
     int in, out, add;        /* parts: the input, the output (S_LOGITS: each sequence's logits) */
+    const float **xs;        /* each sequence's input and kernel output (its S_TMP with add) */
+    float **ts;
 } Steps;
 
 static void offsets(const Model *m, size_t *at) {
@@ -54,13 +58,15 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
                              : (size_t)mt->cols * (mt->type == W_INT8 ? 1 : mt->type == W_F32 ? 4 : 2);
     int rows = (int)(EP_BLOCK_BYTES / row_bytes) & ~3;
     rows = rows < 4 ? 4 : rows;
+    const gemv_batch_fn together = mt->type == W_INT4 ? NULL : kernels->gemv_batch[mt->type];
     for (int rb = r0; rb < r1; rb += rows) {
         const int re = rb + rows < r1 ? rb + rows : r1;
+        if (together) together(mt->w, s->xs, s->B, mt->cols, rb, re, s->ts);
         for (int b = 0; b < s->B; b++) {
             float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
             if (mt->type == W_INT4)
                 kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
-            else
+            else if (!together)
                 kernels->gemv[mt->type](mt->w, part(s, b, in), mt->cols, rb, re, t);
             if (mt->scale)
                 for (int r = rb; r < re; r++) t[r] *= mt->scale[r];
@@ -111,6 +117,7 @@ static void task_attn_seqs(void *ctx, int tid, int nth) { /* (sequence, head) pa
 
 static void rows(Steps *s, task_fn task, const Mat *mat, int in, int out, int add, int nth) {
     s->mat = mat, s->in = in, s->out = out, s->add = add;
+    for (int b = 0; b < s->B; b++) s->xs[b] = part(s, b, in), s->ts[b] = add ? part(s, b, S_TMP) : part(s, b, out);
     if (mat->type == W_INT4)
         for (int b = 0; b < s->B; b++) prep_int4(mat, part(s, b, in), part(s, b, S_PREP));
     parallel(task, s, nth);
@@ -135,7 +142,12 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
     offsets(m, s.off);
     int longest = 1;
     for (int b = 0; b < B; b++) longest = seqs[b].max_tokens > longest ? seqs[b].max_tokens : longest;
-    if (!grow(s.off[S_PARTS] * B + (size_t)nth * longest)) return -1;
+    const float **xs = malloc(2 * (size_t)B * sizeof(float *));
+    if (!xs || !grow(s.off[S_PARTS] * B + (size_t)nth * longest)) {
+        free(xs);
+        return -1;
+    }
+    s.xs = xs, s.ts = (float **)(xs + B);
     s.scratch = scratch_floats, s.scores = scratch_floats + s.off[S_PARTS] * B, s.scores_len = longest;
     for (int b = 0; b < B; b++) {
         float *x = part(&s, b, S_X), *rope = part(&s, b, S_ROPE);
@@ -167,5 +179,6 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
     }
     for (int b = 0; b < B; b++) rms_norm(part(&s, b, S_X), m->norm, part(&s, b, S_H), H, m->eps);
     rows(&s, task_rows, &m->head, S_H, S_LOGITS, 0, nth);
+    free(xs);
     return 0;
 }

@@ -226,6 +226,8 @@ static inline void rotate(float *v, const float *cos, const float *sin, int D) {
 
 /* y[r] = sum_k W[r, k] x[k] for r in [r0, r1): raw dot products, scales and biases applied by the caller */
 typedef void (*gemv_fn)(const void *W, const float *x, int K, int r0, int r1, float *y);
+/* gemv_fn for B sequences: y[b][r] for inputs x[b] (kernels.h, EP_SIMD_ROWS_BATCH) */
+typedef void (*gemv_batch_fn)(const void *W, const float *const *x, int B, int K, int r0, int r1, float *const *y);
 /* the same for int4 rows, over the input as prep_int4 made it */
 typedef void (*int4_fn)(const Mat *m, const float *prep, int r0, int r1, float *y);
 /* one query head over positions [0, n) of its bfloat16 key/value head ([n, D]) */
@@ -253,6 +255,7 @@ typedef struct {
     const Tiles *tiles;
     halve_fn bf16_to_f16;
     q8_fn int8_q8; /* NULL: this set has none, int8 rows take gemv[W_INT8] */
+    gemv_batch_fn gemv_batch[4]; /* by weight type, bitwise gemv's; NULL: batch.c calls gemv per sequence */
 } Kernels;
 
 extern const Kernels kernels_generic;

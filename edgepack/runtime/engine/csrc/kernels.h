@@ -52,6 +52,63 @@
         }                                                                                     \
     }
 
+/* The matrix-vector product for several sequences at once (batch.c): each weight register is
+ * loaded and converted once and multiplied into every sequence's accumulator, two rows and up
+ * to four sequences a pass (8 accumulators, 2 weights and 1 input of AVX2's 16 registers).
+ * Per row and sequence the sum runs as EP_SIMD_ROWS's does (one accumulator over k from zero,
+ * the same horizontal sum, the same scalar tail), so every result is bitwise the one-sequence
+ * kernel's: greedy decoding gives the same tokens batched or alone. */
+#define EP_SIMD_ROWS_BATCH(NAME, ATTR, T, VEC, LANES, ZERO, LOADX, LOADW, FMA, HSUM)              \
+    ATTR static inline __attribute__((always_inline)) void NAME##_nb(                               \
+        const void *W, const float *const *x, int K, int r0, int r1, float *const *y, const int NB) { \
+        const int kv = K & ~(LANES - 1);                                                           \
+        int r = r0;                                                                                \
+        for (; r + 2 <= r1; r += 2) {                                                              \
+            const size_t o0 = (size_t)r * K, o1 = o0 + K;                                          \
+            VEC a0[4], a1[4];                                                                      \
+            for (int b = 0; b < NB; b++) a0[b] = ZERO(), a1[b] = ZERO();                           \
+            for (int k = 0; k < kv; k += LANES) {                                                  \
+                EP_PREFETCH(T, W, o0 + k); EP_PREFETCH(T, W, o1 + k);                              \
+                const VEC w0 = LOADW(W, o0 + k), w1 = LOADW(W, o1 + k);                            \
+                for (int b = 0; b < NB; b++) {                                                     \
+                    const VEC xv = LOADX(x[b] + k);                                                \
+                    a0[b] = FMA(w0, xv, a0[b]);                                                    \
+                    a1[b] = FMA(w1, xv, a1[b]);                                                    \
+                }                                                                                  \
+            }                                                                                      \
+            for (int b = 0; b < NB; b++) {                                                         \
+                float s0 = HSUM(a0[b]), s1 = HSUM(a1[b]);                                          \
+                for (int k = kv; k < K; k++) s0 += load_value(TYPE_##T, W, o0 + k) * x[b][k];      \
+                for (int k = kv; k < K; k++) s1 += load_value(TYPE_##T, W, o1 + k) * x[b][k];      \
+                y[b][r] = s0, y[b][r + 1] = s1;                                                    \
+            }                                                                                      \
+        }                                                                                          \
+        for (; r < r1; r++) {                                                                      \
+            const size_t o = (size_t)r * K;                                                        \
+            VEC a[4];                                                                              \
+            for (int b = 0; b < NB; b++) a[b] = ZERO();                                            \
+            for (int k = 0; k < kv; k += LANES) {                                                  \
+                const VEC w = LOADW(W, o + k);                                                     \
+                for (int b = 0; b < NB; b++) a[b] = FMA(w, LOADX(x[b] + k), a[b]);                 \
+            }                                                                                      \
+            for (int b = 0; b < NB; b++) {                                                         \
+                float s = HSUM(a[b]);                                                              \
+                for (int k = kv; k < K; k++) s += load_value(TYPE_##T, W, o + k) * x[b][k];        \
+                y[b][r] = s;                                                                       \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    ATTR static void NAME(const void *W, const float *const *x, int B, int K, int r0, int r1, float *const *y) { \
+        for (int b = 0; b < B; b += 4) {                                                           \
+            switch (B - b < 4 ? B - b : 4) {                                                       \
+            case 4: NAME##_nb(W, x + b, K, r0, r1, y + b, 4); break;                               \
+            case 3: NAME##_nb(W, x + b, K, r0, r1, y + b, 3); break;                               \
+            case 2: NAME##_nb(W, x + b, K, r0, r1, y + b, 2); break;                               \
+            default: NAME##_nb(W, x + b, K, r0, r1, y + b, 1); break;                              \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
 /* int4 (edgepack's CPU format): codes [rows, cols / 2], column 2j in the low nibble of byte j
  * and 2j+1 in the high one; W[r, k] = (q - 8) s + z with (s, z) shared by `group` inputs. So
  * y[r] = sum_g s_g (sum_{k in g} q_k x_k) + (z_g - 8 s_g) xsum_g, on an input prepared once

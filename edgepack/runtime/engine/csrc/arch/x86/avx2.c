@@ -29,6 +29,12 @@ EP_AVX2_ROWS(int8)
 EP_AVX2_ROWS(f16)
 EP_AVX2_ROWS(bf16)
 EP_AVX2_ROWS(f32)
+#define EP_AVX2_BATCH(T) EP_SIMD_ROWS_BATCH(gemv_batch_##T, T256, T, __m256, 8, _mm256_setzero_ps, \
+                                            _mm256_loadu_ps, ld256_##T, _mm256_fmadd_ps, hsum256)
+EP_AVX2_BATCH(int8)
+EP_AVX2_BATCH(f16)
+EP_AVX2_BATCH(bf16)
+EP_AVX2_BATCH(f32)
 
 T256 static void int4_rows(const Mat *m, const float *prep, int r0, int r1, float *y) { int4_rows_body(m, prep, r0, r1, y); }
 
@@ -168,5 +174,6 @@ T256 void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y)
 const Kernels kernels_avx2 = {
     "avx2", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
     int8_q8_avx2,
+    {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
 };
 #endif

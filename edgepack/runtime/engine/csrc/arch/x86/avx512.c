@@ -24,6 +24,12 @@ EP_AVX512_ROWS(int8)
 EP_AVX512_ROWS(f16)
 EP_AVX512_ROWS(bf16)
 EP_AVX512_ROWS(f32)
+#define EP_AVX512_BATCH(T) EP_SIMD_ROWS_BATCH(gemv_batch_##T, T512, T, __m512, 16, _mm512_setzero_ps, \
+                                              _mm512_loadu_ps, ld512_##T, _mm512_fmadd_ps, hsum512)
+EP_AVX512_BATCH(int8)
+EP_AVX512_BATCH(f16)
+EP_AVX512_BATCH(bf16)
+EP_AVX512_BATCH(f32)
 
 /* int4 rows (kernels.h explains the sum): 16 groups' (scale, zero) pairs converted at once;
  * each group's 32 codes per 16 bytes: one widening (the only shuffle), then low and high
@@ -85,5 +91,6 @@ static const Tiles tiles = {16, 3, 3, {8, 4, 1}, {{NULL, tile_8_1, tile_8_2, til
 const Kernels kernels_avx512 = {
     "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
     int8_q8_avx2,
+    {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
 };
 #endif
