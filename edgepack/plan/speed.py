@@ -27,23 +27,21 @@ from edgepack.plan.sizing import Quant, block_weight_bytes
 
 # --- the engine's efficiency: measured decode speed / (bandwidth / bytes per token) ---------
 #
-# edgepack's C engine (native runtime), measured by tests/bench/decode_bench.py on this
-# project's 2-vCPU AMD EPYC (Zen 1, AVX2) box, 8-bit bundles, greedy, engine as shipped,
-# against tests/bench/membw.py's read bandwidth (all threads, on-CPU time): 37% of the bound
-# for SmolLM2-135M (134.5M parameters, 163.5 MB read a token) and 48% for a
-# Llama-3.2-1B-shaped model (1.236B parameters, 1.50 GB). A small step loses more to what
-# does not scale with its bytes (waking the threads, the attention, norms and sampling, the
-# call from Python), so efficiency grows with the model: interpolated in log(parameters)
-# between the two points, held flat outside them.
-#
-# Profiles carry what `edgepack profile`'s probe reads (numpy sums), which on the same box
-# reads 1.13x membw.py's C loop (six alternating pairs, 2026-12-07: 0.97-1.22x), so the
-# shares are divided by that to apply to the probe's figure.
-PROBE_OVER_MEMBW = 1.13
-NATIVE_EFFICIENCY_POINTS = ((134_515_008, 0.37 / PROBE_OVER_MEMBW), (1_235_814_400, 0.48 / PROBE_OVER_MEMBW))
-NATIVE_EFFICIENCY_SOURCE = ("tests/bench/decode_bench.py on a 2-vCPU Zen 1 EPYC, 8-bit: 37% of membw.py's bound "
-                            "at 135M parameters, 48% at 1.2B, interpolated in log(parameters), / 1.13 for the "
-                            "probe's reading")
+# edgepack's C engine (native runtime) on this project's 2-vCPU AMD EPYC (Zen 1, AVX2) box,
+# quiet, 2026-12-07, against the read bandwidth `edgepack profile`'s probe measured there
+# minutes before (26.0 GB/s, the figure profiles carry), 8-bit bundles, greedy, engine as
+# shipped: SmolLM2-135M (134.5M parameters, 163.5 MB read a token) decoded 73.1 tokens/s
+# (tests/bench/plan_accuracy.py --speed), 46% of the bound; a Llama-3.2-1B-shaped model
+# (1.236B parameters, 1.50 GB) 8.6 tokens/s (`edgepack run --stats`), 50%. A small step
+# loses more to what does not scale with its bytes (waking the threads, the attention, norms
+# and sampling, the call from Python), so efficiency grows with the model: interpolated in
+# log(parameters) between the two points, held flat outside them.
+PROBE_GBPS = 26.0
+NATIVE_EFFICIENCY_POINTS = ((134_515_008, 73.1 * 163_483_776 / (PROBE_GBPS * 1e9)),
+                            (1_235_814_400, 8.6 * 1_500_084_800 / (PROBE_GBPS * 1e9)))
+NATIVE_EFFICIENCY_SOURCE = ("measured on a 2-vCPU Zen 1 EPYC, 8-bit, against the probe's 26.0 GB/s: 46% of the "
+                            "bound at 135M parameters (73.1 tokens/s), 50% at 1.2B (8.6), interpolated in "
+                            "log(parameters)")
 # int4 in the C engine unpacks nibbles as it reads: in the README's cpu_bench table (same
 # box, same run) int4 decoded 144 tokens/s reading 123.0 MB a token, 8-bit 163 reading
 # 163.5 MB, so int4 reaches 0.665 of 8-bit's share of the bound at this size.
