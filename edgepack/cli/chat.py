@@ -284,13 +284,16 @@ def _lines(interactive: bool) -> Iterator[str]:
 
 
 def main(args) -> int:
+    from edgepack.format.verify import HashProgress
     from edgepack.runtime import load
 
     apply_threads(args.threads)
     say = None if getattr(args, "quiet", False) else (lambda m: print(f"[edgepack] {printable(m)}", file=sys.stderr))
     t0 = time.perf_counter()
-    lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,
-              backend=args.backend, key=args.key, progress=say)
+    with HashProgress() as hashing:  # the first load hashes every file: a line on a terminal
+        lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,
+                  backend=args.backend, key=args.key, progress=say,
+                  hash_progress=hashing)
     load_seconds = time.perf_counter() - t0
     chat = Chat(lm, system=args.system, max_new_tokens=args.max_new_tokens, context=args.context,
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)

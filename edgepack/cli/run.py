@@ -63,6 +63,7 @@ def apply_threads(n: int | None) -> None:
 
 def main(args) -> int:
     from edgepack.errors import GenerationError, UsageError, printable
+    from edgepack.format.verify import HashProgress
     from edgepack.runtime import load
 
     if args.stats and getattr(args, "quiet", False):
@@ -74,8 +75,10 @@ def main(args) -> int:
     quiet = getattr(args, "quiet", False)
     say = None if quiet else (lambda msg: print(f"[edgepack] {printable(msg)}", file=sys.stderr))
     t0 = time.perf_counter()
-    lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,
-              backend=args.backend, key=args.key, progress=say)
+    with HashProgress() as hashing:  # the first load hashes every file: a line on a terminal
+        lm = load(args.bundle, verify=False if args.no_verify else "once", device=args.device, force=args.force,
+                  backend=args.backend, key=args.key, progress=say,
+                  hash_progress=hashing)
     load_seconds = time.perf_counter() - t0
     for notice in [] if quiet else lm.notices:
         print(f"note: {printable(notice)}", file=sys.stderr)

@@ -49,6 +49,7 @@ def load(
     key: str | os.PathLike | None = None,
     token: str | None = None,
     progress=None,
+    hash_progress=None,
 ) -> "EdgeModel":
     """Load a bundle written by ``edgepack pack``: a local folder, or a Hub repo as the CLI
     takes it (``owner/name``, ``owner/name@rev``, ``hf://owner/name[@rev]``; pulled, the
@@ -66,7 +67,8 @@ def load(
     before any weight is loaded. Without a key, an ``edgepack.sig`` that is not a
     well-formed signature is refused too (a damaged signature is never ignored).
     token: Hugging Face token for a repo reference; progress: ``callable(str)`` told what
-    a pull does.
+    a pull does; hash_progress: ``callable(done_bytes, total_bytes)`` called as the files
+    are hashed (the CLI's terminal line, format.verify.HashProgress).
     """
     path = _resolve_reference(bundle_dir, token, progress)
     if key is None:
@@ -78,7 +80,7 @@ def load(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(path, verify, device, force, backend, manifest_bytes)
+        return _load(path, verify, device, force, backend, manifest_bytes, hash_progress)
     finally:
         if enabled:
             gc.enable()
@@ -110,7 +112,8 @@ def _check_signature(path: Path, key) -> bytes | None:
     return None
 
 
-def _load(path: Path, verify, device, force, backend, manifest_bytes: bytes | None = None) -> "EdgeModel":
+def _load(path: Path, verify, device, force, backend, manifest_bytes: bytes | None = None,
+          hash_progress=None) -> "EdgeModel":
     if backend not in (None, *BACKENDS):
         raise GenerationError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
     if os.environ.get("EDGEPACK_SKIP_HASH", "") not in ("", "0"):
@@ -118,7 +121,7 @@ def _load(path: Path, verify, device, force, backend, manifest_bytes: bytes | No
     if manifest_bytes is not None:  # the signed manifest, every file already hashed against it
         manifest = bundle_format.verify_bundle(path, check_hashes=False, manifest_bytes=manifest_bytes)
     else:
-        manifest = bundle_format.verify_bundle(path, check_hashes=verify)
+        manifest = bundle_format.verify_bundle(path, check_hashes=verify, progress=hash_progress)
     device_map, notices = _resolve_device_map(manifest, device)
     config = _read_config(path)
     why_not_native = _why_not_native(manifest, config, device_map, backend)
