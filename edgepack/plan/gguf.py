@@ -30,16 +30,22 @@ REQUIRED = ("max_position_embeddings", "num_hidden_layers", "intermediate_size",
             "num_attention_heads", "vocab_size")
 
 
+def _header_counts(f) -> tuple[int, int] | None:
+    """(tensors, metadata keys) from a GGUF v2/v3 file's first 24 bytes; None for any other file."""
+    if f.read(4) != MAGIC:
+        return None
+    version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+    return (n_tensors, n_kv) if version in VERSIONS else None
+
+
 def llama_config(path: str | Path) -> dict[str, Any] | None:
     """config.json's numbers for a GGUF file of architecture "llama" (model_type "mistral"
     when general.name says so, as transformers decides), or None for any other file: the
     caller then asks transformers."""
     with open(path, "rb") as f:
-        if f.read(4) != MAGIC:
+        if (counts := _header_counts(f)) is None:
             return None
-        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version not in VERSIONS:
-            return None
+        n_tensors, n_kv = counts
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = _string(f)
@@ -70,11 +76,9 @@ def tensor_types(path: str | Path) -> dict[str, int] | None:
     """Elements stored at each ggml type (its name: "Q4_1", "F16", ...) over the file's
     2-D weight matrices, read from the header; None for a file that is not GGUF v2/v3."""
     with open(path, "rb") as f:
-        if f.read(4) != MAGIC:
+        if (counts := _header_counts(f)) is None:
             return None
-        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version not in VERSIONS:
-            return None
+        n_tensors, n_kv = counts
         for _ in range(n_kv):
             _string(f)
             _skip(f, _u32(f))
