@@ -45,13 +45,16 @@ def main(args) -> int:
 
         load_public_key(key)
     # with a key, pull() checks the signature over the manifest before fetching any weight
-    result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
-                  token=args.token, profile=profile, progress=_say, key=key)
+    from edgepack.format.verify import HashProgress
+
+    with HashProgress() as hashing:
+        result = pull(args.repo, out=args.out, variant=args.variant, auto=args.auto, revision=args.revision,
+                      token=args.token, profile=profile, progress=_say, key=key, hash_progress=hashing)
     from edgepack.format import signing
 
-    if key is not None:
+    if key is not None:  # the files were hashed against this manifest as they were pulled
         try:
-            signing.verify_signature(result.path, key)
+            signing.check_bundle_signature(result.path, key)
         except SignatureError as exc:
             raise SignatureError(f"{exc.message}; the files pulled to {result.path} are not to be trusted",
                                  hint=exc.hint) from None

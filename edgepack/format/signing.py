@@ -194,11 +194,19 @@ def verify_signature(bundle_dir: str | os.PathLike, public_key_path: str | os.Pa
     """Check ``edgepack.sig`` against the public key and the manifest, then verify the
     whole bundle with hashes against exactly the manifest bytes that were signed. Returns
     the manifest. ``progress``: as verify_bundle's."""
+    manifest_bytes = check_bundle_signature(bundle_dir, public_key_path)
+    return bundle_format.verify_bundle(bundle_dir, check_hashes=True, manifest_bytes=manifest_bytes, progress=progress)
+
+
+def check_bundle_signature(bundle_dir: str | os.PathLike, public_key_path: str | os.PathLike) -> bytes:
+    """Check ``edgepack.sig`` against the public key and the bundle's manifest, without
+    hashing the files (for a bundle whose files were just hashed against that manifest).
+    Returns the manifest bytes that were signed."""
     bundle = Path(bundle_dir)
     signature = read_signature(bundle)
     manifest_bytes = bundle_format.read_manifest_bytes(bundle)
     check_manifest_signature(manifest_bytes, signature, public_key_path, f"bundle {bundle}")
-    return bundle_format.verify_bundle(bundle, check_hashes=True, manifest_bytes=manifest_bytes, progress=progress)
+    return manifest_bytes
 
 
 def check_manifest_signature(manifest_bytes: bytes, signature: dict[str, Any],

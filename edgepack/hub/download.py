@@ -86,6 +86,7 @@ def pull(
     check_hashes: bool | str = True,
     progress: Progress | None = None,
     key: str | os.PathLike | None = None,
+    hash_progress: Callable[[int, int], None] | None = None,
 ) -> PullResult:
     """Download one bundle of a Hub repo, verify every file, return where it is and why.
 
@@ -96,7 +97,8 @@ def pull(
     or $EDGEPACK_CACHE/hub). ``check_hashes="once"`` trusts a copy already pulled and hashed
     whose files are unchanged since; fresh downloads are always hashed. ``key``: an Ed25519
     public key file; the bundle's signature over its manifest is checked before any weight
-    is fetched, so a refused bundle leaves nothing behind.
+    is fetched, so a refused bundle leaves nothing behind. ``hash_progress(done_bytes,
+    total_bytes)``: called as the pulled files are hashed.
     """
     say = progress or (lambda _msg: None)
     repo_id, ref_revision = parse_repo_ref(repo_ref)
@@ -111,14 +113,15 @@ def pull(
         _check_out(Path(out))
     try:
         return _pull(repo_id, revision, out, variant, auto or profile is not None, token, profile, check_hashes, say,
-                     key)
+                     key, hash_progress)
     except hub_exceptions() as exc:
         if isinstance(exc, EdgepackError):
             raise
         raise hub_error(exc, repo_id, revision, token) from exc
 
 
-def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say, key=None) -> PullResult:
+def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, say, key=None,
+          hash_progress=None) -> PullResult:
     say(f"reading {repo_id}@{revision}")
     index, commit = _read_repo(repo_id, revision, token)
     if auto and profile is None:
@@ -144,7 +147,7 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     existing = target / bundle_format.MANIFEST_NAME
     if existing.is_file() and existing.read_bytes() == manifest_bytes:
         try:
-            bundle_format.verify_bundle(target, check_hashes=check_hashes)
+            bundle_format.verify_bundle(target, check_hashes=check_hashes, progress=hash_progress)
             say(f"{target} already holds this bundle, verified")
             return PullResult(target, repo_id, commit, entry["name"], reason)
         except EdgepackError:
@@ -156,7 +159,7 @@ def _pull(repo_id, revision, out, variant, auto, token, profile, check_hashes, s
     patterns = [_glob_escape(prefix + n) for n in [*names, *bundle_format.UNLISTED_FILES]]
     snapshot = _download(repo_id, commit, patterns, token, say)
     say(f"verifying {len(names)} files against {bundle_format.MANIFEST_NAME}")
-    _materialize(snapshot / prefix if prefix else snapshot, manifest, target, repo_id)
+    _materialize(snapshot / prefix if prefix else snapshot, manifest, target, repo_id, hash_progress)
     return PullResult(target, repo_id, commit, entry["name"], reason)
 
 
@@ -325,7 +328,7 @@ def _check_out(out: Path) -> None:
     staging.check_replaceable(out, hint=_REPLACE_HINT)
 
 
-def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: str) -> None:
+def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: str, hash_progress=None) -> None:
     """Link (or copy) the downloaded files into a plain directory, verify every hash there,
     then put it at ``target``. A damaged file is dropped from the Hub cache as well."""
     tmp = staging.make_temp(target)
@@ -341,7 +344,7 @@ def _materialize(source: Path, manifest: dict[str, Any], target: Path, repo_id: 
             dest.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(src, dest)
         try:
-            bundle_format.verify_bundle(tmp, check_hashes=True)
+            bundle_format.verify_bundle(tmp, check_hashes=True, progress=hash_progress)
         except BundleIntegrityError:
             bad = _bad_files(tmp, manifest)
             if not bad:
