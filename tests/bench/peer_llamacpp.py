@@ -210,12 +210,18 @@ def perplexity(logprobs: np.ndarray, tokens: np.ndarray) -> float:
     return float(np.exp(nll.mean()))
 
 
-def run_quality(gguf: str, threads: int, out_dir: str, n_ctx: int = 8192) -> dict:
-    """Full log-probs (n_tokens x vocab, float32) of the quality text, saved as .npy."""
-    llm = _load(gguf, threads, n_ctx, logits_all=True)
-    tokens = np.asarray(quality_tokens(llm), dtype=np.int64)
+def run_quality(gguf: str, threads: int, out_dir: str, n_ctx: int = 8192, tokens_file: str = "") -> dict:
+    """Full log-probs (n_tokens x vocab, float32) of the quality text, saved as .npy.
+    ``tokens_file``: a .npy of token ids to score instead (the caller's own tokenization;
+    the context is then sized to it, since the bindings keep n_ctx x vocab floats of scores:
+    8.6 GB at n_ctx 8192 for Gemma's 262k vocabulary)."""
+    given = np.load(tokens_file).astype(np.int64) if tokens_file else None
+    llm = _load(gguf, threads, len(given) if given is not None else n_ctx, logits_all=True)
+    tokens = given if given is not None else np.asarray(quality_tokens(llm), dtype=np.int64)
     llm.eval(tokens.tolist())
-    logprobs = log_softmax(np.asarray(llm.scores[: len(tokens)]))
+    scores = llm.scores
+    logprobs = np.concatenate([log_softmax(np.asarray(scores[lo:min(lo + 256, len(tokens))]))
+                               for lo in range(0, len(tokens), 256)])
     out = Path(out_dir or tempfile.mkdtemp(prefix="peer-llamacpp-"))
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(gguf).stem
@@ -438,6 +444,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["worker"].add_argument("--prompt-tokens", type=int, default=256)
     sub.choices["worker"].add_argument("--new-tokens", type=int, default=128)
     sub.choices["quality"].add_argument("--out-dir", default="")
+    sub.choices["quality"].add_argument("--tokens-file", default="", help="score these token ids (.npy)")
+    sub.choices["quality"].set_defaults(n_ctx=8192)  # the quality text is ~3.9k tokens
     d = sub.add_parser("diagnose")
     d.add_argument("--gguf", required=True)
     d.add_argument("--repeats", type=int, default=3)
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "diagnose":
         print(json.dumps(diagnose(Path(a.gguf), ensure_llamacpp_env(), a.repeats, a.threads)))
     elif a.cmd == "quality":
-        print(json.dumps(run_quality(a.gguf, a.threads, a.out_dir)))
+        print(json.dumps(run_quality(a.gguf, a.threads, a.out_dir, a.n_ctx, a.tokens_file)))
     else:
         sys.path.insert(0, str(BENCH_DIR))
         res = run_bench(a.repeats, a.threads, env_dir=a.env_dir, variants_dir=a.variants_dir,

@@ -128,12 +128,57 @@ def score(bundle: Path, model, hidden, ids: list[int], chunk: int = 128) -> dict
             "tok_s": n / (time.monotonic() - t0), "weights_mib": lm.model.weight_bytes / 2**20}
 
 
+PEER_TYPES = ("F16", "Q8_0", "Q4_1")  # llama.cpp's formats beside edgepack's 16, 8 and int4
+
+
+def peer_ggufs(gguf: Path, work: Path, build: dict) -> dict[str, Path]:
+    """llama.cpp's own files from the same source: llama-quantize --allow-requantize
+    dequantizes the Q4_K_M tensors to float32 (the values the float32 source folder holds)
+    and quantizes those, as a user requantizing this download would (kept and reused)."""
+    import subprocess
+
+    out = {}
+    for qtype in PEER_TYPES:
+        path = work / f"gemma-3-270m.{qtype}.gguf"
+        if not path.is_file():
+            tmp = path.with_suffix(".tmp")
+            subprocess.run([str(Path(build["bin"]) / "llama-quantize"), "--allow-requantize", str(gguf), str(tmp),
+                            qtype], check=True, capture_output=True)
+            tmp.rename(path)
+        out[qtype] = path
+    return out
+
+
+def score_peer(path: Path, build: dict, ids: list[int], model, hidden, work: Path) -> dict:
+    """llama.cpp's log-probs over the same token ids (one batched evaluation, as its own
+    perplexity tool runs), against the source's rows."""
+    tokens_file = work / "quality-ids.npy"
+    np.save(tokens_file, np.asarray(ids, dtype=np.int64))
+    got = peer.spawn("quality", path, build, "--threads", "2", "--out-dir", str(work), "--tokens-file", str(tokens_file))
+    lp = np.load(got["logprobs"], mmap_mode="r")
+    d_nll, kl, same = [], [], 0
+    for lo in range(0, len(ids) - 1, 256):
+        hi = min(lo + 256, len(ids) - 1)
+        ref, ours = ref_logprobs(model, hidden, lo, hi), np.asarray(lp[lo:hi], dtype=np.float64)
+        rows = np.arange(hi - lo)
+        d_nll += list(ref[rows, ids[lo + 1:hi + 1]] - ours[rows, ids[lo + 1:hi + 1]])
+        kl += list((np.exp(ref) * (ref - ours)).sum(-1))
+        same += int((ref.argmax(-1) == ours.argmax(-1)).sum())
+    del lp
+    Path(got["logprobs"]).unlink()
+    d, n = np.array(d_nll), len(d_nll)
+    return {"delta_pct": 100 * (np.exp(d.mean()) - 1), "se_pct": 100 * d.std(ddof=1) / np.sqrt(n),
+            "kl_mean": float(np.mean(kl)), "kl_max": float(np.max(kl)), "top1": same / n,
+            "file_mib": path.stat().st_size / 2**20}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, required=True, help="gemma-3-270m-q4_k_m.gguf, assembled from the packages")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgepack-gemma3-270m"), help="source folder and bundles")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--settings", default="16,8,int4")
+    parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp's F16/Q8_0/Q4_1 rows")
     args = parser.parse_args()
     from edgepack.cli import main as cli
     from edgepack.export.pack import pack
@@ -167,6 +212,13 @@ def main() -> int:
         r = score(bundle, model, hidden, ids)
         print(f"{label:<8}{r['weights_mib']:>12.1f}{r['delta_pct']:>+14.3f}%{r['se_pct']:>8.3f}%{r['kl_mean']:>10.5f}"
               f"{r['kl_max']:>9.4f}{r['top1']:>8.1%}{r['tok_s']:>7.1f}", flush=True)
+    if not args.no_peer:
+        build = peer.ensure_llamacpp_env()
+        print(f"llama.cpp {build.get('commit', '')} (file MiB in the weights column)")
+        for qtype, path in peer_ggufs(args.gguf, args.work, build).items():
+            r = score_peer(path, build, ids, model, hidden, args.work)
+            print(f"{qtype:<8}{r['file_mib']:>12.1f}{r['delta_pct']:>+14.3f}%{r['se_pct']:>8.3f}%{r['kl_mean']:>10.5f}"
+                  f"{r['kl_max']:>9.4f}{r['top1']:>8.1%}{'':>7}", flush=True)
     return 0
 
 
