@@ -1,16 +1,21 @@
 """Continuous batching and prefix reuse of `edgepack serve`, measured on loopback.
 
-    .venv/bin/python tests/bench/serve_batch.py /tmp/serving-8 [--rounds 2]
+    .venv/bin/python tests/bench/serve_batch.py /tmp/serving-8 [--rounds 2] [--activation-bits 8]
 
-Prints, per round (A/B alternated, the box may be noisy):
-- 4 greedy streams one at a time vs together (--parallel 4): aggregate decode tokens/s, the
-  ratio, p50/p99 time to first token under load, and whether the texts are identical;
+Prints, per round (A/B alternated, the box may be noisy; the load average beside each line):
+- 4 greedy streams one at a time vs together (--parallel 4): aggregate tokens/s (all completion
+  tokens over the wall time, prompts included), the ratio; the decode-only ratio (tokens after
+  the first over the time from first token to last: one at a time, summed over the requests;
+  together, from the first stream's first token to the last stream's end, later prompts
+  included); p50/p99 time to first token under load, and whether the texts are identical;
+  with several rounds, the median ratios at the end;
 - a 10-turn chat (~1,500 tokens of history at the last turn): the last turn's time to first
   token with prefix reuse vs without (--cache-bytes 0).
 """
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -52,7 +57,7 @@ class Live:
 
 
 def stream(url, path, body):
-    """(text, seconds to first token, seconds in all, completion tokens)"""
+    """(text, seconds to first token, seconds in all, completion tokens, perf_counter at start)"""
     t0, first, pieces, usage = time.perf_counter(), None, [], 0
     body = dict(body, stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", url + path, json=body, timeout=600) as r:
@@ -67,7 +72,7 @@ def stream(url, path, body):
                 if piece and first is None:
                     first = time.perf_counter() - t0
                 pieces.append(piece)
-    return "".join(pieces), first, time.perf_counter() - t0, usage
+    return "".join(pieces), first, time.perf_counter() - t0, usage, t0
 
 
 def streams(lm, n_tokens, together):
@@ -85,7 +90,12 @@ def streams(lm, n_tokens, together):
                 results[i] = stream(live.url, "/v1/completions", b)
         wall = time.perf_counter() - t0
     tokens = sum(r[3] for r in results)
-    return [r[0] for r in results], tokens / wall, [r[1] for r in results]
+    after_first = sum(r[3] - 1 for r in results)
+    if together:  # from the first token of any stream to the end of the last
+        decode_s = max(r[4] + r[2] for r in results) - min(r[4] + r[1] for r in results)
+    else:
+        decode_s = sum(r[2] - r[1] for r in results)
+    return [r[0] for r in results], tokens / wall, [r[1] for r in results], after_first / decode_s
 
 
 def chat(lm, cache_bytes, turns=10, words=110):
@@ -107,20 +117,46 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--skip", choices=["chat", "streams"], default=None)
+    p.add_argument("--activation-bits", type=int, choices=[32, 8], default=None,
+                   help="activations into int8 products of decode steps (EDGEPACK_ACTIVATION_BITS); default: the engine's")
     args = p.parse_args()
     lm = load(args.bundle)
+    if args.activation_bits and lm.backend == "native":
+        from edgepack.runtime.engine import _engine
+
+        _engine.activation_bits(args.activation_bits)
+    if lm.backend == "native":
+        from edgepack.runtime.engine import _engine
+
+        print(f"activation bits {_engine.activation_bits()}, isa {_engine.set_isa()}", flush=True)
+    ratios, decode_ratios, all_identical = [], [], True
     for r in range(args.rounds):
         if args.skip != "streams":
-            texts1, rate1, _ = streams(lm, args.tokens, together=False)
-            texts4, rate4, firsts = streams(lm, args.tokens, together=True)
+            texts1, rate1, _, decode1 = streams(lm, args.tokens, together=False)
+            texts4, rate4, firsts, decode4 = streams(lm, args.tokens, together=True)
             firsts = sorted(firsts)
-            print(f"round {r}: one at a time {rate1:.1f} tok/s, 4 together {rate4:.1f} tok/s, ratio {rate4 / rate1:.2f}, "
-                  f"identical {texts1 == texts4}, TTFT p50 {statistics.median(firsts):.3f} s p99 {firsts[-1]:.3f} s", flush=True)
+            ratios.append(rate4 / rate1)
+            decode_ratios.append(decode4 / decode1)
+            all_identical &= texts1 == texts4
+            print(f"round {r}: one at a time {rate1:.1f} tok/s, 4 together {rate4:.1f} tok/s, ratio {rate4 / rate1:.2f} "
+                  f"(decode only {decode1:.1f} vs {decode4:.1f}, {decode4 / decode1:.2f}), identical {texts1 == texts4}, "
+                  f"TTFT p50 {statistics.median(firsts):.3f} s p99 {firsts[-1]:.3f} s, load {_load()}", flush=True)
         if args.skip != "chat":
             off = chat(lm, 0)
             on = chat(lm, 512 << 20)
             print(f"round {r}: chat last turn ({on[1]} prompt tokens): TTFT without reuse {off[0]:.3f} s, with "
                   f"{on[0]:.3f} s, ratio {on[0] / off[0]:.3f}, reused {on[2]} tokens, same last reply {on[3] == off[3]}", flush=True)
+    if len(ratios) > 1:
+        print(f"median of {len(ratios)} rounds: ratio {statistics.median(ratios):.2f} (decode only "
+              f"{statistics.median(decode_ratios):.2f}), all texts identical {all_identical}", flush=True)
+
+
+def _load() -> str:
+    """the 1-minute load average (this box's other programs share its cores)"""
+    try:
+        return "%.2f" % os.getloadavg()[0]
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":
