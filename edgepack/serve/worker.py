@@ -180,12 +180,9 @@ class Worker:
         self._emit(slot, logits)
 
     def _step(self) -> None:
-        slots, model = list(self.active), self.lm.model
+        slots = list(self.active)
         try:
-            if len(slots) == 1:  # a lone stream steps as `edgepack run` does: run_step picks its thread count
-                logits = [model.forward(slots[0].generated[-1:], slots[0].cache)]
-            else:
-                logits = model.step_batch([s.generated[-1] for s in slots], [s.cache for s in slots])
+            logits = self.lm.model.step_batch([s.generated[-1] for s in slots], [s.cache for s in slots])
         except Exception as exc:
             for s in slots:
                 _send(s.job, exc)

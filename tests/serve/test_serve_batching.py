@@ -52,19 +52,14 @@ def test_concurrent_streams_equal_alone(lm, monkeypatch, activation_bits):
     expected = [lm.generate(p, max_new_tokens=24, temperature=0) for p in PROMPTS]
     expected.append(lm.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5))
     widths = []
-    step_batch, forward = lm.model.step_batch, lm.model.forward
+    step_batch = lm.model.step_batch
 
     def recording(tokens, caches):
         widths.append(len(tokens))
         time.sleep(0.01)  # so the requests overlap
         return step_batch(tokens, caches)
 
-    def slowed(tokens, cache):  # a lone stream's steps (and prompts) too
-        time.sleep(0.01)
-        return forward(tokens, cache)
-
     monkeypatch.setattr(lm.model, "step_batch", recording)
-    monkeypatch.setattr(lm.model, "forward", slowed)
     with Live(serve.create_app(lm, parallel=4, cache_bytes=0)) as live:
         replies = [None] * len(bodies)
 

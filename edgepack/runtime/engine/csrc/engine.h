@@ -300,6 +300,13 @@ int take_rows(int tid, int nth, int *lo, int *hi);
 /* the thread count for the next decode step (at most `most`), and its measured time after it */
 int adapt_threads(int most);
 void adapt_record(int nth, double seconds);
+/* the same over a state of one's own (batched steps: their times are not one sequence's) */
+typedef struct {
+    double ema[MAX_THREADS + 1];
+    int current, most, steps, probe_up;
+} Adapt;
+int adapt_threads_of(Adapt *a, int most);
+void adapt_record_of(Adapt *a, int nth, double seconds);
 int adapt_current(void);
 double pool_now(void);
 
