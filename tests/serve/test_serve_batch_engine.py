@@ -8,7 +8,18 @@ from edgepack.runtime.engine import c_module_unavailable
 
 pytestmark = pytest.mark.skipif(c_module_unavailable() is not None, reason="the C engine cannot run here")
 
-PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at one"]
+PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at one", "Seven"]
+
+
+@pytest.fixture(params=[32, 8], ids=["float-activations", "int8-activations"])
+def activation_bits(request):
+    """Both activation modes (engine.h, act_bits): with 8, int8 matrices of decode steps run
+    against their input rounded to int8 per block of 32, one sequence or several alike."""
+    from edgepack.runtime.engine import _engine
+
+    previous = _engine.activation_bits(request.param)
+    yield request.param
+    _engine.activation_bits(previous)
 
 
 def _native(packed, kind, bits, **options):
@@ -21,7 +32,8 @@ def _native(packed, kind, bits, **options):
 
 @pytest.mark.parametrize("kind, bits, options", [("llama", 8, {}), ("llama-untied", 4, {"quant_type": "int4"}),
                                                  ("llama", 16, {})])
-def test_step_batch_is_bitwise_forward(packed, kind, bits, options):
+def test_step_batch_is_bitwise_forward(packed, kind, bits, options, activation_bits):
+    """Five sequences: one pass of four and one of one in the batched kernels."""
     lm = _native(packed, kind, bits, **options)
     m = lm.model
     prompts = [lm.encode_prompt(p) for p in PROMPTS]
@@ -44,6 +56,28 @@ def test_step_batch_is_bitwise_forward(packed, kind, bits, options):
         logits = m.step_batch(tokens, caches)
     assert together == alone
     assert [c.length for c in caches] == [len(ids) + 12 for ids in prompts]
+
+
+def test_int8_activations_change_batched_steps(packed):
+    """The bitwise test above compares two things that both changed: here the int8 path is
+    seen to run in step_batch (its logits differ from float32 activations')."""
+    from edgepack.runtime.engine import _engine
+
+    if _engine.set_isa() not in ("avx2", "avx512"):
+        pytest.skip("int8 activations run on AVX2 / AVX-512 only")
+    m = _native(packed, "llama", 8).model
+    ids = list(range(5, 20))
+    got = {}
+    for act in (32, 8):
+        previous = _engine.activation_bits(act)
+        try:
+            caches = [m.new_cache(32) for _ in range(3)]
+            for i, c in enumerate(caches):
+                m.forward(ids[: 8 + i], c)
+            got[act] = [bytes(lg) for lg in m.step_batch([7, 8, 9], caches)]
+        finally:
+            _engine.activation_bits(previous)
+    assert all(a != b for a, b in zip(got[32], got[8]))
 
 
 def test_step_batch_refuses_shared_or_full_caches(packed):

@@ -36,7 +36,17 @@ def lm(packed):
     return lm
 
 
-def test_concurrent_streams_equal_alone(lm, monkeypatch):
+@pytest.fixture(params=[32, 8], ids=["float-activations", "int8-activations"])
+def activation_bits(request):
+    """Both activation modes of decode steps (EDGEPACK_ACTIVATION_BITS), alone and batched."""
+    from edgepack.runtime.engine import _engine
+
+    previous = _engine.activation_bits(request.param)
+    yield request.param
+    _engine.activation_bits(previous)
+
+
+def test_concurrent_streams_equal_alone(lm, monkeypatch, activation_bits):
     bodies = [{"prompt": p, "max_tokens": 24, "temperature": 0} for p in PROMPTS]
     bodies.append({"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 1.0, "top_p": 0.9, "seed": 5})
     expected = [lm.generate(p, max_new_tokens=24, temperature=0) for p in PROMPTS]

@@ -478,7 +478,7 @@ class NativeLM:
         base = _native.address(out) if tokens else 0
         steps = [(int(t), c.length, c.k, c.v, c.max_tokens, base + 4 * self.vocab * i)
                  for i, (t, c) in enumerate(zip(tokens, caches))]
-        _native.step_batch(self._model, steps, self.rope_theta, self.threads)
+        _native.step_batch(self._model, steps, self.rope_theta, self._threads, self.adapt)
         for cache in caches:
             cache.length += 1
         view = memoryview(out).cast("f")

@@ -6,11 +6,17 @@
  * Each sequence has its own token, position and KV cache; norms, rotary, attention and
  * SiLU are run_step's, sequence by sequence.
  *
- * The kernels are the step's (the dispatch table's gemv / int4) or, where the set has them,
- * their batched twins (gemv_batch: each weight converted once for all sequences, which is
- * what bounds a batched step once the block sits in cache), applied per row as in run_step,
- * so every sequence's logits are bitwise those of run_step: greedy decoding gives the same
- * tokens batched or alone. */
+ * The kernels are the step's (the dispatch table's gemv / int4 / int8_q8) or, where the set
+ * has them, their batched twins (gemv_batch, int8_q8_batch: each weight loaded and converted
+ * once for all sequences, which is what bounds a batched step once the block sits in cache),
+ * applied per row as in run_step, with int8 activations where run_step uses them (act_bits 8:
+ * each sequence's input rounded by prep_q8), so every sequence's logits are bitwise those of
+ * run_step: greedy decoding gives the same tokens batched or alone.
+ *
+ * Rows are shared out as run_step shares them (pool.c, take_rows): each thread its own
+ * region a chunk at a time, then what is left of the others'. With a static split, a thread
+ * preempted by another program held up the whole matrix: on this 2-core box at load ~6, a
+ * step of one sequence ran at 0.70x run_step's tokens/s. */
 #include <stdlib.h>
 
 #include "engine.h"
@@ -31,9 +37,10 @@ typedef struct {
     const Mat *mat;
     float *scratch, *scores;
     size_t off[S_PARTS + 1]; /* where each part starts in a sequence's scratch; its size last */
-    int in, out, add;        /* parts: the input, the output (S_LOGITS: each sequence's logits) */
+    int in, out, add, q8;    /* parts: the input, the output (S_LOGITS: each sequence's logits); q8: prep_q8 made S_PREP */
     const float **xs;        /* each sequence's input and kernel output (its S_TMP with add) */
     float **ts;
+    const void **ps;         /* each sequence's S_PREP */
 } Steps;
 
 static void offsets(const Model *m, size_t *at) {
@@ -58,15 +65,19 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
                              : (size_t)mt->cols * (mt->type == W_INT8 ? 1 : mt->type == W_F32 ? 4 : 2);
     int rows = (int)(EP_BLOCK_BYTES / row_bytes) & ~3;
     rows = rows < 4 ? 4 : rows;
-    const gemv_batch_fn together = mt->type == W_INT4 ? NULL : kernels->gemv_batch[mt->type];
+    const gemv_batch_fn together = mt->type == W_INT4 || s->q8 ? NULL : kernels->gemv_batch[mt->type];
+    const q8_batch_fn together_q8 = s->q8 ? kernels->int8_q8_batch : NULL;
     for (int rb = r0; rb < r1; rb += rows) {
         const int re = rb + rows < r1 ? rb + rows : r1;
         if (together) together(mt->w, s->xs, s->B, mt->cols, rb, re, s->ts);
+        if (together_q8) together_q8(mt, s->ps, s->B, rb, re, s->ts);
         for (int b = 0; b < s->B; b++) {
             float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
             if (mt->type == W_INT4)
                 kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
-            else if (!together)
+            else if (s->q8 && !together_q8)
+                kernels->int8_q8(mt, part(s, b, S_PREP), rb, re, t);
+            else if (!together && !s->q8)
                 kernels->gemv[mt->type](mt->w, part(s, b, in), mt->cols, rb, re, t);
             if (mt->scale)
                 for (int r = rb; r < re; r++) t[r] *= mt->scale[r];
@@ -81,46 +92,50 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
 static void task_rows(void *ctx, int tid, int nth) {
     const Steps *s = (const Steps *)ctx;
     int lo, hi;
-    split(s->mat->rows, tid, nth, &lo, &hi);
-    if (hi > lo) block_rows(s, s->mat, lo, hi, s->in, s->out, s->add);
+    while (take_rows(tid, nth, &lo, &hi)) block_rows(s, s->mat, lo, hi, s->in, s->out, s->add);
 }
 
 static void task_gate_up_rows(void *ctx, int tid, int nth) { /* act = silu(gate) * up, as task_gate_up (step.c) */
     const Steps *s = (const Steps *)ctx;
     const int inter = s->m->inter;
     int lo, hi;
-    split(inter, tid, nth, &lo, &hi);
-    if (hi <= lo) return;
-    block_rows(s, s->mat, lo, hi, S_H, S_GU, 0);
-    block_rows(s, s->mat, inter + lo, inter + hi, S_H, S_GU, 0);
-    for (int b = 0; b < s->B; b++) {
-        const float *g = part(s, b, S_GU);
-        kernels->silu(g + lo, g + inter + lo, part(s, b, S_ACT) + lo, hi - lo);
+    while (take_rows(tid, nth, &lo, &hi)) {
+        block_rows(s, s->mat, lo, hi, S_H, S_GU, 0);
+        block_rows(s, s->mat, inter + lo, inter + hi, S_H, S_GU, 0);
+        for (int b = 0; b < s->B; b++) {
+            const float *g = part(s, b, S_GU);
+            kernels->silu(g + lo, g + inter + lo, part(s, b, S_ACT) + lo, hi - lo);
+        }
     }
 }
 
-static void task_attn_seqs(void *ctx, int tid, int nth) { /* (sequence, head) pairs split between threads */
+static void task_attn_seqs(void *ctx, int tid, int nth) { /* (sequence, head) pairs shared out between threads */
     const Steps *s = (const Steps *)ctx;
     const Model *m = s->m;
-    const int D = m->head_dim, group = m->heads / m->kv_heads, pairs = s->B * m->heads;
-    const int lo = (int)((long long)pairs * tid / nth), hi = (int)((long long)pairs * (tid + 1) / nth);
+    const int D = m->head_dim, group = m->heads / m->kv_heads;
     const float scale = 1.f / sqrtf((float)D);
     float *sc = s->scores + (size_t)tid * s->scores_len;
-    for (int p = lo; p < hi; p++) {
-        const int b = p / m->heads, h = p % m->heads;
-        const BatchSeq *q = &s->seqs[b];
-        const size_t base = ((size_t)s->layer * m->kv_heads + h / group) * q->max_tokens * D;
-        kernels->attn(part(s, b, S_QKV) + (size_t)h * D, q->kc + base, q->vc + base, q->pos + 1, D, scale, sc,
-                      part(s, b, S_ATT) + (size_t)h * D);
-    }
+    int lo, hi;
+    while (take_rows(tid, nth, &lo, &hi))
+        for (int p = lo; p < hi; p++) {
+            const int b = p / m->heads, h = p % m->heads;
+            const BatchSeq *q = &s->seqs[b];
+            const size_t base = ((size_t)s->layer * m->kv_heads + h / group) * q->max_tokens * D;
+            kernels->attn(part(s, b, S_QKV) + (size_t)h * D, q->kc + base, q->vc + base, q->pos + 1, D, scale, sc,
+                          part(s, b, S_ATT) + (size_t)h * D);
+        }
 }
 
 static void rows(Steps *s, task_fn task, const Mat *mat, int in, int out, int add, int nth) {
     s->mat = mat, s->in = in, s->out = out, s->add = add;
     for (int b = 0; b < s->B; b++) s->xs[b] = part(s, b, in), s->ts[b] = add ? part(s, b, S_TMP) : part(s, b, out);
+    s->q8 = 0;
     if (mat->type == W_INT4)
         for (int b = 0; b < s->B; b++) prep_int4(mat, part(s, b, in), part(s, b, S_PREP));
-    parallel(task, s, nth);
+    else
+        for (int b = 0; b < s->B; b++) s->q8 = prep_q8(mat, part(s, b, in), part(s, b, S_PREP));
+    for (int b = 0; b < s->B; b++) s->ps[b] = part(s, b, S_PREP);
+    parallel_rows(task, s, task == task_rows ? mat->rows : s->m->inter, 4, nth);
 }
 
 static float *scratch_floats;
@@ -142,12 +157,12 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
     offsets(m, s.off);
     int longest = 1;
     for (int b = 0; b < B; b++) longest = seqs[b].max_tokens > longest ? seqs[b].max_tokens : longest;
-    const float **xs = malloc(2 * (size_t)B * sizeof(float *));
+    const float **xs = malloc(3 * (size_t)B * sizeof(float *));
     if (!xs || !grow(s.off[S_PARTS] * B + (size_t)nth * longest)) {
         free(xs);
         return -1;
     }
-    s.xs = xs, s.ts = (float **)(xs + B);
+    s.xs = xs, s.ts = (float **)(xs + B), s.ps = (const void **)(xs + 2 * B);
     s.scratch = scratch_floats, s.scores = scratch_floats + s.off[S_PARTS] * B, s.scores_len = longest;
     for (int b = 0; b < B; b++) {
         float *x = part(&s, b, S_X), *rope = part(&s, b, S_ROPE);
@@ -171,7 +186,7 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
             }
         }
         s.layer = l;
-        parallel(task_attn_seqs, &s, nth);
+        parallel_rows(task_attn_seqs, &s, B * m->heads, 1, nth);
         rows(&s, task_rows, &L->o, S_ATT, S_X, 1, nth);
         for (int b = 0; b < B; b++) rms_norm(part(&s, b, S_X), L->post_norm, part(&s, b, S_H), H, m->eps);
         rows(&s, task_gate_up_rows, &L->gate_up, S_H, S_GU, 0, nth);

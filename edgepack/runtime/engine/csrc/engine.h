@@ -240,6 +240,8 @@ typedef void (*tile_fn)(const float *w, int K, const float *xt, int ldx, float *
 typedef void (*halve_fn)(const uint16_t *s, uint16_t *d, size_t n); /* bfloat16 -> float16 */
 /* int8 rows against the input rounded to int8 per block of 32 (prep_q8): raw dot products */
 typedef void (*q8_fn)(const Mat *m, const void *prep, int r0, int r1, float *y);
+/* q8_fn for B sequences: y[b][r] against prep[b] (batch.c), bitwise q8_fn's */
+typedef void (*q8_batch_fn)(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
 
 typedef struct {
     int lanes, max_tv, n_rb, rb[3];
@@ -256,6 +258,7 @@ typedef struct {
     halve_fn bf16_to_f16;
     q8_fn int8_q8; /* NULL: this set has none, int8 rows take gemv[W_INT8] */
     gemv_batch_fn gemv_batch[4]; /* by weight type, bitwise gemv's; NULL: batch.c calls gemv per sequence */
+    q8_batch_fn int8_q8_batch;   /* bitwise int8_q8's; NULL: batch.c calls int8_q8 per sequence */
 } Kernels;
 
 extern const Kernels kernels_generic;
@@ -264,6 +267,7 @@ extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
 void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
 void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
+void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
@@ -276,7 +280,7 @@ extern const Kernels *kernels; /* the table in use */
  * logits within 1e-4 of float64's) or 8 (rounded to int8 per block of 32 inputs, as
  * llama.cpp's Q8_0 does: about half the instructions per weight on AVX2, where converting
  * each int8 weight to float32 bounds the float kernel). EDGEPACK_ACTIVATION_BITS=8 at import.
- * One sequence's decode steps only (step.c): prompts and batched steps keep float32. */
+ * Decode steps only (step.c, and batch.c bitwise alike): prompts keep float32. */
 extern int act_bits;
 void detect_isa(void);
 const char *current_isa(void);
@@ -296,6 +300,13 @@ int take_rows(int tid, int nth, int *lo, int *hi);
 /* the thread count for the next decode step (at most `most`), and its measured time after it */
 int adapt_threads(int most);
 void adapt_record(int nth, double seconds);
+/* the same over a state of one's own (batched steps: their times are not one sequence's) */
+typedef struct {
+    double ema[MAX_THREADS + 1];
+    int current, most, steps, probe_up;
+} Adapt;
+int adapt_threads_of(Adapt *a, int most);
+void adapt_record_of(Adapt *a, int nth, double seconds);
 int adapt_current(void);
 double pool_now(void);
 

@@ -294,13 +294,16 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* step_batch(model, steps, rope_theta, threads): one decode step of each sequence in `steps`,
- * a sequence of (token, pos, k_cache, v_cache, max_tokens, logits) (batch.c) */
+/* step_batch(model, steps, rope_theta, threads[, adapt]): one decode step of each sequence in
+ * `steps`, a sequence of (token, pos, k_cache, v_cache, max_tokens, logits) (batch.c); adapt:
+ * on the thread count measured fastest for batched steps (time per sequence, pool.c) */
+static Adapt batch_adapt;
+
 static PyObject *py_step_batch(PyObject *self, PyObject *args) {
     PyObject *cap, *list;
     float theta;
-    int threads;
-    if (!PyArg_ParseTuple(args, "OOfi", &cap, &list, &theta, &threads)) return NULL;
+    int threads, adapt = 0;
+    if (!PyArg_ParseTuple(args, "OOfi|p", &cap, &list, &theta, &threads, &adapt)) return NULL;
     Model *m = (Model *)PyCapsule_GetPointer(cap, CAPSULE);
     if (!m) return NULL;
     PyObject *seq = PySequence_Fast(list, "steps must be a sequence of tuples");
@@ -336,7 +339,12 @@ static PyObject *py_step_batch(PyObject *self, PyObject *args) {
     pthread_mutex_lock(&step_lock);
     const int running = ensure_workers(threads - 1);
     threads = running < threads ? running : threads;
-    if (B > 0) ok = run_steps(m, seqs, (int)B, theta, threads) == 0;
+    if (B > 0) {
+        const int nth = adapt ? adapt_threads_of(&batch_adapt, threads) : threads;
+        const double t0 = pool_now();
+        ok = run_steps(m, seqs, (int)B, theta, nth) == 0;
+        if (adapt && ok) adapt_record_of(&batch_adapt, nth, (pool_now() - t0) / (double)B);
+    }
     pthread_mutex_unlock(&step_lock);
     Py_END_ALLOW_THREADS
     free(seqs);

@@ -234,44 +234,45 @@ void parallel_rows(task_fn fn, void *ctx, int rows, int unit, int nth) {
 #define PROBE_EVERY 24
 #define MARGIN 0.03
 
-static struct {
-    double ema[MAX_THREADS + 1];
-    int current, most, steps, probe_up;
-} adapt;
+static Adapt adapt; /* one-sequence decode steps' (run_step); batched steps keep their own (module.c) */
 
 void adapt_reset(void) { memset(&adapt, 0, sizeof adapt); }
 
-int adapt_threads(int most) {
+int adapt_threads_of(Adapt *a, int most) {
     if (most < 1) most = 1;
-    if (adapt.most != most || adapt.current < 1 || adapt.current > most) {
-        adapt_reset();
-        adapt.most = most;
-        adapt.current = most;
+    if (a->most != most || a->current < 1 || a->current > most) {
+        memset(a, 0, sizeof *a);
+        a->most = most;
+        a->current = most;
     }
-    adapt.steps++;
-    if (adapt.steps % PROBE_EVERY == 3) { /* the first at step 3: the first step warms the cache pages */
-        const int up = adapt.current + 1, down = adapt.current - 1;
-        adapt.probe_up = !adapt.probe_up;
-        if (adapt.probe_up && up <= most) return up;
+    a->steps++;
+    if (a->steps % PROBE_EVERY == 3) { /* the first at step 3: the first step warms the cache pages */
+        const int up = a->current + 1, down = a->current - 1;
+        a->probe_up = !a->probe_up;
+        if (a->probe_up && up <= most) return up;
         if (down >= 1) return down;
         if (up <= most) return up;
     }
-    return adapt.current;
+    return a->current;
 }
 
-void adapt_record(int nth, double seconds) {
+void adapt_record_of(Adapt *a, int nth, double seconds) {
     if (nth < 1 || nth > MAX_THREADS || !(seconds > 0.0)) return;
-    double *e = &adapt.ema[nth];
+    double *e = &a->ema[nth];
     *e = *e > 0.0 ? 0.75 * *e + 0.25 * seconds : seconds;
     /* the fastest of the current count and its neighbours, fewer threads on near-ties */
-    int best = adapt.current;
-    for (int n = adapt.current - 1; n <= adapt.current + 1; n++) {
-        if (n < 1 || n > adapt.most || adapt.ema[n] <= 0.0 || n == best) continue;
-        const double b = adapt.ema[best], c = adapt.ema[n];
+    int best = a->current;
+    for (int n = a->current - 1; n <= a->current + 1; n++) {
+        if (n < 1 || n > a->most || a->ema[n] <= 0.0 || n == best) continue;
+        const double b = a->ema[best], c = a->ema[n];
         if (n < best ? c < b * (1.0 + MARGIN) : c < b * (1.0 - MARGIN)) best = n;
     }
-    adapt.current = best;
+    a->current = best;
 }
+
+int adapt_threads(int most) { return adapt_threads_of(&adapt, most); }
+
+void adapt_record(int nth, double seconds) { adapt_record_of(&adapt, nth, seconds); }
 
 int adapt_current(void) { return adapt.current; }
 

@@ -180,6 +180,68 @@ T256 static void int8_q8_rows(const Mat *m, const void *prep, int r0, int r1, fl
     }
 }
 
+/* int8_q8_rows for several sequences (batch.c): each block of 32 weights loaded, and its
+ * |w| made, once for all sequences; per row and sequence the same integer dot products (exact,
+ * so the order within a block does not matter), the same FMA into one accumulator over the
+ * blocks in order, the same horizontal sum: bitwise int8_q8_rows's. Two rows and up to four
+ * sequences a pass: 8 accumulators, 2 |w| and 2 weights, ones, x and its scale of 16 registers. */
+T256 static inline __attribute__((always_inline)) void int8_q8_nb(const Mat *m, const void *const *prep, int r0,
+                                                                   int r1, float *const *y, const int NB) {
+    const int K = m->cols, nb = K / 32;
+    const int8_t *W = (const int8_t *)m->w, *xq[4];
+    const float *xd[4];
+    for (int b = 0; b < NB; b++) xq[b] = (const int8_t *)prep[b], xd[b] = (const float *)(xq[b] + K);
+    const __m256i ones = _mm256_set1_epi16(1);
+    int r = r0;
+    for (; r + 2 <= r1; r += 2) {
+        const int8_t *w0 = W + (size_t)r * K, *w1 = w0 + K;
+        __m256 a0[4], a1[4];
+        for (int b = 0; b < NB; b++) a0[b] = _mm256_setzero_ps(), a1[b] = _mm256_setzero_ps();
+        for (int k = 0; k < nb; k++) {
+            const int at = 32 * k;
+            if (EP_PF && !(k & 1)) __builtin_prefetch(w0 + at + EP_PF), __builtin_prefetch(w1 + at + EP_PF);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + at));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + at));
+            const __m256i u0 = _mm256_sign_epi8(v0, v0), u1 = _mm256_sign_epi8(v1, v1);
+            for (int b = 0; b < NB; b++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq[b] + at));
+                const __m256 d = _mm256_broadcast_ss(xd[b] + k);
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, v0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, v1)), ones);
+                a0[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d, a0[b]);
+                a1[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d, a1[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++) y[b][r] = hsum256(a0[b]), y[b][r + 1] = hsum256(a1[b]);
+    }
+    for (; r < r1; r++) {
+        const int8_t *w = W + (size_t)r * K;
+        __m256 a[4];
+        for (int b = 0; b < NB; b++) a[b] = _mm256_setzero_ps();
+        for (int k = 0; k < nb; k++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * k)), u = _mm256_sign_epi8(v, v);
+            for (int b = 0; b < NB; b++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq[b] + 32 * k));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, v)), ones);
+                a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd[b] + k), a[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++) y[b][r] = hsum256(a[b]);
+    }
+}
+
+/* also AVX-512's (its int8_q8 is int8_q8_avx2) */
+T256 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y) {
+    for (int b = 0; b < B; b += 4) {
+        switch (B - b < 4 ? B - b : 4) {
+        case 4: int8_q8_nb(m, prep + b, r0, r1, y + b, 4); break;
+        case 3: int8_q8_nb(m, prep + b, r0, r1, y + b, 3); break;
+        case 2: int8_q8_nb(m, prep + b, r0, r1, y + b, 2); break;
+        default: int8_q8_nb(m, prep + b, r0, r1, y + b, 1); break;
+        }
+    }
+}
+
 T256 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 
 T256 static inline __m256 bcast256(float v) { return _mm256_set1_ps(v); }
@@ -209,5 +271,6 @@ const Kernels kernels_avx2 = {
     "avx2", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
     int8_q8_avx2,
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
+    int8_q8_batch_avx2,
 };
 #endif

@@ -92,5 +92,6 @@ const Kernels kernels_avx512 = {
     "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
     int8_q8_avx2,
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
+    int8_q8_batch_avx2,
 };
 #endif
