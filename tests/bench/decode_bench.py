@@ -327,6 +327,8 @@ def main() -> None:
         if not a.no_busy:
             with Spinner():
                 results[case["name"]]["busy"] = rounds(case, llama, a.repeats, a.new_tokens, "busy")
+        if len(cases) > 1:  # each case's table as soon as it is measured (a 1B case takes a while)
+            print_report(bw, llama, [case], results, {}, a.new_tokens)
     longs = {"135m": long_context(cases[0], llama, a.repeats)} if a.long and cases[0]["name"] == "135m" else {}
     print_report(bw, llama, cases, results, longs, a.new_tokens)
     if a.profile:
