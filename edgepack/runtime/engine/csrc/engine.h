@@ -4,8 +4,9 @@
  * per-op overhead is a third of the step, and torch's int8 kernel wants bfloat16
  * activations. The engine runs the whole step (embedding row, per layer [norm, q/k/v,
  * rotary, KV cache write, attention, o, norm, gate/up, SiLU, down], final norm, head) over
- * tensors the Python side already holds (no copy of any weight), with float32 activations,
- * on a small pool of its own threads (rows of each matrix split between them).
+ * tensors the Python side already holds (no copy of any weight), with float32 activations
+ * (rounded to int8 into a decode step's int8 products where act_bits is 8: below), on a small
+ * pool of its own threads (rows of each matrix split between them).
  *
  * Weights: int8 rows with one float32 scale per row (bitsandbytes' int8 storage, SCB/127),
  * edgepack's int4 (codes and (scale, zero) pairs per group), or bfloat16 / float16 /
