@@ -30,6 +30,27 @@ def _isolated_cache(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _float_activations():
+    """Float32 activations in the engine's decode steps for the whole run (the default is int8
+    per block of 32 on x86): its tests hold logits to 1e-4 of float64's, and batched steps to
+    single ones bitwise. tests/runtime/engine/test_activations.py turns int8 on where it tests it."""
+    old = os.environ.get("EDGEPACK_ACTIVATION_BITS")
+    os.environ["EDGEPACK_ACTIVATION_BITS"] = "32"  # for processes tests start, and engines loaded here
+    try:
+        from edgepack.runtime.engine import _engine
+    except ImportError:  # the C module is not built: nothing runs int8 activations
+        _engine = None
+    previous = _engine.activation_bits(32) if _engine else None
+    yield
+    if _engine:
+        _engine.activation_bits(previous)
+    if old is None:
+        os.environ.pop("EDGEPACK_ACTIVATION_BITS", None)
+    else:
+        os.environ["EDGEPACK_ACTIVATION_BITS"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Local HF model directories: tiny GPT-2 (Conv1D, tied), Llama (tied) and Llama with a

@@ -25,8 +25,9 @@ the pool's counts (parallel calls, futex wake-ups and sleeps per step).
 --table-bits 8 (default): edgepack's bundles store the embedding table / output layer at 8
 bits (`pack --table-bits 8`), as llama.cpp's Q8_0 does; the same bundle with 16-bit tables
 runs in the same rounds at 2 threads ("edgepack t16"). 16: only the 16-bit-table bundles.
-"edgepack a8": the case's bundle with the engine's opt-in int8 activations
-(EDGEPACK_ACTIVATION_BITS=8: llama.cpp's Q8_0 arithmetic), 2 threads.
+The edgepack rows run the engine as shipped: int8 activations into its int8 products (llama.cpp
+Q8_0's arithmetic, the default on x86); "edgepack f32": the case's bundle with float32
+activations (EDGEPACK_ACTIVATION_BITS=32, `--activations float`), 2 threads.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ import peer_llamacpp as peer  # noqa: E402
 ENGINES = (("edgepack", 0), ("edgepack", 2), ("edgepack", 1), ("llama.cpp", 2), ("llama.cpp", 1))  # 0: as shipped (threads adapted per step)
 # with --table-bits 8: the same bundle with 16-bit tables, 2 threads, in the same rounds
 BASELINE = ("edgepack t16", 2)
-# the engine's opt-in int8 activations (EDGEPACK_ACTIVATION_BITS=8) on the case's bundle, 2 threads
-INT8_ACTS = ("edgepack a8", 2)
+# the engine with float32 activations (EDGEPACK_ACTIVATION_BITS=32) on the case's bundle, 2 threads
+FLOAT_ACTS = ("edgepack f32", 2)
 
 
 # --- workers (fresh processes; print one JSON line) ------------------------------------------
@@ -99,8 +100,12 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def spawn_edgepack(*args, activation_bits: int = 32) -> dict:
-    env = dict(os.environ, **{peer.T0_ENV: repr(time.time()), "EDGEPACK_ACTIVATION_BITS": str(activation_bits)})
+def spawn_edgepack(*args, activation_bits: int | None = None) -> dict:
+    """A worker; activation_bits None: the engine's default."""
+    env = dict(os.environ, **{peer.T0_ENV: repr(time.time())})
+    env.pop("EDGEPACK_ACTIVATION_BITS", None)
+    if activation_bits:
+        env["EDGEPACK_ACTIVATION_BITS"] = str(activation_bits)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: bytecode cached
     load = load_average()
     out = subprocess.run([sys.executable, __file__, "worker", *map(str, args)], capture_output=True, text=True, env=env)
@@ -110,8 +115,8 @@ def spawn_edgepack(*args, activation_bits: int = 32) -> dict:
 
 
 def one_run(engine: str, threads: int, case: dict, llama: dict, new_n: int) -> dict:
-    if engine == INT8_ACTS[0]:
-        return spawn_edgepack("edgepack", case["edgepack"], threads, 16, new_n, activation_bits=8)
+    if engine == FLOAT_ACTS[0]:
+        return spawn_edgepack("edgepack", case["edgepack"], threads, 16, new_n, activation_bits=32)
     if engine.startswith("edgepack"):
         return spawn_edgepack("edgepack", case[engine], threads, 16, new_n)
     load = load_average()
@@ -132,7 +137,7 @@ class Spinner:
 
 
 def engines(case: dict) -> tuple:
-    return ENGINES + ((BASELINE,) if BASELINE[0] in case else ()) + (INT8_ACTS,)
+    return ENGINES + ((BASELINE,) if BASELINE[0] in case else ()) + (FLOAT_ACTS,)
 
 
 def rounds(case: dict, llama: dict, repeats: int, new_n: int, label: str) -> dict:
@@ -261,7 +266,7 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
         head = f"{'engine':<13}{'thr':>5}{'MB/token':>10}{'bound t/s':>10}   {'quiet t/s':>9}{'of bound':>9}  {'load avg':<16}{'busy t/s':>9}{'of quiet':>9}  {'load avg':<16}"
         print(head + "\n" + "-" * len(head))
         for engine, threads in engines(case):
-            nbytes = case["bytes"]["edgepack" if engine == INT8_ACTS[0] else engine]
+            nbytes = case["bytes"]["edgepack" if engine == FLOAT_ACTS[0] else engine]
             bound = gb * 1e9 / nbytes
             q = results[case["name"]]["quiet"][(engine, threads)]
             b = results[case["name"]].get("busy", {}).get((engine, threads))
@@ -279,8 +284,8 @@ def print_report(bw: dict, llama: dict, cases: list[dict], results: dict, longs:
                 auto = res[label][("edgepack", 0)]["decode_tok_s"]
                 print(f"{label}: edgepack/llama.cpp at 2 threads {e2 / l2:.2f}x, at 1 thread {e1 / l1:.2f}x, best of each "
                       f"{best_e / best_l:.2f}x; edgepack as shipped (auto) / llama.cpp's best {auto / best_l:.2f}x")
-                a8 = res[label][INT8_ACTS]["decode_tok_s"]
-                print(f"{label}: edgepack with int8 activations (2 threads) / llama.cpp's best {a8 / best_l:.2f}x")
+                f32 = res[label][FLOAT_ACTS]["decode_tok_s"]
+                print(f"{label}: int8 / float32 activations at 2 threads {e2 / f32:.2f}x")
                 if BASELINE in res[label]:
                     print(f"{label}: 8-bit tables / 16-bit tables at 2 threads {e2 / res[label][BASELINE]['decode_tok_s']:.2f}x")
     for name, lc in longs.items():
@@ -322,6 +327,8 @@ def main() -> None:
         if not a.no_busy:
             with Spinner():
                 results[case["name"]]["busy"] = rounds(case, llama, a.repeats, a.new_tokens, "busy")
+        if len(cases) > 1:  # each case's table as soon as it is measured (a 1B case takes a while)
+            print_report(bw, llama, [case], results, {}, a.new_tokens)
     longs = {"135m": long_context(cases[0], llama, a.repeats)} if a.long and cases[0]["name"] == "135m" else {}
     print_report(bw, llama, cases, results, longs, a.new_tokens)
     if a.profile:

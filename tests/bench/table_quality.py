@@ -1,6 +1,7 @@
 """What 8-bit tables (``edgepack pack --table-bits 8``) cost in quality on the default model.
 
     .venv/bin/python tests/bench/table_quality.py [--formats 8,4-int4] [--work DIR] [--activation-bits 8]
+                                                  [--table-bits 16,8] [--rtn] [--peer-q8]
 
 Packs SmolLM2-135M-Instruct per format with 16-bit and with 8-bit tables (the tied
 embedding table / output layer), then scores each bundle as cpu_bench does: held-out
@@ -8,7 +9,12 @@ perplexity, mean KL and top-1 agreement against the float32 source on cpu_bench'
 text (~4k tokens), one token a step through edgepack's CPU engine. Prints one row per
 bundle, and per format the perplexity delta the 8-bit tables add with its standard error
 (paired per-token differences between the two bundles: the same tokens). --activation-bits 8
-also scores each 8-bit bundle with the engine's int8 activations (EDGEPACK_ACTIVATION_BITS=8).
+also scores each 8-bit bundle with the engine's int8 activations (EDGEPACK_ACTIVATION_BITS=8;
+the other rows pin float32, EDGEPACK_ACTIVATION_BITS=32). --table-bits 16: only the bundles
+with 16-bit tables (what `pack` writes by default), no table comparison. A bundle already in
+--work (bundle-<format>[-rtn]-t<bits>/) is scored as it is, not packed again. --peer-q8:
+also llama.cpp Q8_0 (gguf_variants.py's file, llama.cpp's own arithmetic through its Python
+bindings, peer_llamacpp.py) on the same tokens, as a row.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ def main() -> None:
                         help="8-bit: pack without smoothing and GPTQ (round to nearest: minutes less on a busy box)")
     parser.add_argument("--activation-bits", type=int, choices=(8, 32), default=32,
                         help="8: also score the 8-bit bundles with int8 activations")
+    parser.add_argument("--peer-q8", action="store_true", help="also score llama.cpp Q8_0 on the same tokens")
+    parser.add_argument("--table-bits", default="16,8", choices=("16,8", "16", "8"),
+                        help="the table widths to pack and score (both: also the perplexity change 8-bit tables add)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -48,7 +57,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     bundles = {}
     for fmt in args.formats.split(","):
-        for table_bits in (16, 8):
+        for table_bits in map(int, args.table_bits.split(",")):
             out = work / f"bundle-{fmt}{'-rtn' if args.rtn and fmt == '8' else ''}-t{table_bits}"
             if not (out / "edgepack.json").exists():
                 rtn = {"smoothing": False, "gptq": False} if args.rtn and fmt == "8" else {}
@@ -73,8 +82,17 @@ def main() -> None:
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
         ppl = peer.perplexity(lp, tokens)
         print(f"{name:<14}{size:>8.1f}{ppl:>9.4f}{100 * (ppl / ref_ppl - 1):>+10.2f}%{q['kl_mean']:>10.5f}{q['top1_agree']:>8.4f}")
+    if args.peer_q8:
+        gguf = gguf_variants.make_variants(out_dir=BENCH / ".work" / "gguf-135m")["Q8_0"]
+        out = peer.spawn("quality", gguf, peer.ensure_llamacpp_env(), "--threads", "2", "--out-dir", str(work))
+        if not np.array_equal(np.load(out["tokens"]), tokens):
+            raise SystemExit("llama.cpp tokenized the quality text differently: no row for it")
+        lp = np.load(out["logprobs"])
+        q, ppl = peer.compare_logprobs(ref, lp), peer.perplexity(lp, tokens)
+        print(f"{'llama.cpp Q8_0':<14}{gguf.stat().st_size / 1e6:>8.1f}{ppl:>9.4f}{100 * (ppl / ref_ppl - 1):>+10.2f}%"
+              f"{q['kl_mean']:>10.5f}{q['top1_agree']:>8.4f}")
     pos = np.arange(len(tokens) - 1)
-    for fmt in args.formats.split(","):
+    for fmt in args.formats.split(",") if args.table_bits == "16,8" else []:
         wide, narrow = lps[f"{fmt} t16"], lps[f"{fmt} t8"]
         diff = wide[pos, tokens[1:]].astype(np.float64) - narrow[pos, tokens[1:]]
         print(f"{fmt}: 8-bit tables change perplexity by {100 * (np.exp(diff.mean()) - 1):+.3f}% "

@@ -4,13 +4,14 @@ On a small box most of a cold start was ``import torch`` (~1.05 s, ~220 MiB befo
 is read). This engine reads the bundle's tensors as stored (int8 + row scales, edgepack's
 int4, 16-bit) into one anonymous memory map, joins q/k/v and gate/up rows as it reads them
 (they land next to each other: no copy), and hands their addresses to the C module, which
-runs prompts (GEMMs over chunks of tokens) and decode steps (one call a token) with float32
-activations and a bfloat16 KV cache (EDGEPACK_ACTIVATION_BITS=8: a decode step's int8
-products take their input rounded to int8 per block of 32, as llama.cpp's Q8_0 does; faster
-where converting int8 weights to float bounds the kernel, e.g. AVX2 on Zen 1; not the
-default: SmolLM2-135M's mean KL to the source 0.0029 -> 0.0049, tests/bench/table_quality.py). An 8-bit table (``pack --table-bits 8``) is read as stored: the
-embedding row times its scale, the output layer as an int8 matrix. Imports: the standard library, ``tokenizers`` (and
-jinja2 for chat templates).
+runs prompts (GEMMs over chunks of tokens) and decode steps (one call a token) with a
+bfloat16 KV cache and float32 activations, but for a decode step's int8 products on x86: their
+input rounded to int8 per block of 32, as llama.cpp's Q8_0 does (~1.4x the decode speed on a
+2-core AVX2 box; SmolLM2-135M's perplexity and KL to the source within Q8_0's, table_quality.py).
+EDGEPACK_ACTIVATION_BITS=32 (``--activations float``): float32 there too, logits within 1e-4
+of float64's. An 8-bit table (``pack --table-bits 8``) is read as stored: the embedding row
+times its scale, the output layer as an int8 matrix. Imports: the standard library,
+``tokenizers`` (and jinja2 for chat templates).
 
     lm = NativeLM.load(path, manifest, config)
     cache = lm.new_cache(512)
@@ -29,7 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,7 +39,8 @@ from edgepack.format import bundle as bundle_format
 from edgepack.errors import BundleIntegrityError
 from edgepack.runtime.engine.cache import NativeCache
 from edgepack.runtime.engine.family import GEMMA, LLAMA_LIKE, Features, features
-from edgepack.runtime.engine.threads import CPUS, THREADS_ENV, asked_threads, threads  # noqa: F401  (re-exported)
+from edgepack.runtime.engine.threads import ACTIVATIONS_ENV, CPUS, THREADS_ENV, asked_threads, threads  # noqa: F401
+from edgepack.runtime.engine.threads import asked_activation_bits
 
 try:  # built by setup.py; absent where edgepack was installed without a C compiler
     from edgepack.runtime.engine import _engine as _native
@@ -53,7 +55,6 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 NATIVE_ENV = "EDGEPACK_NATIVE"
 ALIGN = 64  # every tensor starts on a cache line
 FLOATS = ("BF16", "F16", "F32")  # stored dtypes read as floats (16-bit weights, tables, norms, biases)
-# the CPUs this process may run on
 
 
 def supports(config: dict[str, Any]) -> str | None:
@@ -362,6 +363,9 @@ class NativeLM:
         self.rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
         self._threads = threads()
         self.adapt = asked_threads() is None  # pick the count per step, up to self.threads
+        if asked_activation_bits() is not None:  # the C module's, process-wide: the last load's asking wins
+            _native.activation_bits(asked_activation_bits())
+        self._int8 = any(m.kind == "INT8" for m in [plan.head, *(x for layer in plan.layers for x in layer[2:6])])
         base = _native.address(arena)
 
         def mat(m: Matrix) -> tuple:
@@ -404,11 +408,16 @@ class NativeLM:
         """The threads decode steps run on now (adaptive: the count last measured fastest)."""
         return (_native.threads_in_use() or self._threads) if self.adapt else self._threads
 
+    def activations(self) -> str:
+        """'int8' where this model's decode steps round int8 products' inputs to int8 now, else 'float'."""
+        return "int8" if self._int8 and _native.int8_activations() else "float"
+
     @classmethod
     def load(cls, path: Path, manifest: dict[str, Any], config: dict[str, Any]) -> "NativeLM":
         """Read every tensor of the bundle at ``path`` into place (see _plan). Each shard is
         opened once: its header and its data come from the same open file, whose size and
         header are checked again (it may have been replaced or truncated since verifying)."""
+        asked_activation_bits()  # a bad EDGEPACK_ACTIVATION_BITS refused before any read
         sizes = {e["path"]: e["size"] for e in manifest["files"]}
         with ExitStack() as stack:
             shards, header = {}, {}
@@ -506,6 +515,17 @@ class NativeLM:
             n += 1
             yield token
             ids = [token]
+
+
+@contextmanager
+def float_activations() -> Iterator[None]:
+    """Decode steps with float32 activations inside (logits within 1e-4 of float64's, on any CPU)."""
+    previous = _native.activation_bits(32) if _native is not None else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            _native.activation_bits(previous)
 
 
 def _weight_map(nbytes: int) -> mmap.mmap:

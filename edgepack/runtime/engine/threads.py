@@ -1,5 +1,6 @@
-"""How many threads the C kernels may use: the CPUs this process may run on, or what
-EDGEPACK_THREADS / OMP_NUM_THREADS asks for."""
+"""How the C kernels run: how many threads (the CPUs this process may run on, or what
+EDGEPACK_THREADS / OMP_NUM_THREADS asks for), and the activations into int8 products
+(EDGEPACK_ACTIVATION_BITS: 8, the default, or 32)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 THREADS_ENV = "EDGEPACK_THREADS"
+ACTIVATIONS_ENV = "EDGEPACK_ACTIVATION_BITS"
+# the words of `--activations` and the bits each sets
+ACTIVATIONS = {"int8": 8, "float": 32}
 
 
 def asked_threads() -> int | None:
@@ -33,3 +37,16 @@ def threads() -> int:
         pass
     wanted = asked_threads()
     return max(1, min(cpus, wanted)) if wanted else cpus
+
+
+def asked_activation_bits() -> int | None:
+    """The activation bits EDGEPACK_ACTIVATION_BITS asks for (8 or 32), if it is set."""
+    wanted = os.environ.get(ACTIVATIONS_ENV, "").strip()
+    if not wanted:
+        return None
+    if wanted not in ("8", "32"):
+        from edgepack.errors import UsageError
+
+        raise UsageError(f"{ACTIVATIONS_ENV}={wanted!r}: 8 (int8 activations) or 32 (float32) expected",
+                         hint=f"set {ACTIVATIONS_ENV}=32 for float32 activations, or unset it for the default (8)")
+    return int(wanted)

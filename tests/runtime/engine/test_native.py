@@ -505,7 +505,7 @@ def test_run_threads_flag_and_stats_name_the_engine(capsys, packed, monkeypatch)
     bundle = str(packed("llama", 8))
     args = ["run", bundle, "The capital", "--max-new-tokens", "3", "--temperature", "0", "--stats"]
     assert main(args + ["--threads", "2"]) == 0
-    assert f"engine {native.set_isa()}, 2 threads)" in capsys.readouterr().err
+    assert f"engine {native.set_isa()}, 2 threads, float activations)" in capsys.readouterr().err
     assert main(args + ["--threads", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --threads must be at least 1, not 0") and "hint: " in err

@@ -27,7 +27,7 @@ enum { N_TABLES = sizeof tables / sizeof tables[0] };
 
 static int best = N_TABLES - 1; /* index into tables */
 const Kernels *kernels = &kernels_generic;
-int act_bits = 32;
+int act_bits = 8;
 
 void detect_isa(void) {
 #if EP_X86
@@ -44,7 +44,8 @@ void detect_isa(void) {
     best = 1; /* no getauxval: NEON, which every aarch64 CPU has */
 #endif
     kernels = tables[best];
-    const char *bits = getenv("EDGEPACK_ACTIVATION_BITS");
+    const char *bits = getenv("EDGEPACK_ACTIVATION_BITS"); /* other values: the default (Python refuses them) */
+    if (bits && !strcmp(bits, "32")) act_bits = 32;
     if (bits && !strcmp(bits, "8")) act_bits = 8;
 }
 

@@ -478,8 +478,7 @@ typedef struct {
 static void task_dequant(void *ctx, int tid, int nth) {
     const Dequant *d = (const Dequant *)ctx;
     int lo, hi;
-    split(d->mat->rows, tid, nth, &lo, &hi);
-    if (hi > lo) int4_rows_f32(d->mat, lo, hi, d->out + (size_t)lo * d->mat->cols);
+    while (take_rows(tid, nth, &lo, &hi)) int4_rows_f32(d->mat, lo, hi, d->out + (size_t)lo * d->mat->cols);
 }
 
 static PyObject *py_dequant_int4(PyObject *self, PyObject *args) {
@@ -597,6 +596,12 @@ static PyObject *py_activation_bits(PyObject *self, PyObject *args) {
     return PyLong_FromLong(previous);
 }
 
+/* int8_activations(): whether decode steps round int8 products' inputs to int8 now (act_bits 8
+ * and a kernel set with int8_q8; bundles without int8 matrices take float32 regardless) */
+static PyObject *py_int8_activations(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(act_bits == 8 && kernels->int8_q8 != NULL);
+}
+
 /* threads_in_use(): the thread count adaptive decode steps run on now (0 before the first) */
 static PyObject *py_threads_in_use(PyObject *self, PyObject *noargs) { return PyLong_FromLong(adapt_current()); }
 
@@ -615,6 +620,7 @@ static PyMethodDef methods[] = {
     {"argmax", py_argmax, METH_VARARGS, "Index of the largest float32 value."},
     {"profile", py_profile, METH_VARARGS, "Seconds per part of the step: profile(True) starts, profile() reads."},
     {"set_isa", py_set_isa, METH_VARARGS, "Kernels to use ('generic', 'avx2', 'avx512'); returns the previous."},
+    {"int8_activations", py_int8_activations, METH_NOARGS, "Whether int8 products take int8 inputs now."},
     {"activation_bits", py_activation_bits, METH_VARARGS, "Activations into int8 products: 32 or 8; returns the previous."},
     {NULL, NULL, 0, NULL},
 };

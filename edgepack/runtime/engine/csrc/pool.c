@@ -12,6 +12,11 @@
  * a thread slowed by another program leaves its rows to the rest. Which thread computes a row
  * does not change its value, so results are bit-identical for any thread count.
  *
+ * Late workers: a job of shared rows (parallel_rows) waits only for the workers that joined
+ * it before the caller ran out of rows to take. A worker the scheduler has preempted (another
+ * program on its core) would otherwise hold up every one of the ~150 parts of a step until it
+ * runs again, with nothing left for it to do; it joins the next job instead.
+ *
  * Thread count: adapt_threads picks it per decode step from measured step times (below). */
 #include <limits.h>
 #include <time.h>
@@ -40,11 +45,16 @@ typedef struct {
     int end, chunk;
 } Region;
 
+/* an elastic job's word: OPEN while workers may join it, plus JOINED per worker inside it */
+enum { OPEN = 1, JOINED = 2 };
+
 static struct {
     Slot slot[MAX_THREADS];
     Region region[MAX_THREADS];
     _Alignas(64) atomic_int pending, caller_sleeping;
-    int workers, active, gen;
+    _Alignas(64) atomic_int joined; /* elastic jobs: OPEN | JOINED x the workers inside */
+    int workers, active;
+    unsigned gen; /* a worker's go word: gen << 1, | 1 for an elastic job */
     task_fn fn;
     void *ctx;
 } pool;
@@ -114,8 +124,18 @@ static void *worker_main(void *arg) {
             atomic_store(&s->sleeping, 0);
         }
         seen = atomic_load_explicit(&s->go, memory_order_acquire);
-        pool.fn(pool.ctx, tid, pool.active);
-        if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_sleeping)) wake(&pool.pending);
+        if (!(seen & 1)) { /* every posted worker runs it once: the caller waits for all */
+            pool.fn(pool.ctx, tid, pool.active);
+            if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_sleeping)) wake(&pool.pending);
+            continue;
+        }
+        /* elastic: join the job open now, if any (a later one than posted to this worker is as good) */
+        int j = atomic_load(&pool.joined);
+        while ((j & OPEN) && !atomic_compare_exchange_weak(&pool.joined, &j, j + JOINED)) {
+        }
+        if (!(j & OPEN)) continue; /* closed: the caller took every row */
+        if (tid < pool.active) pool.fn(pool.ctx, tid, pool.active);
+        if (atomic_fetch_sub(&pool.joined, JOINED) == JOINED && atomic_load(&pool.caller_sleeping)) wake(&pool.joined);
     }
     return NULL;
 }
@@ -123,6 +143,7 @@ static void *worker_main(void *arg) {
 void pool_after_fork(void) { /* threads do not survive fork(): start afresh */
     pool.workers = 0;
     atomic_store(&pool.pending, 0);
+    atomic_store(&pool.joined, 0);
     atomic_store(&pool.caller_sleeping, 0);
     for (int i = 0; i < MAX_THREADS; i++) atomic_store(&pool.slot[i].sleeping, 0);
     pthread_mutex_init(&step_lock, NULL);
@@ -153,8 +174,22 @@ const char *SYNC_NAMES[S_COUNTS] = {"parallel calls", "worker wake-ups (futex)",
 long sync_counts[S_COUNTS];
 double sync_wait_seconds;
 
-/* fn(ctx, tid, nth) on nth threads, the caller being tid 0; returns when all are done */
-void parallel(task_fn fn, void *ctx, int nth) {
+/* until *w is 0 (workers leaving a job count it down): spin briefly, then sleep on it */
+static void wait_drained(atomic_int *w) {
+    int left;
+    while ((left = atomic_load_explicit(w, memory_order_acquire)) > 0) {
+        if (spin_while(w, left)) continue;
+        sync_counts[S_CALLER_SLEEPS] += profiling != 0;
+        atomic_store(&pool.caller_sleeping, 1); /* Dekker with the last worker's wake */
+        while ((left = atomic_load(w)) > 0) sleep_on(w, left);
+        atomic_store(&pool.caller_sleeping, 0);
+    }
+}
+
+/* fn(ctx, tid, nth) on nth threads, the caller being tid 0. Not elastic: returns when all
+ * nth have run it (fn may split work by tid). Elastic (fn takes rows with take_rows): returns
+ * when the rows are done, having waited only for the workers that joined in time. */
+static void run_job(task_fn fn, void *ctx, int nth, int elastic) {
     if (nth > pool.workers + 1) nth = pool.workers + 1;
     sync_counts[S_CALLS] += profiling != 0;
     if (nth <= 1) {
@@ -164,10 +199,14 @@ void parallel(task_fn fn, void *ctx, int nth) {
     pool.fn = fn;
     pool.ctx = ctx;
     pool.active = nth;
-    atomic_store(&pool.pending, nth - 1);
+    if (elastic)
+        atomic_store(&pool.joined, OPEN);
+    else
+        atomic_store(&pool.pending, nth - 1);
     pool.gen++;
+    const int word = (int)(pool.gen << 1 | (unsigned)elastic);
     for (int t = 1; t < nth; t++) { /* seq_cst stores: publish fn/ctx/active first */
-        atomic_store(&pool.slot[t].go, pool.gen);
+        atomic_store(&pool.slot[t].go, word);
         if (atomic_load(&pool.slot[t].sleeping)) {
             wake(&pool.slot[t].go);
             sync_counts[S_WAKES] += profiling != 0;
@@ -175,16 +214,16 @@ void parallel(task_fn fn, void *ctx, int nth) {
     }
     fn(ctx, 0, nth);
     const double own_done = profiling ? now_s() : 0.0;
-    int left = atomic_load_explicit(&pool.pending, memory_order_acquire);
-    if (left > 0 && !spin_while(&pool.pending, left)) {
-        sync_counts[S_CALLER_SLEEPS] += profiling != 0;
-        atomic_store(&pool.caller_sleeping, 1);
-        while ((left = atomic_load(&pool.pending)) > 0) sleep_on(&pool.pending, left);
-        atomic_store(&pool.caller_sleeping, 0);
+    if (elastic) {
+        atomic_fetch_and(&pool.joined, ~OPEN); /* every row is taken: no one joins now */
+        wait_drained(&pool.joined);
+    } else {
+        wait_drained(&pool.pending);
     }
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
     if (profiling) sync_wait_seconds += now_s() - own_done;
 }
+
+void parallel(task_fn fn, void *ctx, int nth) { run_job(fn, ctx, nth, 0); }
 
 /* ------------------------------------------------------------------ rows shared out */
 
@@ -222,7 +261,7 @@ int take_rows(int tid, int nth, int *lo, int *hi) {
 
 void parallel_rows(task_fn fn, void *ctx, int rows, int unit, int nth) {
     share_rows(rows, nth, unit);
-    parallel(fn, ctx, nth);
+    run_job(fn, ctx, nth, 1);
 }
 
 /* ------------------------------------------------------------------ thread count per step
