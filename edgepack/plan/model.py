@@ -45,7 +45,7 @@ class Block:
     other_bytes: int = 0
     tied_to: str | None = None
     # the embedding table / an untied output layer in this block (part of kept_params):
-    # its [rows, cols], which an 8-bit table stores as int8 + a float32 scale per row
+    # its [rows, cols], which an 8-bit table stores as int8 + its scales (sizing.table_bytes)
     table_rows: int = 0
     table_cols: int = 0
 

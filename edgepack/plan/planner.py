@@ -257,7 +257,7 @@ class _Held:
         layer = block.kind == "layer"
         return cls(
             blocks=1,
-            weights=block_weight_bytes(block, s.q, fp32_linears=fp32),
+            weights=block_weight_bytes(block, s.q, fp32_linears=fp32, tables_as_stored=s.rt is NATIVE),
             layers=int(layer),
             output=block.kind == "output",
             largest_linear=max((o * i for _, o, i in block.linears), default=0) if layer and not fp32 else 0,
