@@ -217,7 +217,9 @@ def _tables_problems(tables: Any, tensors: Any) -> list[str]:
             continue
         shape = weight.get("shape")
         ok = isinstance(shape, list) and len(shape) == 2 and all(is_int(n) and n > 0 for n in shape)
-        if weight.get("dtype") != "I8" or scales.get("dtype") != dtype or not ok or scales.get("shape") != scale_shape(*shape):
+        if not ok:  # a malformed shape: _tensors_problems names it
+            continue
+        if weight.get("dtype") != "I8" or scales.get("dtype") != dtype or scales.get("shape") != scale_shape(*shape):
             want = "[rows]" if scheme == "int8-rowwise" else "[rows, cols / 32] (cols a multiple of 32)"
             problems.append(f"quantization.tables: {short_repr(module)} must be I8 [rows, cols] with {suffix[1:]} {dtype} {want}")
     return problems

@@ -245,6 +245,11 @@ def _lean_supported(config: dict[str, Any]) -> bool:
     return supports(config) is None
 
 
+def engine_runs(config: dict[str, Any]) -> bool:
+    """Whether edgepack's C engine runs a model of this config.json (pack's default tables)."""
+    return _engine_features(config)["engine"]
+
+
 def _engine_features(config: dict[str, Any]) -> dict[str, Any]:
     """Whether edgepack's C engine runs it, and its sliding-window layers (their KV cache is a
     ring of sliding_window positions there)."""

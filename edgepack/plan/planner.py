@@ -53,6 +53,7 @@ from edgepack.plan.sizing import (
     human,
     kv_cache_bytes,
     linear_weight_bytes,
+    resolved,
     weight_bytes,
 )
 from edgepack.runtime.constants import (
@@ -406,7 +407,7 @@ def plan(
 
 
 def _speed(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> speed_model.Speed | None:
-    q = Quant(p.bits, o.quant_type, o.double_quant, o.dtype)
+    q = resolved(Quant(p.bits, o.quant_type, o.double_quant, o.dtype), desc)
     return speed_model.predict(desc, q, p.device_map, p.strategy, p.runtime, dict(t.bandwidth), o.context, o.batch)
 
 
@@ -479,7 +480,7 @@ def device_budget(desc: ModelDescription, profile: Any, bits: int, strategy: str
 
 
 def _setting(desc: ModelDescription, t: _Target, bits: int, strategy: str, o: Options) -> _Setting:
-    q = Quant(bits, o.quant_type, o.double_quant, o.dtype)
+    q = resolved(Quant(bits, o.quant_type, o.double_quant, o.dtype), desc)
     return _Setting(desc, t, q, strategy, o, _runtime_for(desc, strategy, o.runtime, t.arch, q))
 
 

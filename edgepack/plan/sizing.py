@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgepack.plan.model import Block, ModelDescription
@@ -97,12 +97,14 @@ class Quant:
         return {16: "16-bit", 8: "8-bit int8"}[self.bits]
 
 
-def default_table_bits(bits: int, quant_type: str = "nf4") -> int:
+def default_table_bits(bits: int, quant_type: str = "nf4", engine: bool = True) -> int:
     """What pack stores the embedding table and output layer at unless told: 8 bits in the
-    CPU engine's formats (8-bit and int4 bundles: the table is most of a small model's bytes,
-    and with a scale per block of 32 it costs Q8_0's quality, FORMAT.md), 16 in 16-bit and
-    nf4/fp4 bundles (GPU formats: transformers loads those as they are)."""
-    return 8 if bits == 8 or (bits == 4 and quant_type == "int4") else 16
+    CPU engine's formats (8-bit and int4 bundles) of a model the engine runs (it reads them
+    as stored: the output layer is read every token; with a scale per block of 32 they cost
+    about Q8_0's quality, FORMAT.md); 16 in 16-bit and nf4/fp4 bundles and for models only
+    the torch backend runs (it holds them at 16 bits anyway, and plain transformers loads
+    16-bit tables)."""
+    return 8 if engine and (bits == 8 or (bits == 4 and quant_type == "int4")) else 16
 
 
 def table_bytes(rows: int, cols: int) -> int:
@@ -159,7 +161,15 @@ def block_weight_bytes(block: Block, q: Quant, fp32_linears: bool = False, table
 
 def weight_bytes(desc: ModelDescription, q: Quant) -> int:
     """What the bundle's manifest will call memory.weight_bytes."""
+    q = resolved(q, desc)
     return sum(block_weight_bytes(b, q) for b in desc.blocks)
+
+
+def resolved(q: Quant, desc: ModelDescription) -> Quant:
+    """``q`` with pack's default table bits for this model filled in (default_table_bits)."""
+    if q.table_bits is not None:
+        return q
+    return replace(q, table_bits=default_table_bits(q.bits, q.quant_type, desc.engine))
 
 
 # --- how the runtime spends memory beyond the weights ---------------------------------------

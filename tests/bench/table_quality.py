@@ -85,8 +85,10 @@ def main() -> None:
         runs += [(name + " a8", path, "8") for name, path in bundles.items() if name.startswith("8 ")]
     for name, path, act_bits in runs:
         os.environ["EDGEPACK_ACTIVATION_BITS"] = act_bits  # the worker's engine reads it at import
-        out = cpu_bench.spawn("quality", str(path), str(work / "tokens.npy"), str(work / f"lp-{name.replace(' ', '-')}.npy"))
-        lps[name] = lp = np.load(out["logprobs"])
+        saved = work / f"lp-{path.name}{'-a8' if act_bits == '8' else ''}.npy"  # scored before: kept in --work
+        if not saved.exists():
+            cpu_bench.spawn("quality", str(path), str(work / "tokens.npy"), str(saved))
+        lps[name] = lp = np.load(saved)
         q = peer.compare_logprobs(ref, lp)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
         ppl = peer.perplexity(lp, tokens)

@@ -8,6 +8,7 @@ verify, the planner's bytes, and bundles without the field."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -248,9 +249,10 @@ def test_verify_refuses_a_damaged_scale_tensor(packed, tmp_path):
     manifest = bundle_format.verify_bundle(bundle)
     info = manifest["tensors"]["lm_head.weight.scales"]
     shard = bundle / info["file"]
-    header_bytes = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
     data = bytearray(shard.read_bytes())
-    data[header_bytes + info["data_offsets"][0] + 3] ^= 0x40
+    header_bytes = 8 + int.from_bytes(data[:8], "little")
+    start = json.loads(data[8:header_bytes])["lm_head.weight.scales"]["data_offsets"][0]
+    data[header_bytes + start + 3] ^= 0x40
     shard.write_bytes(bytes(data))
     with pytest.raises(BundleIntegrityError, match=info["file"]):
         bundle_format.verify_bundle(bundle)
