@@ -110,8 +110,9 @@ def pack(
     say("computing reference logits of the full-precision model")
     source_model = src.source_model()  # built once (streamed sources: a lazy reader) for the logits and smoothing
     source_logits = quantize.logits(source_model, check_ids)
-    if table_bits is None:
-        table_bits = default_table_bits(bits, quant_type, engine_runs(structure.config.to_dict()))
+    if table_bits is None:  # 8-bit where the engine will read them: the model's, not another runtime's plan
+        engine = engine_runs(structure.config.to_dict()) and (plan or {}).get("runtime", "native") == "native"
+        table_bits = default_table_bits(bits, quant_type, engine)
     settings = quantize.Settings(bits, quant_type, double_quant, blocksize, dtype, table_bits)
     text = _calibration_text(src, settings, smoothing or gptq, say)
     smooth = _smoothing_plan(src, source_model, settings, smoothing, text, say)

@@ -407,7 +407,7 @@ def plan(
 
 
 def _speed(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> speed_model.Speed | None:
-    q = resolved(Quant(p.bits, o.quant_type, o.double_quant, o.dtype), desc)
+    q = resolved(Quant(p.bits, o.quant_type, o.double_quant, o.dtype), desc, native=p.runtime == NATIVE.name)
     return speed_model.predict(desc, q, p.device_map, p.strategy, p.runtime, dict(t.bandwidth), o.context, o.batch)
 
 
@@ -480,8 +480,9 @@ def device_budget(desc: ModelDescription, profile: Any, bits: int, strategy: str
 
 
 def _setting(desc: ModelDescription, t: _Target, bits: int, strategy: str, o: Options) -> _Setting:
-    q = resolved(Quant(bits, o.quant_type, o.double_quant, o.dtype), desc)
-    return _Setting(desc, t, q, strategy, o, _runtime_for(desc, strategy, o.runtime, t.arch, q))
+    q = Quant(bits, o.quant_type, o.double_quant, o.dtype)
+    rt = _runtime_for(desc, strategy, o.runtime, t.arch, q)
+    return _Setting(desc, t, resolved(q, desc, native=rt is NATIVE), strategy, o, rt)
 
 
 def _options(desc: ModelDescription, *, context: int | None = None, prompt_tokens: int | None = None,

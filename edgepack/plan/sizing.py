@@ -165,11 +165,12 @@ def weight_bytes(desc: ModelDescription, q: Quant) -> int:
     return sum(block_weight_bytes(b, q) for b in desc.blocks)
 
 
-def resolved(q: Quant, desc: ModelDescription) -> Quant:
-    """``q`` with pack's default table bits for this model filled in (default_table_bits)."""
+def resolved(q: Quant, desc: ModelDescription, native: bool = True) -> Quant:
+    """``q`` with pack's default table bits for this model filled in (default_table_bits);
+    native False: a plan for another runtime than the engine (pack gets that plan)."""
     if q.table_bits is not None:
         return q
-    return replace(q, table_bits=default_table_bits(q.bits, q.quant_type, desc.engine))
+    return replace(q, table_bits=default_table_bits(q.bits, q.quant_type, desc.engine and native))
 
 
 # --- how the runtime spends memory beyond the weights ---------------------------------------
