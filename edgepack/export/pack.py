@@ -34,6 +34,8 @@ from edgepack.errors import (
     UnsupportedModelError,
 )
 from edgepack.export.sources import ResolvedSource, resolve_source
+from edgepack.plan.model import engine_runs
+from edgepack.plan.sizing import default_table_bits
 
 BITS = (16, 8, 4)
 QUANT_TYPES = ("nf4", "fp4", "int4")  # int4: edgepack's CPU format (torch's int4 kernel), not bitsandbytes'
@@ -72,7 +74,7 @@ def pack(
     progress: Progress | None = None,
     smoothing: bool = True,
     gptq: bool = True,
-    table_bits: int = 16,
+    table_bits: int | None = None,
 ) -> dict[str, Any]:
     """Quantize ``source`` and write a verified bundle to ``out``; return its manifest.
 
@@ -80,13 +82,15 @@ def pack(
     before quantizing (exact in float; see smoothing.py); False quantizes the source as is.
     gptq: at 8 bits, round Llama-family rows with GPTQ's error compensation on the
     calibration text (gptq.py); False rounds to nearest, as bitsandbytes does.
-    table_bits: 8 stores the embedding table and output layer as int8 rows with a scale
-    each (FORMAT.md, quantization.tables; edgepack's runtime only), 16 keeps them at dtype."""
+    table_bits: 8 stores the embedding table and output layer as int8 with a float16 scale
+    per block of 32 (FORMAT.md, quantization.tables; edgepack's runtime only), 16 keeps them
+    at dtype; None: 8 for 8-bit and int4 bundles of models edgepack's CPU engine runs, 16
+    otherwise (sizing.default_table_bits)."""
     extras.require("export", "packing a model")  # before the source is downloaded
     say = progress or (lambda _msg: None)
     blocksize = DEFAULT_BLOCKSIZE.get(quant_type, 64) if blocksize is None else blocksize
     _check_options(bits, quant_type, blocksize, dtype, max_shard_bytes, double_quant)
-    if table_bits not in (8, 16):
+    if table_bits not in (None, 8, 16):
         raise QuantizationError(f"unsupported table bits {table_bits!r}", hint="use --table-bits 8 or 16")
     out = Path(out)
     _check_output(out, force)
@@ -106,6 +110,9 @@ def pack(
     say("computing reference logits of the full-precision model")
     source_model = src.source_model()  # built once (streamed sources: a lazy reader) for the logits and smoothing
     source_logits = quantize.logits(source_model, check_ids)
+    if table_bits is None:  # 8-bit where the engine will read them: the model's, not another runtime's plan
+        engine = engine_runs(structure.config.to_dict()) and (plan or {}).get("runtime", "native") == "native"
+        table_bits = default_table_bits(bits, quant_type, engine)
     settings = quantize.Settings(bits, quant_type, double_quant, blocksize, dtype, table_bits)
     text = _calibration_text(src, settings, smoothing or gptq, say)
     smooth = _smoothing_plan(src, source_model, settings, smoothing, text, say)
@@ -504,10 +511,10 @@ def configure_parser(p) -> None:
     p.add_argument("--no-gptq", action="store_true",
                    help="8-bit: round each weight to nearest, as bitsandbytes does (default: GPTQ's error-compensated "
                         "rounding on Llama-family models; same format, lower error, ~25 s more on the default model)")
-    p.add_argument("--table-bits", type=int, choices=(8, 16), default=16,
-                   help="the embedding table and output layer: 16 (default) or 8 (int8 rows with a scale each: "
-                        "the output layer is read every token; SmolLM2-135M: 17%% fewer bytes a token, mean KL to "
-                        "the source 0.0029 -> 0.0046; edgepack's runtime only, not plain transformers)")
+    p.add_argument("--table-bits", type=int, choices=(8, 16), default=None,
+                   help="the embedding table and output layer: 8 (default for --bits 8 and int4 of models "
+                        "edgepack's CPU engine runs: int8 with a float16 scale per block of 32; the output layer is "
+                        "read every token; edgepack's runtime only, not plain transformers) or 16 (default otherwise)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 

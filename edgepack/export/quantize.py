@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgepack.errors import QuantizationError
 from edgepack.plan.model import is_linear, out_in, unique_tensors
 from edgepack.runtime.torch.linear import int4_fits
 
@@ -39,11 +40,17 @@ OUTPUT_LAYER_REASON = (
     "token's probabilities; bitsandbytes keeps it too (llama.cpp's k-quants keep it at 6 bits or more)"
 )
 TIED_REASON = "tied to the input embeddings, which are stored once in 16-bit"
-# 8-bit tables: the embedding table and the output layer as int8 rows with one float32
-# absmax each (bitsandbytes' int8 layout, W ~= weight * SCB / 127); the manifest's
+# 8-bit tables: the embedding table and the output layer as int8 codes with a float16
+# scale per block of 32 values of a row (llama.cpp's Q8_0 granularity, 8.5 bits a value;
+# "int8-block32": M.weight I8 + M.weight.scales F16 [rows, cols / 32]), or, where a row is
+# not whole blocks, one float32 absmax per row (bitsandbytes' int8 layout, "int8-rowwise":
+# M.weight I8 + M.SCB F32 [rows], W ~= weight * SCB / 127); the manifest's
 # quantization.tables lists them. SmolLM2-135M: its 49,152 x 576 tied table is 56 of the
-# 163 MB a decode step reads at 16 bits.
-TABLE_SCHEME = "int8-rowwise"
+# 163 MB a decode step reads at 16 bits; a scale per row of 576 values costs it 1.6x the
+# KL of one per 32 (FORMAT.md).
+TABLE_SCHEME = "int8-block32"
+TABLE_SCHEME_ROWWISE = "int8-rowwise"
+TABLE_BLOCK = 32
 INT4_SHAPE_REASON = (
     "int4: torch's CPU kernel needs out_features divisible by 16 and in_features by the "
     "group size; kept in 16-bit"
@@ -92,7 +99,7 @@ class Settings:
         if self.bits == 4:
             section.update(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
         if result.tables:
-            section["tables"] = {"bits": 8, "scheme": TABLE_SCHEME, "modules": list(result.tables)}
+            section["tables"] = {"bits": 8, "scheme": result.table_scheme, "modules": list(result.tables)}
         return section
 
 
@@ -104,6 +111,7 @@ class Result:
     smoothing: dict[str, Any] | None = None  # how the float model was rewritten first (smoothing.py)
     gptq: dict[str, Any] | None = None  # how 8-bit rows were rounded, when not to nearest (gptq.py)
     tables: list[str] = field(default_factory=list)  # embedding / output modules stored as 8-bit tables
+    table_scheme: str = TABLE_SCHEME  # how they are stored (TABLE_SCHEME or TABLE_SCHEME_ROWWISE)
 
 
 def quantize_model(
@@ -128,6 +136,8 @@ def quantize_model(
         result.smoothing = smoothing.describe()
     output = model.get_output_embeddings()
     tables = _table_modules(model) if settings.table_bits == 8 else {}
+    if tables:
+        result.table_scheme = table_scheme([_get(model, f"{name}.weight").shape[1] for name in tables])
     targets = {}
     for name, module in model.named_modules():
         if not is_linear(module):
@@ -156,8 +166,10 @@ def quantize_model(
             if len(result.quantized_modules) % 20 == 0:
                 say(f"quantized {len(result.quantized_modules)}/{len(targets)} layers")
         elif owner in tables and attr == "weight":
-            codes, absmax = quantize_table(read(key))
-            result.tensors[key], result.tensors[f"{owner}.SCB"] = codes, absmax
+            if result.table_scheme == TABLE_SCHEME:
+                result.tensors[key], result.tensors[f"{key}.scales"] = quantize_table_blocks(read(key))
+            else:
+                result.tensors[key], result.tensors[f"{owner}.SCB"] = quantize_table(read(key))
             result.tables.append(owner)
         else:
             result.tensors[key] = _store_plain(read(key), settings)
@@ -165,6 +177,12 @@ def quantize_model(
         result.gptq = calibration.describe()
     say(f"quantized {len(result.quantized_modules)} layers to {settings.bits}-bit ({settings.scheme})")
     return result
+
+
+def table_scheme(widths: list[int]) -> str:
+    """How 8-bit tables of these row widths are stored: a scale per block of 32 where every
+    row is whole blocks (the engine's kernels read no partial block), else one per row."""
+    return TABLE_SCHEME if all(w % TABLE_BLOCK == 0 for w in widths) else TABLE_SCHEME_ROWWISE
 
 
 def _table_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -187,6 +205,27 @@ def quantize_table(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
     codes = torch.round(w * scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes.contiguous(), absmax.contiguous()
+
+
+def quantize_table_blocks(weight: torch.Tensor, block: int = TABLE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding table / output layer [rows, cols] (cols a multiple of ``block``) as int8
+    codes and a float16 scale per block of ``block`` values of a row, rounded to nearest
+    against the scale as stored: W ~= codes * scales[:, k // block]. The scale is the
+    block's absmax / 127 rounded to float16 (Q8_0's); a block whose absmax is too large for
+    float16 x 127 (> 8e6) has no finite scale, and one that rounds below float16's smallest
+    subnormal reads as zero."""
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // block, block)
+    scales = (w.abs().amax(dim=2) / 127.0).to(torch.float16)
+    if not torch.isfinite(scales).all():
+        raise QuantizationError(
+            "a block of the embedding table or output layer is too large for an 8-bit table's float16 scale",
+            hint="pack with --table-bits 16",
+        )
+    s = scales.float()
+    inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    codes = torch.round(w * inverse[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(rows, cols).contiguous(), scales.contiguous()
 
 
 def _hessian(owner: str, calibration: Any, smoothing: Any, read: Callable[[str], torch.Tensor]) -> torch.Tensor | None:

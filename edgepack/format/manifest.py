@@ -183,35 +183,45 @@ def _quantization_problems(quant: dict[str, Any]) -> list[str]:
     return problems
 
 
-TABLE_SCHEMES = ("int8-rowwise",)
+# 8-bit tables (FORMAT.md): the scheme names each module's scale tensor, its dtype, and its
+# shape from the weight's [rows, cols]
+TABLE_SCALES = {
+    "int8-rowwise": (".SCB", "F32", lambda rows, cols: [rows]),
+    "int8-block32": (".weight.scales", "F16", lambda rows, cols: [rows, cols // 32] if cols % 32 == 0 else None),
+}
+TABLE_SCHEMES = tuple(TABLE_SCALES)
 
 
 def _tables_problems(tables: Any, tensors: Any) -> list[str]:
     """quantization.tables (optional; absent: the embedding table and output layer are
-    16-bit): {"bits": 8, "scheme": "int8-rowwise", "modules": [...]}, each module stored as
-    ``M.weight`` I8 [rows, cols] and ``M.SCB`` F32 [rows]."""
+    16-bit): {"bits": 8, "scheme": "int8-block32" or "int8-rowwise", "modules": [...]},
+    each module stored as ``M.weight`` I8 [rows, cols] and its scales (TABLE_SCALES)."""
     if not isinstance(tables, dict):
         return ["quantization.tables must be an object"]
     problems = []
     if tables.get("bits") != 8 or isinstance(tables.get("bits"), bool):
         problems.append(f"quantization.tables.bits must be 8, not {short_repr(tables.get('bits'))}")
-    if tables.get("scheme") not in TABLE_SCHEMES:
+    scheme = tables.get("scheme")
+    if scheme not in TABLE_SCHEMES:
         problems.append(f"quantization.tables.scheme must be one of {', '.join(TABLE_SCHEMES)}")
     modules = tables.get("modules")
     if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
         return problems + ["quantization.tables.modules must be a non-empty list of module names"]
-    if not isinstance(tensors, dict):
+    if not isinstance(tensors, dict) or scheme not in TABLE_SCHEMES:
         return problems
+    suffix, dtype, scale_shape = TABLE_SCALES[scheme]
     for module in modules:
-        weight, absmax = tensors.get(module + ".weight"), tensors.get(module + ".SCB")
-        if not (isinstance(weight, dict) and isinstance(absmax, dict)):
-            problems.append(f"quantization.tables: {short_repr(module)} has no .weight and .SCB tensors")
+        weight, scales = tensors.get(module + ".weight"), tensors.get(module + suffix)
+        if not (isinstance(weight, dict) and isinstance(scales, dict)):
+            problems.append(f"quantization.tables: {short_repr(module)} has no .weight and {suffix} tensors")
             continue
-        shape, rows = weight.get("shape"), absmax.get("shape")
-        if weight.get("dtype") != "I8" or absmax.get("dtype") != "F32" or not (
-            isinstance(shape, list) and len(shape) == 2 and isinstance(rows, list) and rows == shape[:1]
-        ):
-            problems.append(f"quantization.tables: {short_repr(module)} must be I8 [rows, cols] with SCB F32 [rows]")
+        shape = weight.get("shape")
+        ok = isinstance(shape, list) and len(shape) == 2 and all(is_int(n) and n > 0 for n in shape)
+        if not ok:  # a malformed shape: _tensors_problems names it
+            continue
+        if weight.get("dtype") != "I8" or scales.get("dtype") != dtype or scales.get("shape") != scale_shape(*shape):
+            want = "[rows]" if scheme == "int8-rowwise" else "[rows, cols / 32] (cols a multiple of 32)"
+            problems.append(f"quantization.tables: {short_repr(module)} must be I8 [rows, cols] with {suffix[1:]} {dtype} {want}")
     return problems
 
 

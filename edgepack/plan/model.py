@@ -45,7 +45,7 @@ class Block:
     other_bytes: int = 0
     tied_to: str | None = None
     # the embedding table / an untied output layer in this block (part of kept_params):
-    # its [rows, cols], which an 8-bit table stores as int8 + a float32 scale per row
+    # its [rows, cols], which an 8-bit table stores as int8 + its scales (sizing.table_bytes)
     table_rows: int = 0
     table_cols: int = 0
 
@@ -243,6 +243,11 @@ def _lean_supported(config: dict[str, Any]) -> bool:
     from edgepack.runtime.engine import supports  # no torch
 
     return supports(config) is None
+
+
+def engine_runs(config: dict[str, Any]) -> bool:
+    """Whether edgepack's C engine runs a model of this config.json (pack's default tables)."""
+    return _engine_features(config)["engine"]
 
 
 def _engine_features(config: dict[str, Any]) -> dict[str, Any]:

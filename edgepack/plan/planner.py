@@ -53,6 +53,7 @@ from edgepack.plan.sizing import (
     human,
     kv_cache_bytes,
     linear_weight_bytes,
+    resolved,
     weight_bytes,
 )
 from edgepack.runtime.constants import (
@@ -257,7 +258,7 @@ class _Held:
         layer = block.kind == "layer"
         return cls(
             blocks=1,
-            weights=block_weight_bytes(block, s.q, fp32_linears=fp32),
+            weights=block_weight_bytes(block, s.q, fp32_linears=fp32, tables_as_stored=s.rt is NATIVE),
             layers=int(layer),
             output=block.kind == "output",
             largest_linear=max((o * i for _, o, i in block.linears), default=0) if layer and not fp32 else 0,
@@ -406,7 +407,7 @@ def plan(
 
 
 def _speed(desc: ModelDescription, t: _Target, o: Options, p: Plan) -> speed_model.Speed | None:
-    q = Quant(p.bits, o.quant_type, o.double_quant, o.dtype)
+    q = resolved(Quant(p.bits, o.quant_type, o.double_quant, o.dtype), desc, native=p.runtime == NATIVE.name)
     return speed_model.predict(desc, q, p.device_map, p.strategy, p.runtime, dict(t.bandwidth), o.context, o.batch)
 
 
@@ -480,7 +481,8 @@ def device_budget(desc: ModelDescription, profile: Any, bits: int, strategy: str
 
 def _setting(desc: ModelDescription, t: _Target, bits: int, strategy: str, o: Options) -> _Setting:
     q = Quant(bits, o.quant_type, o.double_quant, o.dtype)
-    return _Setting(desc, t, q, strategy, o, _runtime_for(desc, strategy, o.runtime, t.arch, q))
+    rt = _runtime_for(desc, strategy, o.runtime, t.arch, q)
+    return _Setting(desc, t, resolved(q, desc, native=rt is NATIVE), strategy, o, rt)
 
 
 def _options(desc: ModelDescription, *, context: int | None = None, prompt_tokens: int | None = None,

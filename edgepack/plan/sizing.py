@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgepack.plan.model import Block, ModelDescription
@@ -81,7 +81,12 @@ class Quant:
     quant_type: str = "nf4"
     double_quant: bool = False
     dtype: str = "bfloat16"  # what stays 16-bit
-    table_bits: int = 16  # the embedding table and output layer (8: int8 + float32 scale per row)
+    table_bits: int | None = None  # the embedding table and output layer: 16, 8, or None: pack's default for bits
+
+    @property
+    def tables(self) -> int:
+        """The bits the embedding table and output layer are stored at (16 or 8)."""
+        return default_table_bits(self.bits, self.quant_type) if self.table_bits is None else self.table_bits
 
     @property
     def label(self) -> str:
@@ -90,6 +95,23 @@ class Quant:
         if self.bits == 4:
             return f"4-bit {self.quant_type}" + (" + double quant" if self.double_quant else "")
         return {16: "16-bit", 8: "8-bit int8"}[self.bits]
+
+
+def default_table_bits(bits: int, quant_type: str = "nf4", engine: bool = True) -> int:
+    """What pack stores the embedding table and output layer at unless told: 8 bits in the
+    CPU engine's formats (8-bit and int4 bundles) of a model the engine runs (it reads them
+    as stored: the output layer is read every token; with a scale per block of 32 they cost
+    about Q8_0's quality, FORMAT.md); 16 in 16-bit and nf4/fp4 bundles and for models only
+    the torch backend runs (it holds them at 16 bits anyway, and plain transformers loads
+    16-bit tables)."""
+    return 8 if engine and (bits == 8 or (bits == 4 and quant_type == "int4")) else 16
+
+
+def table_bytes(rows: int, cols: int) -> int:
+    """Stored bytes of an 8-bit table [rows, cols]: int8 codes and a float16 scale per block
+    of 32 of a row, or a float32 scale per row where rows are not whole blocks (the
+    exporter's quantize.table_scheme)."""
+    return rows * cols + (2 * rows * (cols // 32) if cols % 32 == 0 else 4 * rows)
 
 
 def quant_state_bytes(out_features: int, in_features: int, q: Quant) -> int:
@@ -124,12 +146,14 @@ def linear_weight_bytes(out_features: int, in_features: int, q: Quant) -> int:
     return math.ceil(n / 2) + absmax + 4 * 16 + quant_state_bytes(out_features, in_features, q)
 
 
-def block_weight_bytes(block: Block, q: Quant, fp32_linears: bool = False) -> int:
+def block_weight_bytes(block: Block, q: Quant, fp32_linears: bool = False, tables_as_stored: bool = True) -> int:
     """Stored bytes of one block. fp32_linears: 8-bit layers bitsandbytes offloads to the
-    CPU beside a GPU run in float32 there (llm_int8_enable_fp32_cpu_offload)."""
+    CPU beside a GPU run in float32 there (llm_int8_enable_fp32_cpu_offload).
+    tables_as_stored False: 8-bit tables at 2 bytes a value, as the torch backend holds
+    them (it dequantizes them at load; the engine reads them as stored)."""
     plain = 2 * (block.kept_params + block.bias_params) + block.other_bytes
-    if q.table_bits == 8 and block.table_rows:  # int8 rows + a float32 scale each, not 2 bytes a value
-        plain -= block.table_rows * block.table_cols - 4 * block.table_rows
+    if q.tables == 8 and block.table_rows and tables_as_stored:  # int8 codes + their scales, not 2 bytes a value
+        plain -= 2 * block.table_rows * block.table_cols - table_bytes(block.table_rows, block.table_cols)
     if fp32_linears:
         return plain + 4 * block.linear_params
     return plain + sum(linear_weight_bytes(o, i, q) for _, o, i in block.linears)
@@ -137,7 +161,16 @@ def block_weight_bytes(block: Block, q: Quant, fp32_linears: bool = False) -> in
 
 def weight_bytes(desc: ModelDescription, q: Quant) -> int:
     """What the bundle's manifest will call memory.weight_bytes."""
+    q = resolved(q, desc)
     return sum(block_weight_bytes(b, q) for b in desc.blocks)
+
+
+def resolved(q: Quant, desc: ModelDescription, native: bool = True) -> Quant:
+    """``q`` with pack's default table bits for this model filled in (default_table_bits);
+    native False: a plan for another runtime than the engine (pack gets that plan)."""
+    if q.table_bits is not None:
+        return q
+    return replace(q, table_bits=default_table_bits(q.bits, q.quant_type, desc.engine and native))
 
 
 # --- how the runtime spends memory beyond the weights ---------------------------------------

@@ -135,7 +135,7 @@ static double uniform(void) { /* xorshift64*, in [-1, 1) */
 /* one matrix of each type and shape (int4: and group) through the set in use: the worst
  * |y - exact| / max|exact| */
 static double check(int type, int rows, int cols, int group) {
-    const int esize = type == W_INT8 ? 1 : type == W_F32 ? 4 : 2;
+    const int esize = type == W_INT8 || type == W_INT8_B32 ? 1 : type == W_F32 ? 4 : 2;
     const size_t n = (size_t)rows * cols;
     void *w = malloc(type == W_INT4 ? n / 2 : n * esize);
     uint16_t *sz = malloc(sizeof(uint16_t) * 2 * (n / group + 1));
@@ -148,7 +148,12 @@ static double check(int type, int rows, int cols, int group) {
         for (int k = 0; k < cols; k++) {
             const size_t i = (size_t)r * cols + k;
             double v;
-            if (type == W_INT4) {
+            if (type == W_INT8_B32) { /* an 8-bit table: a float16 scale per block of 32 */
+                const size_t at = (size_t)r * (cols / 32) + k / 32;
+                if (k % 32 == 0) sz[at] = f32_to_f16((float)(uniform() + 1.5) / 256);
+                ((int8_t *)w)[i] = (int8_t)lrint(uniform() * 127);
+                v = (double)((int8_t *)w)[i] * f16_to_f32(sz[at]);
+            } else if (type == W_INT4) {
                 if (k % 2 == 0) ((uint8_t *)w)[i / 2] = (uint8_t)((rng >> 7) & 0xff), uniform();
                 const size_t at = ((size_t)r * (cols / group) + k / group) * 2;
                 if (k % group == 0) {
@@ -170,7 +175,9 @@ static double check(int type, int rows, int cols, int group) {
     if (type == W_INT4) {
         prep_int4(&m, x, prep);
         kernels->int4(&m, prep, 0, rows, y);
-    } else
+    } else if (type == W_INT8_B32)
+        kernels->int8_b32(&m, x, 0, rows, y);
+    else
         kernels->gemv[type](w, x, cols, 0, rows, y);
     double top = 0, err = 0;
     for (int r = 0; r < rows; r++) {
@@ -183,7 +190,7 @@ static double check(int type, int rows, int cols, int group) {
 
 static int run_kernels(void) {
     static const char *sets[] = {"neon-dotprod", "neon", "generic"};
-    static const char *names[] = {"int8", "bf16", "f16", "f32", "int4"};
+    static const char *names[] = {"int8", "bf16", "f16", "f32", "int4", "int8_b32"};
     /* the last one past the integer kernels' stack buffers (16384 inputs): their float fallback */
     static const int shapes[][2] = {{1, 16}, {7, 37}, {33, 200}, {130, 576}, {5, 4096}, {3, 16400}};
     /* rows, columns, group: the default group of 32 and larger ones (several blocks a group) */
@@ -191,11 +198,12 @@ static int run_kernels(void) {
     int bad = 0;
     for (int s = 0; s < 3; s++) {
         if (set_isa(sets[s])) continue;
-        for (int type = 0; type <= W_INT4; type++) {
+        for (int type = 0; type <= W_INT8_B32; type++) {
             double worst = 0;
             const int count = 6;
             for (int i = 0; i < count; i++) {
-                const double e = type == W_INT4 ? check(type, int4_shapes[i][0], int4_shapes[i][1], int4_shapes[i][2])
+                const double e = type == W_INT8_B32 ? check(type, int4_shapes[i][0], int4_shapes[i][1], 32)
+                                 : type == W_INT4 ? check(type, int4_shapes[i][0], int4_shapes[i][1], int4_shapes[i][2])
                                                 : check(type, shapes[i][0], shapes[i][1], 32);
                 worst = e > worst ? e : worst;
             }

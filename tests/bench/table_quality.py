@@ -1,20 +1,20 @@
 """What 8-bit tables (``edgepack pack --table-bits 8``) cost in quality on the default model.
 
-    .venv/bin/python tests/bench/table_quality.py [--formats 8,4-int4] [--work DIR] [--activation-bits 8]
-                                                  [--table-bits 16,8] [--rtn] [--peer-q8]
+    .venv/bin/python tests/bench/table_quality.py [--formats 8,4-int4] [--tables t16,t8,t8b32] [--rtn]
+                                                  [--work DIR] [--activation-bits 8] [--peer-q8]
 
-Packs SmolLM2-135M-Instruct per format with 16-bit and with 8-bit tables (the tied
-embedding table / output layer), then scores each bundle as cpu_bench does: held-out
-perplexity, mean KL and top-1 agreement against the float32 source on cpu_bench's quality
-text (~4k tokens), one token a step through edgepack's CPU engine. Prints one row per
-bundle, and per format the perplexity delta the 8-bit tables add with its standard error
-(paired per-token differences between the two bundles: the same tokens). --activation-bits 8
-also scores each 8-bit bundle with the engine's int8 activations (EDGEPACK_ACTIVATION_BITS=8;
-the other rows pin float32, EDGEPACK_ACTIVATION_BITS=32). --table-bits 16: only the bundles
-with 16-bit tables (what `pack` writes by default), no table comparison. A bundle already in
---work (bundle-<format>[-rtn]-t<bits>/) is scored as it is, not packed again. --peer-q8:
-also llama.cpp Q8_0 (gguf_variants.py's file, llama.cpp's own arithmetic through its Python
-bindings, peer_llamacpp.py) on the same tokens, as a row.
+Packs SmolLM2-135M-Instruct per format with each kind of tables (the tied embedding table /
+output layer): t16 16-bit, t8 8-bit with a scale per row (int8-rowwise), t8b32 8-bit with a
+float16 scale per block of 32 (int8-block32, the default), then scores each bundle as
+cpu_bench does: held-out perplexity, mean KL and top-1 agreement against the float32
+source on cpu_bench's quality text (~4k tokens), one token a step through edgepack's CPU
+engine. Prints one row per bundle, and per format the perplexity delta each 8-bit kind adds
+over t16 with its standard error (paired per-token differences between the two bundles:
+the same tokens). --activation-bits 8 also scores each 8-bit bundle with the engine's int8
+activations (EDGEPACK_ACTIVATION_BITS=8; the other rows pin float32, =32). A bundle already
+in --work is scored as it is, not packed again. --peer-q8: also llama.cpp Q8_0
+(gguf_variants.py's file, llama.cpp's own arithmetic through its Python bindings,
+peer_llamacpp.py) on the same tokens, as a row.
 """
 
 from __future__ import annotations
@@ -34,35 +34,48 @@ import gguf_variants  # noqa: E402
 import peer_llamacpp as peer  # noqa: E402
 
 FORMATS = {"8": {"bits": 8}, "4-int4": {"bits": 4, "quant_type": "int4"}, "16": {"bits": 16}}
+TABLES = {"t16": 16, "t8": 8, "t8b32": 8}  # t8: a scale per row (the exporter's choice for rows not whole blocks)
+
+
+def pack_tables(out: Path, kind: str, **options) -> None:
+    """pack() with tables of ``kind`` (TABLES)."""
+    from edgepack.export import quantize
+    from edgepack.export.pack import pack
+
+    chosen = quantize.table_scheme
+    if kind == "t8":
+        quantize.table_scheme = lambda widths: quantize.TABLE_SCHEME_ROWWISE
+    try:
+        pack("smollm2-135m", out, force=True, table_bits=TABLES[kind], **options)
+    finally:
+        quantize.table_scheme = chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="8,4-int4", help=f"comma-separated, of {', '.join(FORMATS)}")
+    parser.add_argument("--tables", default="t16,t8,t8b32", help=f"comma-separated, of {', '.join(TABLES)}")
     parser.add_argument("--work", default=None, help="folder for the bundles (default: a new temporary one)")
     parser.add_argument("--rtn", action="store_true",
                         help="8-bit: pack without smoothing and GPTQ (round to nearest: minutes less on a busy box)")
     parser.add_argument("--activation-bits", type=int, choices=(8, 32), default=32,
                         help="8: also score the 8-bit bundles with int8 activations")
     parser.add_argument("--peer-q8", action="store_true", help="also score llama.cpp Q8_0 on the same tokens")
-    parser.add_argument("--table-bits", default="16,8", choices=("16,8", "16", "8"),
-                        help="the table widths to pack and score (both: also the perplexity change 8-bit tables add)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from edgepack.export.pack import pack
     from edgepack.export.sources import resolve_source
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgepack-table-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     bundles = {}
     for fmt in args.formats.split(","):
-        for table_bits in map(int, args.table_bits.split(",")):
-            out = work / f"bundle-{fmt}{'-rtn' if args.rtn and fmt == '8' else ''}-t{table_bits}"
+        for kind in args.tables.split(","):
+            out = work / f"bundle-{fmt}{'-rtn' if args.rtn and fmt == '8' else ''}-{kind}"
             if not (out / "edgepack.json").exists():
                 rtn = {"smoothing": False, "gptq": False} if args.rtn and fmt == "8" else {}
-                pack("smollm2-135m", out, force=True, table_bits=table_bits, **FORMATS[fmt], **rtn)
-            bundles[f"{fmt} t{table_bits}"] = out
+                pack_tables(out, kind, **FORMATS[fmt], **rtn)
+            bundles[f"{fmt} {kind}"] = out
     src = resolve_source("smollm2-135m")
     tokens = np.array(cpu_bench.quality_ids(AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)))
     ref = peer.reference_logprobs(gguf_variants.default_src_gguf(), tokens)
@@ -76,8 +89,10 @@ def main() -> None:
         runs += [(name + " a8", path, "8") for name, path in bundles.items() if name.startswith("8 ")]
     for name, path, act_bits in runs:
         os.environ["EDGEPACK_ACTIVATION_BITS"] = act_bits  # the worker's engine reads it at import
-        out = cpu_bench.spawn("quality", str(path), str(work / "tokens.npy"), str(work / f"lp-{name.replace(' ', '-')}.npy"))
-        lps[name] = lp = np.load(out["logprobs"])
+        saved = work / f"lp-{path.name}{'-a8' if act_bits == '8' else ''}.npy"  # scored before: kept in --work
+        if not saved.exists():
+            cpu_bench.spawn("quality", str(path), str(work / "tokens.npy"), str(saved))
+        lps[name] = lp = np.load(saved)
         q = peer.compare_logprobs(ref, lp)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
         ppl = peer.perplexity(lp, tokens)
@@ -92,11 +107,12 @@ def main() -> None:
         print(f"{'llama.cpp Q8_0':<14}{gguf.stat().st_size / 1e6:>8.1f}{ppl:>9.4f}{100 * (ppl / ref_ppl - 1):>+10.2f}%"
               f"{q['kl_mean']:>10.5f}{q['top1_agree']:>8.4f}")
     pos = np.arange(len(tokens) - 1)
-    for fmt in args.formats.split(",") if args.table_bits == "16,8" else []:
-        wide, narrow = lps[f"{fmt} t16"], lps[f"{fmt} t8"]
-        diff = wide[pos, tokens[1:]].astype(np.float64) - narrow[pos, tokens[1:]]
-        print(f"{fmt}: 8-bit tables change perplexity by {100 * (np.exp(diff.mean()) - 1):+.3f}% "
-              f"(standard error {100 * diff.std(ddof=1) / np.sqrt(len(diff)):.3f}%)")
+    for fmt in args.formats.split(","):
+        for kind in [k for k in args.tables.split(",") if k != "t16" and f"{fmt} t16" in lps]:
+            wide, narrow = lps[f"{fmt} t16"], lps[f"{fmt} {kind}"]
+            diff = wide[pos, tokens[1:]].astype(np.float64) - narrow[pos, tokens[1:]]
+            print(f"{fmt}: 8-bit tables ({kind}) change perplexity by {100 * (np.exp(diff.mean()) - 1):+.3f}% "
+                  f"(standard error {100 * diff.std(ddof=1) / np.sqrt(len(diff)):.3f}%)")
     for name in [n for n in lps if n.endswith(" a8")]:
         diff = lps[name[:-3]][pos, tokens[1:]].astype(np.float64) - lps[name][pos, tokens[1:]]
         print(f"{name[:-3]}: int8 activations change perplexity by {100 * (np.exp(diff.mean()) - 1):+.3f}% "

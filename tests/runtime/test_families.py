@@ -30,7 +30,9 @@ RTOL_OWN_WEIGHTS = 0.03
 # times the per-logit error its bound allows (tolerance x rms of the logits); a smaller lead is
 # a near-tie that an error within the bound may flip.
 DECISIVE_LEAD = 4.0
-PACKINGS = {16: {}, 8: {}, 4: {"quant_type": "int4"}}
+# 16-bit tables: own_weights_model rebuilds transformers' model from the stored tensors
+# (8-bit tables: tests/runtime/engine/test_tables.py, tests/bench/real_gemma3.py)
+PACKINGS = {16: {}, 8: {"table_bits": 16}, 4: {"quant_type": "int4", "table_bits": 16}}
 # The families edgepack's CPU engine runs (where its C module is usable on this box); the rest
 # load through torch.
 ENGINE_FAMILIES = ("llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi4-mini", "smollm3", "mistral-sw")

@@ -149,7 +149,7 @@ def _assert_one_line_error(rc: int, out: str, err: str, text: str) -> None:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_corruption_matrix(kind, bundle_copy, capsys):
     damage, text = KINDS[kind]
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     damage(b)
     capsys.readouterr()
     for argv in (["verify", str(b)], ["run", str(b), "The capital of France", "--max-new-tokens", "2"]):
@@ -165,7 +165,7 @@ def test_matrix_has_at_least_15_kinds():
 @pytest.mark.parametrize("kind", ["truncated shard", "path traversal", "overlapping offsets", "config disagrees with weights"])
 def test_corruption_matrix_in_a_real_process(kind, bundle_copy):
     damage, text = KINDS[kind]
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     damage(b)
     for argv in (["verify", str(b)], ["run", str(b), "hello", "--max-new-tokens", "2"]):
         proc = subprocess.run([sys.executable, "-m", "edgepack.cli", *argv], capture_output=True, text=True, timeout=120)
@@ -175,7 +175,7 @@ def test_corruption_matrix_in_a_real_process(kind, bundle_copy):
 def test_runtime_checks_the_skeleton_beyond_what_verify_can_see(bundle_copy, capsys):
     """intermediate_size is not in the embedding: verify passes, the runtime refuses when the
     stored tensor does not fit the layer config.json builds (meta skeleton, no weights)."""
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     config = json.loads((b / "config.json").read_text())
     config["intermediate_size"] = 96
     (b / "config.json").write_text(json.dumps(config))
@@ -189,7 +189,7 @@ def test_runtime_checks_the_skeleton_beyond_what_verify_can_see(bundle_copy, cap
 
 
 def test_crafted_config_that_transformers_refuses(bundle_copy, capsys):
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     config = json.loads((b / "config.json").read_text())
     config["model_type"] = "no-such-model"
     (b / "config.json").write_text(json.dumps(config))
@@ -206,7 +206,7 @@ def test_truncated_after_verification_raises_not_sigbus(bundle_copy, monkeypatch
     import edgepack
     from edgepack import runtime
 
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     verify = bundle.verify_bundle
 
     def verify_then_truncate(*args, **kwargs):
@@ -224,7 +224,7 @@ def test_truncated_while_reading_tensors_raises(bundle_copy, monkeypatch):
     import edgepack
     from edgepack import runtime
 
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     verify, read_header = bundle.verify_bundle, bundle.read_shard_header
 
     def header_then_truncate(f, *args, **kwargs):
@@ -265,7 +265,7 @@ sys.exit(cli.main(["run", sys.argv[1], "hello", "--max-new-tokens", "2"]))
 
 def test_truncated_while_loading_in_a_real_process(bundle_copy):
     """A process that memory-maps the shard dies of SIGBUS here (returncode -7)."""
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_IN_A_PROCESS, str(b)], capture_output=True, text=True, timeout=120)
     _assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, "ended")
     assert "bytes early while loading" in proc.stderr
@@ -275,7 +275,7 @@ def test_replaced_after_verification_with_another_header_is_refused(bundle_copy,
     import edgepack
     from edgepack import runtime
 
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     verify = bundle.verify_bundle
 
     def verify_then_replace(*args, **kwargs):
@@ -450,7 +450,7 @@ def test_crafted_config_numbers_through_the_native_engine(bundle_copy, key):
     (or, for harmless values, loaded and run), never a crash in C."""
     import edgepack
 
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     base = json.loads((b / "config.json").read_text())
     for value in (0, -1, 1, 3, 7, 10**9, 2.5, None, "x"):
         config = dict(base, **{key: value})
@@ -508,7 +508,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture
 def signed(bundle_copy, keys, capsys):
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     assert cli.main(["sign", str(b), "--key", str(keys["private"])]) == 0
     assert "signed" in capsys.readouterr().out
     return b
@@ -607,7 +607,7 @@ def test_signature_is_standard_ed25519_over_prefix_and_manifest(signed, keys):
 
 @needs_cryptography
 def test_sign_refuses_a_damaged_bundle_and_bad_keys(bundle_copy, keys, tmp_path, capsys):
-    b = bundle_copy("llama", 8)
+    b = bundle_copy("llama", 8, table_bits=16)
     _flip_byte(b)
     assert cli.main(["sign", str(b), "--key", str(keys["private"])]) == 1
     assert "does not match its sha256" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_tied_lm_head_shares_the_embedding(packed):
 def test_head_runs_in_float16_with_the_stored_values(packed, kind):
     from safetensors.torch import load_file
 
-    bundle = packed(kind, 8)
+    bundle = packed(kind, 8, table_bits=16)  # 16-bit tables: the default 8-bit ones are test_tables.py's
     model = edgepack.load(bundle, backend="torch").model
     stored = {}
     for f in sorted(bundle.glob("*.safetensors")):
@@ -314,7 +314,7 @@ def test_logits_match_the_exporters_reference(packed):
     """The exporter checked this at pack time; the runtime agrees again on a new prompt."""
     from transformers import AutoModelForCausalLM
 
-    bundle = packed("llama", 8)
+    bundle = packed("llama", 8, table_bits=16)  # plain transformers reads 16-bit tables only
     lm = edgepack.load(bundle, backend="torch")
     ref = AutoModelForCausalLM.from_pretrained(str(bundle))  # transformers + bitsandbytes on the same files
     ids = torch.tensor([lm.tokenizer.encode("Small boxes run small models")])

@@ -137,7 +137,7 @@ class _Layout:
 class Matrix:
     """A (possibly fused) matrix as the C module reads it."""
 
-    kind: str  # INT8, INT4, BF16, F16, F32
+    kind: str  # INT8, INT8_B32 (an 8-bit table's float16 scale per block of 32), INT4, BF16, F16, F32
     rows: int
     cols: int
     weight: int  # arena offsets
@@ -149,7 +149,7 @@ class Matrix:
 def _kind(header: dict, name: str) -> str:
     info = header[name + ".weight"]
     if info["dtype"] == "I8":
-        return "INT8"
+        return "INT8_B32" if name + ".weight.scales" in header else "INT8"
     if info["dtype"] == "U8":
         return "INT4"
     if info["dtype"] in FLOATS:
@@ -174,7 +174,15 @@ def _plan_matrix(
         _expect(header, p + ".weight", [r, width])
         slots[p + ".weight"] = Slot((r, width), offset=at)
         at += r * width * esize
-    if kind == "INT8":
+    if kind == "INT8_B32":  # an untied output layer stored as an 8-bit table (quantization.tables)
+        if cols % 32:
+            raise BundleIntegrityError(f"{parts[0]}: an 8-bit table's rows must be whole blocks of 32")
+        matrix.scale = at = layout.take(total * cols // 32 * 2)
+        for p, r in zip(parts, rows):
+            _expect(header, p + ".weight.scales", [r, cols // 32], "F16")
+            slots[p + ".weight.scales"] = Slot((r, cols // 32), offset=at)
+            at += r * cols // 32 * 2
+    elif kind == "INT8":
         matrix.scale = at = layout.take(total * 4)
         for p, r in zip(parts, rows):
             _expect(header, p + ".SCB", [r], "F32")
@@ -231,7 +239,8 @@ class _Plan:
     layers: list[tuple]
     features: Features
     norms: list[tuple[int, int]]  # (offset32, size) of every norm vector (Gemma adds 1 to each)
-    embed_rows: int | None = None  # an 8-bit table's row scales (quantization.tables)
+    embed_rows: int | None = None  # an 8-bit table's scales (quantization.tables): per row, or per block (embed_kind)
+    embed_kind: str = ""  # the C module's type of the embedding table (INT8, INT8_B32, F16, ...)
 
 
 ENGINE_TYPES = LLAMA_LIKE + GEMMA
@@ -294,10 +303,16 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
         raise BundleIntegrityError(f"the embedding table is {embed_dtype}; edgepack's CPU engine reads 8/16/32-bit tables")
     embed = layout.take(vocab * hidden * bundle_format.DTYPE_BYTES[embed_dtype])
     slots[embed_name] = Slot((vocab, hidden), offset=embed)
-    embed_rows = None
-    if embed_dtype == "I8":  # an 8-bit table: int8 rows, their absmax -> scale in place
+    embed_rows, embed_kind = None, embed_dtype
+    if embed_dtype == "I8" and "model.embed_tokens.weight.scales" in header:  # 8-bit table, a scale per 32
+        if hidden % 32:
+            raise BundleIntegrityError("the 8-bit embedding table's rows must be whole blocks of 32")
+        _expect(header, "model.embed_tokens.weight.scales", [vocab, hidden // 32], "F16")
+        embed_rows, embed_kind = layout.take(vocab * hidden // 32 * 2), "INT8_B32"
+        slots["model.embed_tokens.weight.scales"] = Slot((vocab, hidden // 32), offset=embed_rows)
+    elif embed_dtype == "I8":  # an 8-bit table: int8 rows, their absmax -> scale in place
         _expect(header, "model.embed_tokens.SCB", [vocab], "F32")
-        embed_rows = layout.take(vocab * 4)
+        embed_rows, embed_kind = layout.take(vocab * 4), "INT8"
         slots["model.embed_tokens.SCB"] = Slot((vocab,), offset=embed_rows, divide=127.0)
     layers = []
     for i in range(config["num_hidden_layers"]):
@@ -330,7 +345,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
     if "lm_head.weight" in header:
         head = _plan_matrix(["lm_head"], header, layout, slots, hidden, [vocab])
     elif config.get("tie_word_embeddings", True):
-        head = Matrix("INT8" if embed_rows is not None else embed_dtype, vocab, hidden, embed, scale=embed_rows)
+        head = Matrix(embed_kind, vocab, hidden, embed, scale=embed_rows)
     else:
         raise BundleIntegrityError("the bundle has no lm_head.weight and config.json does not tie it to the embeddings")
     extra = sorted(set(header) - set(slots))
@@ -339,7 +354,7 @@ def _plan(config: dict[str, Any], header: dict[str, dict], feats: Features) -> _
             f"tensor {extra[0]!r} has no place in the model built from config.json",
             hint="the bundle's config and weights disagree; pack the model again",
         )
-    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms, embed_rows)
+    return _Plan(layout, slots, embed, embed_dtype, norm, head, layers, feats, norms, embed_rows, embed_kind)
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -389,7 +404,7 @@ class NativeLM:
         if plan.embed_rows is None:
             embed = (getattr(_native, plan.embed_dtype), base + plan.embed)
         else:
-            embed = (_native.INT8, base + plan.embed, base + plan.embed_rows)
+            embed = (getattr(_native, plan.embed_kind), base + plan.embed, base + plan.embed_rows)
         self._model = _native.new(
             dims, float(config.get("rms_norm_eps", 1e-6)), embed,
             base + plan.norm, mat(plan.head), layers, *extra,

@@ -149,17 +149,18 @@ def _attach_tensors(model: nn.Module, path: Path, manifest: dict, into: dict[str
             owner = _quantized_owner(key, quantized)
             if owner is not None:
                 groups.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
-            elif key.rpartition(".")[0] in tables:
-                module = key.rpartition(".")[0]
+            elif _table_owner(key) in tables:
+                module = _table_owner(key)
                 held[key] = tensor
-                if module + ".weight" in held and module + ".SCB" in held:
+                scales = next((module + s for s in TABLE_SCALES if module + s in held), None)
+                if module + ".weight" in held and scales is not None:
                     _set_plain_tensor(model, module + ".weight", dequantized_tables(held, [module])[module + ".weight"])
-                    del held[module + ".weight"], held[module + ".SCB"]
+                    del held[module + ".weight"], held[scales]
             else:
                 _set_plain_tensor(model, key, tensor)
     if held:
         raise BundleIntegrityError(
-            f"8-bit table tensor {sorted(held)[0]!r} has no codes / absmax beside it",
+            f"8-bit table tensor {sorted(held)[0]!r} has no codes / scales beside it",
             hint="the bundle is damaged or was crafted; pull or pack it again",
         )
     for name, tensors in groups.items():
@@ -172,23 +173,42 @@ def table_modules(manifest: dict) -> list[str]:
     return list((manifest["quantization"].get("tables") or {}).get("modules", []))
 
 
+TABLE_SCALES = (".SCB", ".weight.scales")  # int8-rowwise's, int8-block32's (FORMAT.md)
+
+
+def _table_owner(key: str) -> str:
+    """The module an 8-bit table's tensor belongs to (``M.weight``, ``M.SCB``, ``M.weight.scales``)."""
+    return key[: -len(".weight.scales")] if key.endswith(".weight.scales") else key.rpartition(".")[0]
+
+
 def dequantized_tables(tensors: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
-    """``tensors`` with each 8-bit table of ``modules`` (``M.weight`` int8 [rows, cols] and
-    ``M.SCB`` float32 [rows]) replaced by its float32 value, weight * SCB / 127."""
+    """``tensors`` with each 8-bit table of ``modules`` replaced by its float32 value:
+    ``M.weight`` int8 [rows, cols] with either ``M.SCB`` float32 [rows] (weight * SCB / 127)
+    or ``M.weight.scales`` float16 [rows, cols / 32] (weight * the scale of its block of 32)."""
     out = dict(tensors)
+    hint = "the bundle is damaged or was crafted; pull or pack it again"
     for module in modules:
-        codes, absmax = out.get(module + ".weight"), out.get(module + ".SCB")
-        if codes is None or absmax is None:
-            raise BundleIntegrityError(f"8-bit table {module!r} lacks its weight or SCB tensor",
-                                       hint="the bundle is damaged or was crafted; pull or pack it again")
-        if codes.dtype != torch.int8 or absmax.dtype != torch.float32 or codes.dim() != 2 or list(absmax.shape) != [codes.shape[0]]:
+        codes, absmax, scales = (out.get(module + s) for s in (".weight",) + TABLE_SCALES)
+        if codes is None or (absmax is None) == (scales is None):
+            raise BundleIntegrityError(f"8-bit table {module!r} lacks its weight or has not exactly one of "
+                                       "SCB and weight.scales", hint=hint)
+        if absmax is not None:
+            if codes.dtype != torch.int8 or absmax.dtype != torch.float32 or codes.dim() != 2 or list(absmax.shape) != [codes.shape[0]]:
+                raise BundleIntegrityError(
+                    f"8-bit table {module!r} is {codes.dtype} {list(codes.shape)} with SCB {absmax.dtype} {list(absmax.shape)}; "
+                    "int8 [rows, cols] with float32 [rows] was expected", hint=hint)
+            del out[module + ".SCB"]
+            out[module + ".weight"] = codes.float() * (absmax[:, None] / 127.0)
+            continue
+        if (codes.dtype != torch.int8 or scales.dtype != torch.float16 or codes.dim() != 2 or codes.shape[1] % 32
+                or list(scales.shape) != [codes.shape[0], codes.shape[1] // 32]):
             raise BundleIntegrityError(
-                f"8-bit table {module!r} is {codes.dtype} {list(codes.shape)} with SCB {absmax.dtype} {list(absmax.shape)}; "
-                "int8 [rows, cols] with float32 [rows] was expected",
-                hint="the bundle is damaged or was crafted; pull or pack it again",
-            )
-        del out[module + ".SCB"]
-        out[module + ".weight"] = codes.float() * (absmax[:, None] / 127.0)
+                f"8-bit table {module!r} is {codes.dtype} {list(codes.shape)} with scales {scales.dtype} "
+                f"{list(scales.shape)}; int8 [rows, 32 k] with float16 [rows, k] was expected", hint=hint)
+        del out[module + ".weight.scales"]
+        rows, cols = codes.shape
+        value = codes.float().reshape(rows, cols // 32, 32) * scales.float()[:, :, None]
+        out[module + ".weight"] = value.reshape(rows, cols)
     return out
 
 

@@ -298,7 +298,8 @@ def _steps_in_child(model, ids, send):
 
 def _engine_and_reference(packed, kind: str, bits: int):
     """(native engine, torch lean decoder) of the same bundle."""
-    bundle = packed(kind, bits, **({"quant_type": "int4"} if bits == 4 else {}))
+    # 16-bit tables: the reference holds them as stored (8-bit tables: test_tables.py)
+    bundle = packed(kind, bits, table_bits=16, **({"quant_type": "int4"} if bits == 4 else {}))
     lm = edgepack.load(bundle)
     assert lm.backend == "native"
     return lm, edgepack.load(bundle, backend="torch").model

@@ -62,10 +62,11 @@ static float *part(const Steps *s, int b, int which) {
  * with `add` the result added to y as task_mat does */
 static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, int out, int add) {
     const size_t row_bytes = mt->type == W_INT4 ? (size_t)mt->cols / 2 + (size_t)mt->cols / mt->group * 4
+                             : mt->type == W_INT8_B32 ? (size_t)mt->cols + (size_t)mt->cols / 16
                              : (size_t)mt->cols * (mt->type == W_INT8 ? 1 : mt->type == W_F32 ? 4 : 2);
     int rows = (int)(EP_BLOCK_BYTES / row_bytes) & ~3;
     rows = rows < 4 ? 4 : rows;
-    const gemv_batch_fn together = mt->type == W_INT4 || s->q8 ? NULL : kernels->gemv_batch[mt->type];
+    const gemv_batch_fn together = mt->type >= W_INT4 || s->q8 ? NULL : kernels->gemv_batch[mt->type];
     const q8_batch_fn together_q8 = s->q8 ? kernels->int8_q8_batch : NULL;
     for (int rb = r0; rb < r1; rb += rows) {
         const int re = rb + rows < r1 ? rb + rows : r1;
@@ -75,6 +76,8 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
             float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
             if (mt->type == W_INT4)
                 kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
+            else if (mt->type == W_INT8_B32)
+                kernels->int8_b32(mt, part(s, b, in), rb, re, t);
             else if (s->q8 && !together_q8)
                 kernels->int8_q8(mt, part(s, b, S_PREP), rb, re, t);
             else if (!together && !s->q8)

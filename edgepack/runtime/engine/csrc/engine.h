@@ -40,7 +40,9 @@
 #define EP_ARM 0
 #endif
 
-enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3, W_INT4 = 4 };
+/* W_INT8_B32: an 8-bit table (the embedding table / output layer): int8 codes with a float16
+ * scale per block of 32 values of a row, W[r, k] = code * sz[r * cols / 32 + k / 32] */
+enum { W_INT8 = 0, W_BF16 = 1, W_F16 = 2, W_F32 = 3, W_INT4 = 4, W_INT8_B32 = 5 };
 
 /* Sizes the module exports (PROMPT_ROWS, PROMPT_CHUNK, MAX_THREADS); the planner's memory
  * estimate uses the first two, and the Python side checks they agree at import. */
@@ -53,7 +55,8 @@ typedef struct {
     const void *w;
     const float *scale;  /* int8 only: one per row */
     const float *bias;   /* optional, float32 */
-    const uint16_t *sz;  /* int4 only: bfloat16 (scale, zero) pairs, [rows, cols / group, 2] */
+    const uint16_t *sz;  /* int4: bfloat16 (scale, zero) pairs, [rows, cols / group, 2];
+                          * W_INT8_B32: float16 scales, [rows, cols / 32] */
     int group;           /* int4 only: inputs sharing a pair, a multiple of 32 */
 } Mat;
 
@@ -75,6 +78,7 @@ typedef struct {
     int embed_type;
     const void *embed;
     const float *embed_rows; /* W_INT8 tables only: each row's scale (absmax / 127) */
+    const uint16_t *embed_b32; /* W_INT8_B32 tables only: float16 scales, [vocab, hidden / 32] */
     const float *norm;
     Mat head;
     Layer *layers;
@@ -195,6 +199,15 @@ static inline void prefetch_row(const void *row, size_t bytes) { /* the row EP_P
 static inline void embed_row(const Model *m, int token, float *x) {
     const int H = m->hidden;
     const size_t at = (size_t)token * H;
+    if (m->embed_type == W_INT8_B32) {
+        const int8_t *row = (const int8_t *)m->embed + at;
+        const uint16_t *d = m->embed_b32 + (size_t)token * (H / 32);
+        for (int b = 0; b < H / 32; b++) {
+            const float s = f16_to_f32(d[b]) * m->embed_scale;
+            for (int i = 32 * b; i < 32 * b + 32; i++) x[i] = (float)row[i] * s;
+        }
+        return;
+    }
     if (m->embed_type == W_INT8) {
         const int8_t *row = (const int8_t *)m->embed + at;
         const float s = m->embed_rows[token] * m->embed_scale;
@@ -243,6 +256,8 @@ typedef void (*halve_fn)(const uint16_t *s, uint16_t *d, size_t n); /* bfloat16 
 typedef void (*q8_fn)(const Mat *m, const void *prep, int r0, int r1, float *y);
 /* q8_fn for B sequences: y[b][r] against prep[b] (batch.c), bitwise q8_fn's */
 typedef void (*q8_batch_fn)(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
+/* W_INT8_B32 rows (an 8-bit table) against float32 x: y[r] = sum_b scale[r, b] (codes . x) over each block */
+typedef void (*b32_fn)(const Mat *m, const float *x, int r0, int r1, float *y);
 
 typedef struct {
     int lanes, max_tv, n_rb, rb[3];
@@ -260,6 +275,7 @@ typedef struct {
     q8_fn int8_q8; /* NULL: this set has none, int8 rows take gemv[W_INT8] */
     gemv_batch_fn gemv_batch[4]; /* by weight type, bitwise gemv's; NULL: batch.c calls gemv per sequence */
     q8_batch_fn int8_q8_batch;   /* bitwise int8_q8's; NULL: batch.c calls int8_q8 per sequence */
+    b32_fn int8_b32;             /* W_INT8_B32 rows: every set has one */
 } Kernels;
 
 extern const Kernels kernels_generic;

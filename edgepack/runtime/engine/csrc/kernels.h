@@ -194,4 +194,71 @@ static inline __attribute__((always_inline)) void silu_mul_body(const float *gat
             for (int v = 0; v < TV; v++) STORE(raw + (size_t)i * TV * LANES + v * LANES, acc[i][v]); \
     }
 
+/* 8-bit tables (W_INT8_B32): int8 codes with a float16 scale per block of 32 values of a row.
+ * y[r] = sum_b scale[r, b] (sum_{k in b} code[r, k] x[k]): each block's dot product, then one
+ * multiply-add by its scale. Portable body (the compiler vectorizes the 32-wide loop): */
+static inline __attribute__((always_inline)) void int8_b32_body(const Mat *m, const float *x, int r0, int r1,
+                                                                 float *y) {
+    const int K = m->cols, nb = K / 32;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *c = (const int8_t *)m->w + (size_t)r * K;
+        const uint16_t *d = m->sz + (size_t)r * nb;
+        prefetch_row(c, K);
+        float acc = 0.f;
+        for (int b = 0; b < nb; b++) {
+            float t = 0.f;
+            const int8_t *cb = c + 32 * b;
+            const float *xb = x + 32 * b;
+#pragma omp simd reduction(+ : t)
+            for (int i = 0; i < 32; i++) t += (float)cb[i] * xb[i];
+            acc += f16_to_f32(d[b]) * t;
+        }
+        y[r] = acc;
+    }
+}
+
+/* The same with SIMD registers of LANES floats (32 a multiple of LANES): four rows at a time
+ * share each load of x; per row, a block's 32 / LANES products go into one register, which
+ * one FMA scales into the row's accumulator. LOADW(p, i): LANES codes from p + i as floats;
+ * SCALE(p): a float16 as float32. */
+#define EP_B32_ROWS(NAME, ATTR, VEC, LANES, ZERO, LOADX, LOADW, FMA, BCAST, HSUM, SCALE)            \
+    ATTR static void NAME(const Mat *m, const float *x, int r0, int r1, float *y) {                 \
+        const int K = m->cols, nb = K / 32, nv = 32 / LANES;                                       \
+        int r = r0;                                                                                 \
+        for (; r + 4 <= r1; r += 4) {                                                               \
+            const int8_t *c0 = (const int8_t *)m->w + (size_t)r * K;                                \
+            const uint16_t *d0 = m->sz + (size_t)r * nb;                                            \
+            VEC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;                                             \
+            for (int b = 0; b < nb; b++) {                                                          \
+                const int8_t *c = c0 + 32 * b;                                                      \
+                if (EP_PF) for (int i = 0; i < 4; i++) __builtin_prefetch(c + (size_t)i * K + EP_PF); \
+                VEC t0 = ZERO(), t1 = t0, t2 = t0, t3 = t0;                                         \
+                for (int v = 0; v < nv; v++) {                                                      \
+                    const VEC xv = LOADX(x + 32 * b + v * LANES);                                   \
+                    t0 = FMA(LOADW(c, v * LANES), xv, t0);                                          \
+                    t1 = FMA(LOADW(c + K, v * LANES), xv, t1);                                      \
+                    t2 = FMA(LOADW(c + 2 * (size_t)K, v * LANES), xv, t2);                          \
+                    t3 = FMA(LOADW(c + 3 * (size_t)K, v * LANES), xv, t3);                          \
+                }                                                                                   \
+                a0 = FMA(t0, BCAST(SCALE(d0 + b)), a0);                                             \
+                a1 = FMA(t1, BCAST(SCALE(d0 + nb + b)), a1);                                        \
+                a2 = FMA(t2, BCAST(SCALE(d0 + 2 * nb + b)), a2);                                    \
+                a3 = FMA(t3, BCAST(SCALE(d0 + 3 * nb + b)), a3);                                    \
+            }                                                                                       \
+            y[r] = HSUM(a0), y[r + 1] = HSUM(a1), y[r + 2] = HSUM(a2), y[r + 3] = HSUM(a3);         \
+        }                                                                                           \
+        for (; r < r1; r++) {                                                                       \
+            const int8_t *c0 = (const int8_t *)m->w + (size_t)r * K;                                \
+            const uint16_t *d0 = m->sz + (size_t)r * nb;                                            \
+            VEC a = ZERO();                                                                         \
+            for (int b = 0; b < nb; b++) {                                                          \
+                VEC t = ZERO();                                                                     \
+                for (int v = 0; v < nv; v++)                                                        \
+                    t = FMA(LOADW(c0 + 32 * b, v * LANES), LOADX(x + 32 * b + v * LANES), t);      \
+                a = FMA(t, BCAST(SCALE(d0 + b)), a);                                                \
+            }                                                                                       \
+            y[r] = HSUM(a);                                                                         \
+        }                                                                                           \
+    }
+
 #endif

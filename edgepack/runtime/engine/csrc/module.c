@@ -14,19 +14,21 @@ static void *as_ptr(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr
 static int check_mat(const Mat *m) {
     if (PyErr_Occurred()) return -1;
     const int int4_ok = m->group >= 32 && m->group % 32 == 0 && m->cols % m->group == 0 && m->sz;
-    if (m->type < W_INT8 || m->type > W_INT4 || !m->w || m->rows <= 0 || m->cols <= 0 ||
-        (m->type == W_INT8 && !m->scale) || (m->type == W_INT4 && !int4_ok)) {
+    if (m->type < W_INT8 || m->type > W_INT8_B32 || !m->w || m->rows <= 0 || m->cols <= 0 ||
+        (m->type == W_INT8 && !m->scale) || (m->type == W_INT4 && !int4_ok) ||
+        (m->type == W_INT8_B32 && (m->cols % 32 || !m->sz))) {
         PyErr_SetString(PyExc_ValueError, "bad matrix description");
         return -1;
     }
     return 0;
 }
 
-/* (type, rows, cols, weight, scale, bias[, group]): int4's `scale` is its (scale, zero) pairs */
+/* (type, rows, cols, weight, scale, bias[, group]): int4's `scale` is its (scale, zero) pairs,
+ * INT8_B32's its float16 block scales */
 static int set_mat(Mat *m, PyObject *w, PyObject *s, PyObject *b) {
     m->w = as_ptr(w), m->bias = as_ptr(b);
     m->scale = NULL, m->sz = NULL;
-    if (m->type == W_INT4)
+    if (m->type == W_INT4 || m->type == W_INT8_B32)
         m->sz = as_ptr(s);
     else
         m->scale = as_ptr(s);
@@ -55,7 +57,8 @@ static void free_model(Model *m) {
 static void capsule_free(PyObject *cap) { free_model((Model *)PyCapsule_GetPointer(cap, CAPSULE)); }
 
 /* new(dims, eps, (embed_type, embed[, embed_rows]), norm, head, layers[, features])
- *   embed_rows: an int8 table's float32 scale of each row (required for INT8, else None)
+ *   embed_rows: an int8 table's float32 scale of each row (required for INT8, else None), or
+ *   its float16 scale of each block of 32 ([vocab, hidden / 32], required for INT8_B32)
  *   dims = (hidden, heads, kv_heads, head_dim, inter, vocab)
  *   head / a layer's matrices = (type, rows, cols, weight, scale or None, bias or None)
  *   layers = [(in_norm, post_norm, qkv, o, gate_up, down[, q_norm, k_norm, attn_out_norm,
@@ -126,7 +129,9 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
         !PyArg_ParseTuple(table, "iO|O", &embed_type, &embed, &embed_rows))
         return NULL;
     if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim % 2 || inter <= 0 ||
-        vocab <= 0 || embed_type < W_INT8 || embed_type > W_F32 || (embed_type == W_INT8) != (embed_rows != Py_None)) {
+        vocab <= 0 || embed_type < W_INT8 || (embed_type > W_F32 && embed_type != W_INT8_B32) ||
+        (embed_type == W_INT8 || embed_type == W_INT8_B32) != (embed_rows != Py_None) ||
+        (embed_type == W_INT8_B32 && hidden % 32)) {
         PyErr_SetString(PyExc_ValueError, "bad model dimensions");
         return NULL;
     }
@@ -137,7 +142,11 @@ static PyObject *py_new(PyObject *self, PyObject *args) {
     m->hidden = hidden, m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->inter = inter;
     m->vocab = vocab, m->eps = eps, m->embed_type = embed_type;
     m->n_layers = (int)PySequence_Fast_GET_SIZE(seq);
-    m->embed = as_ptr(embed), m->norm = as_ptr(norm), m->embed_rows = as_ptr(embed_rows);
+    m->embed = as_ptr(embed), m->norm = as_ptr(norm);
+    if (embed_type == W_INT8_B32)
+        m->embed_b32 = as_ptr(embed_rows);
+    else
+        m->embed_rows = as_ptr(embed_rows);
     if (PyErr_Occurred() || parse_mat(head, &m->head)) goto fail;
     m->layers = calloc(m->n_layers ? m->n_layers : 1, sizeof(Layer));
     const int qkv = (heads + 2 * kv_heads) * head_dim;
@@ -637,6 +646,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
         PyModule_AddIntConstant(mod, "F16", W_F16);
         PyModule_AddIntConstant(mod, "F32", W_F32);
         PyModule_AddIntConstant(mod, "INT4", W_INT4);
+        PyModule_AddIntConstant(mod, "INT8_B32", W_INT8_B32);
         PyModule_AddIntConstant(mod, "MAX_THREADS", MAX_THREADS);
         PyModule_AddIntConstant(mod, "PROMPT_CHUNK", CHUNK); /* the planner mirrors these two */
         PyModule_AddIntConstant(mod, "PROMPT_ROWS", PB);

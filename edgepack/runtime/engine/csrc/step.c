@@ -44,6 +44,8 @@ static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, 
         kernels->int4(m, prep, r0, r1, y);
     else if (m->type == W_INT8 && prep)
         kernels->int8_q8(m, prep, r0, r1, y);
+    else if (m->type == W_INT8_B32)
+        kernels->int8_b32(m, x, r0, r1, y);
     else
         kernels->gemv[m->type](m->w, x, m->cols, r0, r1, y);
     if (m->scale)

@@ -422,6 +422,30 @@ static const Tiles tiles_neon = {4, 3, 3, {8, 4, 1}, {{NULL, tile_8_1, tile_8_2,
                                                {NULL, tile_4_1, tile_4_2, tile_4_3},
                                                {NULL, tile_1_1, tile_1_2, tile_1_3}}};
 
+/* 8-bit tables (W_INT8_B32, kernels.h): a block of 32 codes as two loads of 16, widened to
+ * eight float32x4, their products with x in two registers, then one FMA by the block's scale */
+static void int8_b32_neon(const Mat *m, const float *x, int r0, int r1, float *y) {
+    const int K = m->cols, nb = K / 32;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *c = (const int8_t *)m->w + (size_t)r * K;
+        const uint16_t *d = m->sz + (size_t)r * nb;
+        prefetch_row(c, K);
+        float32x4_t acc = vdupq_n_f32(0.f);
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + 32 * b;
+            float32x4_t w[4];
+            ld16_int8(c, 32 * (size_t)b, w);
+            float32x4_t t0 = vmulq_f32(w[0], vld1q_f32(xb)), t1 = vmulq_f32(w[1], vld1q_f32(xb + 4));
+            t0 = vfmaq_f32(t0, w[2], vld1q_f32(xb + 8)), t1 = vfmaq_f32(t1, w[3], vld1q_f32(xb + 12));
+            ld16_int8(c, 32 * (size_t)b + 16, w);
+            t0 = vfmaq_f32(t0, w[0], vld1q_f32(xb + 16)), t1 = vfmaq_f32(t1, w[1], vld1q_f32(xb + 20));
+            t0 = vfmaq_f32(t0, w[2], vld1q_f32(xb + 24)), t1 = vfmaq_f32(t1, w[3], vld1q_f32(xb + 28));
+            acc = vfmaq_n_f32(acc, vaddq_f32(t0, t1), f16_to_f32(d[b]));
+        }
+        y[r] = vaddvq_f32(acc);
+    }
+}
+
 /* the scalar conversion's rounding and NaNs exactly (a loader-time cost, not a step's) */
 static void bf16_to_f16_neon(const uint16_t *s, uint16_t *d, size_t n) {
     for (size_t i = 0; i < n; i++) d[i] = f32_to_f16(bf16_to_f32(s[i]));
@@ -429,11 +453,13 @@ static void bf16_to_f16_neon(const uint16_t *s, uint16_t *d, size_t n) {
 
 const Kernels kernels_neon = {
     "neon", {gemv_int8_i16, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles_neon, bf16_to_f16_neon,
+    .int8_b32 = int8_b32_neon,
 };
 
 /* the dot-product set: its own integer kernels (dotprod.c), the rest as above */
 const Kernels kernels_neon_dotprod = {
     "neon-dotprod", {gemv_int8_dotprod, gemv_bf16, gemv_f16, gemv_f32}, int4_rows_dotprod, attn, silu, &tiles_neon,
     bf16_to_f16_neon,
+    .int8_b32 = int8_b32_neon,
 };
 #endif

@@ -22,6 +22,8 @@ EP_GENERIC_ROWS(gemv_f32, float, EP_CAST)
 
 static void int4_rows(const Mat *m, const float *prep, int r0, int r1, float *y) { int4_rows_body(m, prep, r0, r1, y); }
 
+static void int8_b32(const Mat *m, const float *x, int r0, int r1, float *y) { int8_b32_body(m, x, r0, r1, y); }
+
 static void attn(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
     attn_head_body(q, K, V, n, D, sc, s, o);
 }
@@ -52,4 +54,5 @@ static void bf16_to_f16(const uint16_t *s, uint16_t *d, size_t n) {
 
 const Kernels kernels_generic = {
     "generic", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles, bf16_to_f16,
+    .int8_b32 = int8_b32,
 };

@@ -254,6 +254,12 @@ EP_TILE256(1, 1)
 EP_TILE256(1, 2)
 static const Tiles tiles = {8, 2, 2, {4, 1}, {{NULL, tile_4_1, tile_4_2}, {NULL, tile_1_1, tile_1_2}}};
 
+/* 8-bit tables (kernels.h, EP_B32_ROWS): a block of 32 codes is four 8-lane registers */
+T256 static inline __m256 ld256_i8(const int8_t *p, int i) { return ld256_int8(p, (size_t)i); }
+T256 static inline float f16c_scale(const uint16_t *p) { return _cvtsh_ss(*p); }
+EP_B32_ROWS(int8_b32, T256, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, ld256_i8, _mm256_fmadd_ps, _mm256_set1_ps,
+            hsum256, f16c_scale)
+
 /* also AVX-512's: F16C's rounding is the scalar f32_to_f16's (to nearest even) */
 T256 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n) {
     size_t i = 0;
@@ -272,5 +278,6 @@ const Kernels kernels_avx2 = {
     int8_q8_avx2,
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
     int8_q8_batch_avx2,
+    int8_b32,
 };
 #endif

@@ -69,6 +69,13 @@ T512 static void int4_rows(const Mat *m, const float *prep, int r0, int r1, floa
     }
 }
 
+/* 8-bit tables (kernels.h, EP_B32_ROWS): a block of 32 codes is two 16-lane registers */
+#define T512H __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+T512H static inline __m512 ld512_i8(const int8_t *p, int i) { return ld512_int8(p, (size_t)i); }
+T512H static inline float f16c_scale512(const uint16_t *p) { return _cvtsh_ss(*p); }
+EP_B32_ROWS(int8_b32, T512H, __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, ld512_i8, _mm512_fmadd_ps,
+            _mm512_set1_ps, hsum512, f16c_scale512)
+
 T512 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 
 T512 static inline __m512 bcast512(float v) { return _mm512_set1_ps(v); }
@@ -93,5 +100,6 @@ const Kernels kernels_avx512 = {
     int8_q8_avx2,
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
     int8_q8_batch_avx2,
+    int8_b32,
 };
 #endif
