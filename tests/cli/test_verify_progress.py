@@ -4,41 +4,14 @@ the child so the tiny bundle counts as large."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-CHILD = ("import sys\n"
-         "from edgepack.format import verify\n"
-         "verify.HashProgress.MIN_BYTES, verify.HashProgress.INTERVAL_S = 0, 0\n"
-         "from edgepack.cli import main\n"
-         "raise SystemExit(main(sys.argv[1:]))\n")
+from terminal import run_cli
 
 
 def verify_with_stderr(bundle: Path, *flags: str, tty: bool, command: tuple[str, ...] = ("verify",)) -> tuple[int, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    argv = [sys.executable, "-c", CHILD, command[0], str(bundle), *command[1:], *flags]
-    if not tty:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-        return done.returncode, done.stderr
-    master, slave = os.openpty()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+    return run_cli([command[0], str(bundle), *command[1:], *flags], tty)
 
 
 @pytest.mark.parametrize("flags,tty,shown", [((), True, True), ((), False, False), (("-q",), True, False)])
