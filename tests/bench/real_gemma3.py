@@ -156,10 +156,16 @@ def score(bundle: Path, model, hidden, ids: list[int], chunk: int = 128) -> dict
             d_nll.append(r[ids[t + 1]] - ours[ids[t + 1]])  # NLL(bundle) - NLL(source)
             kl.append(float((np.exp(r) * (r - ours)).sum()))
             same += int(r.argmax() == ours.argmax())
+    return {**summary(d_nll, kl, same), "tok_s": len(d_nll) / (time.monotonic() - t0),
+            "weights_mib": lm.model.weight_bytes / 2**20}
+
+
+def summary(d_nll: list[float], kl: list[float], same: int) -> dict:
+    """Perplexity change (and its standard error), KL and top-1 agreement from per-token
+    NLL(bundle) - NLL(source) differences, KLs and the count of equal argmaxes."""
     d, n = np.array(d_nll), len(d_nll)
     return {"delta_pct": 100 * (np.exp(d.mean()) - 1), "se_pct": 100 * d.std(ddof=1) / np.sqrt(n),
-            "kl_mean": float(np.mean(kl)), "kl_max": float(np.max(kl)), "top1": same / n,
-            "tok_s": n / (time.monotonic() - t0), "weights_mib": lm.model.weight_bytes / 2**20}
+            "kl_mean": float(np.mean(kl)), "kl_max": float(np.max(kl)), "top1": same / n}
 
 
 PEER_TYPES = ("F16", "Q8_0", "Q4_1")  # llama.cpp's formats beside edgepack's 16, 8 and int4
@@ -200,10 +206,7 @@ def score_peer(path: Path, build: dict, ids: list[int], model, hidden, work: Pat
         same += int((ref.argmax(-1) == ours.argmax(-1)).sum())
     del lp
     Path(got["logprobs"]).unlink()
-    d, n = np.array(d_nll), len(d_nll)
-    return {"delta_pct": 100 * (np.exp(d.mean()) - 1), "se_pct": 100 * d.std(ddof=1) / np.sqrt(n),
-            "kl_mean": float(np.mean(kl)), "kl_max": float(np.max(kl)), "top1": same / n,
-            "file_mib": path.stat().st_size / 2**20}
+    return {**summary(d_nll, kl, same), "file_mib": path.stat().st_size / 2**20}
 
 
 def main() -> int:
