@@ -33,7 +33,7 @@ from edgepack.serve.api import GenerationRequest, parse_chat, parse_completion
 from edgepack.serve.app import create_app
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, add_guard_arguments, guard_options
 from edgepack.serve.metrics import Metrics
-from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, Job, Worker
+from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Job, Worker
 from edgepack.plan.serving import DEFAULT_MAX_PARALLEL
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_QUEUE", "GenerationRequest", "Job", "Metrics", "Worker",
@@ -103,7 +103,7 @@ def resolve_bundle(ref: str) -> Path:
 
 
 def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int | None = None,
-          cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None,
+          cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
           model_name: str | None = None, log_level: str = "info", **guards) -> None:
     """Serve a loaded EdgeModel until interrupted (Ctrl-C, SIGTERM). ``guards``: create_app's
     max_body_bytes, api_keys, allowed_hosts, allowed_origins, docs."""
@@ -113,7 +113,7 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEF
     from edgepack.serve.guard import server_config
 
     app = create_app(lm, max_queue=max_queue, model_name=model_name, bind_host=host, parallel=parallel,
-                     cache_bytes=cache_bytes, context=context, **guards)
+                     cache_bytes=cache_bytes, context=context, prefill_chunk=prefill_chunk, **guards)
     slots = app.state.worker.parallel
     print(memory_line(app.state.memory, slots, parallel is None), file=sys.stderr)
     uvicorn.Server(server_config(app, host=host, port=port, max_queue=max_queue + slots, log_level=log_level)).run()
@@ -150,6 +150,9 @@ def configure_parser(p) -> None:
     p.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
                    help="memory for the KV caches of recent requests, reused when a prompt starts the same "
                    f"(a chat's history); 0 turns reuse off (default {DEFAULT_CACHE_BYTES:,})")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt tokens computed between two decode steps, so a long prompt joining does not "
+                   f"stall the running streams; 0 computes each prompt at once (default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the bundle's directory name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
@@ -166,6 +169,9 @@ def main(args) -> int:
         raise EdgepackError(f"--context must be at least 2 tokens, not {args.context}", hint="pass --context 4096")
     if args.cache_bytes < 0:
         raise EdgepackError(f"--cache-bytes must be 0 or more, not {args.cache_bytes}", hint="pass --cache-bytes 0 to turn reuse off")
+    if args.prefill_chunk < 0 or args.prefill_chunk == 1:  # a one-token pass is a decode step: not exact
+        raise EdgepackError(f"--prefill-chunk must be 0 or at least 2 tokens, not {args.prefill_chunk}",
+                            hint=f"pass --prefill-chunk {DEFAULT_PREFILL_CHUNK}, or 0 to compute each prompt at once")
     guards = guard_options(args)  # refuses an open bind without a key, before the model loads
     _require_serve_packages()
     check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not after it
@@ -181,6 +187,6 @@ def main(args) -> int:
     name = args.model_name or (lm.name if Path(args.bundle).expanduser().is_dir() else args.bundle)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (queue {args.max_queue})", file=sys.stderr)
     serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, parallel=args.parallel,
-          cache_bytes=args.cache_bytes, context=args.context, model_name=name, log_level=args.log_level,
+          cache_bytes=args.cache_bytes, context=args.context, prefill_chunk=args.prefill_chunk, model_name=name, log_level=args.log_level,
           **guards)
     return 0

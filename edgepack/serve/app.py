@@ -18,7 +18,7 @@ from edgepack.serve.api import (
 from edgepack.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiError, HostPolicy, PromptGate, install_guards, release_body
 from edgepack.serve.memory import default_parallel, server_memory
 from edgepack.serve.metrics import Metrics
-from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, Job, Worker
+from edgepack.serve.worker import DEFAULT_CACHE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Job, Worker
 
 # How often a request that is waiting (queued, or in a long prefill) checks for a gone client.
 DISCONNECT_POLL_SECONDS = 0.25
@@ -30,7 +30,7 @@ class _Disconnected(Exception):
 
 def create_app(
     lm, *, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None, parallel: int | None = None,
-    cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_keys=(), bind_host: str = "127.0.0.1",
     allowed_hosts=(), allowed_origins=(), docs: bool = False,
 ):
@@ -38,14 +38,17 @@ def create_app(
     serve/guard.py. The worker thread runs while the app's lifespan does. ``parallel``:
     requests generated at once (default: what this box's memory allows, by the planner's
     figure); ``cache_bytes``: KV caches of finished requests held for prefix reuse (0: none);
-    ``context``: tokens a request may hold, prompt and reply (default: the model's)."""
+    ``context``: tokens a request may hold, prompt and reply (default: the model's);
+    ``prefill_chunk``: prompt tokens computed between two decode steps (0: whole prompts)."""
     from fastapi import FastAPI
 
-    if max_queue < 1 or (parallel is not None and parallel < 1) or cache_bytes < 0 or (context is not None and context < 2):
-        raise ValueError("max_queue and parallel must be at least 1, cache_bytes at least 0, context at least 2: "
-                         f"{max_queue, parallel, cache_bytes, context}")
+    if (max_queue < 1 or (parallel is not None and parallel < 1) or cache_bytes < 0 or (context is not None and context < 2)
+            or prefill_chunk < 0 or prefill_chunk == 1):
+        raise ValueError("max_queue and parallel must be at least 1, cache_bytes at least 0, context at least 2, "
+                         f"prefill_chunk 0 or at least 2: {max_queue, parallel, cache_bytes, context, prefill_chunk}")
     serving = Serving(lm, model_name=model_name or lm.name, max_queue=max_queue, parallel=parallel,
-                      cache_bytes=cache_bytes, context=context, max_body_bytes=max_body_bytes)
+                      cache_bytes=cache_bytes, context=context, max_body_bytes=max_body_bytes,
+                      prefill_chunk=prefill_chunk)
     no_docs = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="edgepack", lifespan=serving.lifespan, **no_docs)
     install_guards(app, api_keys, max_body_bytes, HostPolicy(bind_host, allowed_hosts, allowed_origins))
@@ -61,7 +64,7 @@ class Serving:
     planner's figure for this server's memory (None with the torch backend)."""
 
     def __init__(self, lm, *, model_name: str, max_queue: int, parallel: int | None, cache_bytes: int,
-                 context: int | None, max_body_bytes: int):
+                 context: int | None, max_body_bytes: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.name = model_name
         self.created = int(time.time())
         claimed = lm.manifest.get("architecture", {}).get("max_position_embeddings")
@@ -72,7 +75,7 @@ class Serving:
         parallel = parallel or default_parallel(lm, **sizes)
         self.gate = PromptGate(lm, self.context)  # counts prompt tokens off the event loop
         self.metrics = Metrics()
-        self.worker = Worker(lm, self.metrics, max_queue, parallel, cache_bytes, slots_context)
+        self.worker = Worker(lm, self.metrics, max_queue, parallel, cache_bytes, slots_context, prefill_chunk)
         self.memory = server_memory(lm, parallel=self.worker.parallel, context=slots_context,
                                     cache_bytes=self.worker.cache_bytes, max_body_bytes=max_body_bytes)
 

@@ -51,7 +51,8 @@ class Metrics:
             return _percentile(self.latencies, 50)
 
     def snapshot(self, queue_depth: int, busy: bool, gauges: dict | None = None) -> dict:
-        """``gauges``: the worker's (slots_in_use, slots, held_caches, held_cache_bytes)."""
+        """``gauges``: the worker's (slots_in_use, slots, slots_prefilling: those whose prompt is
+        being computed, held_caches, held_cache_bytes)."""
         with self._lock:
             return {
                 "uptime_seconds": round(time.time() - self.started, 3),

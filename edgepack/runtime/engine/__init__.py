@@ -392,6 +392,9 @@ class NativeLM:
         feats, opt = plan.features, lambda at: None if at is None else base + at  # noqa: E731
         self._features = feats
         self.sliding, self.window = sum(feats.layer_sliding), feats.window
+        # longrope: a forward call whose last position reaches this rotates all its tokens with
+        # the long factors, so a prompt past it gives other keys in pieces than whole (0: never)
+        self.long_rope_from = feats.long_from
         layers, extra = [], ()
         for i, (a, b, q, o, g, d, qn, kn, an, mn) in enumerate(plan.layers):
             layer = (base + a, base + b, mat(q), mat(o), mat(g), mat(d))
