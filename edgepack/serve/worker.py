@@ -29,10 +29,12 @@ from edgepack.serve.prefix import PrefixStore
 
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_CACHE_BYTES = 512 << 20  # held prompt caches: ~22k tokens of SmolLM2-135M, ~4k of a 1B model
-# Prompt tokens computed between two decode steps. SmolLM2-135M at 8 bits on a 2-core Zen 1
-# box (tests/bench/serve_chunked.py): a piece of 32 costs ~0.25 s (~10 decode steps) at the
-# prompt pass's full rate (~125 tokens/s); 16 costs ~0.13 s at ~5% less, 8 at ~20% less.
-DEFAULT_PREFILL_CHUNK = 32
+# Prompt tokens computed between two decode steps. SmolLM2-135M at 8 bits, 2-core Zen 1: a
+# piece of 16 costs ~0.13 s (~6 decode steps) at ~96% of the prompt pass's rate (8: ~80%), so
+# a running stream keeps ~6 tokens/s, about reading speed, while a 1,900-token prompt's first
+# token comes ~10% later than with pieces of 32, whose streams get half that
+# (tests/bench/serve_chunked.py).
+DEFAULT_PREFILL_CHUNK = 16
 
 
 @dataclass
