@@ -12,9 +12,11 @@ Or from Python, with the official client:
 
 One process serves one bundle, loaded once at start-up. Generation is CPU-bound and the
 model is not thread-safe, so a single worker thread generates up to ``--parallel`` requests
-at once, stepped together, while the event loop keeps answering; requests wait in a bounded
-queue and a full queue answers 503 with Retry-After, so a burst costs latency, never memory. A client that goes away
-cancels its request between two tokens. FastAPI and uvicorn are imported only when an
+at once, stepped together, while the event loop keeps answering; a joining prompt is
+computed ``--prefill-chunk`` tokens between two steps, so a long one does not stall the
+others. Requests wait in a bounded queue and a full queue answers 503 with Retry-After, so
+a burst costs latency, never memory. A client that goes away cancels its request between
+two tokens (or two pieces of its prompt). FastAPI and uvicorn are imported only when an
 app is made or served: ``edgepack run`` and ``import edgepack`` never pay for them.
 
 Files: api.py (OpenAI request and reply shapes), worker.py (the generation thread),
@@ -103,7 +105,8 @@ def resolve_bundle(ref: str) -> Path:
 
 
 def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int | None = None,
-          cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+          cache_bytes: int = DEFAULT_CACHE_BYTES, context: int | None = None,
+          prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
           model_name: str | None = None, log_level: str = "info", **guards) -> None:
     """Serve a loaded EdgeModel until interrupted (Ctrl-C, SIGTERM). ``guards``: create_app's
     max_body_bytes, api_keys, allowed_hosts, allowed_origins, docs."""
@@ -187,6 +190,7 @@ def main(args) -> int:
     name = args.model_name or (lm.name if Path(args.bundle).expanduser().is_dir() else args.bundle)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (queue {args.max_queue})", file=sys.stderr)
     serve(lm, host=args.host, port=args.port, max_queue=args.max_queue, parallel=args.parallel,
-          cache_bytes=args.cache_bytes, context=args.context, prefill_chunk=args.prefill_chunk, model_name=name, log_level=args.log_level,
+          cache_bytes=args.cache_bytes, context=args.context, prefill_chunk=args.prefill_chunk, model_name=name,
+          log_level=args.log_level,
           **guards)
     return 0

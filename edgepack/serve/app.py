@@ -42,8 +42,8 @@ def create_app(
     ``prefill_chunk``: prompt tokens computed between two decode steps (0: whole prompts)."""
     from fastapi import FastAPI
 
-    if (max_queue < 1 or (parallel is not None and parallel < 1) or cache_bytes < 0 or (context is not None and context < 2)
-            or prefill_chunk < 0 or prefill_chunk == 1):
+    if (max_queue < 1 or (parallel is not None and parallel < 1) or cache_bytes < 0
+            or (context is not None and context < 2) or prefill_chunk < 0 or prefill_chunk == 1):
         raise ValueError("max_queue and parallel must be at least 1, cache_bytes at least 0, context at least 2, "
                          f"prefill_chunk 0 or at least 2: {max_queue, parallel, cache_bytes, context, prefill_chunk}")
     serving = Serving(lm, model_name=model_name or lm.name, max_queue=max_queue, parallel=parallel,

@@ -89,9 +89,9 @@ class Worker:
         held = list(self.prefixes.held) if self.prefixes else []
         per_token = self.prefixes.bytes_per_token if self.prefixes else 0
         active = list(self.active)
-        return {"slots_in_use": len(active), "slots": self.parallel,
-                "slots_prefilling": sum(1 for s in active if s.prefilling) if self.batched else 0, "held_caches": len(held),
-                "held_cache_bytes": sum(h.resident_tokens for h in held) * per_token}
+        prefilling = sum(1 for s in active if s.prefilling) if self.batched else 0
+        return {"slots_in_use": len(active), "slots": self.parallel, "slots_prefilling": prefilling,
+                "held_caches": len(held), "held_cache_bytes": sum(h.resident_tokens for h in held) * per_token}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgepack-generate", daemon=True)
@@ -197,12 +197,11 @@ class Worker:
 
     def _prefill(self) -> None:
         """Compute the next piece of the first slot still prefilling; after its last piece,
-        emit its first token. A request cancelled meanwhile leaves, its computed part held."""
+        emit its first token. Requests cancelled meanwhile leave, their computed part held."""
+        for s in [s for s in self.active if s.prefilling and s.job.cancelled.is_set()]:
+            self._leave(s, keep=True)
         slot = next((s for s in self.active if s.prefilling), None)
         if slot is None:
-            return
-        if slot.job.cancelled.is_set():
-            self._leave(slot, keep=True)
             return
         ids, done = slot.plan.prompt_ids, slot.cache.length
         n = self._piece(len(ids), done)

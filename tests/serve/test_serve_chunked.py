@@ -2,6 +2,7 @@
 the running streams' decode steps, with the answers of computing it whole."""
 
 import threading
+import time
 
 import pytest
 
@@ -118,8 +119,6 @@ class Recorder:
     prompt, item), and the gauges seen during each piece."""
 
     def __init__(self, monkeypatch, lm, worker, fail_piece=None, piece_seconds=0.0, step_seconds=0.02):
-        import time
-
         self.events, self.gauges = [], []
         forward, step_batch, send = lm.model.forward, lm.model.step_batch, worker_module._send
 
@@ -198,8 +197,6 @@ def test_running_stream_gets_tokens_between_the_pieces(lm, monkeypatch):
 
 
 def test_cancel_while_prefilling_frees_the_slot(lm, monkeypatch):
-    import time
-
     expected = lm.generate(LONG, max_new_tokens=4, temperature=0)
     app = serve.create_app(lm, parallel=1, prefill_chunk=4)  # one slot: the next request needs it back
     rec = Recorder(monkeypatch, lm, app.state.worker, piece_seconds=0.05)  # 22 pieces: ~1.1 s
@@ -220,6 +217,25 @@ def test_cancel_while_prefilling_frees_the_slot(lm, monkeypatch):
         reply = live.post("/v1/completions", {"prompt": LONG, "max_tokens": 4, "temperature": 0})
         assert live.metrics()["prefix_reused_tokens"] >= 4 * (computed - 1)
     assert reply["choices"][0]["text"] == expected
+
+
+def test_cancel_while_waiting_for_pieces_frees_the_slot_at_once(lm, monkeypatch):
+    """A request whose prompt waits behind another's pieces leaves as soon as it is cancelled."""
+    app = serve.create_app(lm, parallel=2, cache_bytes=0, prefill_chunk=4)
+    rec = Recorder(monkeypatch, lm, app.state.worker, piece_seconds=0.1)  # the first prompt: ~2.2 s
+    with Live(app) as live:
+        first = threading.Thread(target=live.post, args=("/v1/completions", {"prompt": LONG, "max_tokens": 2}))
+        first.start()
+        while not rec.events:
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", json={"prompt": ODD, "max_tokens": 2}, timeout=0.4)
+        first.join(60)
+        assert live.metrics()["requests"]["cancelled"] == 1
+    caches = {id(e[1]) for e in rec.events if e[0] == "piece"}
+    assert len(caches) == 1, "the cancelled prompt was computed"
+    in_use = [g["slots_in_use"] for g in rec.gauges]
+    assert 2 in in_use and in_use[-1] == 1  # gone before the first prompt's last piece
 
 
 def test_a_failing_piece_ends_that_request_only(lm, monkeypatch):
