@@ -276,6 +276,7 @@ typedef struct {
     gemv_batch_fn gemv_batch[4]; /* by weight type, bitwise gemv's; NULL: batch.c calls gemv per sequence */
     q8_batch_fn int8_q8_batch;   /* bitwise int8_q8's; NULL: batch.c calls int8_q8 per sequence */
     b32_fn int8_b32;             /* W_INT8_B32 rows: every set has one */
+    q8_fn int8_b32_q8;           /* W_INT8_B32 rows against prep_q8's input; NULL: int8_b32 takes them */
 } Kernels;
 
 extern const Kernels kernels_generic;
@@ -285,6 +286,7 @@ void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
 void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
 void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
+void int8_b32_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
