@@ -300,7 +300,8 @@ extern const Kernels *kernels; /* the table in use */
  * weight on AVX2, where converting each int8 weight to float32 bounds the float kernel;
  * SmolLM2-135M as packed by default, 3,867 tokens: perplexity +0.43% and mean KL 0.0021 to
  * the source, float32's +0.33% and 0.0014, llama.cpp Q8_0's +0.64% and 0.0040,
- * tests/bench/table_quality.py) or 32 (float32: logits within 1e-4 of float64's).
+ * tests/bench/table_quality.py; with the default 8-bit tables, whose output layer then takes
+ * int8 inputs too, +0.48% and 0.0030) or 32 (float32: logits within 1e-4 of float64's).
  * EDGEPACK_ACTIVATION_BITS=32 or 8 at import. Only where the kernel set has int8_q8 (x86);
  * decode steps only (step.c, and batch.c bitwise alike): prompts keep float32. */
 extern int act_bits;
