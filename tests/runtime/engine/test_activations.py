@@ -20,6 +20,7 @@ import edgepack
 
 native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
 from test_native import _float64_logits, _logits  # noqa: E402  (this folder is on sys.path under pytest)
+from test_tables import _exact_reference  # noqa: E402
 
 HAS_Q8 = native.set_isa() in ("avx2", "avx512")
 needs_q8 = pytest.mark.skipif(not HAS_Q8, reason="int8 activations run on AVX2 / AVX-512 only")
@@ -62,6 +63,26 @@ def test_int8_activation_kernel_is_the_rounded_input_product(int8_activations, r
         assert (y.double() - exact_w @ x.double()).abs().max() > 10 * bound.max()
 
 
+@needs_q8
+@pytest.mark.parametrize("rows,cols", [(1, 32), (7, 64), (130, 576), (9, 800), (33, 2048)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_int8_activations_into_8bit_tables(int8_activations, rows, cols, threads):
+    """8-bit tables (int8 codes, a float16 scale per block of 32) take the rounded input too:
+    Q8_0 x Q8_0, whole groups of eight blocks and the blocks after them, rows off the 4-row unit."""
+    gen = torch.Generator().manual_seed(rows * 11 + cols)
+    codes = torch.randint(-127, 128, (rows, cols), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(rows, cols // 32, generator=gen) / 64 + 1e-3).to(torch.float16)
+    x = torch.randn(cols, generator=gen)
+    y = torch.full((rows,), float("nan"))
+    native.gemv((native.INT8_B32, rows, cols, codes.data_ptr(), scales.data_ptr(), None), x.data_ptr(), y.data_ptr(),
+                threads)
+    exact_w = codes.double() * scales.double().repeat_interleave(32, dim=1)
+    want = exact_w @ _rounded(x)
+    bound = 1e-5 * (exact_w.abs() @ x.double().abs()) + 1e-6
+    assert torch.all((y.double() - want).abs() <= bound)
+    assert (y.double() - exact_w @ x.double()).abs().max() > 10 * bound.max()
+
+
 def _engine_setting(env: str | None) -> list[str]:
     """(activation_bits(), int8_activations()) of a fresh process whose EDGEPACK_ACTIVATION_BITS is env."""
     environ = {k: v for k, v in os.environ.items() if k != "EDGEPACK_ACTIVATION_BITS"}
@@ -83,14 +104,16 @@ def test_int8_is_the_default_and_32_opts_out():
 
 
 @needs_q8
-def test_decode_with_int8_activations_stays_near_float64(packed, int8_activations):
+@pytest.mark.parametrize("table_bits", [16, 8])
+def test_decode_with_int8_activations_stays_near_float64(packed, int8_activations, table_bits):
     """8-bit activations miss the engine's 1e-4 bound but stay within a few percent of
     float64's logits with float64's greedy token at every step; prompts stay float32 (1e-4),
-    and decode steps after a prompt are int8's again. Back at 32 bits steps are float64's."""
-    bundle = packed("llama", 8, table_bits=16)  # the reference holds 16-bit tables as stored
+    and decode steps after a prompt are int8's again. Back at 32 bits steps are float64's.
+    With 8-bit tables the output layer takes the rounded input too."""
+    bundle = packed("llama", 8, table_bits=table_bits)
     lm = edgepack.load(bundle)
     assert lm.model.activations() == "int8"
-    ref = edgepack.load(bundle, backend="torch").model
+    ref = _exact_reference(bundle) if table_bits == 8 else edgepack.load(bundle, backend="torch").model
     ids = lm.tokenizer.encode(TEXT * 2)[:40]
     exact = _float64_logits(ref, ids)
     scale = exact.abs().max()

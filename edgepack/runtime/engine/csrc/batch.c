@@ -67,7 +67,7 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
     int rows = (int)(EP_BLOCK_BYTES / row_bytes) & ~3;
     rows = rows < 4 ? 4 : rows;
     const gemv_batch_fn together = mt->type >= W_INT4 || s->q8 ? NULL : kernels->gemv_batch[mt->type];
-    const q8_batch_fn together_q8 = s->q8 ? kernels->int8_q8_batch : NULL;
+    const q8_batch_fn together_q8 = s->q8 && mt->type == W_INT8 ? kernels->int8_q8_batch : NULL;
     for (int rb = r0; rb < r1; rb += rows) {
         const int re = rb + rows < r1 ? rb + rows : r1;
         if (together) together(mt->w, s->xs, s->B, mt->cols, rb, re, s->ts);
@@ -76,6 +76,8 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
             float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
             if (mt->type == W_INT4)
                 kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
+            else if (mt->type == W_INT8_B32 && s->q8)
+                kernels->int8_b32_q8(mt, part(s, b, S_PREP), rb, re, t);
             else if (mt->type == W_INT8_B32)
                 kernels->int8_b32(mt, part(s, b, in), rb, re, t);
             else if (s->q8 && !together_q8)

@@ -276,6 +276,7 @@ typedef struct {
     gemv_batch_fn gemv_batch[4]; /* by weight type, bitwise gemv's; NULL: batch.c calls gemv per sequence */
     q8_batch_fn int8_q8_batch;   /* bitwise int8_q8's; NULL: batch.c calls int8_q8 per sequence */
     b32_fn int8_b32;             /* W_INT8_B32 rows: every set has one */
+    q8_fn int8_b32_q8;           /* W_INT8_B32 rows against prep_q8's input; NULL: int8_b32 takes them */
 } Kernels;
 
 extern const Kernels kernels_generic;
@@ -285,6 +286,7 @@ void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
 void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
 void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
+void int8_b32_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;
@@ -298,7 +300,8 @@ extern const Kernels *kernels; /* the table in use */
  * weight on AVX2, where converting each int8 weight to float32 bounds the float kernel;
  * SmolLM2-135M as packed by default, 3,867 tokens: perplexity +0.43% and mean KL 0.0021 to
  * the source, float32's +0.33% and 0.0014, llama.cpp Q8_0's +0.64% and 0.0040,
- * tests/bench/table_quality.py) or 32 (float32: logits within 1e-4 of float64's).
+ * tests/bench/table_quality.py; with the default 8-bit tables, whose output layer then takes
+ * int8 inputs too, +0.48% and 0.0030) or 32 (float32: logits within 1e-4 of float64's).
  * EDGEPACK_ACTIVATION_BITS=32 or 8 at import. Only where the kernel set has int8_q8 (x86);
  * decode steps only (step.c, and batch.c bitwise alike): prompts keep float32. */
 extern int act_bits;

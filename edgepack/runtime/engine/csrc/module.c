@@ -463,7 +463,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         return NULL;
     }
     float *prep = NULL;
-    if (mat.type == W_INT4 || mat.type == W_INT8) {
+    if (mat.type == W_INT4 || mat.type == W_INT8 || mat.type == W_INT8_B32) {
         prep = malloc(((size_t)mat.cols + mat.cols / 32 + 1) * sizeof(float));
         if (!prep) return PyErr_NoMemory();
         if (mat.type == W_INT4)

@@ -284,7 +284,7 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
     }
     const int last = (T - 1) % CHUNK;
     rms_norm(s->x + (size_t)last * H, m->norm, m->h, H, m->eps);
-    Job j = {.m = m};
-    product(&j, task_mat, &m->head, m->h, logits, 0, nth);
+    Job j = {.m = m, .mat = &m->head, .in = m->h, .out = logits}; /* float32 input, as the whole prompt (no prep) */
+    parallel_rows(task_mat, &j, m->head.rows, 4, nth);
     if (m->final_softcap > 0.f) soft_cap(logits, m->vocab, m->final_softcap);
 }

@@ -17,12 +17,13 @@ void prep_int4(const Mat *m, const float *x, float *prep) {
     }
 }
 
-/* the input of an int8 matrix-vector product rounded to int8 per block of 32 (act_bits 8):
- * K codes, then K / 32 float32 scales (max |x| / 127 of each block); 0 (nothing written)
- * where the float kernel runs it: act_bits 32, no q8 kernel, K not a multiple of 32 */
+/* the input of an int8 matrix-vector product or 8-bit table rounded to int8 per block of 32
+ * (act_bits 8): K codes, then K / 32 float32 scales (max |x| / 127 of each block); 0 (nothing
+ * written) where the float kernel runs it: act_bits 32, no q8 kernel, K not a multiple of 32 */
 int prep_q8(const Mat *m, const float *x, void *prep) {
     const int K = m->cols;
-    if (act_bits != 8 || m->type != W_INT8 || !kernels->int8_q8 || K % 32) return 0;
+    const q8_fn q8 = m->type == W_INT8 ? kernels->int8_q8 : m->type == W_INT8_B32 ? kernels->int8_b32_q8 : NULL;
+    if (act_bits != 8 || !q8 || K % 32) return 0;
     int8_t *q = prep;
     float *d = (float *)(q + K);
     for (int b = 0; b < K / 32; b++) {
@@ -37,13 +38,15 @@ int prep_q8(const Mat *m, const float *x, void *prep) {
 }
 
 /* y[r] for r in [r0, r1): the dot products, then the row's scale and bias (int4: `prep`,
- * the input as prep_int4 made it; int8 with a `prep`: prep_q8's) */
+ * the input as prep_int4 made it; int8 and 8-bit tables with a `prep`: prep_q8's) */
 static void mat_rows(const Mat *m, const float *x, const float *prep, float *y, int r0, int r1) {
     if (r1 <= r0) return;
     if (m->type == W_INT4)
         kernels->int4(m, prep, r0, r1, y);
     else if (m->type == W_INT8 && prep)
         kernels->int8_q8(m, prep, r0, r1, y);
+    else if (m->type == W_INT8_B32 && prep)
+        kernels->int8_b32_q8(m, prep, r0, r1, y);
     else if (m->type == W_INT8_B32)
         kernels->int8_b32(m, x, r0, r1, y);
     else

@@ -101,5 +101,6 @@ const Kernels kernels_avx512 = {
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
     int8_q8_batch_avx2,
     int8_b32,
+    int8_b32_q8_avx2,
 };
 #endif
