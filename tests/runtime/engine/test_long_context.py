@@ -17,8 +17,8 @@ POSITIONS = 700
 
 @pytest.fixture(scope="module")
 def long_bundle(tmp_path_factory):
-    """6 query heads on 2 kv heads (SmolLM2's group of 3), head_dim 24 (the AVX2 value sums'
-    3-register tail), 1024 positions; packed 8-bit with 16-bit tables."""
+    """3 query heads on 1 kv head (a group of 3, as SmolLM2; one kv head, as Gemma 3 270M), head_dim 32 (AVX2's decode rows
+    straight from bfloat16: a multiple of 32), 1024 positions; packed 8-bit, 16-bit tables."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tiny import make_tokenizer
@@ -27,8 +27,8 @@ def long_bundle(tmp_path_factory):
 
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=144, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
