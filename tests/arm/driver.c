@@ -106,7 +106,7 @@ static int run_model(const char *model_path, const char *calls_path, const char 
         if (pos + n > max_tokens) return fprintf(stderr, "the calls overrun the cache\n"), 2;
         if (n == 1) { /* as module.c's forward() */
             float rope[2 * 512];
-            grow_scores(m, max_tokens);
+            grow_scores(m, max_tokens, threads);
             rope_tables(theta, m->head_dim, pos, rope, rope + m->head_dim);
             run_step(m, tokens[0], pos, kc, vc, max_tokens, rope, rope + m->head_dim, logits, threads);
         } else {

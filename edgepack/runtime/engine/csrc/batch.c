@@ -33,9 +33,11 @@ enum { S_X, S_H, S_QKV, S_ATT, S_GU, S_ACT, S_TMP, S_PREP, S_ROPE, S_PARTS, S_LO
 typedef struct {
     Model *m;
     const BatchSeq *seqs;
-    int B, layer, scores_len;
+    int B, layer;
     const Mat *mat;
-    float *scratch, *scores;
+    float *scratch, *scores; /* scores: each thread's attention scratch (ATT_SCRATCH) */
+    StepAttend *attend;      /* each sequence's decode attention (attend.c) */
+    int *first;              /* where each sequence's units start, B + 1 */
     size_t off[S_PARTS + 1]; /* where each part starts in a sequence's scratch; its size last */
     int in, out, add, q8;    /* parts: the input, the output (S_LOGITS: each sequence's logits); q8: prep_q8 made S_PREP */
     const float **xs;        /* each sequence's input and kernel output (its S_TMP with add) */
@@ -114,20 +116,15 @@ static void task_gate_up_rows(void *ctx, int tid, int nth) { /* act = silu(gate)
     }
 }
 
-static void task_attn_seqs(void *ctx, int tid, int nth) { /* (sequence, head) pairs shared out between threads */
+static void task_attn_seqs(void *ctx, int tid, int nth) { /* (sequence, attend.c unit) pairs */
     const Steps *s = (const Steps *)ctx;
-    const Model *m = s->m;
-    const int D = m->head_dim, group = m->heads / m->kv_heads;
-    const float scale = 1.f / sqrtf((float)D);
-    float *sc = s->scores + (size_t)tid * s->scores_len;
+    float *scratch = s->scores + tid * ATT_SCRATCH(s->m->head_dim);
     int lo, hi;
     while (take_rows(tid, nth, &lo, &hi))
         for (int p = lo; p < hi; p++) {
-            const int b = p / m->heads, h = p % m->heads;
-            const BatchSeq *q = &s->seqs[b];
-            const size_t base = ((size_t)s->layer * m->kv_heads + h / group) * q->max_tokens * D;
-            kernels->attn(part(s, b, S_QKV) + (size_t)h * D, q->kc + base, q->vc + base, q->pos + 1, D, scale, sc,
-                          part(s, b, S_ATT) + (size_t)h * D);
+            int b = 0;
+            while (p >= s->first[b + 1]) b++;
+            step_attend_unit(s->m, &s->attend[b], p - s->first[b], scratch);
         }
 }
 
@@ -162,13 +159,18 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
     offsets(m, s.off);
     int longest = 1;
     for (int b = 0; b < B; b++) longest = seqs[b].max_tokens > longest ? seqs[b].max_tokens : longest;
-    const float **xs = malloc(3 * (size_t)B * sizeof(float *));
-    if (!xs || !grow(s.off[S_PARTS] * B + (size_t)nth * longest)) {
+    const size_t partial = step_attend_floats(m, longest);
+    const float **xs = malloc(3 * (size_t)B * sizeof(float *) + (size_t)B * sizeof(StepAttend) + (B + 1) * sizeof(int));
+    if (!xs || !grow((s.off[S_PARTS] + partial) * B + (size_t)nth * ATT_SCRATCH(D))) {
         free(xs);
         return -1;
     }
     s.xs = xs, s.ts = (float **)(xs + B), s.ps = (const void **)(xs + 2 * B);
-    s.scratch = scratch_floats, s.scores = scratch_floats + s.off[S_PARTS] * B, s.scores_len = longest;
+    s.attend = (StepAttend *)(xs + 3 * B), s.first = (int *)(s.attend + B);
+    s.scratch = scratch_floats, s.scores = scratch_floats + (s.off[S_PARTS] + partial) * B;
+    for (int b = 0; b < B; b++)
+        s.attend[b] = (StepAttend){.q = part(&s, b, S_QKV), .out = part(&s, b, S_ATT), .stride = (size_t)seqs[b].max_tokens * D,
+                                   .partial = scratch_floats + s.off[S_PARTS] * B + partial * b};
     for (int b = 0; b < B; b++) {
         float *x = part(&s, b, S_X), *rope = part(&s, b, S_ROPE);
         embed_row(m, seqs[b].token, x);
@@ -190,8 +192,15 @@ int run_steps(Model *m, const BatchSeq *seqs, int B, float theta, int nth) {
                 }
             }
         }
-        s.layer = l;
-        parallel_rows(task_attn_seqs, &s, B * m->heads, 1, nth);
+        s.layer = l, s.first[0] = 0;
+        for (int b = 0; b < B; b++) {
+            StepAttend *a = &s.attend[b];
+            const size_t at = (size_t)l * m->kv_heads * seqs[b].max_tokens * D;
+            a->K = seqs[b].kc + at, a->V = seqs[b].vc + at;
+            s.first[b + 1] = s.first[b] + step_attend_plan(m, a, seqs[b].pos + 1, 1);
+        }
+        parallel_rows(task_attn_seqs, &s, s.first[B], 1, nth);
+        for (int b = 0; b < B; b++) step_attend_merge(m, &s.attend[b]);
         rows(&s, task_rows, &L->o, S_ATT, S_X, 1, nth);
         for (int b = 0; b < B; b++) rms_norm(part(&s, b, S_X), L->post_norm, part(&s, b, S_H), H, m->eps);
         rows(&s, task_gate_up_rows, &L->gate_up, S_H, S_GU, 0, nth);

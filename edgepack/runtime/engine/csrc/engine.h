@@ -15,8 +15,8 @@
  * Files: this header (types, scalar helpers, the dispatch table), kernels.h (kernel bodies
  * written once, compiled per instruction set), arch/<cpu>/ (what differs per instruction
  * set), dispatch.c (the table in use), pool.c (threads), step.c (one token), prompt.c (many
- * tokens as GEMMs), convert.c, sample.c, module.c (the Python bindings). No Python object
- * is touched while a step runs: the GIL is released.
+ * tokens as GEMMs), attend.c (a step's attention), convert.c, sample.c, module.c (the Python
+ * bindings). No Python object is touched while a step runs: the GIL is released.
  */
 #ifndef EP_ENGINE_H
 #define EP_ENGINE_H
@@ -96,8 +96,8 @@ typedef struct {
     int *sliding_before; /* sliding-window layers below each layer: where its KV cache starts */
     /* scratch */
     float *x, *h, *qkv, *att, *gu, *tmp, *prep;
-    float *scores; /* heads x scores_len: attention weights, grown with the cache */
-    int scores_len;
+    float *scores; /* a decode step's attention: partial sums, then each thread's scratch (attend.c) */
+    size_t scores_floats;
 } Model;
 
 /* ------------------------------------------------------------------ scalar helpers */
@@ -244,9 +244,29 @@ typedef void (*gemv_fn)(const void *W, const float *x, int K, int r0, int r1, fl
 typedef void (*gemv_batch_fn)(const void *W, const float *const *x, int B, int K, int r0, int r1, float *const *y);
 /* the same for int4 rows, over the input as prep_int4 made it */
 typedef void (*int4_fn)(const Mat *m, const float *prep, int r0, int r1, float *y);
-/* one query head over positions [0, n) of its bfloat16 key/value head ([n, D]) */
-typedef void (*attn_fn)(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float *s,
-                        float *out);
+/* Attention of R query rows sharing one bfloat16 key/value head (a GQA group's heads; in a
+ * prompt, the group's heads for several tokens): each key and value is read and converted to
+ * float32 once for all the rows, not once per row (SmolLM2: 9 heads on 3 kv heads, so a
+ * third of the cache reads and conversions). Row r sees positions [lo[r], hi[r]) and is left
+ * with o[r] = sum_t e^(s_t - top[r]) v_t (not yet divided), top[r] (its highest score s_t =
+ * scale q.k_t, capped to cap tanh(s / cap) where cap > 0: Gemma 2) and sum[r] = sum_t
+ * e^(s_t - top[r]). Positions go in blocks of ATT_BLOCK, a row's sums rescaled when a block
+ * holds a higher score (flash attention), so the scores need ATT_ROWS x ATT_BLOCK floats
+ * whatever the context. */
+#define ATT_ROWS 16
+#define ATT_BLOCK 256
+typedef struct {
+    int R, D;
+    const uint16_t *K, *V; /* position 0 of the key and the value head, [positions, D] */
+    float scale, cap;
+    float *s, *tmp; /* scratch (ATT_SCRATCH): ATT_ROWS x ATT_BLOCK scores, 8 positions' keys or values as float32 */
+    const float *q[ATT_ROWS];
+    float *o[ATT_ROWS];
+    int lo[ATT_ROWS], hi[ATT_ROWS];
+    float top[ATT_ROWS], sum[ATT_ROWS];
+} Attend;
+#define ATT_SCRATCH(D) ((size_t)ATT_ROWS * ATT_BLOCK + 8 * (size_t)(D))
+typedef void (*attend_fn)(Attend *a);
 /* out[r] = silu(gate[r]) * up[r] for r < n */
 typedef void (*silu_fn)(const float *gate, const float *up, float *out, int n);
 /* a GEMM register tile (kernels.h, EP_GEMM_TILE) */
@@ -268,7 +288,7 @@ typedef struct {
     const char *name;
     gemv_fn gemv[4]; /* by weight type: W_INT8, W_BF16, W_F16, W_F32 */
     int4_fn int4;
-    attn_fn attn;
+    attend_fn attend;
     silu_fn silu;
     const Tiles *tiles;
     halve_fn bf16_to_f16;
@@ -283,7 +303,7 @@ extern const Kernels kernels_generic;
 #if EP_X86
 extern const Kernels kernels_avx2, kernels_avx512;
 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n);
-void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o);
+void attend_avx2(Attend *a);
 void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
 void int8_b32_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
@@ -341,6 +361,25 @@ static inline void split(int rows, int tid, int nth, int *lo, int *hi) {
 
 /* ------------------------------------------------------------------ one token (step.c) */
 
+/* a decode step's attention (attend.c): work units of (kv head, heads of its group, part of the
+ * positions), run by any thread in any order; split into parts of ATT_SPLIT positions whatever
+ * the thread count (so the result is the same on any), merged after */
+#define ATT_SPLIT 256
+typedef struct {
+    const float *q;          /* heads x D queries */
+    float *out;              /* heads x D */
+    const uint16_t *K, *V;   /* the layer's first kv head */
+    size_t stride;           /* elements from one kv head to the next */
+    int n, parts, hs, subs;  /* positions; parts; heads a unit; units of a kv head's group */
+    float *partial;          /* parts > 1: heads x parts x (D + 2): o, top, sum of each */
+} StepAttend;
+
+int step_attend_plan(const Model *m, StepAttend *a, int n, int spread); /* the unit count, about `spread` or more */
+void step_attend_unit(const Model *m, const StepAttend *a, int u, float *scratch);
+void step_attend_merge(const Model *m, const StepAttend *a);
+size_t step_attend_floats(const Model *m, int max_tokens); /* the partial sums of a cache of max_tokens */
+float attend_scale(const Model *m);
+
 typedef struct {
     Model *m;
     const Mat *mat;
@@ -352,6 +391,7 @@ typedef struct {
     int n, max_tokens, layer;
     int cap;         /* positions the layer's cache holds (kv_positions) */
     size_t layer_at; /* where its keys / values start (kv_layer) */
+    StepAttend *attend;
 } Job;
 
 enum { P_SERIAL, P_QKV, P_ATTN, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_PARTS };
@@ -371,7 +411,7 @@ void prep_int4(const Mat *m, const float *x, float *prep);
 int prep_q8(const Mat *m, const float *x, void *prep); /* 1 if the q8 kernel runs this matrix */
 void task_mat(void *ctx, int tid, int nth);
 void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, int add, int nth);
-int grow_scores(Model *m, int max_tokens);
+int grow_scores(Model *m, int max_tokens, int nth);
 void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
               const float *sin, float *logits, int nth);
 
@@ -397,8 +437,6 @@ const float *rope_set(const Model *m, int last); /* the tables of a call whose l
 void model_rope(Model *m, int pos, int last, float *cos, float *sin); /* each table's cos | sin, [n_ropes, 2, D] */
 void qk_norm(const Model *m, const Layer *L, float *qkv);
 void act_mul(const Model *m, const float *gate, const float *up, float *out, int n);
-void attn_capped(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float cap, float *s,
-                 float *out);
 void soft_cap(float *v, int n, float cap);
 void norm_add(const float *in, const float *w, float *x, float *tmp, int n, float eps); /* x += norm(in) */
 

@@ -57,32 +57,6 @@ void soft_cap(float *v, int n, float cap) { /* cap tanh(v / cap) */
     for (int i = 0; i < n; i++) v[i] = cap * tanhf(v[i] / cap);
 }
 
-/* one query head over positions [0, n) of its key/value head, each score capped at cap
- * (Gemma 2: cap tanh(score / cap) before the softmax) */
-void attn_capped(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float scale, float cap, float *s,
-                 float *out) {
-    float top = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        const uint16_t *k = K + (size_t)t * D;
-        float acc = 0.f;
-        for (int d = 0; d < D; d++) acc += q[d] * bf16_to_f32(k[d]);
-        s[t] = cap * tanhf(acc * scale / cap);
-        top = s[t] > top ? s[t] : top;
-    }
-    float sum = 0.f;
-    for (int t = 0; t < n; t++) {
-        s[t] = ep_exp(s[t] - top);
-        sum += s[t];
-    }
-    for (int d = 0; d < D; d++) out[d] = 0.f;
-    for (int t = 0; t < n; t++) {
-        const uint16_t *v = V + (size_t)t * D;
-        for (int d = 0; d < D; d++) out[d] += s[t] * bf16_to_f32(v[d]);
-    }
-    const float inv = 1.f / sum;
-    for (int d = 0; d < D; d++) out[d] *= inv;
-}
-
 void norm_add(const float *in, const float *w, float *x, float *tmp, int n, float eps) {
     rms_norm(in, w, tmp, n, eps);
     for (int i = 0; i < n; i++) x[i] += tmp[i];

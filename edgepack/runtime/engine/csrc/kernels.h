@@ -137,33 +137,90 @@ static inline __attribute__((always_inline)) void int4_rows_body(const Mat *m, c
     }
 }
 
-/* attention of one query head: softmax(q K^T scale) V, s holding the n weights */
-static inline __attribute__((always_inline)) void attn_head_body(const float *q, const uint16_t *K, const uint16_t *V,
-                                                                  int n, int D, float scale, float *s, float *out) {
-    float top = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        const uint16_t *k = K + (size_t)t * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int d = 0; d < D; d++) acc += q[d] * bf16_to_f32(k[d]);
-        s[t] = acc * scale;
-        top = s[t] > top ? s[t] : top;
+/* Attention (engine.h, Attend). Shared by every set: the rows' sums started, and a block's
+ * softmax for row r, whose scores s[vlo, vhi) are in the scratch (index: position - b0): capped,
+ * the row rescaled where the block's top is higher, then e^(s - top) summed. */
+static inline __attribute__((always_inline)) void attend_start(Attend *a, int *from, int *to) {
+    *from = a->lo[0], *to = a->hi[0];
+    for (int r = 0; r < a->R; r++) {
+        *from = a->lo[r] < *from ? a->lo[r] : *from, *to = a->hi[r] > *to ? a->hi[r] : *to;
+        a->top[r] = -INFINITY, a->sum[r] = 0.f;
+        for (int d = 0; d < a->D; d++) a->o[r][d] = 0.f;
     }
-    float sum = 0.f;
+}
+
+static inline __attribute__((always_inline)) void attend_softmax(Attend *a, int r, int b0, int vlo, int vhi) {
+    float *s = a->s + (size_t)r * ATT_BLOCK - b0, top = -INFINITY, sum = 0.f;
+    if (a->cap > 0.f)
+        for (int t = vlo; t < vhi; t++) s[t] = a->cap * tanhf(s[t] / a->cap);
+    for (int t = vlo; t < vhi; t++) top = s[t] > top ? s[t] : top;
+    if (top > a->top[r]) {
+        if (a->top[r] > -INFINITY) {
+            const float c = ep_exp(a->top[r] - top);
+            a->sum[r] *= c;
+            for (int d = 0; d < a->D; d++) a->o[r][d] *= c;
+        }
+        a->top[r] = top;
+    }
+    top = a->top[r];
 #pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < n; t++) {
+    for (int t = vlo; t < vhi; t++) {
         s[t] = ep_exp(s[t] - top);
         sum += s[t];
     }
-    for (int d = 0; d < D; d++) out[d] = 0.f;
-    for (int t = 0; t < n; t++) {
-        const uint16_t *v = V + (size_t)t * D;
-        const float p = s[t];
+    a->sum[r] += sum;
+}
+
+/* keys or values of positions [t, t + cnt) as float32 into tmp (8 rows of D), the rest zero */
+static inline __attribute__((always_inline)) void attend_rows_f32(const uint16_t *X, int t, int cnt, int D, float *tmp) {
+    const uint16_t *x = X + (size_t)t * D;
 #pragma omp simd
-        for (int d = 0; d < D; d++) out[d] += p * bf16_to_f32(v[d]);
+    for (int i = 0; i < cnt * D; i++) tmp[i] = bf16_to_f32(x[i]);
+    for (int i = cnt * D; i < 8 * D; i++) tmp[i] = 0.f;
+}
+
+/* the portable body: 8 positions converted at a time, then each row's dot products and sums */
+static inline __attribute__((always_inline)) void attend_body(Attend *a) {
+    const int R = a->R, D = a->D;
+    int from, to;
+    attend_start(a, &from, &to);
+    for (int b0 = from; b0 < to; b0 += ATT_BLOCK) {
+        const int b1 = b0 + ATT_BLOCK < to ? b0 + ATT_BLOCK : to;
+        for (int t = b0; t < b1; t += 8) {
+            const int cnt = b1 - t < 8 ? b1 - t : 8;
+            attend_rows_f32(a->K, t, cnt, D, a->tmp);
+            for (int r = 0; r < R; r++) {
+                const int i0 = (a->lo[r] > t ? a->lo[r] : t) - t, i1 = (a->hi[r] < t + cnt ? a->hi[r] : t + cnt) - t;
+                float *s = a->s + (size_t)r * ATT_BLOCK + (t - b0);
+                const float *q = a->q[r];
+                for (int i = i0; i < i1; i++) {
+                    const float *k = a->tmp + (size_t)i * D;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int d = 0; d < D; d++) acc += q[d] * k[d];
+                    s[i] = acc * a->scale;
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const int vlo = a->lo[r] > b0 ? a->lo[r] : b0, vhi = a->hi[r] < b1 ? a->hi[r] : b1;
+            if (vlo < vhi) attend_softmax(a, r, b0, vlo, vhi);
+        }
+        for (int t = b0; t < b1; t += 8) {
+            const int cnt = b1 - t < 8 ? b1 - t : 8;
+            attend_rows_f32(a->V, t, cnt, D, a->tmp);
+            for (int r = 0; r < R; r++) {
+                const int i0 = (a->lo[r] > t ? a->lo[r] : t) - t, i1 = (a->hi[r] < t + cnt ? a->hi[r] : t + cnt) - t;
+                const float *p = a->s + (size_t)r * ATT_BLOCK + (t - b0);
+                float *o = a->o[r];
+                for (int i = i0; i < i1; i++) {
+                    const float *v = a->tmp + (size_t)i * D, w = p[i];
+#pragma omp simd
+                    for (int d = 0; d < D; d++) o[d] += w * v[d];
+                }
+            }
+        }
     }
-    const float inv = 1.f / sum;
-    for (int d = 0; d < D; d++) out[d] *= inv;
 }
 
 static inline __attribute__((always_inline)) void silu_mul_body(const float *gate, const float *up, float *out, int n) {

@@ -221,7 +221,7 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     int ok;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_lock); /* one step at a time: the pool and a model's scratch are shared */
-    ok = grow_scores(m, max_tokens);
+    ok = grow_scores(m, max_tokens, threads);
     ensure_workers(threads - 1);
     if (ok)
         run_step(m, token, pos, (uint16_t *)k, (uint16_t *)v, max_tokens, (const float *)c, (const float *)s, (float *)out,
@@ -279,7 +279,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     threads = running < threads ? running : threads;
     if (T == 1) {
         float rope[2 * 512];
-        ok = grow_scores(m, max_tokens) && m->head_dim <= 512;
+        ok = grow_scores(m, max_tokens, threads) && m->head_dim <= 512;
         if (ok) {
             rope_tables(theta, m->head_dim, pos, rope, rope + m->head_dim);
             const int nth = adapt ? adapt_threads(threads) : threads;

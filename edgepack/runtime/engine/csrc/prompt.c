@@ -130,34 +130,54 @@ static void task_gemm_gate_up(void *ctx, int tid, int nth) {
     }
 }
 
-/* attention of token t (position pos + t) for every head: (token, head) pairs split between threads */
+/* The chunk's attention in units of (tokens, kv head, heads of its group): up to ATT_ROWS
+ * queries, the group's heads for as many tokens as fit, against the kv head's keys and values,
+ * each read and converted once for them all (one (token, head) at a time read the chunk's
+ * context 96 x 9 times a layer for SmolLM2's 9 heads). Row (t, h) sees positions up to pos + t,
+ * the last `window` of them on a sliding-window layer (in order in s->win). */
+static int attn_units(const Model *m, int T, int *hs, int *tb) {
+    const int G = m->heads / m->kv_heads;
+    *hs = G < ATT_ROWS ? G : ATT_ROWS, *tb = ATT_ROWS / *hs;
+    return (T + *tb - 1) / *tb * m->kv_heads * ((G + *hs - 1) / *hs);
+}
+
 static void task_attn_batch(void *ctx, int tid, int nth) {
     Batch *b = (Batch *)ctx;
-    Model *m = b->m;
-    const int D = m->head_dim, group = m->heads / m->kv_heads, pairs = b->T * m->heads;
-    const int lo = (int)((long long)pairs * tid / nth), hi = (int)((long long)pairs * (tid + 1) / nth);
-    const float scale = m->attn_scale > 0.f ? m->attn_scale : 1.f / sqrtf((float)D);
-    const attn_fn attn = kernels->attn;
-    float *s = b->scores + (size_t)tid * b->max_tokens;
-    for (int p = lo; p < hi; p++) {
-        const int t = p / m->heads, h = p % m->heads;
-        const uint16_t *K, *V;
-        int n = b->pos + t + 1;
-        if (b->win) { /* the last `window` positions up to this token's, in order in s->win */
-            const int first = n > m->window ? n - m->window : 0; /* the first position it sees */
-            const size_t at = ((size_t)(h / group) * b->win_len + first - (b->pos - b->win_prev)) * D;
-            K = b->win + at, V = b->win + (size_t)m->kv_heads * b->win_len * D + at, n -= first;
-        } else {
-            const size_t base = b->layer_at + (size_t)(h / group) * b->cap * D;
-            K = b->kc + base, V = b->vc + base;
+    const Model *m = b->m;
+    const int D = m->head_dim, G = m->heads / m->kv_heads;
+    int hs, tb, lo, hi;
+    attn_units(m, b->T, &hs, &tb);
+    const int subs = (G + hs - 1) / hs;
+    float *scratch = b->scores + tid * ATT_SCRATCH(D);
+    Attend a = {.D = D, .scale = attend_scale(m), .cap = m->attn_softcap, .s = scratch,
+                .tmp = scratch + (size_t)ATT_ROWS * ATT_BLOCK};
+    while (take_rows(tid, nth, &lo, &hi))
+        for (int u = lo; u < hi; u++) {
+            const int sub = u % subs, g = u / subs % m->kv_heads, t0 = u / subs / m->kv_heads * tb;
+            const int t1 = t0 + tb < b->T ? t0 + tb : b->T, h0 = g * G + sub * hs, h1 = h0 + hs < (g + 1) * G ? h0 + hs : (g + 1) * G;
+            int off = 0; /* the position of the keys' first row */
+            if (b->win) {
+                const size_t at = (size_t)g * b->win_len * D;
+                a.K = b->win + at, a.V = b->win + (size_t)m->kv_heads * b->win_len * D + at, off = b->pos - b->win_prev;
+            } else {
+                const size_t at = b->layer_at + (size_t)g * b->cap * D;
+                a.K = b->kc + at, a.V = b->vc + at;
+            }
+            a.R = 0;
+            for (int t = t0; t < t1; t++) {
+                const int n = b->pos + t + 1, first = b->win && n > m->window ? n - m->window : 0;
+                for (int h = h0; h < h1; h++, a.R++) {
+                    a.q[a.R] = b->q + (size_t)t * b->qkv_width + (size_t)h * D;
+                    a.o[a.R] = b->att + ((size_t)t * m->heads + h) * D;
+                    a.lo[a.R] = first - off, a.hi[a.R] = n - off;
+                }
+            }
+            kernels->attend(&a);
+            for (int r = 0; r < a.R; r++) {
+                const float inv = 1.f / a.sum[r];
+                for (int d = 0; d < D; d++) a.o[r][d] *= inv;
+            }
         }
-        const float *q = b->q + (size_t)t * b->qkv_width + (size_t)h * D;
-        float *out = b->att + (size_t)t * m->heads * D + (size_t)h * D;
-        if (m->attn_softcap > 0.f)
-            attn_capped(q, K, V, n, D, scale, m->attn_softcap, s, out);
-        else
-            attn(q, K, V, n, D, scale, s, out);
-    }
 }
 
 void rope_tables(float theta, int D, int pos, float *cos, float *sin) {
@@ -180,14 +200,14 @@ int prompt_scratch(const Model *m, int nth, int max_tokens, PromptScratch *s) {
     /* a sliding-window layer's keys and values (bfloat16, two a float) for a chunk and the window before it */
     const int window = m->window < max_tokens ? m->window : max_tokens;
     const size_t win_floats = m->n_sliding ? (size_t)m->kv_heads * (window - 1 + CHUNK) * m->head_dim : 0;
-    const size_t floats = CHUNK * per_token + nth * s->w32_floats + (size_t)nth * max_tokens +
+    const size_t floats = CHUNK * per_token + nth * s->w32_floats + nth * ATT_SCRATCH(m->head_dim) +
                           2 * ropes * CHUNK * m->head_dim + xt_floats + win_floats;
     s->x = malloc(floats * sizeof(float));
     if (!s->x) return -1;
     s->h = s->x + (size_t)CHUNK * H, s->qkv = s->h + (size_t)CHUNK * H, s->att = s->qkv + (size_t)CHUNK * qkv;
     s->gu = s->att + (size_t)CHUNK * qn, s->act = s->gu + (size_t)CHUNK * 2 * m->inter;
     s->w32 = s->act + (size_t)CHUNK * m->inter, s->scores = s->w32 + nth * s->w32_floats;
-    s->rope = s->scores + (size_t)nth * max_tokens;
+    s->rope = s->scores + nth * ATT_SCRATCH(m->head_dim);
     s->xt = s->rope + 2 * ropes * CHUNK * m->head_dim;
     s->win = (uint16_t *)(s->xt + xt_floats);
     return 0;
@@ -265,7 +285,8 @@ void run_prompt(Model *m, const int *tokens, int T, int pos, uint16_t *kc, uint1
             }
             b.layer = l, b.cap = kv_positions(m, l, max_tokens), b.layer_at = kv_layer(m, l, max_tokens);
             write_kv(m, l, &b, s, n, width);
-            parallel(task_attn_batch, &b, nth);
+            int hs, tb;
+            parallel_rows(task_attn_batch, &b, attn_units(m, n, &hs, &tb), 1, nth);
             transpose_inputs(s->att, n, qn, s->xt, b.ldx);
             b.mat = &L->o, b.out = L->attn_out_norm ? s->h : s->x, b.ldo = H, b.add = !L->attn_out_norm;
             parallel_rows(task_gemm, &b, H, PB, nth);

@@ -82,23 +82,12 @@ static void task_gate_up(void *ctx, int tid, int nth) { /* gu[r] = silu(gate[r])
     }
 }
 
-static void task_attn(void *ctx, int tid, int nth) {
+static void task_attn(void *ctx, int tid, int nth) { /* attend.c's units */
     Job *j = (Job *)ctx;
-    Model *m = j->m;
-    const int D = m->head_dim, group = m->heads / m->kv_heads;
-    const float scale = m->attn_scale > 0.f ? m->attn_scale : 1.f / sqrtf((float)D);
-    const attn_fn attn = kernels->attn;
+    float *scratch = j->m->scores + step_attend_floats(j->m, j->max_tokens) + tid * ATT_SCRATCH(j->m->head_dim);
     int lo, hi;
     while (take_rows(tid, nth, &lo, &hi))
-        for (int h = lo; h < hi; h++) {
-            const size_t base = j->layer_at + (size_t)(h / group) * j->cap * D;
-            float *s = m->scores + (size_t)h * m->scores_len, *out = m->att + (size_t)h * D;
-            if (m->attn_softcap > 0.f)
-                attn_capped(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, m->attn_softcap, s,
-                            out);
-            else
-                attn(m->qkv + (size_t)h * D, j->kc + base, j->vc + base, j->n, D, scale, s, out);
-        }
+        for (int u = lo; u < hi; u++) step_attend_unit(j->m, j->attend, u, scratch);
 }
 
 /* where a step's time goes (profile(True) turns the clock on): wall time of each part on
@@ -134,16 +123,6 @@ void product(Job *j, task_fn task, const Mat *mat, const float *in, float *out, 
     parallel_rows(task, j, task == task_mat ? mat->rows : j->m->inter, 4, nth);
 }
 
-/* a model's attention weights (heads x max_tokens) grown for a cache of max_tokens; 0 if out
- * of memory (called under step_lock) */
-int grow_scores(Model *m, int max_tokens) {
-    if (m->scores_len < max_tokens) {
-        float *grown = malloc((size_t)m->heads * max_tokens * sizeof(float));
-        if (grown) free(m->scores), m->scores = grown, m->scores_len = max_tokens;
-    }
-    return m->scores_len >= max_tokens;
-}
-
 void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_tokens, const float *cos,
               const float *sin, float *logits, int nth) {
     const int H = m->hidden, D = m->head_dim, qn = m->heads * D, kn = m->kv_heads * D;
@@ -173,7 +152,11 @@ void run_step(Model *m, int token, int pos, uint16_t *kc, uint16_t *vc, int max_
         }
         lap(P_SERIAL, &t);
         j.layer = l;
-        parallel_rows(task_attn, &j, m->heads, 1, nth);
+        StepAttend sa = {.q = m->qkv, .out = m->att, .K = kc + j.layer_at, .V = vc + j.layer_at,
+                         .stride = (size_t)j.cap * D, .partial = m->scores};
+        j.attend = &sa;
+        parallel_rows(task_attn, &j, step_attend_plan(m, &sa, j.n, 2 * nth), 1, nth);
+        step_attend_merge(m, &sa);
         lap(P_ATTN, &t);
         if (L->attn_out_norm) {
             product(&j, task_mat, &L->o, m->att, m->h, 0, nth);

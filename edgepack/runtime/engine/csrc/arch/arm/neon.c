@@ -368,9 +368,7 @@ static void int4_rows(const Mat *m, const float *prep, int r0, int r1, float *y)
     }
 }
 
-static void attn(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
-    attn_head_body(q, K, V, n, D, sc, s, o);
-}
+static void attend(Attend *a) { attend_body(a); }
 
 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 
@@ -452,13 +450,13 @@ static void bf16_to_f16_neon(const uint16_t *s, uint16_t *d, size_t n) {
 }
 
 const Kernels kernels_neon = {
-    "neon", {gemv_int8_i16, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles_neon, bf16_to_f16_neon,
+    "neon", {gemv_int8_i16, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attend, silu, &tiles_neon, bf16_to_f16_neon,
     .int8_b32 = int8_b32_neon,
 };
 
 /* the dot-product set: its own integer kernels (dotprod.c), the rest as above */
 const Kernels kernels_neon_dotprod = {
-    "neon-dotprod", {gemv_int8_dotprod, gemv_bf16, gemv_f16, gemv_f32}, int4_rows_dotprod, attn, silu, &tiles_neon,
+    "neon-dotprod", {gemv_int8_dotprod, gemv_bf16, gemv_f16, gemv_f32}, int4_rows_dotprod, attend, silu, &tiles_neon,
     bf16_to_f16_neon,
     .int8_b32 = int8_b32_neon,
 };

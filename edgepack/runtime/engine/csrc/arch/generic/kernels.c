@@ -24,9 +24,7 @@ static void int4_rows(const Mat *m, const float *prep, int r0, int r1, float *y)
 
 static void int8_b32(const Mat *m, const float *x, int r0, int r1, float *y) { int8_b32_body(m, x, r0, r1, y); }
 
-static void attn(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
-    attn_head_body(q, K, V, n, D, sc, s, o);
-}
+static void attend(Attend *a) { attend_body(a); }
 
 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
 
@@ -53,6 +51,6 @@ static void bf16_to_f16(const uint16_t *s, uint16_t *d, size_t n) {
 }
 
 const Kernels kernels_generic = {
-    "generic", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn, silu, &tiles, bf16_to_f16,
+    "generic", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attend, silu, &tiles, bf16_to_f16,
     .int8_b32 = int8_b32,
 };

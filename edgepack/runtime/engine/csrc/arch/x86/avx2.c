@@ -72,65 +72,262 @@ T256 static void int4_rows(const Mat *m, const float *prep, int r0, int r1, floa
     }
 }
 
-/* Attention of one query head over a bfloat16 cache (also AVX-512's: at head_dim 64 a
- * position is four 512-bit loads, too few to fill wider registers' sums). Scores: eight
- * positions at a time, each an 8-lane dot product, then one transposing reduction (hadd,
- * 3 levels) gives the eight sums in one register instead of eight horizontal sums. Values:
- * out's D floats stay in registers, 64 at a time, while the positions stream past. */
+/* Attention (engine.h, Attend; also AVX-512's: at head_dim 64 a position is four 512-bit
+ * loads, too few to fill wider registers' sums). Eight positions' keys or values are converted
+ * to float32 once (4 KiB at head_dim 128, in L1) for all the rows. Scores: per row, eight
+ * positions at a time, each an 8-lane dot product, then one transposing reduction (hadd, 3
+ * levels) gives the eight sums in one register instead of eight horizontal sums. Values: a
+ * row's output 64 floats at a time in registers while the eight positions pass. */
 T256 static inline __m256 bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-T256 void attn_avx2(const float *q, const uint16_t *K, const uint16_t *V, int n, int D, float sc, float *s, float *o) {
-    if (D % 8) {
-        attn_head_body(q, K, V, n, D, sc, s, o);
-        return;
-    }
+T256 static inline void rows8_f32(const uint16_t *X, int t, int cnt, int D, float *tmp) {
+    const uint16_t *x = X + (size_t)t * D;
+    int i = 0;
+    for (; i < cnt * D; i += 8) _mm256_storeu_ps(tmp + i, bf16x8(x + i));
+    for (; i < 8 * D; i += 8) _mm256_storeu_ps(tmp + i, _mm256_setzero_ps());
+}
+
+/* ep_exp (engine.h) on 8 lanes: the loop of attend_softmax's, which GCC left scalar (a
+ * fifth of a 2048-position decode step's attention on Zen 1) */
+T256 static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 big = _mm256_set1_ps(12582912.f);
+    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big), big);
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* attend_softmax (kernels.h) with the top and the exponentials 8 lanes at a time */
+T256 static void softmax8(Attend *a, int r, int b0, int vlo, int vhi) {
+    float *s = a->s + (size_t)r * ATT_BLOCK - b0, top = -INFINITY;
+    if (a->cap > 0.f)
+        for (int t = vlo; t < vhi; t++) s[t] = a->cap * tanhf(s[t] / a->cap);
+    int t = vlo;
     __m256 top8 = _mm256_set1_ps(-INFINITY);
-    const __m256 scale = _mm256_set1_ps(sc);
-    int t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const uint16_t *k = K + (size_t)t * D;
-        __m256 a[8];
-        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + d);
-            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(bf16x8(k + (size_t)j * D + d), qv, a[j]);
-        }
-        const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-        const __m256 v = _mm256_mul_ps(sums, scale);
-        _mm256_storeu_ps(s + t, v);
-        top8 = _mm256_max_ps(top8, v);
-    }
-    float top = -INFINITY, tops[8];
+    for (; t + 8 <= vhi; t += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + t));
+    float tops[8];
     _mm256_storeu_ps(tops, top8);
     for (int i = 0; i < 8; i++) top = tops[i] > top ? tops[i] : top;
-    for (; t < n; t++) {
-        const uint16_t *k = K + (size_t)t * D;
-        __m256 a = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) a = _mm256_fmadd_ps(bf16x8(k + d), _mm256_loadu_ps(q + d), a);
-        s[t] = hsum256(a) * sc;
-        top = s[t] > top ? s[t] : top;
-    }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; i++) {
-        s[i] = ep_exp(s[i] - top);
-        sum += s[i];
-    }
-    const __m256 inv = _mm256_set1_ps(1.f / sum);
-    for (int d0 = 0; d0 < D; d0 += 64) {
-        const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-        __m256 acc[8];
-        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-        for (int i = 0; i < n; i++) {
-            const uint16_t *v = V + (size_t)i * D + d0;
-            const __m256 p = _mm256_set1_ps(s[i]);
-            for (int r = 0; r < nv; r++) acc[r] = _mm256_fmadd_ps(p, bf16x8(v + 8 * r), acc[r]);
+    for (; t < vhi; t++) top = s[t] > top ? s[t] : top;
+    if (top > a->top[r]) {
+        if (a->top[r] > -INFINITY) {
+            const float c = ep_exp(a->top[r] - top);
+            a->sum[r] *= c;
+            for (int d = 0; d < a->D; d++) a->o[r][d] *= c;
         }
-        for (int r = 0; r < nv; r++) _mm256_storeu_ps(o + d0 + 8 * r, _mm256_mul_ps(acc[r], inv));
+        a->top[r] = top;
+    }
+    const __m256 top_v = _mm256_set1_ps(a->top[r]);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (t = vlo; t + 8 <= vhi; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), top_v));
+        _mm256_storeu_ps(s + t, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum256(sum8);
+    for (; t < vhi; t++) {
+        s[t] = ep_exp(s[t] - a->top[r]);
+        sum += s[t];
+    }
+    a->sum[r] += sum;
+}
+
+/* o += sum_i p[i] x_i over positions [i0, i1) of the 8 in tmp, NV registers of o from d0 on
+ * (a constant, so the sums stay in registers) */
+T256 static inline __attribute__((always_inline)) void values8(float *o, const float *p, const float *tmp, int i0,
+                                                               int i1, int D, int d0, const int NV) {
+    __m256 acc[8];
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_loadu_ps(o + d0 + 8 * v);
+    for (int i = i0; i < i1; i++) {
+        const __m256 w = _mm256_broadcast_ss(p + i);
+        const float *x = tmp + (size_t)i * D + d0;
+        for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + d0 + 8 * v, acc[v]);
+}
+
+/* Rows that all see the same positions (a decode step's heads of one kv head): no float32
+ * copy. 16 bfloat16 are one 256-bit load; shifted left 16 (the even elements) and masked to
+ * their high halves (the odd ones) they are two float32 registers, which meet each query
+ * split the same way (direct_order): 2 operations for 16 elements where a conversion and a
+ * store are 3 for 8 (Zen 1, SmolLM2-135M at 2048 positions, 1 thread: the step's attention
+ * 14.9 -> 11.4 ms of CPU time). Scores: NR rows x NP positions of accumulators; values: NR
+ * rows x 32 dims of the output, kept in the split order until the end. */
+T256 static inline __attribute__((always_inline)) void direct_scores(Attend *a, const float *qs, int r0, const int NR,
+                                                                     int b0, int t, const int NP) {
+    const int D = a->D;
+    const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[3][4];
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NP; j++) acc[r][j] = _mm256_setzero_ps();
+    if (r0 == 0) /* the values, read after the block's scores: in cache by then (2 threads: 60 -> 64 tokens/s) */
+        for (int j = 0; j < NP; j++)
+            for (int d = 0; d < D; d += 32) __builtin_prefetch(a->V + (size_t)(t + j) * D + d);
+    for (int d = 0; d < D; d += 16)
+        for (int j = 0; j < NP; j++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(a->K + (size_t)(t + j) * D + d));
+            const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), o = _mm256_castsi256_ps(_mm256_and_si256(raw, odd));
+            for (int r = 0; r < NR; r++) {
+                const float *q = qs + (size_t)(r0 + r) * D + d;
+                acc[r][j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(q), acc[r][j]);
+                acc[r][j] = _mm256_fmadd_ps(o, _mm256_loadu_ps(q + 8), acc[r][j]);
+            }
+        }
+    for (int r = 0; r < NR; r++) {
+        float *s = a->s + (size_t)(r0 + r) * ATT_BLOCK + (t - b0);
+        if (NP == 1) {
+            s[0] = hsum256(acc[r][0]) * a->scale;
+            continue;
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(s, _mm_mul_ps(sums, _mm_set1_ps(a->scale)));
+    }
+}
+
+T256 static inline __attribute__((always_inline)) void direct_values(Attend *a, int r0, const int NR, int b0, int vlo,
+                                                                     int vhi, int d0) {
+    const int D = a->D;
+    const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[2][4];
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm256_loadu_ps(a->o[r0 + r] + d0 + 8 * v);
+    for (int t = vlo; t < vhi; t++) {
+        __m256 p[2];
+        for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(a->s + (size_t)(r0 + r) * ATT_BLOCK + (t - b0));
+        for (int h = 0; h < 2; h++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(a->V + (size_t)t * D + d0 + 16 * h));
+            const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), o = _mm256_castsi256_ps(_mm256_and_si256(raw, odd));
+            for (int r = 0; r < NR; r++) {
+                acc[r][2 * h] = _mm256_fmadd_ps(p[r], e, acc[r][2 * h]);
+                acc[r][2 * h + 1] = _mm256_fmadd_ps(p[r], o, acc[r][2 * h + 1]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(a->o[r0 + r] + d0 + 8 * v, acc[r][v]);
+}
+
+/* x (D floats) from the split order (per 16: 8 even elements, then 8 odd ones) back, or into it */
+static void direct_order(float *x, int D, int split) {
+    float t[16];
+    for (int d = 0; d < D; d += 16) {
+        for (int i = 0; i < 8; i++)
+            if (split)
+                t[i] = x[d + 2 * i], t[8 + i] = x[d + 2 * i + 1];
+            else
+                t[2 * i] = x[d + i], t[2 * i + 1] = x[d + 8 + i];
+        memcpy(x + d, t, sizeof t);
+    }
+}
+
+T256 static void attend_direct(Attend *a) {
+    const int R = a->R, D = a->D, lo = a->lo[0], hi = a->hi[0];
+    float *qs = a->tmp; /* the queries in the split order, R <= 8 rows of D */
+    for (int r = 0; r < R; r++) {
+        memcpy(qs + (size_t)r * D, a->q[r], (size_t)D * sizeof(float));
+        direct_order(qs + (size_t)r * D, D, 1);
+        a->top[r] = -INFINITY, a->sum[r] = 0.f;
+        for (int d = 0; d < D; d++) a->o[r][d] = 0.f;
+    }
+    for (int b0 = lo; b0 < hi; b0 += ATT_BLOCK) {
+        const int b1 = b0 + ATT_BLOCK < hi ? b0 + ATT_BLOCK : hi;
+        for (int r0 = 0; r0 < R; r0 += 3) {
+            const int nr = R - r0 < 3 ? R - r0 : 3;
+            int t = b0;
+            for (; t + 4 <= b1; t += 4) switch (nr) {
+                case 3: direct_scores(a, qs, r0, 3, b0, t, 4); break;
+                case 2: direct_scores(a, qs, r0, 2, b0, t, 4); break;
+                default: direct_scores(a, qs, r0, 1, b0, t, 4); break;
+                }
+            for (; t < b1; t++) switch (nr) {
+                case 3: direct_scores(a, qs, r0, 3, b0, t, 1); break;
+                case 2: direct_scores(a, qs, r0, 2, b0, t, 1); break;
+                default: direct_scores(a, qs, r0, 1, b0, t, 1); break;
+                }
+        }
+        for (int r = 0; r < R; r++) softmax8(a, r, b0, b0, b1);
+        for (int r0 = 0; r0 < R; r0 += 2)
+            for (int d0 = 0; d0 < D; d0 += 32) {
+                if (R - r0 >= 2)
+                    direct_values(a, r0, 2, b0, b0, b1, d0);
+                else
+                    direct_values(a, r0, 1, b0, b0, b1, d0);
+            }
+    }
+    for (int r = 0; r < R; r++) direct_order(a->o[r], D, 0);
+}
+
+T256 void attend_avx2(Attend *a) {
+    const int R = a->R, D = a->D;
+    if (D % 8) {
+        attend_body(a);
+        return;
+    }
+    int same = R <= 8 && D % 32 == 0;
+    for (int r = 1; r < R && same; r++) same = a->lo[r] == a->lo[0] && a->hi[r] == a->hi[0];
+    if (same) {
+        attend_direct(a);
+        return;
+    }
+    const __m256 scale = _mm256_set1_ps(a->scale);
+    int from, to;
+    attend_start(a, &from, &to);
+    for (int b0 = from; b0 < to; b0 += ATT_BLOCK) {
+        const int b1 = b0 + ATT_BLOCK < to ? b0 + ATT_BLOCK : to;
+        for (int t = b0; t < b1; t += 8) {
+            const int cnt = b1 - t < 8 ? b1 - t : 8;
+            rows8_f32(a->K, t, cnt, D, a->tmp);
+            for (int r = 0; r < R; r++) {
+                if (a->hi[r] <= t || a->lo[r] >= t + cnt) continue; /* sees none of them */
+                const float *q = a->q[r];
+                __m256 acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                for (int d = 0; d < D; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(q + d);
+                    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a->tmp + (size_t)j * D + d), qv, acc[j]);
+                }
+                const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+                const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+                const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+                _mm256_storeu_ps(a->s + (size_t)r * ATT_BLOCK + (t - b0), _mm256_mul_ps(sums, scale));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const int vlo = a->lo[r] > b0 ? a->lo[r] : b0, vhi = a->hi[r] < b1 ? a->hi[r] : b1;
+            if (vlo < vhi) softmax8(a, r, b0, vlo, vhi);
+        }
+        for (int t = b0; t < b1; t += 8) {
+            const int cnt = b1 - t < 8 ? b1 - t : 8;
+            rows8_f32(a->V, t, cnt, D, a->tmp);
+            for (int r = 0; r < R; r++) {
+                const int i0 = (a->lo[r] > t ? a->lo[r] : t) - t, i1 = (a->hi[r] < t + cnt ? a->hi[r] : t + cnt) - t;
+                if (i0 >= i1) continue;
+                const float *p = a->s + (size_t)r * ATT_BLOCK + (t - b0);
+                float *o = a->o[r];
+                int d0 = 0;
+                for (; d0 + 64 <= D; d0 += 64) values8(o, p, a->tmp, i0, i1, D, d0, 8);
+                switch ((D - d0) / 8) {
+                case 7: values8(o, p, a->tmp, i0, i1, D, d0, 7); break;
+                case 6: values8(o, p, a->tmp, i0, i1, D, d0, 6); break;
+                case 5: values8(o, p, a->tmp, i0, i1, D, d0, 5); break;
+                case 4: values8(o, p, a->tmp, i0, i1, D, d0, 4); break;
+                case 3: values8(o, p, a->tmp, i0, i1, D, d0, 3); break;
+                case 2: values8(o, p, a->tmp, i0, i1, D, d0, 2); break;
+                case 1: values8(o, p, a->tmp, i0, i1, D, d0, 1); break;
+                }
+            }
+        }
     }
 }
 
@@ -338,7 +535,7 @@ T256 void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, size_t n) {
 T256 void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y) { int8_q8_rows(m, prep, r0, r1, y); }
 
 const Kernels kernels_avx2 = {
-    "avx2", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
+    "avx2", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attend_avx2, silu, &tiles, bf16_to_f16_f16c,
     int8_q8_avx2,
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
     int8_q8_batch_avx2,

@@ -96,7 +96,7 @@ static const Tiles tiles = {16, 3, 3, {8, 4, 1}, {{NULL, tile_8_1, tile_8_2, til
                                                  {NULL, tile_1_1, tile_1_2, tile_1_3}}};
 
 const Kernels kernels_avx512 = {
-    "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attn_avx2, silu, &tiles, bf16_to_f16_f16c,
+    "avx512", {gemv_int8, gemv_bf16, gemv_f16, gemv_f32}, int4_rows, attend_avx2, silu, &tiles, bf16_to_f16_f16c,
     int8_q8_avx2,
     {gemv_batch_int8, gemv_batch_bf16, gemv_batch_f16, gemv_batch_f32},
     int8_q8_batch_avx2,
