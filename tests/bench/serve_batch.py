@@ -150,7 +150,7 @@ def chat(lm, cache_bytes, turns=10, words=110):
     with Live(serve.create_app(lm, parallel=1, cache_bytes=cache_bytes)) as live:
         for turn in range(turns):
             messages.append({"role": "user", "content": f"Turn {turn}. " + " ".join((FILLER * 4).split()[:words])})
-            text, ttft, _, _ = stream(live.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 24,
+            text, ttft, *_ = stream(live.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 24,
                                                                         "temperature": 0})
             messages.append({"role": "assistant", "content": text})
             time.sleep(0.3)  # a user reads and types; the server recomputes the reply meanwhile
