@@ -305,8 +305,12 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 
 /* step_batch(model, steps, rope_theta, threads[, adapt]): one decode step of each sequence in
  * `steps`, a sequence of (token, pos, k_cache, v_cache, max_tokens, logits) (batch.c); adapt:
- * on the thread count measured fastest for batched steps (time per sequence, pool.c) */
-static Adapt batch_adapt;
+ * on the thread count measured fastest for batched steps of as many sequences (pool.c). One
+ * record per batch size: a step of four costs less per sequence than a step of one, and with
+ * one record the steps of a batch filling up read as a thread count's cost, which kept
+ * `edgepack serve` on one thread for 4 streams (1.09x one at a time, 1.30x on two threads). */
+#define BATCH_ADAPTS 8
+static Adapt batch_adapt[BATCH_ADAPTS]; /* [B - 1], the last for B >= BATCH_ADAPTS */
 
 static PyObject *py_step_batch(PyObject *self, PyObject *args) {
     PyObject *cap, *list;
@@ -349,10 +353,11 @@ static PyObject *py_step_batch(PyObject *self, PyObject *args) {
     const int running = ensure_workers(threads - 1);
     threads = running < threads ? running : threads;
     if (B > 0) {
-        const int nth = adapt ? adapt_threads_of(&batch_adapt, threads) : threads;
+        Adapt *a = &batch_adapt[B < BATCH_ADAPTS ? B - 1 : BATCH_ADAPTS - 1];
+        const int nth = adapt ? adapt_threads_of(a, threads) : threads;
         const double t0 = pool_now();
         ok = run_steps(m, seqs, (int)B, theta, nth) == 0;
-        if (adapt && ok) adapt_record_of(&batch_adapt, nth, (pool_now() - t0) / (double)B);
+        if (adapt && ok) adapt_record_of(a, nth, pool_now() - t0);
     }
     pthread_mutex_unlock(&step_lock);
     Py_END_ALLOW_THREADS
