@@ -20,7 +20,7 @@ import edgepack
 
 native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
 from test_native import _float64_logits, _logits  # noqa: E402  (this folder is on sys.path under pytest)
-from test_tables import _exact_reference  # noqa: E402
+from test_tables import _exact_reference, _scales  # noqa: E402
 
 HAS_Q8 = native.set_isa() in ("avx2", "avx512")
 needs_q8 = pytest.mark.skipif(not HAS_Q8, reason="int8 activations run on AVX2 / AVX-512 only")
@@ -70,13 +70,11 @@ def test_int8_activations_into_8bit_tables(int8_activations, rows, cols, threads
     """8-bit tables (int8 codes, a float16 scale per block of 32) take the rounded input too:
     Q8_0 x Q8_0, whole groups of eight blocks and the blocks after them, rows off the 4-row unit."""
     gen = torch.Generator().manual_seed(rows * 11 + cols)
-    codes = torch.randint(-127, 128, (rows, cols), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(rows, cols // 32, generator=gen) / 64 + 1e-3).to(torch.float16)
+    codes, scales, exact_w = _scales("plain", "INT8_B32", rows, cols, gen)
     x = torch.randn(cols, generator=gen)
     y = torch.full((rows,), float("nan"))
     native.gemv((native.INT8_B32, rows, cols, codes.data_ptr(), scales.data_ptr(), None), x.data_ptr(), y.data_ptr(),
                 threads)
-    exact_w = codes.double() * scales.double().repeat_interleave(32, dim=1)
     want = exact_w @ _rounded(x)
     bound = 1e-5 * (exact_w.abs() @ x.double().abs()) + 1e-6
     assert torch.all((y.double() - want).abs() <= bound)
