@@ -467,7 +467,12 @@ class NativeLM:
                         floats[i] += plan.features.norm_offset
         try:
             return cls(config, arena, plan)
-        except (KeyError, TypeError, ValueError) as exc:  # dimensions the C module refuses
+        except (KeyError, TypeError, ValueError) as exc:  # dimensions or codes the C module refuses
+            if str(exc).startswith("int8 weight code -128"):  # module.c, codes_in_range
+                raise BundleIntegrityError(
+                    "the bundle holds an int8 weight code of -128, which edgepack's packer never writes",
+                    hint="the bundle was made by another tool or altered after packing; pack the model again",
+                ) from None
             raise BundleIntegrityError(
                 f"cannot build the model that config.json describes: {type(exc).__name__}: {exc}",
                 hint="the bundle's config.json is damaged or does not match its manifest; pack the model again",

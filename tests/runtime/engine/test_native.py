@@ -4,12 +4,14 @@ out here and against the torch path; fallbacks and errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 import edgepack
+from edgepack.errors import BundleIntegrityError
 from edgepack.runtime.torch import llama
 
 native = pytest.importorskip("edgepack.runtime.engine._engine", reason="the C extension is not built here")
@@ -109,6 +111,36 @@ def test_bad_matrix_is_refused():
         native.gemv((native.INT4, 4, 64, w.data_ptr(), w.data_ptr(), None, 16), x.data_ptr(), y.data_ptr(), 1)
     with pytest.raises(ValueError, match="not available|instruction set"):
         native.set_isa("sse9")
+
+
+@pytest.mark.parametrize("kind", ["INT8", "INT8_B32"])
+def test_an_int8_code_of_minus_128_is_refused(kind):
+    """The int8 products give w x's sign, and -128 has no negation in int8: such a matrix is
+    refused rather than read as +128 wherever x < 0."""
+    x, y = torch.ones(64), torch.zeros(4)
+    w = torch.randint(-127, 128, (4, 64), generator=torch.Generator().manual_seed(5), dtype=torch.int8)
+    scales = torch.ones(4 * 2, dtype=torch.float16) if kind == "INT8_B32" else torch.ones(4)
+    matrix = (getattr(native, kind), 4, 64, w.data_ptr(), scales.data_ptr(), None)
+    native.gemv(matrix, x.data_ptr(), y.data_ptr(), 1)  # [-127, 127]: taken
+    w[2, 37] = -128
+    with pytest.raises(ValueError, match="int8 weight code -128"):
+        native.gemv(matrix, x.data_ptr(), y.data_ptr(), 1)
+
+
+def test_a_bundle_with_a_minus_128_code_is_refused_at_load(bundle_copy):
+    """Past verify (which a changed byte fails first), the engine still refuses the code, in a
+    sentence that names it."""
+    bundle = bundle_copy("llama", 8)
+    manifest = json.loads((bundle / "edgepack.json").read_text())
+    name = next(n for n, t in manifest["tensors"].items() if n.endswith("down_proj.weight"))
+    shard = bundle / manifest["tensors"][name]["file"]
+    data = bytearray(shard.read_bytes())
+    header_bytes = 8 + int.from_bytes(data[:8], "little")
+    start = json.loads(data[8:header_bytes])[name]["data_offsets"][0]
+    data[header_bytes + start + 5] = 0x80
+    shard.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="int8 weight code of -128"):
+        edgepack.load(bundle, verify=False)
 
 
 # --- whole decode steps -----------------------------------------------------------------------

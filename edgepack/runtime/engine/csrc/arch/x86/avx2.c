@@ -332,15 +332,21 @@ T256 void attend_avx2(Attend *a) {
 }
 
 /* int8 rows against the input rounded to int8 per block of 32 (prep_q8, step.c; act_bits 8),
- * llama.cpp's Q8_0 arithmetic: per block, |w| (unsigned) times x with w's sign (signed) in
- * maddubs (16-bit pair sums: 2 x 128 x 127 fits), pairs summed to 32 bits by madd, one
- * conversion to float and one FMA with the block's scale. Per 32 weights of a row that is
- * 6 vector instructions where the float kernel spends 16 (widen, convert, FMA, 4 times):
- * on Zen 1, which splits each 256-bit operation in two, converting every weight bounds it.
- * Four rows share each block of x; one prefetch per 64 bytes of a row. */
-T256 static inline __m256i dot_q8(const int8_t *w, __m256i x, __m256i ones) {
+ * llama.cpp's Q8_0 arithmetic turned round: per block, |x| (unsigned, made once for all rows)
+ * times w with x's sign (signed) in maddubs (16-bit pair sums: 2 x 127 x 127 fits), pairs
+ * summed to 32 bits by madd, one conversion to float and one FMA with the block's scale.
+ * llama.cpp takes |w| and gives x w's sign: two sign operations per row and block where this
+ * spends one, and on Zen 1 they compete with the multiplies (in L2, one thread: 3.0 -> 2.6 ns
+ * per row and block). The products are the same integers, so the results are bitwise
+ * unchanged. It needs w != -128 (its negation does not fit): the packer clamps codes to
+ * [-127, 127] and the loader refuses a bundle with a -128 code (model_check_int8, module.c).
+ * Per 32 weights of a row that is 5 vector instructions where the float kernel spends 16
+ * (widen, convert, FMA, 4 times): on Zen 1, which splits each 256-bit operation in two,
+ * converting every weight bounds it. Four rows share each block of x; one prefetch per 64
+ * bytes of a row. */
+T256 static inline __m256i dot_q8(const int8_t *w, __m256i x, __m256i ax, __m256i ones) {
     const __m256i wv = _mm256_loadu_si256((const __m256i *)w);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv)), ones);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, x)), ones);
 }
 
 T256 static void int8_q8_rows(const Mat *m, const void *prep, int r0, int r1, float *y) {
@@ -358,21 +364,22 @@ T256 static void int8_q8_rows(const Mat *m, const void *prep, int r0, int r1, fl
                 __builtin_prefetch(w0 + at + EP_PF), __builtin_prefetch(w1 + at + EP_PF);
                 __builtin_prefetch(w2 + at + EP_PF), __builtin_prefetch(w3 + at + EP_PF);
             }
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + at));
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + at)), ax = _mm256_sign_epi8(x, x);
             const __m256 d = _mm256_broadcast_ss(xd + b);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w0 + at, x, ones)), d, a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w1 + at, x, ones)), d, a1);
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w2 + at, x, ones)), d, a2);
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w3 + at, x, ones)), d, a3);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w0 + at, x, ax, ones)), d, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w1 + at, x, ax, ones)), d, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w2 + at, x, ax, ones)), d, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w3 + at, x, ax, ones)), d, a3);
         }
         y[r] = hsum256(a0), y[r + 1] = hsum256(a1), y[r + 2] = hsum256(a2), y[r + 3] = hsum256(a3);
     }
     for (; r < r1; r++) {
         const int8_t *w = W + (size_t)r * K;
         __m256 a = _mm256_setzero_ps();
-        for (int b = 0; b < nb; b++)
-            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w + 32 * b, _mm256_loadu_si256((const __m256i *)(xq + 32 * b)), ones)),
-                                _mm256_broadcast_ss(xd + b), a);
+        for (int b = 0; b < nb; b++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w + 32 * b, x, _mm256_sign_epi8(x, x), ones)), _mm256_broadcast_ss(xd + b), a);
+        }
         y[r] = hsum256(a);
     }
 }
@@ -412,11 +419,11 @@ T256 static void int8_b32_q8_rows(const Mat *m, const void *prep, int r0, int r1
                     __builtin_prefetch(w0 + at + EP_PF), __builtin_prefetch(w1 + at + EP_PF);
                     __builtin_prefetch(w2 + at + EP_PF), __builtin_prefetch(w3 + at + EP_PF);
                 }
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + at));
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w0 + at, x, ones)), _mm256_broadcast_ss(&ds[0][j]), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w1 + at, x, ones)), _mm256_broadcast_ss(&ds[1][j]), a1);
-                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w2 + at, x, ones)), _mm256_broadcast_ss(&ds[2][j]), a2);
-                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w3 + at, x, ones)), _mm256_broadcast_ss(&ds[3][j]), a3);
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + at)), ax = _mm256_sign_epi8(x, x);
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w0 + at, x, ax, ones)), _mm256_broadcast_ss(&ds[0][j]), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w1 + at, x, ax, ones)), _mm256_broadcast_ss(&ds[1][j]), a1);
+                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w2 + at, x, ax, ones)), _mm256_broadcast_ss(&ds[2][j]), a2);
+                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w3 + at, x, ax, ones)), _mm256_broadcast_ss(&ds[3][j]), a3);
             }
         }
         y[r] = hsum256(a0), y[r + 1] = hsum256(a1), y[r + 2] = hsum256(a2), y[r + 3] = hsum256(a3);
@@ -431,7 +438,7 @@ T256 static void int8_b32_q8_rows(const Mat *m, const void *prep, int r0, int r1
             for (int j = 0; j < n; j++) {
                 const int at = 32 * (b0 + j);
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + at));
-                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w + at, x, ones)), _mm256_broadcast_ss(&ds[0][j]), a);
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(w + at, x, _mm256_sign_epi8(x, x), ones)), _mm256_broadcast_ss(&ds[0][j]), a);
             }
         }
         y[r] = hsum256(a);
