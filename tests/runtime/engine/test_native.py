@@ -520,6 +520,26 @@ def test_engine_adaptive_thread_count_does_not_change_the_result(packed, monkeyp
     assert not lm.model.adapt and torch.equal(runs[0], runs[1])
 
 
+def _probes(trace: list[int], current: int) -> int:
+    return sum(1 for n in trace if n != current)
+
+
+def test_the_step_picker_probes_less_where_probes_lose():
+    """The thread-count picker (pool.c) on steps of given times: a quiet box where one thread is
+    1.8x slower stops paying a probe every 24 steps; a load that slows the count in use brings
+    the probes back and moves to the count now faster; near ties keep being probed."""
+    quiet = [[1.8, 1.0]] * 960
+    trace = native.adapt_trace(2, quiet)
+    assert trace[:3] == [2, 2, 1]  # the first probe at step 3
+    assert set(trace[3:]) <= {1, 2} and trace[-1] == 2
+    assert 4 <= _probes(trace, 2) <= 10  # 40 at one every 24 steps
+    busy = [[1.0, 1.9]] * 200  # another program on one core: two threads now lose
+    trace = native.adapt_trace(2, quiet + busy)
+    assert trace[960 + 30 :].count(1) >= 160  # one thread within a turn, two probed at most every 24 steps
+    close = [[1.02, 1.0]] * 480  # a near tie: fewer threads win (MARGIN) and both stay probed
+    assert _probes(native.adapt_trace(2, close), 1) >= 15
+
+
 def test_run_threads_flag_and_stats_name_the_engine(capsys, packed, monkeypatch):
     from edgepack.cli import main
 

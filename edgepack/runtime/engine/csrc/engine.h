@@ -347,6 +347,7 @@ void adapt_record(int nth, double seconds);
 typedef struct {
     double ema[MAX_THREADS + 1];
     int current, most, steps, probe_up;
+    int backoff[2], skip[2]; /* per direction (0 fewer, 1 more): turns it sits out after a lost probe */
 } Adapt;
 int adapt_threads_of(Adapt *a, int most);
 void adapt_record_of(Adapt *a, int nth, double seconds);

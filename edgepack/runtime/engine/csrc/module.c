@@ -644,8 +644,38 @@ static PyObject *py_int8_activations(PyObject *self, PyObject *noargs) {
 /* threads_in_use(): the thread count adaptive decode steps run on now (0 before the first) */
 static PyObject *py_threads_in_use(PyObject *self, PyObject *noargs) { return PyLong_FromLong(adapt_current()); }
 
+/* adapt_trace(most, times): the thread counts the step picker (pool.c) gives a run of steps
+ * whose time with n threads is times[i][n - 1] (tests: its policy without a clock) */
+static PyObject *py_adapt_trace(PyObject *self, PyObject *args) {
+    int most;
+    PyObject *times;
+    if (!PyArg_ParseTuple(args, "iO!", &most, &PyList_Type, &times)) return NULL;
+    if (most < 1 || most > MAX_THREADS) {
+        PyErr_SetString(PyExc_ValueError, "adapt_trace: most must be 1..MAX_THREADS");
+        return NULL;
+    }
+    Adapt a = {0};
+    const Py_ssize_t n = PyList_GET_SIZE(times);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int nth = adapt_threads_of(&a, most);
+        PyObject *row = PyList_GET_ITEM(times, i);
+        const double t = PyList_Check(row) && PyList_GET_SIZE(row) == most ? PyFloat_AsDouble(PyList_GET_ITEM(row, nth - 1)) : -1.0;
+        if (PyErr_Occurred() || t < 0.0) {
+            Py_DECREF(out);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "adapt_trace: each step needs `most` times >= 0");
+            return NULL;
+        }
+        adapt_record_of(&a, nth, t);
+        PyList_SET_ITEM(out, i, PyLong_FromLong(nth));
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"threads_in_use", py_threads_in_use, METH_NOARGS, "Threads adaptive decode steps run on now."},
+    {"adapt_trace", py_adapt_trace, METH_VARARGS, "The thread counts the step picker gives steps of given times."},
     {"new", py_new, METH_VARARGS, "Describe a model to the step kernel (pointers into live tensors)."},
     {"step", py_step, METH_VARARGS, "One decode step: writes the KV cache at pos and the logits."},
     {"step_batch", py_step_batch, METH_VARARGS, "One decode step of each of several sequences, weights read once."},

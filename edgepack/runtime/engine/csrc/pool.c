@@ -269,13 +269,34 @@ void parallel_rows(task_fn fn, void *ctx, int rows, int unit, int nth) {
  * A step's time with n threads, averaged (EMA) per n. The count in use is the fastest known;
  * every PROBE_EVERY steps one step runs with a neighbouring count (one fewer, then one more,
  * alternately) to refresh its figure: another program may have started or stopped. A count is
- * kept over a smaller one only when more than MARGIN faster (a thread costs a core). */
+ * kept over a smaller one only when more than MARGIN faster (a thread costs a core).
+ *
+ * A probe is a step at a worse count: on a quiet 2-core box one thread runs a 1B model's step
+ * 1.8x slower than two, so a probe every 24 steps cost ~3% of its tokens/s. A direction whose
+ * probe lost by more than LOSS sits out twice as many of its turns as before (up to
+ * MAX_BACKOFF); a probe that comes close, or a step at the count in use that moves that
+ * count's figure by more than SHIFT (another program started or stopped: the probes matter
+ * again), brings both back to every turn. */
 #define PROBE_EVERY 24
 #define MARGIN 0.03
+#define LOSS 0.25
+#define SHIFT 0.15
+#define MAX_BACKOFF 8
 
 static Adapt adapt; /* one-sequence decode steps' (run_step); batched steps keep their own (module.c) */
 
 void adapt_reset(void) { memset(&adapt, 0, sizeof adapt); }
+
+static void every_turn(Adapt *a) { a->backoff[0] = a->backoff[1] = 1, a->skip[0] = a->skip[1] = 0; }
+
+/* direction d (0 down, 1 up) on its turn: 1 if it probes now, else it sits the turn out */
+static int takes_turn(Adapt *a, int d) {
+    if (a->skip[d] > 0) {
+        a->skip[d]--;
+        return 0;
+    }
+    return 1;
+}
 
 int adapt_threads_of(Adapt *a, int most) {
     if (most < 1) most = 1;
@@ -283,14 +304,15 @@ int adapt_threads_of(Adapt *a, int most) {
         memset(a, 0, sizeof *a);
         a->most = most;
         a->current = most;
+        every_turn(a);
     }
     a->steps++;
     if (a->steps % PROBE_EVERY == 3) { /* the first at step 3: the first step warms the cache pages */
         const int up = a->current + 1, down = a->current - 1;
         a->probe_up = !a->probe_up;
-        if (a->probe_up && up <= most) return up;
-        if (down >= 1) return down;
-        if (up <= most) return up;
+        if (a->probe_up && up <= most && takes_turn(a, 1)) return up;
+        if (down >= 1 && takes_turn(a, 0)) return down;
+        if (!a->probe_up && up <= most && takes_turn(a, 1)) return up;
     }
     return a->current;
 }
@@ -298,7 +320,17 @@ int adapt_threads_of(Adapt *a, int most) {
 void adapt_record_of(Adapt *a, int nth, double seconds) {
     if (nth < 1 || nth > MAX_THREADS || !(seconds > 0.0)) return;
     double *e = &a->ema[nth];
+    if (nth == a->current && *e > 0.0 && fabs(seconds / *e - 1.0) > SHIFT) every_turn(a);
     *e = *e > 0.0 ? 0.75 * *e + 0.25 * seconds : seconds;
+    if (nth != a->current && a->ema[a->current] > 0.0) { /* a probe: did it come close? */
+        const int d = nth > a->current;
+        if (*e > a->ema[a->current] * (1.0 + LOSS)) {
+            a->backoff[d] = a->backoff[d] * 2 < MAX_BACKOFF ? a->backoff[d] * 2 : MAX_BACKOFF;
+            a->skip[d] = a->backoff[d] - 1;
+        } else {
+            every_turn(a);
+        }
+    }
     /* the fastest of the current count and its neighbours, fewer threads on near-ties */
     int best = a->current;
     for (int n = a->current - 1; n <= a->current + 1; n++) {
@@ -306,6 +338,7 @@ void adapt_record_of(Adapt *a, int nth, double seconds) {
         const double b = a->ema[best], c = a->ema[n];
         if (n < best ? c < b * (1.0 + MARGIN) : c < b * (1.0 - MARGIN)) best = n;
     }
+    if (best != a->current) every_turn(a); /* the neighbours are new ones */
     a->current = best;
 }
 
