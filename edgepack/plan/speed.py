@@ -28,24 +28,25 @@ from edgepack.plan.sizing import Quant, block_weight_bytes
 # --- the engine's efficiency: measured decode speed / (bandwidth / bytes per token) ---------
 #
 # edgepack's C engine (native runtime) on this project's 2-vCPU AMD EPYC (Zen 1, AVX2) box,
-# quiet, 2026-12-07, against the read bandwidth `edgepack profile`'s probe measured there
-# minutes before (26.0 GB/s, the figure profiles carry), 8-bit bundles, greedy, engine as
-# shipped: SmolLM2-135M (134.5M parameters, 163.5 MB read a token) decoded 73.1 tokens/s
-# (tests/bench/plan_accuracy.py --speed), 46% of the bound; a Llama-3.2-1B-shaped model
-# (1.236B parameters, 1.50 GB) 8.6 tokens/s (`edgepack run --stats`), 50%. A small step
-# loses more to what does not scale with its bytes (waking the threads, the attention, norms
-# and sampling, the call from Python), so efficiency grows with the model: interpolated in
-# log(parameters) between the two points, held flat outside them.
-PROBE_GBPS = 26.0
-NATIVE_EFFICIENCY_POINTS = ((134_515_008, 73.1 * 163_483_776 / (PROBE_GBPS * 1e9)),
-                            (1_235_814_400, 8.6 * 1_500_084_800 / (PROBE_GBPS * 1e9)))
-NATIVE_EFFICIENCY_SOURCE = ("measured on a 2-vCPU Zen 1 EPYC, 8-bit, against the probe's 26.0 GB/s: 46% of the "
-                            "bound at 135M parameters (73.1 tokens/s), 50% at 1.2B (8.6), interpolated in "
-                            "log(parameters)")
-# int4 in the C engine unpacks nibbles as it reads: in the README's cpu_bench table (same
-# box, same run) int4 decoded 144 tokens/s reading 123.0 MB a token, 8-bit 163 reading
-# 163.5 MB, so int4 reaches 0.665 of 8-bit's share of the bound at this size.
-NATIVE_INT4_FACTOR = (144 * 123_048_576) / (163 * 163_483_776)
+# quiet, 2026-12-07 23:15-23:25, each against the read bandwidth `edgepack profile`'s probe
+# measured in the same minutes, 8-bit bundles with 8-bit tables (the default), greedy,
+# engine as shipped: SmolLM2-135M (134.5M parameters, 136.9 MB read a token) decoded 128.0
+# tokens/s against 23.6 GB/s (tests/bench/plan_accuracy.py --speed), 74% of the bound; a
+# Llama-3.2-1B-shaped model (1.236B parameters, 1.254 GB) 16.2 tokens/s against 23.2 GB/s
+# (decode_bench.py's worker), 88%. A small step loses more to what does not scale with its
+# bytes (waking the threads, the attention, norms and sampling, the call from Python), so
+# efficiency grows with the model: interpolated in log(parameters) between the two points,
+# held flat outside them.
+NATIVE_EFFICIENCY_POINTS = ((134_515_008, 128.0 * 136_941_696 / 23.6e9),
+                            (1_235_814_400, 16.23 * 1_253_806_080 / 23.2e9))
+NATIVE_EFFICIENCY_SOURCE = ("measured on a 2-vCPU Zen 1 EPYC, 8-bit, against the probe's read bandwidth: 74% of the "
+                            "bound at 135M parameters (128.0 tokens/s at 23.6 GB/s), 88% at 1.2B (16.2 at 23.2), "
+                            "interpolated in log(parameters)")
+# int4 in the C engine unpacks nibbles into float32 products as it reads, which the 8-bit
+# kernels' integer products and one-stream prefetch left behind: in the same plan_accuracy
+# run int4 decoded 66.1 tokens/s reading 96.5 MB a token, 8-bit 128.0 reading 136.9 MB, so
+# int4 reaches 0.364 of 8-bit's share of the bound at this size.
+NATIVE_INT4_FACTOR = (66.1 * 96_506_496) / (128.0 * 136_941_696)
 # torch on a CPU (nf4/fp4 bundles, and architectures the C engine does not run), from the
 # README's cpu_bench table on a 2-core AVX-512 EPYC VM of ~33 GB/s read (issue 22's box):
 # transformers + bitsandbytes 8-bit decoded the default model at 13.5 tokens/s (163.5 MB a
@@ -102,7 +103,7 @@ def efficiency(runtime: str, device: str, q: Quant, num_parameters: int) -> tupl
         base = native_efficiency(num_parameters)
         if q.bits == 4:
             return (base * NATIVE_INT4_FACTOR, base,
-                    NATIVE_EFFICIENCY_SOURCE + f"; int4 weights x {NATIVE_INT4_FACTOR:.3f} (cpu_bench: 144 vs 163 tokens/s)")
+                    NATIVE_EFFICIENCY_SOURCE + f"; int4 weights x {NATIVE_INT4_FACTOR:.3f} (66.1 vs 128.0 tokens/s)")
         return base, base, NATIVE_EFFICIENCY_SOURCE
     return TORCH_CPU_EFFICIENCY[q.bits], TORCH_CPU_EFFICIENCY[16], TORCH_CPU_SOURCE
 
