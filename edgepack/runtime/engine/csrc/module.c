@@ -13,8 +13,8 @@ static void *as_ptr(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr
 
 /* The int8 products take |x| and give w x's sign (dot_q8, arch/x86/avx2.c): -128 has no
  * negation in int8, so a code of -128 would be read as +128 wherever x < 0. edgepack's packer
- * writes codes in [-127, 127], as bitsandbytes does; one outside came from elsewhere. A scan
- * the compiler vectorises: ~0.1 s for a 1B model's 1.2 GB, once at load. */
+ * writes codes in [-127, 127], as bitsandbytes does; one outside came from elsewhere. One
+ * pass over the int8 weights at load, which the compiler vectorises: 0.1 s for 1.25 GB. */
 #define CODE_RANGE_ERROR "int8 weight code -128: the kernels take codes in [-127, 127], as edgepack's packer writes them"
 static int codes_in_range(const Mat *m) {
     if (m->type != W_INT8 && m->type != W_INT8_B32) return 1;
