@@ -28,7 +28,7 @@ from edgepack.plan.sizing import Quant, block_weight_bytes
 # --- the engine's efficiency: measured decode speed / (bandwidth / bytes per token) ---------
 #
 # edgepack's C engine (native runtime) on this project's 2-vCPU AMD EPYC (Zen 1, AVX2) box,
-# quiet, 2026-12-07 23:15-23:25, each against the read bandwidth `edgepack profile`'s probe
+# quiet, 2026-12-07 23:13-23:18, each against the read bandwidth `edgepack profile`'s probe
 # measured in the same minutes, 8-bit bundles with 8-bit tables (the default), greedy,
 # engine as shipped: SmolLM2-135M (134.5M parameters, 136.9 MB read a token) decoded 128.0
 # tokens/s against 23.6 GB/s (tests/bench/plan_accuracy.py --speed), 74% of the bound; a
