@@ -179,48 +179,68 @@ static inline __attribute__((always_inline)) void attend_rows_f32(const uint16_t
     for (int i = cnt * D; i < 8 * D; i++) tmp[i] = 0.f;
 }
 
-/* the portable body: 8 positions converted at a time, then each row's dot products and sums */
-static inline __attribute__((always_inline)) void attend_body(Attend *a) {
-    const int R = a->R, D = a->D;
-    int from, to;
-    attend_start(a, &from, &to);
-    for (int b0 = from; b0 < to; b0 += ATT_BLOCK) {
-        const int b1 = b0 + ATT_BLOCK < to ? b0 + ATT_BLOCK : to;
-        for (int t = b0; t < b1; t += 8) {
-            const int cnt = b1 - t < 8 ? b1 - t : 8;
-            attend_rows_f32(a->K, t, cnt, D, a->tmp);
-            for (int r = 0; r < R; r++) {
-                const int i0 = (a->lo[r] > t ? a->lo[r] : t) - t, i1 = (a->hi[r] < t + cnt ? a->hi[r] : t + cnt) - t;
-                float *s = a->s + (size_t)r * ATT_BLOCK + (t - b0);
-                const float *q = a->q[r];
-                for (int i = i0; i < i1; i++) {
-                    const float *k = a->tmp + (size_t)i * D;
-                    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                    for (int d = 0; d < D; d++) acc += q[d] * k[d];
-                    s[i] = acc * a->scale;
-                }
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const int vlo = a->lo[r] > b0 ? a->lo[r] : b0, vhi = a->hi[r] < b1 ? a->hi[r] : b1;
-            if (vlo < vhi) attend_softmax(a, r, b0, vlo, vhi);
-        }
-        for (int t = b0; t < b1; t += 8) {
-            const int cnt = b1 - t < 8 ? b1 - t : 8;
-            attend_rows_f32(a->V, t, cnt, D, a->tmp);
-            for (int r = 0; r < R; r++) {
-                const int i0 = (a->lo[r] > t ? a->lo[r] : t) - t, i1 = (a->hi[r] < t + cnt ? a->hi[r] : t + cnt) - t;
-                const float *p = a->s + (size_t)r * ATT_BLOCK + (t - b0);
-                float *o = a->o[r];
-                for (int i = i0; i < i1; i++) {
-                    const float *v = a->tmp + (size_t)i * D, w = p[i];
-#pragma omp simd
-                    for (int d = 0; d < D; d++) o[d] += w * v[d];
-                }
-            }
-        }
+/* The walk every attention kernel takes (attend_body below, arch/x86/avx2.c's attend_avx2):
+ * blocks of ATT_BLOCK positions; in each, 8 positions' keys converted to float32 by ROWS and
+ * the scores of each row that sees some of them (SCORES); the block's online softmax
+ * (SOFTMAX); then 8 positions' values converted and added into each row's output (VALUES).
+ * SCORES and VALUES are the kernel's own statements over r, t, b0 and the positions
+ * t + i0 <= p < t + i1 that row r sees. EP_ATTEND_EIGHTS: the block's keys or values (X),
+ * 8 positions at a time, and STMT for each row that sees some of them. */
+#define EP_ATTEND_EIGHTS(a, X, ROWS, STMT)                                                              \
+    for (int t = b0; t < b1; t += 8) {                                                                \
+        const int cnt = b1 - t < 8 ? b1 - t : 8;                                                      \
+        ROWS(X, t, cnt, D_, (a)->tmp);                                                                \
+        for (int r = 0; r < R_; r++) {                                                                \
+            const int i0 = ((a)->lo[r] > t ? (a)->lo[r] : t) - t;                                     \
+            const int i1 = ((a)->hi[r] < t + cnt ? (a)->hi[r] : t + cnt) - t;                         \
+            if (i0 < i1) STMT;                                                                        \
+        }                                                                                             \
     }
+#define EP_ATTEND_WALK(a, ROWS, SCORES, SOFTMAX, VALUES)                                                \
+    do {                                                                                              \
+        const int R_ = (a)->R, D_ = (a)->D;                                                           \
+        int from_, to_;                                                                               \
+        attend_start(a, &from_, &to_);                                                                \
+        for (int b0 = from_; b0 < to_; b0 += ATT_BLOCK) {                                            \
+            const int b1 = b0 + ATT_BLOCK < to_ ? b0 + ATT_BLOCK : to_;                               \
+            EP_ATTEND_EIGHTS(a, (a)->K, ROWS, SCORES)                                                 \
+            for (int r = 0; r < R_; r++) {                                                            \
+                const int vlo = (a)->lo[r] > b0 ? (a)->lo[r] : b0, vhi = (a)->hi[r] < b1 ? (a)->hi[r] : b1; \
+                if (vlo < vhi) SOFTMAX(a, r, b0, vlo, vhi);                                           \
+            }                                                                                         \
+            EP_ATTEND_EIGHTS(a, (a)->V, ROWS, VALUES)                                                 \
+        }                                                                                             \
+    } while (0)
+
+/* the portable body: row r's scores of positions t + i0 .. t + i1 (keys in a->tmp), one dot
+ * product each; its output plus their values weighted by the softmax's numerators */
+static inline __attribute__((always_inline)) void attend_scores_1(Attend *a, int r, int t, int b0, int i0, int i1) {
+    const int D = a->D;
+    float *s = a->s + (size_t)r * ATT_BLOCK + (t - b0);
+    const float *q = a->q[r];
+    for (int i = i0; i < i1; i++) {
+        const float *k = a->tmp + (size_t)i * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int d = 0; d < D; d++) acc += q[d] * k[d];
+        s[i] = acc * a->scale;
+    }
+}
+
+static inline __attribute__((always_inline)) void attend_values_1(Attend *a, int r, int t, int b0, int i0, int i1) {
+    const int D = a->D;
+    const float *p = a->s + (size_t)r * ATT_BLOCK + (t - b0);
+    float *o = a->o[r];
+    for (int i = i0; i < i1; i++) {
+        const float *v = a->tmp + (size_t)i * D, w = p[i];
+#pragma omp simd
+        for (int d = 0; d < D; d++) o[d] += w * v[d];
+    }
+}
+
+static inline __attribute__((always_inline)) void attend_body(Attend *a) {
+    EP_ATTEND_WALK(a, attend_rows_f32, attend_scores_1(a, r, t, b0, i0, i1), attend_softmax,
+                   attend_values_1(a, r, t, b0, i0, i1));
 }
 
 static inline __attribute__((always_inline)) void silu_mul_body(const float *gate, const float *up, float *out, int n) {

@@ -268,6 +268,41 @@ T256 static void attend_direct(Attend *a) {
     for (int r = 0; r < R; r++) direct_order(a->o[r], D, 0);
 }
 
+/* attend_avx2's parts of the walk (kernels.h, EP_ATTEND_WALK): row r's scores of the 8
+ * positions from t (keys in a->tmp, zeros past the block's end), eight dot products reduced
+ * and stored together; its output plus the values of positions t + i0 .. t + i1 */
+T256 static inline __attribute__((always_inline)) void scores8(Attend *a, int r, int t, int b0, __m256 scale) {
+    const int D = a->D;
+    const float *q = a->q[r];
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a->tmp + (size_t)j * D + d), qv, acc[j]);
+    }
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+    _mm256_storeu_ps(a->s + (size_t)r * ATT_BLOCK + (t - b0), _mm256_mul_ps(sums, scale));
+}
+
+T256 static inline __attribute__((always_inline)) void values_row(Attend *a, int r, int t, int b0, int i0, int i1) {
+    const int D = a->D;
+    const float *p = a->s + (size_t)r * ATT_BLOCK + (t - b0);
+    float *o = a->o[r];
+    int d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) values8(o, p, a->tmp, i0, i1, D, d0, 8);
+    switch ((D - d0) / 8) {
+    case 7: values8(o, p, a->tmp, i0, i1, D, d0, 7); break;
+    case 6: values8(o, p, a->tmp, i0, i1, D, d0, 6); break;
+    case 5: values8(o, p, a->tmp, i0, i1, D, d0, 5); break;
+    case 4: values8(o, p, a->tmp, i0, i1, D, d0, 4); break;
+    case 3: values8(o, p, a->tmp, i0, i1, D, d0, 3); break;
+    case 2: values8(o, p, a->tmp, i0, i1, D, d0, 2); break;
+    case 1: values8(o, p, a->tmp, i0, i1, D, d0, 1); break;
+    }
+}
+
 T256 void attend_avx2(Attend *a) {
     const int R = a->R, D = a->D;
     if (D % 8) {
@@ -281,54 +316,7 @@ T256 void attend_avx2(Attend *a) {
         return;
     }
     const __m256 scale = _mm256_set1_ps(a->scale);
-    int from, to;
-    attend_start(a, &from, &to);
-    for (int b0 = from; b0 < to; b0 += ATT_BLOCK) {
-        const int b1 = b0 + ATT_BLOCK < to ? b0 + ATT_BLOCK : to;
-        for (int t = b0; t < b1; t += 8) {
-            const int cnt = b1 - t < 8 ? b1 - t : 8;
-            rows8_f32(a->K, t, cnt, D, a->tmp);
-            for (int r = 0; r < R; r++) {
-                if (a->hi[r] <= t || a->lo[r] >= t + cnt) continue; /* sees none of them */
-                const float *q = a->q[r];
-                __m256 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                for (int d = 0; d < D; d += 8) {
-                    const __m256 qv = _mm256_loadu_ps(q + d);
-                    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a->tmp + (size_t)j * D + d), qv, acc[j]);
-                }
-                const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-                const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-                const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-                _mm256_storeu_ps(a->s + (size_t)r * ATT_BLOCK + (t - b0), _mm256_mul_ps(sums, scale));
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const int vlo = a->lo[r] > b0 ? a->lo[r] : b0, vhi = a->hi[r] < b1 ? a->hi[r] : b1;
-            if (vlo < vhi) softmax8(a, r, b0, vlo, vhi);
-        }
-        for (int t = b0; t < b1; t += 8) {
-            const int cnt = b1 - t < 8 ? b1 - t : 8;
-            rows8_f32(a->V, t, cnt, D, a->tmp);
-            for (int r = 0; r < R; r++) {
-                const int i0 = (a->lo[r] > t ? a->lo[r] : t) - t, i1 = (a->hi[r] < t + cnt ? a->hi[r] : t + cnt) - t;
-                if (i0 >= i1) continue;
-                const float *p = a->s + (size_t)r * ATT_BLOCK + (t - b0);
-                float *o = a->o[r];
-                int d0 = 0;
-                for (; d0 + 64 <= D; d0 += 64) values8(o, p, a->tmp, i0, i1, D, d0, 8);
-                switch ((D - d0) / 8) {
-                case 7: values8(o, p, a->tmp, i0, i1, D, d0, 7); break;
-                case 6: values8(o, p, a->tmp, i0, i1, D, d0, 6); break;
-                case 5: values8(o, p, a->tmp, i0, i1, D, d0, 5); break;
-                case 4: values8(o, p, a->tmp, i0, i1, D, d0, 4); break;
-                case 3: values8(o, p, a->tmp, i0, i1, D, d0, 3); break;
-                case 2: values8(o, p, a->tmp, i0, i1, D, d0, 2); break;
-                case 1: values8(o, p, a->tmp, i0, i1, D, d0, 1); break;
-                }
-            }
-        }
-    }
+    EP_ATTEND_WALK(a, rows8_f32, scores8(a, r, t, b0, scale), softmax8, values_row(a, r, t, b0, i0, i1));
 }
 
 /* int8 rows against the input rounded to int8 per block of 32 (prep_q8, step.c; act_bits 8),
