@@ -42,11 +42,12 @@ NATIVE_EFFICIENCY_POINTS = ((134_515_008, 128.0 * 136_941_696 / 23.6e9),
 NATIVE_EFFICIENCY_SOURCE = ("measured on a 2-vCPU Zen 1 EPYC, 8-bit, against the probe's read bandwidth: 74% of the "
                             "bound at 135M parameters (128.0 tokens/s at 23.6 GB/s), 88% at 1.2B (16.2 at 23.2), "
                             "interpolated in log(parameters)")
-# int4 in the C engine unpacks nibbles into float32 products as it reads, which the 8-bit
-# kernels' integer products and one-stream prefetch left behind: in the same plan_accuracy
-# run int4 decoded 66.1 tokens/s reading 96.5 MB a token, 8-bit 128.0 reading 136.9 MB, so
-# int4 reaches 0.364 of 8-bit's share of the bound at this size.
-NATIVE_INT4_FACTOR = (66.1 * 96_506_496) / (128.0 * 136_941_696)
+# int4 in the C engine multiplies its codes by int8 activations (x86: maddubs, as the 8-bit
+# kernels), but a block's two scales, its zero term and the unpacking cost more per byte than
+# 8-bit rows: in the same plan_accuracy runs (three, 13 repeats in all) int4 decoded a median
+# 133.4 tokens/s reading 96.5 MB a token, 8-bit 122.5 reading 136.9 MB, so int4 reaches
+# 0.767 of 8-bit's share of the bound at this size.
+NATIVE_INT4_FACTOR = (133.4 * 96_506_496) / (122.5 * 136_941_696)
 # torch on a CPU (nf4/fp4 bundles, and architectures the C engine does not run), from the
 # README's cpu_bench table on a 2-core AVX-512 EPYC VM of ~33 GB/s read (issue 22's box):
 # transformers + bitsandbytes 8-bit decoded the default model at 13.5 tokens/s (163.5 MB a
@@ -103,7 +104,7 @@ def efficiency(runtime: str, device: str, q: Quant, num_parameters: int) -> tupl
         base = native_efficiency(num_parameters)
         if q.bits == 4:
             return (base * NATIVE_INT4_FACTOR, base,
-                    NATIVE_EFFICIENCY_SOURCE + f"; int4 weights x {NATIVE_INT4_FACTOR:.3f} (66.1 vs 128.0 tokens/s)")
+                    NATIVE_EFFICIENCY_SOURCE + f"; int4 weights x {NATIVE_INT4_FACTOR:.3f} (133.4 vs 122.5 tokens/s)")
         return base, base, NATIVE_EFFICIENCY_SOURCE
     return TORCH_CPU_EFFICIENCY[q.bits], TORCH_CPU_EFFICIENCY[16], TORCH_CPU_SOURCE
 

@@ -1,6 +1,6 @@
 """Decode against the memory limit: edgepack 8-bit beside llama.cpp Q8_0 (llama-bench), quiet and busy.
 
-    .venv/bin/python tests/bench/decode_bench.py [--cases 135m,1b] [--repeats 3] [--new-tokens 64]
+    .venv/bin/python tests/bench/decode_bench.py [--cases 135m,1b,135m-int4] [--repeats 3] [--new-tokens 64]
                                                  [--no-busy] [--long] [--profile] [--table-bits 8] [--json F]
 
 A bench a weak peer cannot flatter: it prints the box's read bandwidth (membw.py), each
@@ -11,7 +11,9 @@ built Release with GGML_NATIVE=ON from the llama.cpp inside the llama-cpp-python
 (peer_llamacpp.ensure_llamacpp_build), at the same thread counts.
 
 Cases: `135m`, the default model (SmolLM2-135M-Instruct; edgepack 8-bit, packed without
-smoothing and GPTQ, which change values only; GGUF Q8_0 from gguf_variants.py); `1b`, random weights in Llama-3.2-1B's shapes with its
+smoothing and GPTQ, which change values only; GGUF Q8_0 from gguf_variants.py); `135m-int4`,
+the same model at 4 bits: edgepack int4 (which holds the source's Q4_1 groups as they are)
+beside llama.cpp running that Q4_1 source file; `1b`, random weights in Llama-3.2-1B's shapes with its
 128256-token vocabulary (model_1b.py; edgepack 8-bit, GGUF by convert_hf_to_gguf.py +
 llama-quantize Q8_0). Rounds of fresh processes alternate the engines (edgepack 2 and 1
 threads, llama.cpp 2 and 1 threads); figures are medians over rounds, and the machine's
@@ -202,11 +204,26 @@ def bundle_135m(table_bits: int) -> Path:
     return bundle
 
 
+def bundle_135m_int4(table_bits: int) -> Path:
+    from edgepack.export.pack import pack
+
+    bundle = WORK / ("smollm2-135m-edgepack-int4" + ("-t8" if table_bits == 8 else ""))
+    if not (bundle / "edgepack.json").exists():  # int4 holds the source's Q4_1 groups as they are
+        pack("smollm2-135m", bundle, bits=4, quant_type="int4", force=True, table_bits=table_bits)
+    return bundle
+
+
 def prepare(names: list[str], llama: dict, table_bits: int) -> list[dict]:
     cases = []
     for name in names:
         bundles = {}
-        if name == "135m":
+        if name == "135m-int4":
+            import gguf_variants
+
+            bundles[table_bits] = bundle_135m_int4(table_bits)
+            gguf_path = Path(gguf_variants.default_src_gguf())
+            label = "SmolLM2-135M-Instruct int4 from its Q4_1 GGUF (vocab 49152, tied) beside that Q4_1 file"
+        elif name == "135m":
             import gguf_variants
 
             for bits in {table_bits, 16}:
@@ -227,7 +244,7 @@ def prepare(names: list[str], llama: dict, table_bits: int) -> list[dict]:
                 "edgepack": str(bundle), "gguf": str(gguf_path),
                 "bytes": {"edgepack": weight_bytes_per_token(bundle), "llama.cpp": gguf_bytes_per_token(gguf_path)},
                 "kv_bytes_per_position": kv_bytes_per_token(config)}
-        if table_bits == 8:
+        if table_bits == 8 and 16 in bundles:
             case[BASELINE[0]] = str(bundles[16])
             case["bytes"][BASELINE[0]] = weight_bytes_per_token(bundles[16])
         cases.append(case)

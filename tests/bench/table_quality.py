@@ -10,7 +10,7 @@ cpu_bench does: held-out perplexity, mean KL and top-1 agreement against the flo
 source on cpu_bench's quality text (~4k tokens), one token a step through edgepack's CPU
 engine. Prints one row per bundle, and per format the perplexity delta each 8-bit kind adds
 over t16 with its standard error (paired per-token differences between the two bundles:
-the same tokens). --activation-bits 8 also scores each 8-bit bundle with the engine's int8
+the same tokens). --activation-bits 8 also scores each 8-bit and int4 bundle with the engine's int8
 activations (EDGEPACK_ACTIVATION_BITS=8; the other rows pin float32, =32). A bundle already
 in --work is scored as it is, not packed again. --peer-q8: also llama.cpp Q8_0
 (gguf_variants.py's file, llama.cpp's own arithmetic through its Python bindings,
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--rtn", action="store_true",
                         help="8-bit: pack without smoothing and GPTQ (round to nearest: minutes less on a busy box)")
     parser.add_argument("--activation-bits", type=int, choices=(8, 32), default=32,
-                        help="8: also score the 8-bit bundles with int8 activations")
+                        help="8: also score the 8-bit and int4 bundles with int8 activations")
     parser.add_argument("--peer-q8", action="store_true", help="also score llama.cpp Q8_0 on the same tokens")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -86,7 +86,7 @@ def main() -> None:
     lps = {}
     runs = [(name, path, "32") for name, path in bundles.items()]
     if args.activation_bits == 8:
-        runs += [(name + " a8", path, "8") for name, path in bundles.items() if name.startswith("8 ")]
+        runs += [(name + " a8", path, "8") for name, path in bundles.items() if name.startswith(("8 ", "4-int4 "))]
     for name, path, act_bits in runs:
         os.environ["EDGEPACK_ACTIVATION_BITS"] = act_bits  # the worker's engine reads it at import
         saved = work / f"lp-{path.name}{'-a8' if act_bits == '8' else ''}.npy"  # scored before: kept in --work

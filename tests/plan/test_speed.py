@@ -98,24 +98,26 @@ def fastest_fitting(p: planner.Plan) -> float:
 @pytest.mark.parametrize("profile", ["rpi4-4gb", "rpi5-4gb", "rpi5-8gb"])
 def test_prefer_on_raspberry_pis_for_a_16bit_1b_model(profile):
     """A 16-bit 1B source: quality keeps 16 bits; balanced takes 8 (its measured loss is
-    within the budget; int4 from a 16-bit source is unmeasured); speed takes 8 too: the 16-bit
-    head (525 MB) is in both, so int4 reads 0.76x 8-bit's bytes, not enough to pay for its
-    unpacking (0.665x the efficiency)."""
+    within the budget; int4 from a 16-bit source is unmeasured); speed takes int4, by a little:
+    the 16-bit head (525 MB) is in both, so int4 reads 0.76x 8-bit's bytes at 0.77x its
+    efficiency (measured): ~8% faster."""
     got = choices(LLAMA_1B, profile)
-    assert [got[k].bits for k in ("quality", "balanced", "speed")] == [16, 8, 8]
+    assert [got[k].bits for k in ("quality", "balanced", "speed")] == [16, 8, 4]
+    eight = next(s for s in got["speed"].settings if s["bits"] == 8)
+    assert eight["fits"] and 1.0 < got["speed"].speed.tokens_per_s / eight["speed"]["tokens_per_s"] < 1.15
     assert got["speed"].speed.tokens_per_s == pytest.approx(fastest_fitting(got["speed"]), abs=0.01)
     assert got["balanced"].speed.tokens_per_s > 1.5 * got["quality"].speed.tokens_per_s
     assert "fewest bits whose measured quality loss is within budget" in got["balanced"].reasons[0]
 
 
-def test_prefer_speed_weighs_int4s_fewer_bytes_against_its_slower_kernel():
-    """Llama-2-7B's shapes: int4 reads 0.63x 8-bit's weight bytes, but the C engine's int4
-    kernel reaches 0.36 of the 8-bit kernels' share of the bound (measured), so on a Pi 5
-    16 GB, where both fit, 8 bits is predicted fastest; on a Pi 5 8 GB only int4 fits."""
+def test_prefer_speed_weighs_int4s_fewer_bytes_against_its_kernel():
+    """Llama-2-7B's shapes: int4 reads 0.63x 8-bit's weight bytes and the C engine's int4
+    kernel reaches 0.77 of the 8-bit kernels' share of the bound (measured), so on a Pi 5
+    16 GB, where both fit, int4 is predicted fastest; on a Pi 5 8 GB only int4 fits."""
     got = choices(LLAMA_2_7B, "rpi5-16gb")
-    assert [got[k].bits for k in ("quality", "balanced", "speed")] == [16, 8, 8]
-    four = next(s for s in got["speed"].settings if s["bits"] == 4)
-    assert four["fits"] and four["speed"]["tokens_per_s"] < got["speed"].speed.tokens_per_s
+    assert [got[k].bits for k in ("quality", "balanced", "speed")] == [16, 8, 4]
+    eight = next(s for s in got["speed"].settings if s["bits"] == 8)
+    assert eight["fits"] and eight["speed"]["tokens_per_s"] < got["speed"].speed.tokens_per_s
     assert got["speed"].speed.tokens_per_s == pytest.approx(fastest_fitting(got["speed"]), abs=0.01)
     small = choices(LLAMA_2_7B, "rpi5-8gb")
     assert small["speed"].bits == 4 and small["speed"].quant_type == "int4"

@@ -380,7 +380,7 @@ class NativeLM:
         self.adapt = asked_threads() is None  # pick the count per step, up to self.threads
         if asked_activation_bits() is not None:  # the C module's, process-wide: the last load's asking wins
             _native.activation_bits(asked_activation_bits())
-        self._int8 = any(m.kind == "INT8" for m in [plan.head, *(x for layer in plan.layers for x in layer[2:6])])
+        self._int8 = any(m.kind in ("INT8", "INT4") for m in [plan.head, *(x for layer in plan.layers for x in layer[2:6])])
         base = _native.address(arena)
 
         def mat(m: Matrix) -> tuple:

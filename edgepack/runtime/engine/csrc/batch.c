@@ -6,12 +6,13 @@
  * Each sequence has its own token, position and KV cache; norms, rotary, attention and
  * SiLU are run_step's, sequence by sequence.
  *
- * The kernels are the step's (the dispatch table's gemv / int4 / int8_q8) or, where the set
- * has them, their batched twins (gemv_batch, int8_q8_batch: each weight loaded and converted
- * once for all sequences, which is what bounds a batched step once the block sits in cache),
- * applied per row as in run_step, with int8 activations where run_step uses them (act_bits 8:
- * each sequence's input rounded by prep_q8), so every sequence's logits are bitwise those of
- * run_step: greedy decoding gives the same tokens batched or alone.
+ * The kernels are the step's (the dispatch table's gemv / int4 / int8_q8 / int4_q8) or,
+ * where the set has them, their batched twins (gemv_batch, int8_q8_batch: each weight loaded
+ * and converted once for all sequences, which is what bounds a batched step once the block
+ * sits in cache), applied per row as in run_step, with int8 activations where run_step uses
+ * them (act_bits 8: each sequence's input rounded by prep_q8 or prep_int4), so every
+ * sequence's logits are bitwise those of run_step: greedy decoding gives the same tokens
+ * batched or alone.
  *
  * Rows are shared out as run_step shares them (pool.c, take_rows): each thread its own
  * region a chunk at a time, then what is left of the others'. With a static split, a thread
@@ -76,7 +77,9 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
         if (together_q8) together_q8(mt, s->ps, s->B, rb, re, s->ts);
         for (int b = 0; b < s->B; b++) {
             float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
-            if (mt->type == W_INT4)
+            if (mt->type == W_INT4 && int4_q8_on())
+                kernels->int4_q8(mt, part(s, b, S_PREP), rb, re, t);
+            else if (mt->type == W_INT4)
                 kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
             else if (mt->type == W_INT8_B32 && s->q8)
                 kernels->int8_b32_q8(mt, part(s, b, S_PREP), rb, re, t);
