@@ -7,9 +7,9 @@
  * SiLU are run_step's, sequence by sequence.
  *
  * The kernels are the step's (the dispatch table's gemv / int4 / int8_q8 / int4_q8) or,
- * where the set has them, their batched twins (gemv_batch, int8_q8_batch: each weight loaded
- * and converted once for all sequences, which is what bounds a batched step once the block
- * sits in cache), applied per row as in run_step, with int8 activations where run_step uses
+ * where the set has them, their batched twins (gemv_batch, int8_q8_batch, int4_q8_batch:
+ * each weight loaded and converted once for all sequences, which is what bounds a batched
+ * step once the block sits in cache), applied per row as in run_step, with int8 activations where run_step uses
  * them (act_bits 8: each sequence's input rounded by prep_q8 or prep_int4), so every
  * sequence's logits are bitwise those of run_step: greedy decoding gives the same tokens
  * batched or alone.
@@ -70,14 +70,18 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
     int rows = (int)(EP_BLOCK_BYTES / row_bytes) & ~3;
     rows = rows < 4 ? 4 : rows;
     const gemv_batch_fn together = mt->type >= W_INT4 || s->q8 ? NULL : kernels->gemv_batch[mt->type];
-    const q8_batch_fn together_q8 = s->q8 && mt->type == W_INT8 ? kernels->int8_q8_batch : NULL;
+    const q8_batch_fn together_q8 = s->q8 && mt->type == W_INT8           ? kernels->int8_q8_batch
+                                    : mt->type == W_INT4 && int4_q8_on() ? kernels->int4_q8_batch
+                                                                         : NULL;
     for (int rb = r0; rb < r1; rb += rows) {
         const int re = rb + rows < r1 ? rb + rows : r1;
         if (together) together(mt->w, s->xs, s->B, mt->cols, rb, re, s->ts);
         if (together_q8) together_q8(mt, s->ps, s->B, rb, re, s->ts);
         for (int b = 0; b < s->B; b++) {
             float *y = part(s, b, out), *t = add ? part(s, b, S_TMP) : y;
-            if (mt->type == W_INT4 && int4_q8_on())
+            if (together || together_q8)
+                ; /* every sequence's rows done above */
+            else if (mt->type == W_INT4 && int4_q8_on())
                 kernels->int4_q8(mt, part(s, b, S_PREP), rb, re, t);
             else if (mt->type == W_INT4)
                 kernels->int4(mt, part(s, b, S_PREP), rb, re, t);
@@ -85,9 +89,9 @@ static void block_rows(const Steps *s, const Mat *mt, int r0, int r1, int in, in
                 kernels->int8_b32_q8(mt, part(s, b, S_PREP), rb, re, t);
             else if (mt->type == W_INT8_B32)
                 kernels->int8_b32(mt, part(s, b, in), rb, re, t);
-            else if (s->q8 && !together_q8)
+            else if (s->q8)
                 kernels->int8_q8(mt, part(s, b, S_PREP), rb, re, t);
-            else if (!together && !s->q8)
+            else
                 kernels->gemv[mt->type](mt->w, part(s, b, in), mt->cols, rb, re, t);
             if (mt->scale)
                 for (int r = rb; r < re; r++) t[r] *= mt->scale[r];

@@ -298,6 +298,7 @@ typedef struct {
     b32_fn int8_b32;             /* W_INT8_B32 rows: every set has one */
     q8_fn int8_b32_q8;           /* W_INT8_B32 rows against prep_q8's input; NULL: int8_b32 takes them */
     q8_fn int4_q8;               /* int4 rows against prep_int4's int8 input (act_bits 8); NULL: int4 takes them */
+    q8_batch_fn int4_q8_batch;   /* bitwise int4_q8's; NULL: batch.c calls int4_q8 per sequence */
 } Kernels;
 
 extern const Kernels kernels_generic;
@@ -309,6 +310,7 @@ void int8_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
 void int8_b32_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
 void int4_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y);
+void int4_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y);
 #endif
 #if EP_ARM
 extern const Kernels kernels_neon, kernels_neon_dotprod;

@@ -509,12 +509,15 @@ T256 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r
  * so that an in-lane broadcast gives blocks 0 | 1 and 2 | 3 their scales; the same register
  * times prep's (-8 xsum, xsum) lanes is the four groups' zero terms. Larger groups, and the
  * blocks after the last four, take their scales one at a time. */
-T256 static inline __m256i int4_pair(const uint8_t *c, const int8_t *xq, __m256i nib, __m256i ones) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)c);
-    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+T256 static inline __m256i int4_pair(__m256i lo, __m256i hi, const int8_t *xq, __m256i ones) {
     const __m256i e = _mm256_loadu_si256((const __m256i *)xq), o = _mm256_loadu_si256((const __m256i *)(xq + 32));
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, e), _mm256_maddubs_epi16(hi, o)), ones);
 }
+
+/* a pair of blocks' 32 code bytes as low nibbles and high nibbles */
+#define INT4_NIBBLES(c, lo, hi)                                          \
+    const __m256i lo##_v = _mm256_loadu_si256((const __m256i *)(c));    \
+    const __m256i lo = _mm256_and_si256(lo##_v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(lo##_v, 4), nib)
 
 /* an unpaired last block: its 16 code bytes as low nibbles | high nibbles, against E | O */
 T256 static inline __m256i int4_one(const uint8_t *c, const int8_t *xq, __m256i nib, __m256i ones) {
@@ -523,18 +526,26 @@ T256 static inline __m256i int4_one(const uint8_t *c, const int8_t *xq, __m256i 
     return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i *)xq)), ones);
 }
 
-/* rows [r, r + NR): their codes, and their pairs, lie end to end, each prefetched as one stream */
-T256 static inline __attribute__((always_inline)) void int4_q8_pass(const Mat *m, const void *prep, int r, float *y,
-                                                                     const int NR) {
+/* rows [r, r + NR) against NB inputs (batch.c: several sequences; each row's codes unpacked
+ * and its scales widened once for all of them). Every (row, input) pair takes the same
+ * operations in the same order whatever NR and NB, so a batched step is bitwise a single
+ * one. The rows' codes, and their pairs, lie end to end: each prefetched as one stream. */
+T256 static inline __attribute__((always_inline)) void int4_q8_pass(const Mat *m, const void *const *prep, int r,
+                                                                     float *const *y, const int NR, const int NB) {
     const int K = m->cols, half = K / 2, nb = K / 32, ng = K / m->group, per = m->group / 32;
-    const int8_t *xq = (const int8_t *)prep;
-    const float *d = (const float *)(xq + K), *d4 = d + nb, *cz = d4 + 4 * (size_t)nb, *xs = cz + 2 * (size_t)ng;
+    const int8_t *xq[4];
+    const float *d[4], *d4[4], *cz[4], *xs[4];
+    for (int s = 0; s < NB; s++) {
+        xq[s] = (const int8_t *)prep[s], d[s] = (const float *)(xq[s] + K), d4[s] = d[s] + nb;
+        cz[s] = d4[s] + 4 * (size_t)nb, xs[s] = cz[s] + 2 * (size_t)ng;
+    }
     const uint8_t *c = (const uint8_t *)m->w + (size_t)r * half;
     const uint16_t *sz = m->sz + (size_t)r * ng * 2;
     const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    __m256 acc[4];
-    float cst[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    __m256 acc[4][4];
+    float cst[4][4];
+    for (int i = 0; i < NR; i++)
+        for (int s = 0; s < NB; s++) acc[i][s] = _mm256_setzero_ps(), cst[i][s] = 0.f;
     int b = 0;
     if (per == 1)
         for (; b + 4 <= nb; b += 4) {
@@ -542,18 +553,21 @@ T256 static inline __attribute__((always_inline)) void int4_q8_pass(const Mat *m
                 for (int l = 0; l < NR; l++) __builtin_prefetch(c + NR * 16 * b + 64 * l + EP_PF);
                 __builtin_prefetch((const char *)sz + NR * 4 * b + EP_PF / 4);
             }
-            const __m256 d01 = _mm256_loadu_ps(d4 + 4 * b), d23 = _mm256_loadu_ps(d4 + 4 * b + 8);
-            const __m256 zs = _mm256_loadu_ps(cz + 2 * b);
             for (int i = 0; i < NR; i++) {
                 const __m128i raw = _mm_loadu_si128((const __m128i *)(sz + (size_t)i * 2 * ng + 2 * b));
                 const __m256i wide = _mm256_cvtepu16_epi32(_mm_shuffle_epi32(raw, 0xD8));
                 const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)); /* s0 z0 s2 z2 | s1 z1 s3 z3 */
+                const __m256 v01 = _mm256_shuffle_ps(v, v, 0x00), v23 = _mm256_shuffle_ps(v, v, 0xAA);
                 const uint8_t *ci = c + (size_t)i * half + 16 * b;
-                const __m256 s01 = _mm256_mul_ps(_mm256_shuffle_ps(v, v, 0x00), d01);
-                const __m256 s23 = _mm256_mul_ps(_mm256_shuffle_ps(v, v, 0xAA), d23);
-                acc[i] = _mm256_fmadd_ps(v, zs, acc[i]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_pair(ci, xq + 32 * b, nib, ones)), s01, acc[i]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_pair(ci + 32, xq + 32 * b + 64, nib, ones)), s23, acc[i]);
+                INT4_NIBBLES(ci, lo01, hi01);
+                INT4_NIBBLES(ci + 32, lo23, hi23);
+                for (int s = 0; s < NB; s++) {
+                    const __m256 s01 = _mm256_mul_ps(v01, _mm256_loadu_ps(d4[s] + 4 * b));
+                    const __m256 s23 = _mm256_mul_ps(v23, _mm256_loadu_ps(d4[s] + 4 * b + 8));
+                    __m256 a = _mm256_fmadd_ps(v, _mm256_loadu_ps(cz[s] + 2 * b), acc[i][s]);
+                    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_pair(lo01, hi01, xq[s] + 32 * b, ones)), s01, a);
+                    acc[i][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_pair(lo23, hi23, xq[s] + 32 * b + 64, ones)), s23, a);
+                }
             }
         }
     for (; b < nb; b += 2) {
@@ -562,32 +576,52 @@ T256 static inline __attribute__((always_inline)) void int4_q8_pass(const Mat *m
         for (int i = 0; i < NR; i++) {
             const uint16_t *szi = sz + (size_t)i * 2 * ng;
             const uint8_t *ci = c + (size_t)i * half + 16 * b;
-            const float s0 = bf16_to_f32(szi[2 * (b / per)]) * d[b];
+            const float s0 = bf16_to_f32(szi[2 * (b / per)]), s1 = b + 1 < nb ? bf16_to_f32(szi[2 * ((b + 1) / per)]) : 0.f;
             if (b + 1 < nb) {
-                const float s1 = bf16_to_f32(szi[2 * ((b + 1) / per)]) * d[b + 1];
-                const __m256 s = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_pair(ci, xq + 32 * b, nib, ones)), s, acc[i]);
+                INT4_NIBBLES(ci, lo, hi);
+                for (int s = 0; s < NB; s++) {
+                    const __m256 sd = _mm256_set_m128(_mm_set1_ps(s1 * d[s][b + 1]), _mm_set1_ps(s0 * d[s][b]));
+                    acc[i][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_pair(lo, hi, xq[s] + 32 * b, ones)), sd, acc[i][s]);
+                }
             } else
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_one(ci, xq + 32 * b, nib, ones)), _mm256_set1_ps(s0), acc[i]);
+                for (int s = 0; s < NB; s++)
+                    acc[i][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_one(ci, xq[s] + 32 * b, nib, ones)),
+                                                _mm256_set1_ps(s0 * d[s][b]), acc[i][s]);
         }
     }
     for (int g = per == 1 ? nb / 4 * 4 : 0; g < ng; g++)
         for (int i = 0; i < NR; i++) {
             const uint16_t *szi = sz + (size_t)i * 2 * ng;
-            cst[i] += (bf16_to_f32(szi[2 * g + 1]) - 8.f * bf16_to_f32(szi[2 * g])) * xs[g];
+            const float zt = bf16_to_f32(szi[2 * g + 1]) - 8.f * bf16_to_f32(szi[2 * g]);
+            for (int s = 0; s < NB; s++) cst[i][s] += zt * xs[s][g];
         }
-    for (int i = 0; i < NR; i++) y[r + i] = hsum256(acc[i]) + cst[i];
+    for (int i = 0; i < NR; i++)
+        for (int s = 0; s < NB; s++) y[s][r + i] = hsum256(acc[i][s]) + cst[i][s];
 }
 
 /* also AVX-512's */
 T256 void int4_q8_avx2(const Mat *m, const void *prep, int r0, int r1, float *y) {
+    const void *const p[1] = {prep};
+    float *const out[1] = {y};
     int r = r0;
-    for (; r + 4 <= r1; r += 4) int4_q8_pass(m, prep, r, y, 4);
+    for (; r + 4 <= r1; r += 4) int4_q8_pass(m, p, r, out, 4, 1);
     switch (r1 - r) {
-    case 3: int4_q8_pass(m, prep, r, y, 3); break;
-    case 2: int4_q8_pass(m, prep, r, y, 2); break;
-    case 1: int4_q8_pass(m, prep, r, y, 1); break;
+    case 3: int4_q8_pass(m, p, r, out, 3, 1); break;
+    case 2: int4_q8_pass(m, p, r, out, 2, 1); break;
+    case 1: int4_q8_pass(m, p, r, out, 1, 1); break;
     }
+}
+
+/* int4_q8 for B sequences (batch.c), bitwise int4_q8_avx2's: a row at a time, its codes
+ * unpacked once for up to four sequences (registers: 4 accumulators, 4 unpacked halves) */
+T256 void int4_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r0, int r1, float *const *y) {
+    for (int b = 0; b < B; b += 4)
+        for (int r = r0; r < r1; r++) switch (B - b < 4 ? B - b : 4) {
+            case 4: int4_q8_pass(m, prep + b, r, y + b, 1, 4); break;
+            case 3: int4_q8_pass(m, prep + b, r, y + b, 1, 3); break;
+            case 2: int4_q8_pass(m, prep + b, r, y + b, 1, 2); break;
+            default: int4_q8_pass(m, prep + b, r, y + b, 1, 1); break;
+            }
 }
 
 T256 static void silu(const float *g, const float *u, float *o, int n) { silu_mul_body(g, u, o, n); }
@@ -629,5 +663,6 @@ const Kernels kernels_avx2 = {
     int8_b32,
     int8_b32_q8_avx2,
     int4_q8_avx2,
+    int4_q8_batch_avx2,
 };
 #endif

@@ -103,5 +103,6 @@ const Kernels kernels_avx512 = {
     int8_b32,
     int8_b32_q8_avx2,
     int4_q8_avx2,
+    int4_q8_batch_avx2,
 };
 #endif
