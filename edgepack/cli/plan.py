@@ -21,7 +21,7 @@ from edgepack.format.refs import is_local_path
 from edgepack.plan import planner
 from edgepack.plan import source as source_precision
 from edgepack.plan.model import ModelDescription, describe_model
-from edgepack.plan.source import KL_BUDGET, SourcePrecision
+from edgepack.plan.source import KL_8BIT, KL_BUDGET, KL_INT4_SAME_GRID, SourcePrecision
 from edgepack.plan.sizing import GIB, MIB
 from edgepack.errors import EdgepackError, SourceNotFoundError, UnsupportedModelError, printable
 
@@ -300,6 +300,10 @@ def _settings_table(p: planner.Plan) -> list[str]:
     if any(x["speed"] is None for x in p.settings):
         out.append("?: the profile has no memory_bandwidth figure for that device; `edgepack profile` measures this box's")
     out.append(f"mean KL: the project's measured quality loss vs the source; --prefer balanced's budget: {KL_BUDGET}")
+    if any(x.get("int8_activations") for x in p.settings):
+        out.append("  (cpu rows: with the engine's int8 activations, its default on x86 with AVX2; `--activations float` "
+                   f"at run time keeps 8-bit at {KL_8BIT} and int4 from Q4_0/Q4_1 at {KL_INT4_SAME_GRID}, at about "
+                   "half the decode speed)")
     return out
 
 

@@ -91,10 +91,11 @@ class Plan:
     prefer: str = "quality"  # quality | balanced | speed: how the setting was chosen
     source: SourcePrecision = UNKNOWN  # the source's own precision
     settings: list[dict[str, Any]] = field(default_factory=list)  # every setting weighed, best quality first
+    int8_activations: bool = False  # the C engine on an x86 CPU with AVX2: its default int8 activations
 
     @property
     def expected_kl(self) -> float | None:
-        return expected_kl(self.bits, self.quant_type, self.source)
+        return expected_kl(self.bits, self.quant_type, self.source, self.int8_activations)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,7 +106,7 @@ class Plan:
             "devices": {k: v.to_dict() for k, v in self.devices.items()}, "reasons": list(self.reasons),
             "instead": list(self.instead), "prefer": self.prefer, "source": self.source.to_dict(),
             "speed": self.speed.to_dict() if self.speed else None, "expected_kl": self.expected_kl,
-            "settings": list(self.settings),
+            "int8_activations": self.int8_activations, "settings": list(self.settings),
         }
 
 
@@ -120,6 +121,7 @@ class _Target:
     unified: bool
     bnb_cuda: bool | None
     bandwidth: tuple[tuple[str, int | None], ...] = ()  # ("cpu", bytes/s), ("cuda", bytes/s)
+    avx2: bool = False  # the C engine's int8 activations run here
 
     @classmethod
     def of(cls, profile: Any) -> _Target:
@@ -130,7 +132,8 @@ class _Target:
         gpus = tuple((g.name, g.usable_bytes, g.reserved_bytes) for g in profile.gpus)
         arch = "aarch64" if profile.cpu.arch in ("aarch64", "arm64") else "x86_64"  # others: as x86-64
         return cls(profile.name, arch, profile.ram_usable_bytes, gpus, profile.unified_memory,
-                   profile.bitsandbytes.cuda, tuple(speed_model.profile_bandwidth(profile).items()))
+                   profile.bitsandbytes.cuda, tuple(speed_model.profile_bandwidth(profile).items()),
+                   arch == "x86_64" and "avx2" in profile.cpu.simd)
 
     @property
     def size_bytes(self) -> int:
@@ -393,6 +396,7 @@ def plan(
     tried = _tried(desc, t, o, bits)
     for p in tried:
         p.prefer, p.source, p.speed = prefer, source, _speed(desc, t, o, p)
+        p.int8_activations = t.avx2 and p.runtime == NATIVE.name and p.strategy == "cpu"
     chosen, chosen_by = _choose(tried, prefer, source, o.quant_type) if bits is None else (
         next((p for p in tried if p.fits), None), f"bits forced to {bits}")
     if chosen is None and bits is None:
@@ -428,7 +432,7 @@ def _choose(tried: list[Plan], prefer: str, source: SourcePrecision, quant_type:
         best = max(allowed, key=lambda p: p.speed.tokens_per_s)
         return best, f"the fastest predicted decode that fits ({best.speed.tokens_per_s:.0f} tokens/s){capped}"
     if prefer == "balanced":
-        within = [p for p in allowed if (kl := expected_kl(p.bits, p.quant_type, source)) is not None and kl <= KL_BUDGET]
+        within = [p for p in allowed if (kl := p.expected_kl) is not None and kl <= KL_BUDGET]
         if not within:
             return allowed[0], f"the best quality that fits (none that fits has a measured loss within budget){capped}"
         fewest = min(p.bits for p in within)
@@ -437,9 +441,10 @@ def _choose(tried: list[Plan], prefer: str, source: SourcePrecision, quant_type:
         # (bitsandbytes' int8 on a GPU), fewer buy nothing
         if all(p.speed for p in within):
             best = max(within, key=lambda p: (round(p.speed.tokens_per_s, 6), -p.bits))
-        kl = expected_kl(best.bits, best.quant_type, source)
+        kl = best.expected_kl
         why = ("the fewest bits" if best.bits == fewest else f"more bits than {fewest}, predicted faster,")
-        return best, (f"{why} whose measured quality loss is within budget (mean KL {kl:.5f} <= {KL_BUDGET}, "
+        acts = " with the engine's int8 activations" if best.int8_activations else ""
+        return best, (f"{why} whose measured quality loss is within budget (mean KL {kl:.5f}{acts} <= {KL_BUDGET}, "
                       f"llama.cpp Q8_0's on the default model){capped}")
     return allowed[0], "the best quality that fits" + capped
 
@@ -448,7 +453,7 @@ def _setting_summary(p: Plan, source: SourcePrecision, quant_type: str) -> dict[
     cap = source.cap_bits(quant_type)
     return {"bits": p.bits, "quant_type": p.quant_type, "strategy": p.strategy, "runtime": p.runtime, "fits": p.fits,
             "weight_bytes": p.weight_bytes, "within_source_bits": p.bits <= cap,
-            "expected_kl": expected_kl(p.bits, p.quant_type, source),
+            "expected_kl": p.expected_kl, "int8_activations": p.int8_activations,
             "speed": p.speed.to_dict() if p.speed else None}
 
 

@@ -32,6 +32,13 @@ INT4_HOLDS = ("Q4_0", "Q4_1")
 # nf4/fp4 from any source, were not measured: unknown, so never within the budget.
 KL_8BIT = 0.00137
 KL_INT4_SAME_GRID = 0.00021
+# On x86 with AVX2 the C engine rounds the inputs of a decode step's int8 and int4 products to
+# int8 per block of 32 (its int8 activations: ~2x the decode speed, on by default there; ARM
+# keeps 24 bits, as exact as float32). Measured the same way with the default 8-bit tables
+# (tests/bench/table_quality.py --activation-bits 8): 8-bit 0.00301, int4 0.00305. The
+# figures above hold with `--activations float`.
+KL_8BIT_INT8_ACTIVATIONS = 0.00301
+KL_INT4_SAME_GRID_INT8_ACTIVATIONS = 0.00305
 # The budget of --prefer balanced: the mean KL of llama.cpp's Q8_0 on the same model and text
 # (0.00396), the quantization llama.cpp's users take as near-lossless, rounded up.
 KL_BUDGET = 0.004
@@ -66,14 +73,16 @@ class SourcePrecision:
 UNKNOWN = SourcePrecision(None, "unknown")
 
 
-def expected_kl(bits: int, quant_type: str | None, source: SourcePrecision) -> float | None:
-    """The mean KL to the source this project measured for such a setting, or None."""
+def expected_kl(bits: int, quant_type: str | None, source: SourcePrecision,
+                int8_activations: bool = False) -> float | None:
+    """The mean KL to the source this project measured for such a setting, or None;
+    int8_activations: as the C engine decodes on x86 by default."""
     if bits == 16:
         return 0.0
     if bits == 8:
-        return KL_8BIT
+        return KL_8BIT_INT8_ACTIVATIONS if int8_activations else KL_8BIT
     if quant_type == "int4" and source.gguf_type in INT4_HOLDS:
-        return KL_INT4_SAME_GRID
+        return KL_INT4_SAME_GRID_INT8_ACTIVATIONS if int8_activations else KL_INT4_SAME_GRID
     return None
 
 

@@ -276,3 +276,27 @@ def test_pack_follows_the_plans_preference(tiny_models, tmp_path, capsys):
     assert cli_main(["pack", str(tiny_models["llama"]), "-o", str(tmp_path / "x"), "--prefer", "speed"]) == 2
     assert "--prefer applies to the plan of --profile" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_quality_counts_int8_activations_where_the_engine_decodes_with_them():
+    """x86 with AVX2: the C engine rounds the inputs of int8 and int4 products to int8 by
+    default, so the plan shows the losses measured that way (and says so); ARM (24-bit
+    activations) and an x86 CPU without AVX2 (no int8 kernels) keep the bundle's own."""
+    from edgepack.cli.plan import _settings_table
+    from edgepack.plan import source
+
+    desc = describe_model(SMOLLM2, name="smollm2")
+    laptop = planner.plan(desc, load_profile("cpu-laptop-8gb"), quant_type="int4", prefer="balanced", source=Q4_1)
+    assert (laptop.bits, laptop.int8_activations) == (4, True)
+    assert laptop.expected_kl == source.KL_INT4_SAME_GRID_INT8_ACTIVATIONS == 0.00305
+    eight = next(s for s in laptop.settings if s["bits"] == 8)
+    assert eight["int8_activations"] and eight["expected_kl"] == 0.00301
+    assert "mean KL 0.00305 with the engine's int8 activations <= 0.004" in laptop.reasons[0]
+    assert any("`--activations float`" in line for line in _settings_table(laptop))
+    assert laptop.to_dict()["expected_kl"] == 0.00305
+    pi = planner.plan(desc, load_profile("rpi5-8gb"), quant_type="int4", prefer="balanced", source=Q4_1)
+    assert (pi.bits, pi.int8_activations, pi.expected_kl) == (4, False, 0.00021)
+    assert not any("--activations" in line for line in _settings_table(pi))
+    old = load_profile("cpu-laptop-8gb").to_dict()
+    old["name"], old["cpu"]["simd"] = "old-x86", ["avx", "f16c"]
+    assert planner.plan(desc, old, quant_type="int4", prefer="balanced", source=Q4_1).expected_kl == 0.00021
