@@ -498,7 +498,8 @@ T256 void int8_q8_batch_avx2(const Mat *m, const void *const *prep, int B, int r
 /* int4 rows against the input rounded to int8 per block of 32 (prep_int4's int8 layout, step.c;
  * act_bits 8), llama.cpp's Q4_1 x Q8_1 in edgepack's int4 (kernels.h): per block, the codes
  * (0..15, unsigned) times the rounded input in maddubs, so sum_k q_k x_k is an integer times
- * the block's scale d; the zero term, (z - 8 s) times the group's float sum, stays exact. The
+ * the block's scale d; the zero term is (z - 8 s) times the rounded input's group sum, so
+ * that the product is W x~ (prep_int4 says why). The
  * float kernel (int4_rows) converts every code to float32: compute-bound on Zen 1, it ran
  * SmolLM2-135M at 0.52x the 8-bit bundle's tokens/s, reading 0.70x its bytes.
  * A pair of blocks is one 32-byte load of codes: low nibbles are the even inputs of both
