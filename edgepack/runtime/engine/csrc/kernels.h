@@ -15,8 +15,13 @@
 #define TYPE_f16 W_F16
 #define TYPE_bf16 W_BF16
 #define TYPE_f32 W_F32
-#define EP_PREFETCH(T, W, i) \
-    if (EP_PF) __builtin_prefetch((const char *)W + (i) * ESIZE_##T + EP_PF)
+/* elements [i, i + n) of a pass's rows, which lie end to end, prefetched EP_PF ahead as one
+ * stream (the rows' i-th elements each EP_PF ahead made as many interleaved streams: see
+ * int8_q8_rows, avx2.c) */
+#define EP_PREFETCH_SPAN(T, W, i, n)                                                     \
+    if (EP_PF)                                                                           \
+        for (size_t p_ = 0; p_ < (size_t)(n) * ESIZE_##T; p_ += 64)                      \
+            __builtin_prefetch((const char *)W + (i) * ESIZE_##T + p_ + EP_PF)
 
 /* Matrix-vector product with SIMD registers of LANES floats: four rows at a time share
  * each load of x; columns past the last whole register are added in scalar code. */
@@ -29,8 +34,7 @@
             VEC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;                                       \
             for (int k = 0; k < kv; k += LANES) {                                             \
                 const VEC xv = LOADX(x + k);                                                  \
-                EP_PREFETCH(T, W, o[0] + k); EP_PREFETCH(T, W, o[1] + k);                       \
-                EP_PREFETCH(T, W, o[2] + k); EP_PREFETCH(T, W, o[3] + k);                       \
+                EP_PREFETCH_SPAN(T, W, o[0] + 4 * (size_t)k, 4 * LANES);                        \
                 a0 = FMA(LOADW(W, o[0] + k), xv, a0);                                         \
                 a1 = FMA(LOADW(W, o[1] + k), xv, a1);                                         \
                 a2 = FMA(LOADW(W, o[2] + k), xv, a2);                                         \
@@ -68,7 +72,7 @@
             VEC a0[4], a1[4];                                                                      \
             for (int b = 0; b < NB; b++) a0[b] = ZERO(), a1[b] = ZERO();                           \
             for (int k = 0; k < kv; k += LANES) {                                                  \
-                EP_PREFETCH(T, W, o0 + k); EP_PREFETCH(T, W, o1 + k);                              \
+                EP_PREFETCH_SPAN(T, W, o0 + 2 * (size_t)k, 2 * LANES);                             \
                 const VEC w0 = LOADW(W, o0 + k), w1 = LOADW(W, o1 + k);                            \
                 for (int b = 0; b < NB; b++) {                                                     \
                     const VEC xv = LOADX(x[b] + k);                                                \
@@ -308,7 +312,7 @@ static inline __attribute__((always_inline)) void int8_b32_body(const Mat *m, co
             VEC a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0;                                             \
             for (int b = 0; b < nb; b++) {                                                          \
                 const int8_t *c = c0 + 32 * b;                                                      \
-                if (EP_PF) for (int i = 0; i < 4; i++) __builtin_prefetch(c + (size_t)i * K + EP_PF); \
+                if (EP_PF) __builtin_prefetch(c0 + 128 * (size_t)b + EP_PF), __builtin_prefetch(c0 + 128 * (size_t)b + 64 + EP_PF); \
                 VEC t0 = ZERO(), t1 = t0, t2 = t0, t3 = t0;                                         \
                 for (int v = 0; v < nv; v++) {                                                      \
                     const VEC xv = LOADX(x + 32 * b + v * LANES);                                   \
