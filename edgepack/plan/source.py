@@ -33,10 +33,11 @@ INT4_HOLDS = ("Q4_0", "Q4_1")
 KL_8BIT = 0.00137
 KL_INT4_SAME_GRID = 0.00021
 # On x86 with AVX2 the C engine rounds the inputs of a decode step's int8 and int4 products to
-# int8 per block of 32 (its int8 activations: ~2x the decode speed, on by default there; ARM
-# keeps 24 bits, as exact as float32). Measured the same way with the default 8-bit tables
-# (tests/bench/table_quality.py --activation-bits 8): 8-bit 0.00301, int4 0.00305. The
-# figures above hold with `--activations float`.
+# int8 per block of 32 (its int8 activations, on by default there: 1.6x the decode speed at 8
+# bits, 2.3x at int4 on this project's Zen 1 box; ARM keeps 24 bits, as exact as float32).
+# Measured the same way with the default 8-bit tables (tests/bench/table_quality.py
+# --activation-bits 8): 8-bit 0.00301, int4 0.00305. The figures above hold with
+# `--activations float`.
 KL_8BIT_INT8_ACTIVATIONS = 0.00301
 KL_INT4_SAME_GRID_INT8_ACTIVATIONS = 0.00305
 # The budget of --prefer balanced: the mean KL of llama.cpp's Q8_0 on the same model and text
