@@ -9,10 +9,10 @@
  * The kernels are the step's (the dispatch table's gemv / int4 / int8_q8 / int4_q8) or,
  * where the set has them, their batched twins (gemv_batch, int8_q8_batch, int4_q8_batch:
  * each weight loaded and converted once for all sequences, which is what bounds a batched
- * step once the block sits in cache), applied per row as in run_step, with int8 activations where run_step uses
- * them (act_bits 8: each sequence's input rounded by prep_q8 or prep_int4), so every
- * sequence's logits are bitwise those of run_step: greedy decoding gives the same tokens
- * batched or alone.
+ * step once the block sits in cache), applied per row as in run_step, with int8 activations
+ * where run_step uses them (act_bits 8: each sequence's input rounded by prep_q8 or
+ * prep_int4), so every sequence's logits are bitwise those of run_step: greedy decoding
+ * gives the same tokens batched or alone.
  *
  * Rows are shared out as run_step shares them (pool.c, take_rows): each thread its own
  * region a chunk at a time, then what is left of the others'. With a static split, a thread

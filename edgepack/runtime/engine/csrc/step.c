@@ -28,6 +28,15 @@ static void prep_int4_f32(const Mat *m, const float *x, float *prep) {
     }
 }
 
+/* a block of 32 inputs' scale for rounding to int8 (max |x| / 127) and its inverse: the
+ * rounding of prep_q8 and prep_int4 alike */
+static inline float block_scale(const float *xb, float *inv) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+    *inv = amax > 0.f ? 127.f / amax : 0.f;
+    return amax / 127.f;
+}
+
 static void prep_int4_q8(const Mat *m, const float *x, void *prep) {
     const int K = m->cols, nb = K / 32, G = m->group, ng = K / G;
     int8_t *q = prep;
@@ -35,10 +44,8 @@ static void prep_int4_q8(const Mat *m, const float *x, void *prep) {
     for (int g = 0; g < ng; g++) xs[g] = 0.f;
     for (int b = 0; b < nb; b++) {
         const float *xb = x + 32 * b;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        d[b] = amax / 127.f;
+        float inv;
+        d[b] = block_scale(xb, &inv);
         const int paired = b / 2 * 2 + 1 < nb, at = 64 * (b / 2) + (paired ? 16 * (b % 2) : 0);
         int sum = 0;
         for (int i = 0; i < 16; i++) {
@@ -72,10 +79,8 @@ int prep_q8(const Mat *m, const float *x, void *prep) {
     float *d = (float *)(q + K);
     for (int b = 0; b < K / 32; b++) {
         const float *xb = x + 32 * b;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        d[b] = amax / 127.f;
+        float inv;
+        d[b] = block_scale(xb, &inv);
         for (int i = 0; i < 32; i++) q[32 * b + i] = (int8_t)lrintf(xb[i] * inv);
     }
     return 1;
