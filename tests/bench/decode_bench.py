@@ -332,6 +332,9 @@ def main() -> None:
                     help="edgepack's embedding table / output layer (8: also runs the 16-bit-table bundle as a baseline)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    unknown = sorted(set(a.cases.split(",")) - {"135m", "1b", "135m-int4"})
+    if unknown:
+        raise SystemExit(f"error: unknown case {unknown[0]!r}\nhint: --cases takes 135m, 1b and 135m-int4, comma-separated")
     WORK.mkdir(exist_ok=True)
     llama = peer.ensure_llamacpp_env()
     cases = prepare(a.cases.split(","), llama, a.table_bits)
